@@ -1,0 +1,34 @@
+"""sbert-sae: sparse autoencoders on Sentence-BERT embeddings, with features named without an LLM."""
+
+__version__ = "0.1.0"
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_sbert_sae import SparseAutoencoderConfig
+from .errors import (
+    ConfigError,
+    DatasetError,
+    InputError,
+    ModelLoadError,
+    OutputDirError,
+    ResumeError,
+    SbertSaeError,
+)
+from .modeling_sbert_sae import SparseAutoencoder, SparseAutoencoderOutput
+
+AutoConfig.register(SparseAutoencoderConfig.model_type, SparseAutoencoderConfig, exist_ok=True)
+AutoModel.register(SparseAutoencoderConfig, SparseAutoencoder, exist_ok=True)
+
+__all__ = [
+    "ConfigError",
+    "DatasetError",
+    "InputError",
+    "ModelLoadError",
+    "OutputDirError",
+    "ResumeError",
+    "SbertSaeError",
+    "SparseAutoencoder",
+    "SparseAutoencoderConfig",
+    "SparseAutoencoderOutput",
+    "__version__",
+]

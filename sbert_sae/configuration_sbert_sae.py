@@ -1,0 +1,73 @@
+"""Configuration of a top-k sparse autoencoder over sentence embeddings."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from .errors import ConfigError
+
+NORMALIZE_CHOICES = ("l2", "none")
+
+
+class SparseAutoencoderConfig(PretrainedConfig):
+    r"""Hyper-parameters of a top-k SAE (Gao et al. 2024, as used by O'Neill et al. 2024).
+
+    Args:
+        d_in: dimension of the embeddings the SAE reads (384 for all-MiniLM-L6-v2).
+        n_latents: number of learned features (dictionary size).
+        k: active features per input (the top-k activation).
+        k_aux: dead features used by the auxiliary loss; `None` means `2 * k`.
+        auxk_coef: weight of the AuxK loss that revives dead features.
+        dead_threshold: a feature that has not fired for this many training samples is
+            dead and enters the AuxK loss; `None` lets the trainer use one epoch.
+        normalize: `"l2"` rescales every input to unit length before encoding (the
+            geometry of cosine search); `"none"` reads embeddings as they are.
+        base_model: Hub id or path of the sentence-transformers model whose embeddings
+            the SAE reads, so that `encode_texts` can embed new texts the same way.
+        base_model_revision: revision of `base_model`, when one was pinned.
+        base_model_kwargs: extra keyword arguments the embeddings were made with
+            (`prompt_name`, `truncate_dim`, ...); stored so texts are embedded alike.
+    """
+
+    model_type = "sbert_sae"
+
+    d_in: int = 384
+    n_latents: int = 6144
+    k: int = 32
+    k_aux: int | None = None
+    auxk_coef: float = 1 / 32
+    dead_threshold: int | None = None
+    normalize: str = "l2"
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    base_model_kwargs: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.k_aux is None:
+            self.k_aux = 2 * self.k if isinstance(self.k, int) else None
+        self.validate_sae()
+
+    def validate_sae(self) -> None:
+        """Raise `ConfigError` naming the first impossible value."""
+
+        def positive_int(name: str, value) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+        positive_int("d_in", self.d_in)
+        positive_int("n_latents", self.n_latents)
+        positive_int("k", self.k)
+        positive_int("k_aux", self.k_aux)
+        if self.k > self.n_latents:
+            raise ConfigError(f"k={self.k} is larger than n_latents={self.n_latents}: k must be in 1..n_latents")
+        if isinstance(self.auxk_coef, bool) or not isinstance(self.auxk_coef, (int, float)) or not (
+            0 <= float(self.auxk_coef) < float("inf")
+        ):
+            raise ConfigError(f"auxk_coef must be a finite number >= 0, got {self.auxk_coef!r}")
+        if self.dead_threshold is not None:
+            positive_int("dead_threshold", self.dead_threshold)
+        if self.normalize not in NORMALIZE_CHOICES:
+            raise ConfigError(f"normalize must be one of {NORMALIZE_CHOICES}, got {self.normalize!r}")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise ConfigError(f"base_model must be a string (Hub id or path), got {self.base_model!r}")

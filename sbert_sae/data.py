@@ -1,0 +1,220 @@
+"""Text datasets: load any Hugging Face dataset, check its text column, split off held-out rows.
+
+`--dataset` may be a Hub id (with config and split), a `save_to_disk` folder, a folder of
+data files, or parquet / JSON-lines / CSV / text files. Rows are addressed by their index
+in the loaded split ("row id") everywhere downstream, so every activation can be traced
+back to its text.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".ndjson": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "text",
+}
+
+
+def _builder_for(path: str) -> str:
+    name = path.lower()
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for ext, builder in FILE_BUILDERS.items():
+        if name.endswith(ext):
+            return builder
+    raise DatasetError(f"cannot tell the format of data file {path!r}: use one of {sorted(FILE_BUILDERS)}")
+
+
+def load_text_dataset(
+    source: str | list[str],
+    config_name: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+):
+    """Load one split of a dataset as a `datasets.Dataset`.
+
+    Args:
+        source: Hub id, `save_to_disk` folder, data folder, data file, or a list of files.
+        config_name: the Hub dataset's configuration (subset), if it has several.
+        split: which split to use ("train", "test[:10%]", ...).
+        revision: Hub revision (branch, tag or commit).
+    """
+    import datasets
+
+    files = [source] if isinstance(source, str) else list(source)
+    try:
+        if len(files) == 1 and Path(files[0]).is_dir() and _is_saved_dataset(Path(files[0])):
+            loaded = datasets.load_from_disk(files[0])
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DatasetError(f"split {split!r} not in {files[0]!r}; it has splits {sorted(loaded)}")
+                loaded = loaded[split]
+            ds = loaded
+        elif all(Path(f).is_file() for f in files):
+            builders = {_builder_for(f) for f in files}
+            if len(builders) > 1:
+                raise DatasetError(f"data files mix formats {sorted(builders)}: {files}")
+            builder = builders.pop()
+            kwargs = {"delimiter": "\t"} if all(f.lower().endswith(".tsv") for f in files) else {}
+            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+        elif len(files) == 1 and Path(files[0]).is_dir():
+            ds = datasets.load_dataset(files[0], name=config_name, split=split)
+        elif len(files) == 1 and _looks_like_path(files[0]):
+            raise DatasetError(f"dataset {files[0]!r} not found: no such file or folder")
+        else:
+            ds = datasets.load_dataset(files[0], name=config_name, split=split, revision=revision)
+    except DatasetError:
+        raise
+    except (FileNotFoundError, ValueError, OSError, ConnectionError) as err:
+        raise DatasetError(f"cannot load dataset {source!r} (config={config_name!r}, split={split!r}): {err}") from err
+    if isinstance(ds, datasets.DatasetDict):  # a split expression that returned several
+        raise DatasetError(f"dataset {source!r} gave several splits {sorted(ds)}: name one with --split")
+    if len(ds) == 0:
+        raise DatasetError(f"dataset {source!r} (split {split!r}) is empty")
+    return ds
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / name).exists() for name in ("state.json", "dataset_dict.json", "dataset_info.json"))
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix.lower() in FILE_BUILDERS
+
+
+def dataset_fingerprint(ds) -> str:
+    """A string that changes when the dataset's content changes (datasets' own fingerprint)."""
+    return f"{getattr(ds, '_fingerprint', None)}:{len(ds)}"
+
+
+def require_column(ds, column: str, purpose: str) -> None:
+    if column not in ds.column_names:
+        raise DatasetError(f"{purpose} column {column!r} not in dataset; its columns are {ds.column_names}")
+
+
+@dataclass
+class TextRows:
+    """Which rows of a dataset have usable text.
+
+    Attributes:
+        row_ids: (n_valid,) int64 indices of the rows whose text is a non-empty string.
+        skipped: reason -> number of rows skipped ("missing", "not a string", "empty").
+        examples: reason -> up to 5 row ids, for the log.
+    """
+
+    row_ids: np.ndarray
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+def find_text_rows(ds, text_column: str, on_bad: str = "skip", batch_size: int = 10_000) -> TextRows:
+    """Check every row's text; skip (and count) or refuse rows that are missing, not strings or empty.
+
+    Args:
+        on_bad: "skip" counts bad rows and leaves them out; "error" raises on the first.
+    """
+    require_column(ds, text_column, "text")
+    if on_bad not in ("skip", "error"):
+        raise DatasetError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
+    keep: list[np.ndarray] = []
+    skipped: dict[str, int] = {}
+    examples: dict[str, list[int]] = {}
+    column = ds.select_columns([text_column])
+    for start in range(0, len(ds), batch_size):
+        values = column[start : start + batch_size][text_column]
+        ok = np.ones(len(values), dtype=bool)
+        for offset, value in enumerate(values):
+            if value is None:
+                reason = "missing"
+            elif not isinstance(value, str):
+                reason = "not a string"
+            elif not value.strip():
+                reason = "empty"
+            else:
+                continue
+            row = start + offset
+            if on_bad == "error":
+                raise DatasetError(f"row {row} of column {text_column!r} is {reason} ({value!r})")
+            ok[offset] = False
+            skipped[reason] = skipped.get(reason, 0) + 1
+            examples.setdefault(reason, [])
+            if len(examples[reason]) < 5:
+                examples[reason].append(row)
+        keep.append(np.flatnonzero(ok).astype(np.int64) + start)
+    row_ids = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+    if skipped:
+        logger.warning(
+            "skipped %d rows of column %r: %s (first rows: %s)",
+            sum(skipped.values()),
+            text_column,
+            skipped,
+            examples,
+        )
+    if len(row_ids) == 0:
+        raise DatasetError(f"no row of column {text_column!r} holds a non-empty string ({skipped})")
+    return TextRows(row_ids=row_ids, skipped=skipped, examples=examples)
+
+
+def column_values(ds, column: str, row_ids: np.ndarray) -> list:
+    """Values of `column` at `row_ids`, in that order."""
+    require_column(ds, column, "requested")
+    return ds.select_columns([column]).select(row_ids)[column] if len(row_ids) else []
+
+
+def domain_row_ids(ds, domain_column: str, row_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Group `row_ids` by the string value of `domain_column`; rows with no value are left out."""
+    require_column(ds, domain_column, "domain")
+    values = column_values(ds, domain_column, row_ids)
+    groups: dict[str, list[int]] = {}
+    missing = 0
+    for row, value in zip(row_ids.tolist(), values):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            missing += 1
+            continue
+        groups.setdefault(str(value), []).append(row)
+    if missing:
+        logger.warning("%d rows have no value in domain column %r and belong to no domain", missing, domain_column)
+    return {name: np.asarray(rows, dtype=np.int64) for name, rows in sorted(groups.items())}
+
+
+def split_heldout(row_ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of `row_ids` into (train, held-out); held-out rows are never trained on.
+
+    The choice depends only on the row ids, the fraction and the seed, so a domain's
+    held-out rows are the same whether it is trained alone or with the others.
+    """
+    if not 0 <= fraction < 1:
+        raise DatasetError(f"held-out fraction must be in [0, 1), got {fraction}")
+    # A hash of (seed, row id) instead of a permutation keeps each row's fate independent
+    # of which other rows are present.
+    seed_term = np.uint64((seed * 0xBF58476D1CE4E5B9 + 1) % (1 << 64))
+    keys = row_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + seed_term
+    keys ^= keys >> np.uint64(31)
+    keys *= np.uint64(0x94D049BB133111EB)
+    keys ^= keys >> np.uint64(29)
+    u = (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    heldout = u < fraction
+    if fraction > 0 and not heldout.any() and len(row_ids) > 1:
+        heldout[np.argmin(u)] = True
+    if heldout.all():
+        raise DatasetError(f"held-out fraction {fraction} leaves no training rows out of {len(row_ids)}")
+    return row_ids[~heldout], row_ids[heldout]

@@ -1,0 +1,300 @@
+"""A top-k sparse autoencoder over sentence embeddings, as a `transformers.PreTrainedModel`.
+
+The recipe is Gao et al. (2024) as used by O'Neill et al. (2024) on text embeddings:
+
+    z     = ReLU(TopK_k(W_enc (x - b_pre) + b_enc))
+    x_hat = W_dec^T z + b_pre
+
+with `W_enc` initialised to `W_dec`, decoder rows kept at unit norm (the gradient part
+parallel to each row is removed before every step and rows renormalised after it),
+`b_pre` set to the coordinate-wise median of the data, and the loss
+
+    FVU(x_hat, x) + auxk_coef * FVU(e_hat, e),   e = x - x_hat (detached),
+
+where `e_hat` is decoded (without bias) from the top-`k_aux` pre-activations of the dead
+latents only. Sparse codes travel as (values, indices) pairs of shape (batch, k).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_sbert_sae import SparseAutoencoderConfig
+from .errors import ConfigError, InputError, ModelLoadError
+
+
+@dataclass
+class SparseAutoencoderOutput(ModelOutput):
+    """What `SparseAutoencoder.forward` returns.
+
+    Attributes:
+        loss: `fvu + auxk_coef * auxk_loss` (scalar).
+        reconstruction: (batch, d_in) reconstruction, in the SAE's (normalised) input space.
+        latent_values: (batch, k) non-negative activations of the active features.
+        latent_indices: (batch, k) ids of the active features.
+        fvu: fraction of variance unexplained of the batch (scalar).
+        auxk_loss: the AuxK loss on dead features (scalar; 0 when none is dead).
+    """
+
+    loss: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    latent_values: torch.Tensor | None = None
+    latent_indices: torch.Tensor | None = None
+    fvu: torch.Tensor | None = None
+    auxk_loss: torch.Tensor | None = None
+
+
+def fraction_of_variance_unexplained(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`sum ||x - x_hat||^2 / sum ||x - mean(x)||^2` over a (batch, d) pair.
+
+    This is the paper's normalised MSE. A batch of one row has no variance, so its
+    error is normalised by its squared norm instead.
+    """
+    x = x.float()
+    x_hat = x_hat.float()
+    residual = (x - x_hat).pow(2).sum()
+    if x.shape[0] > 1:
+        total = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
+    else:
+        total = x.pow(2).sum()
+    return residual / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class SparseAutoencoderPreTrainedModel(PreTrainedModel):
+    config_class = SparseAutoencoderConfig
+    base_model_prefix = "sae"
+    main_input_name = "embeddings"
+    supports_gradient_checkpointing = False
+
+
+class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
+    """Top-k SAE: `encode`, `encode_topk`, `decode`, `forward`, `encode_texts`.
+
+    Parameters: `W_enc` (n_latents, d_in), `b_enc` (n_latents), `W_dec` (n_latents, d_in)
+    whose rows are the features' unit-norm directions, `b_pre` (d_in).
+    """
+
+    def __init__(self, config: SparseAutoencoderConfig):
+        super().__init__(config)
+        n, d = config.n_latents, config.d_in
+        self.W_enc = nn.Parameter(torch.empty(n, d))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d))
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self._base_model = None
+        self.post_init()
+
+    # ------------------------------------------------------------------ init
+    def _init_weights(self, module):
+        if module is not self:
+            return
+        # Random unit-norm decoder rows; the encoder starts as its transpose.
+        W = torch.randn(self.config.n_latents, self.config.d_in, device=self.W_dec.device)
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_dec.data.copy_(W)
+        self.W_enc.data.copy_(W)
+        self.b_enc.data.zero_()
+        self.b_pre.data.zero_()
+
+    @torch.no_grad()
+    def init_b_pre_from_data(self, embeddings: torch.Tensor) -> None:
+        """Set `b_pre` to the coordinate-wise median of (a sample of) the training data."""
+        x = self.prepare_input(embeddings)
+        self.b_pre.data.copy_(x.float().median(dim=0).values.to(self.b_pre.dtype))
+
+    # ---------------------------------------------------------------- inputs
+    def prepare_input(self, embeddings: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+        """Validate a (batch, d_in) tensor and bring it to the SAE's input space."""
+        if not isinstance(embeddings, torch.Tensor):
+            raise InputError(f"embeddings must be a torch.Tensor of shape (batch, {self.config.d_in}), got {type(embeddings).__name__}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.config.d_in:
+            raise InputError(
+                f"embeddings must have shape (batch, {self.config.d_in}), got {tuple(embeddings.shape)}"
+            )
+        if not embeddings.is_floating_point():
+            raise InputError(f"embeddings must be a floating-point tensor, got dtype {embeddings.dtype}")
+        if embeddings.shape[0] == 0:
+            raise InputError("embeddings is an empty batch (0 rows)")
+        if check_finite and not torch.isfinite(embeddings).all():
+            bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten()[:5].tolist()
+            raise InputError(f"embeddings contain NaN or inf (rows {bad}...)")
+        x = embeddings.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
+        if self.config.normalize == "l2":
+            x = F.normalize(x, dim=-1)
+        return x
+
+    # ---------------------------------------------------------------- encode
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_latents) encoder outputs before the top-k, for prepared inputs."""
+        return F.linear(x - self.b_pre, self.W_enc, self.b_enc)
+
+    def _topk(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        return F.relu(values), indices
+
+    def encode_topk(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse code of (batch, d_in) embeddings: (values, indices), each (batch, k).
+
+        Values are >= 0; an entry whose value is 0 did not fire.
+        """
+        x = self.prepare_input(embeddings)
+        return self._topk(self.pre_activations(x), self.config.k)
+
+    def encode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Dense code (batch, n_latents) with at most k non-zeros per row."""
+        values, indices = self.encode_topk(embeddings)
+        z = values.new_zeros(values.shape[0], self.config.n_latents)
+        return z.scatter_(1, indices, values)
+
+    # ---------------------------------------------------------------- decode
+    def decode_topk(self, values: torch.Tensor, indices: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """Reconstruction (batch, d_in) from a sparse code (values, indices) of shape (batch, k)."""
+        if values.shape != indices.shape or values.dim() != 2:
+            raise InputError(f"values and indices must both be (batch, k), got {tuple(values.shape)} and {tuple(indices.shape)}")
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        return out + self.b_pre if add_bias else out
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (batch, d_in) from a dense code (batch, n_latents)."""
+        if latents.dim() != 2 or latents.shape[1] != self.config.n_latents:
+            raise InputError(f"latents must have shape (batch, {self.config.n_latents}), got {tuple(latents.shape)}")
+        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_pre
+
+    # --------------------------------------------------------------- forward
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        dead_mask: torch.Tensor | None = None,
+        check_finite: bool = True,
+        **kwargs,
+    ) -> SparseAutoencoderOutput:
+        """Encode, decode and compute the training loss.
+
+        Args:
+            embeddings: (batch, d_in).
+            dead_mask: optional bool (n_latents,) marking dead features for the AuxK loss.
+            check_finite: refuse NaN/inf inputs (the trainer checks its data once instead).
+        """
+        x = self.prepare_input(embeddings, check_finite=check_finite)
+        pre = self.pre_activations(x)
+        values, indices = self._topk(pre, self.config.k)
+        x_hat = self.decode_topk(values, indices)
+        fvu = fraction_of_variance_unexplained(x_hat, x)
+
+        auxk_loss = fvu.new_zeros(())
+        if dead_mask is not None:
+            num_dead = int(dead_mask.sum())
+            if num_dead > 0:
+                k_aux = min(self.config.k_aux, num_dead)
+                aux_values, aux_indices = self._topk(pre.masked_fill(~dead_mask, float("-inf")), k_aux)
+                residual = (x - x_hat).detach()
+                residual_hat = self.decode_topk(aux_values, aux_indices, add_bias=False)
+                auxk_loss = torch.nan_to_num(fraction_of_variance_unexplained(residual_hat, residual), 0.0)
+        loss = fvu + self.config.auxk_coef * auxk_loss
+        return SparseAutoencoderOutput(
+            loss=loss,
+            reconstruction=x_hat,
+            latent_values=values,
+            latent_indices=indices,
+            fvu=fvu,
+            auxk_loss=auxk_loss,
+        )
+
+    # --------------------------------------------------- decoder constraints
+    @torch.no_grad()
+    def set_decoder_norm_to_unit(self) -> None:
+        """Renormalise every decoder row to unit length (after each optimiser step)."""
+        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder(self) -> None:
+        """Project out of each decoder row's gradient its component along the row (before each step)."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec.data
+        parallel = (self.W_dec.grad * W).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * W
+
+    # ------------------------------------------------------------------ text
+    def base_sentence_transformer(self, device: str | None = None):
+        """The sentence-transformers model named by `config.base_model`, loaded once."""
+        if self._base_model is None:
+            if not self.config.base_model:
+                raise ConfigError("this SAE has no base_model in its config: embed the texts yourself and call encode()")
+            from .base_model import load_sentence_transformer
+
+            model = load_sentence_transformer(self.config.base_model, revision=self.config.base_model_revision, device=device)
+            dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
+            if dim is not None and dim != self.config.d_in:
+                raise ConfigError(
+                    f"base model {self.config.base_model!r} makes {dim}-d embeddings but this SAE reads d_in={self.config.d_in}"
+                )
+            self._base_model = model
+        return self._base_model
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """(len(texts), d_in) embeddings of `texts` by the base model, made as the training data was."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(f"texts[{i}] is {type(t).__name__}, not a string")
+        if not texts:
+            raise InputError("texts is empty")
+        model = self.base_sentence_transformer()
+        vectors = model.encode(
+            texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False, **(self.config.base_model_kwargs or {})
+        )
+        if vectors.shape[1] != self.config.d_in:
+            raise ConfigError(f"base model made {vectors.shape[1]}-d embeddings but this SAE reads d_in={self.config.d_in}")
+        return vectors.float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Dense codes (len(texts), n_latents) of texts, embedded with the base model."""
+        return self.encode(self.embed_texts(texts, batch_size=batch_size))
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load an SAE from a folder or a Hub repo: safetensors weights only, nothing unpickled.
+
+        Raises `ModelLoadError` when the folder is not an sbert-sae SAE, its weights are
+        not safetensors, or they disagree with its config.
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise ModelLoadError("sbert-sae loads weights from safetensors only (use_safetensors=False is refused)")
+        kwargs["use_safetensors"] = True
+        kwargs.pop("trust_remote_code", None)
+        want_info = kwargs.pop("output_loading_info", False)
+        name = str(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        try:
+            config_dict, _ = SparseAutoencoderConfig.get_config_dict(name, **hub_kwargs)
+        except (OSError, ValueError, json.JSONDecodeError) as err:
+            raise ModelLoadError(f"cannot read config.json of {name!r}: {err}") from err
+        if config_dict.get("model_type") != SparseAutoencoderConfig.model_type:
+            raise ModelLoadError(
+                f"{name!r} is not an sbert-sae SAE: its config.json has model_type={config_dict.get('model_type')!r}, "
+                f"expected {SparseAutoencoderConfig.model_type!r}"
+            )
+        try:
+            model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
+        except ConfigError:
+            raise
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ModelLoadError(f"cannot load SAE weights of {name!r}: {err}") from err
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise ModelLoadError(f"weights of {name!r} do not match its config: {problems}")
+        return (model, info) if want_info else model

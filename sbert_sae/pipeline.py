@@ -1,0 +1,316 @@
+"""The `train` job end to end: dataset -> cached embeddings -> held-out split -> SAE(s) -> metrics.
+
+`--domain` trains on one knowledge domain, `--per-domain` trains one SAE per domain into
+sub-folders and writes a table comparing them. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .base_model import DEFAULT_MODEL
+from .configuration_sbert_sae import SparseAutoencoderConfig
+from .data import domain_row_ids, find_text_rows, load_text_dataset, require_column, split_heldout
+from .embeddings import EmbeddingCache, embed_dataset
+from .errors import DatasetError, OutputDirError, ResumeError
+from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
+from .trainer import TrainingArguments, _make_trackers, data_identity, list_checkpoints, resolve_mixed_precision, train
+from .utils import atomic_write, run_lock, slugify, write_json
+
+logger = logging.getLogger(__name__)
+
+RUN_FILES = ("config.json", "model.safetensors", "training_args.json", "metrics.json", "checkpoints", "train_log.jsonl")
+
+
+@dataclass
+class DataArguments:
+    """Which texts to train on and how to embed them."""
+
+    dataset: str | list[str] = ""
+    """Hub id, `save_to_disk` folder, data folder, or data file(s)."""
+    text_column: str = "text"
+    config_name: str | None = None
+    """The Hub dataset's configuration (subset)."""
+    split: str = "train"
+    revision: str | None = None
+    """Revision of a Hub dataset."""
+    domain_column: str | None = None
+    """Column naming each text's knowledge domain."""
+    domain: str | None = None
+    """Train on this value of `domain_column` only."""
+    per_domain: bool = False
+    """Train one SAE per value of `domain_column`."""
+    heldout_fraction: float = 0.05
+    """Share of texts (per domain) never trained on, for the metrics."""
+    on_bad_text: str = "skip"
+    """skip (and count) or error on rows whose text is missing, not a string or empty."""
+    max_rows: int | None = None
+    """Use only the first this many rows of the dataset."""
+    model: str = DEFAULT_MODEL
+    """sentence-transformers model (Hub id or folder)."""
+    model_revision: str | None = None
+    embed_batch_size: int = 64
+    cache_dir: str | None = None
+    """Where embeddings are cached (default ~/.cache/sbert-sae)."""
+    device: str | None = None
+
+
+@dataclass
+class SaeArguments:
+    """The SAE's size and loss (see SparseAutoencoderConfig)."""
+
+    n_latents: int = 6144
+    k: int = 32
+    k_aux: int | None = None
+    auxk_coef: float = 1 / 32
+    dead_threshold: int | None = None
+    normalize: str = "l2"
+
+
+@dataclass
+class RunResult:
+    name: str
+    out_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = True):
+    """The dataset and its cached embeddings (the main process embeds; the others wait, then read)."""
+    ds = load_text_dataset(data.dataset, config_name=data.config_name, split=data.split, revision=data.revision)
+    if data.max_rows is not None:
+        if data.max_rows < 1:
+            raise DatasetError(f"max_rows must be >= 1, got {data.max_rows}")
+        ds = ds.select(range(min(data.max_rows, len(ds))))
+    rows = find_text_rows(ds, data.text_column, on_bad=data.on_bad_text)
+    if data.domain_column:
+        require_column(ds, data.domain_column, "domain")
+
+    def embed() -> EmbeddingCache:
+        return embed_dataset(
+            ds,
+            data.text_column,
+            data.model,
+            revision=data.model_revision,
+            cache_dir=data.cache_dir,
+            batch_size=data.embed_batch_size,
+            device=data.device,
+            on_bad_text=data.on_bad_text,
+            show_progress=show_progress,
+            text_rows=rows,
+        )
+
+    if accelerator is None:
+        return ds, embed()
+    with accelerator.main_process_first():
+        cache = embed()
+    return ds, cache
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to write into a folder that holds another run, unless told to replace or resume it."""
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not existing:
+        return
+    if resume:
+        if (out_dir / "metrics.json").exists() and not list_checkpoints(out_dir):
+            raise ResumeError(f"{out_dir} holds a finished run: nothing to resume (use --overwrite to train again)")
+        return
+    if not overwrite:
+        raise OutputDirError(f"{out_dir} already holds a run ({', '.join(existing)}): pass --overwrite to replace it or --resume to continue it")
+    for name in RUN_FILES + ("density.png", "split.json", "logs"):
+        target = out_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def run_training(
+    data: DataArguments,
+    sae_args: SaeArguments,
+    train_args: TrainingArguments,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> list[RunResult]:
+    """Train one SAE (or one per domain) and write each to its output folder."""
+    from accelerate import Accelerator
+    import torch
+
+    out_dir = Path(out_dir)
+    train_args.validate()
+    SparseAutoencoderConfig(**dataclasses.asdict(sae_args), d_in=1)  # refuse impossible sizes before any work
+    if data.per_domain and not data.domain_column:
+        raise DatasetError("--per-domain needs --domain-column")
+    if data.domain is not None and not data.domain_column:
+        raise DatasetError("--domain needs --domain-column")
+
+    probe = torch.device(data.device) if data.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(train_args.mixed_precision, probe),
+        cpu=probe.type == "cpu",
+        log_with=_make_trackers(train_args, out_dir) or None,
+        project_dir=str(out_dir / "logs"),
+    )
+    main = accelerator.is_main_process
+    show = train_args.show_progress and main
+
+    ds, cache = load_and_embed(data, accelerator, show_progress=show)
+    groups: list[tuple[str, np.ndarray, Path]] = []
+    if data.domain_column and (data.per_domain or data.domain is not None):
+        by_domain = domain_row_ids(ds, data.domain_column, cache.row_ids)
+        if data.domain is not None:
+            if data.domain not in by_domain:
+                raise DatasetError(f"domain {data.domain!r} not found in column {data.domain_column!r}; values are {sorted(by_domain)}")
+            groups.append((data.domain, by_domain[data.domain], out_dir))
+        else:
+            groups.extend((name, rows, out_dir / slugify(name)) for name, rows in by_domain.items())
+    else:
+        groups.append(("all", cache.row_ids, out_dir))
+
+    if main:
+        for _, _, folder in groups:
+            check_output_dir(folder, overwrite, resume)
+    accelerator.wait_for_everyone()
+
+    results = []
+    for name, rows, folder in groups:
+        if len(rows) < 3:
+            logger.warning("domain %r has only %d texts: skipped", name, len(rows))
+            continue
+        if main:
+            folder.mkdir(parents=True, exist_ok=True)
+        lock = run_lock(folder) if main else _no_lock()
+        with lock:
+            result = _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume)
+        if result is not None:
+            results.append(result)
+    if main and data.per_domain:
+        write_domain_table(out_dir, results)
+    return results
+
+
+class _no_lock:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume) -> RunResult | None:
+    main = accelerator.is_main_process
+    train_rows, heldout_rows = split_heldout(rows, data.heldout_fraction, train_args.seed)
+    train_pos, heldout_pos = cache.positions(train_rows), cache.positions(heldout_rows)
+    config = SparseAutoencoderConfig(
+        **dataclasses.asdict(sae_args),
+        d_in=cache.dim,
+        base_model=data.model,
+        base_model_revision=data.model_revision,
+    )
+    if main:
+        logger.info("training %s: %d texts (%d held out) -> %s", name, len(train_rows), len(heldout_rows), folder)
+    t0 = time.perf_counter()
+    result = train(
+        config,
+        dataclasses.replace(train_args),
+        cache.embeddings,
+        train_pos,
+        heldout_pos,
+        folder,
+        data_id=data_identity(cache.path.name, train_pos),
+        row_ids=cache.row_ids,
+        resume=resume,
+        accelerator=accelerator,
+    )
+    accelerator.wait_for_everyone()
+    if not main:
+        return None
+    sae = result.sae
+    metrics, counts = evaluate(sae, cache.embeddings, train_pos, heldout_pos)
+    metrics.update(
+        {
+            "epoch_dead_fraction": result.epoch_dead_fraction,
+            "n_train": int(len(train_pos)),
+            "n_heldout": int(len(heldout_pos)),
+            "steps": result.steps,
+            "train_seconds": result.seconds,
+            "train_samples_per_second": result.samples_per_second,
+            "total_seconds": time.perf_counter() - t0,
+        }
+    )
+    sae.config.architectures = [type(sae).__name__]
+    sae.save_pretrained(folder)
+    write_json(
+        folder / "training_args.json",
+        {
+            "sbert_sae_version": __version__,
+            "command": sys.argv,
+            "domain": None if name == "all" else name,
+            "data": dataclasses.asdict(data),
+            "sae": dataclasses.asdict(_resolved_sae_args(config)),
+            "training": train_args.to_dict(),
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "embedding_cache": str(cache.path),
+            "embedding_dataset_fingerprint": cache.meta.get("dataset_fingerprint"),
+            "skipped_rows": cache.meta.get("skipped", {}),
+            "versions": _versions(),
+        },
+    )
+    write_json(
+        folder / "split.json",
+        {
+            "heldout_fraction": data.heldout_fraction,
+            "seed": train_args.seed,
+            "n_train": int(len(train_rows)),
+            "n_heldout": int(len(heldout_rows)),
+            "heldout_row_ids": heldout_rows.tolist(),
+        },
+    )
+    write_json(folder / "metrics.json", {**metrics, "descriptions": METRIC_DESCRIPTIONS})
+    title = f"{data.model.split('/')[-1]} SAE n={config.n_latents} k={config.k}" + ("" if name == "all" else f" ({name})")
+    plot_density(counts, len(train_pos), folder / "density.png", title=title)
+    write_json(folder / "feature_density.json", {"n_texts": int(len(train_pos)), "fire_counts": counts.tolist()})
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the finished model supersedes them
+    return RunResult(name=name, out_dir=folder, metrics=metrics)
+
+
+def _resolved_sae_args(config: SparseAutoencoderConfig) -> SaeArguments:
+    return SaeArguments(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SaeArguments)})
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "sentence-transformers", "accelerate", "datasets"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_domain_table(out_dir: Path, results: list[RunResult]) -> None:
+    """`domains.json` and `domains.md`: one row per domain's SAE, side by side."""
+    keys = ("n_train", "n_heldout", "heldout_fvu", "heldout_cosine", "heldout_l0", "dead_fraction", "dense_fraction", "neighbour_overlap_at_10")
+    rows = [{"domain": r.name, "folder": r.out_dir.name, **{k: r.metrics.get(k) for k in keys}} for r in results]
+    write_json(out_dir / "domains.json", rows)
+    lines = ["| domain | folder | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for row in rows:
+        cells = [f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k]) for k in keys]
+        lines.append(f"| {row['domain']} | {row['folder']} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    atomic_write(out_dir / "domains.md", lambda tmp: Path(tmp).write_text(text))

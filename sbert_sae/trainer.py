@@ -1,0 +1,493 @@
+"""Train a top-k SAE on cached embeddings with Accelerate.
+
+One loop, readable top to bottom: shuffled epochs over the training rows, learning-rate
+warm-up and decay, the decoder constraints around each Adam step, AuxK on dead
+features, gradient clipping, mixed precision where the device has it, checkpoints that
+a killed run resumes from, and metrics to a progress bar, a JSON-lines log and
+Accelerate's trackers. Under `accelerate launch` every process reads the same cached
+embeddings and takes its share of each global batch; gradients are averaged, so the run
+matches one process with the same global batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .configuration_sbert_sae import SparseAutoencoderConfig
+from .errors import ConfigError, InputError, ResumeError
+from .modeling_sbert_sae import SparseAutoencoder
+from .utils import append_jsonl, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+# Settings that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "keep_checkpoints", "report_to", "show_progress", "eval_max_rows"}
+
+
+@dataclass
+class TrainingArguments:
+    """How to train (saved with the run as `training_args.json`)."""
+
+    epochs: int = 30
+    """Passes over the training rows."""
+    batch_size: int = 1024
+    """Global batch size: split across processes under `accelerate launch`."""
+    lr: float = 1e-3
+    """Peak Adam learning rate."""
+    lr_schedule: str = "cosine"
+    """Decay after warm-up: constant, linear (to 0) or cosine (to 0)."""
+    warmup_fraction: float = 0.05
+    """Share of the steps spent warming the learning rate up from 0."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1, beta2."""
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this (0 disables)."""
+    seed: int = 0
+    """Seeds the initial weights and the order of every epoch."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on a GPU that has it, else fp32), no, bf16 or fp16."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    log_every: int = 10
+    """Steps between log records."""
+    eval_max_rows: int = 8192
+    """Held-out rows scored at the end of every epoch (for the learning curve)."""
+    report_to: str = "auto"
+    """Accelerate trackers: auto (tensorboard/trackio when installed), none, or a comma list."""
+    show_progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        def positive(name: str, value, allow_zero: bool = False) -> None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < 0 or (value == 0 and not allow_zero):
+                raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+        positive("epochs", self.epochs)
+        positive("batch_size", self.batch_size)
+        positive("lr", self.lr)
+        positive("grad_clip", self.grad_clip, allow_zero=True)
+        positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        positive("log_every", self.log_every)
+        positive("keep_checkpoints", self.keep_checkpoints)
+        positive("eval_max_rows", self.eval_max_rows)
+        if not isinstance(self.epochs, int) or not isinstance(self.batch_size, int):
+            raise ConfigError(f"epochs and batch_size must be integers, got {self.epochs!r} and {self.batch_size!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if not all(0 <= b < 1 for b in self.adam_betas) or len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def learning_rate(step: int, total_steps: int, args: TrainingArguments) -> float:
+    """Learning rate at optimiser step `step` (0-based): linear warm-up, then the schedule's decay."""
+    warmup = int(args.warmup_fraction * total_steps)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if args.lr_schedule == "linear":
+        return args.lr * max(0.0, 1.0 - progress)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_mixed_precision(choice: str, device: torch.device) -> str:
+    if choice != "auto":
+        return choice
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def check_finite_rows(embeddings: np.ndarray, positions: np.ndarray, row_ids: np.ndarray | None = None, chunk: int = 65536) -> None:
+    """Refuse NaN/inf in the rows that will be trained on, naming the dataset rows."""
+    for start in range(0, len(positions), chunk):
+        block = np.asarray(embeddings[positions[start : start + chunk]])
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            where = positions[start : start + chunk][bad][:5]
+            names = row_ids[where].tolist() if row_ids is not None else where.tolist()
+            raise InputError(f"embeddings of rows {names} contain NaN or inf")
+
+
+class EmbeddingFeed:
+    """Batches of training embeddings, resident on the device or gathered from a memory map."""
+
+    def __init__(self, source: np.ndarray, positions: np.ndarray, device: torch.device, resident: bool | None = None):
+        self.source = source
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.device = device
+        nbytes = len(self.positions) * source.shape[1] * 4
+        if resident is None:
+            resident = nbytes <= _free_memory(device) // 2
+        self.resident = resident
+        self.data = None
+        if resident:
+            block = np.ascontiguousarray(source[self.positions], dtype=np.float32)
+            self.data = torch.from_numpy(block).to(device)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        if self.data is not None:
+            return self.data[index.to(self.data.device)]
+        rows = self.positions[index.numpy()]
+        order = np.argsort(rows)  # read the memory map in file order
+        block = torch.from_numpy(np.ascontiguousarray(self.source[rows[order]], dtype=np.float32))
+        out = torch.empty_like(block)
+        out[torch.from_numpy(order)] = block
+        return out.to(self.device, non_blocking=True)
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        index = torch.randperm(len(self), generator=g)[:n]
+        return self.batch(index)
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+# ---------------------------------------------------------------- checkpoints
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for pid, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"state.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a half-written one is a hidden temp folder, never listed)."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(out_dir: Path, sae: SparseAutoencoder, optimizer, state: dict, tensors: dict[str, torch.Tensor], keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['global_step']:09d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, tmp / "model.safetensors")
+    opt_tensors, groups = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={"groups": json.dumps(groups)})
+    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp / "trainer.safetensors")
+    write_json(tmp / "state.json", state)  # written last: its presence marks a complete checkpoint
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = load_file(path / "model.safetensors")
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
+        groups = json.loads(f.metadata()["groups"])
+        opt = {k: f.get_tensor(k) for k in f.keys()}
+    trainer_tensors = load_file(path / "trainer.safetensors")
+    return model, opt, groups, trainer_tensors, read_json(path / "state.json")
+
+
+def run_signature(config: SparseAutoencoderConfig, args: TrainingArguments, data_id: str) -> dict:
+    """What must not change between an interrupted run and its resumption."""
+    cfg = {k: v for k, v in config.to_diff_dict().items() if k not in ("transformers_version", "architectures", "dtype")}
+    targs = {k: v for k, v in args.to_dict().items() if k not in RESUMABLE_CHANGES}
+    return {"config": cfg, "training_args": json.loads(json.dumps(targs)), "data": data_id}
+
+
+def data_identity(cache_key: str, train_positions: np.ndarray) -> str:
+    return cache_key + ":" + hashlib.sha256(np.asarray(train_positions, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- train
+@dataclass
+class TrainResult:
+    sae: SparseAutoencoder
+    steps: int
+    seconds: float
+    samples_per_second: float
+    epoch_dead_fraction: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _make_trackers(args: TrainingArguments, out_dir: Path) -> list[str]:
+    if args.report_to == "none":
+        return []
+    if args.report_to != "auto":
+        return [t.strip() for t in args.report_to.split(",") if t.strip()]
+    import importlib.util
+
+    return [name for name in ("tensorboard", "trackio") if importlib.util.find_spec(name) is not None]
+
+
+def train(
+    config: SparseAutoencoderConfig,
+    args: TrainingArguments,
+    embeddings: np.ndarray,
+    train_positions: np.ndarray,
+    heldout_positions: np.ndarray,
+    out_dir: str | Path,
+    *,
+    data_id: str = "",
+    row_ids: np.ndarray | None = None,
+    resume: bool = False,
+    accelerator=None,
+    device: str | None = None,
+    resident: bool | None = None,
+) -> TrainResult:
+    """Train an SAE on `embeddings[train_positions]`; checkpoints and logs go to `out_dir`.
+
+    Args:
+        config: the SAE's hyper-parameters; `d_in` must equal the embeddings' dimension.
+        embeddings: (n_rows, d_in) array, typically a read-only memory map.
+        train_positions, heldout_positions: row positions in `embeddings` (disjoint).
+        data_id: identifies the data, so `resume` refuses a run on other data.
+        resume: continue from the newest complete checkpoint in `out_dir/checkpoints`.
+        accelerator: an `accelerate.Accelerator`; one is made when None.
+        resident: keep the training rows on the device (None: when they fit).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    args.validate()
+    out_dir = Path(out_dir)
+    if embeddings.ndim != 2 or embeddings.shape[1] != config.d_in:
+        raise ConfigError(f"embeddings are {embeddings.shape[1] if embeddings.ndim == 2 else embeddings.shape}-d but the SAE config has d_in={config.d_in}")
+    if len(train_positions) < 2:
+        raise InputError(f"need at least 2 training rows, got {len(train_positions)}")
+    if config.dead_threshold is None:
+        config.dead_threshold = len(train_positions)  # one epoch without firing
+
+    if accelerator is None:
+        probe = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        trackers = _make_trackers(args, out_dir)
+        accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(args.mixed_precision, probe),
+            cpu=probe.type == "cpu",
+            log_with=trackers or None,
+            project_dir=str(out_dir / "logs"),
+        )
+    dev = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+
+    check_finite_rows(embeddings, train_positions, row_ids)
+    feed = EmbeddingFeed(embeddings, train_positions, dev, resident=resident)
+    heldout_feed = EmbeddingFeed(embeddings, heldout_positions[: args.eval_max_rows], dev, resident=True) if len(heldout_positions) else None
+
+    n_train = len(feed)
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    signature = run_signature(config, args, data_id)
+
+    set_seed(args.seed)
+    sae = SparseAutoencoder(config).to(dev)
+    sae.init_b_pre_from_data(feed.sample(10_000, args.seed))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr, betas=tuple(args.adam_betas))
+    samples_since_fired = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
+    epoch_fires = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
+    start_step = 0
+
+    checkpoints = list_checkpoints(out_dir) if resume else []
+    if resume and checkpoints:
+        model_state, opt_state, groups, trainer_tensors, state = load_checkpoint(checkpoints[-1])
+        if state["signature"] != signature:
+            changed = _diff(state["signature"], signature)
+            raise ResumeError(f"cannot resume {out_dir}: the run's settings changed ({changed}); use --overwrite to start again")
+        sae.load_state_dict(model_state)
+        _load_optimizer(optimizer, opt_state, groups)
+        samples_since_fired = trainer_tensors["samples_since_fired"].to(dev)
+        epoch_fires = trainer_tensors["epoch_fires"].to(dev)
+        start_step = int(state["global_step"])
+        if main:
+            logger.info("resuming from %s (step %d of %d)", checkpoints[-1], start_step, total_steps)
+    elif resume and main:
+        logger.info("no checkpoint in %s: starting from the beginning", out_dir)
+
+    model, optimizer = accelerator.prepare(sae, optimizer)
+    unwrapped: SparseAutoencoder = accelerator.unwrap_model(model)
+    if accelerator.log_with and start_step == 0:
+        accelerator.init_trackers("sbert-sae", config={**{k: str(v) for k, v in args.to_dict().items()}, **config.to_diff_dict()})
+
+    log_path = out_dir / "train_log.jsonl"
+    history: list[dict] = []
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not (args.show_progress and main))
+    t0 = time.perf_counter()
+    samples_done = 0
+    step = start_step
+    last_dead_epoch = float("nan")
+    running = {"fvu": 0.0, "l0": 0.0, "n": 0}
+    model.train()
+    while step < total_steps:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        start = step_in_epoch * args.batch_size
+        global_batch = order[start : start + args.batch_size]
+        local = global_batch[rank::world]
+        x = feed.batch(local)
+
+        dead_mask = samples_since_fired >= config.dead_threshold
+        lr = learning_rate(step, total_steps, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with accelerator.autocast():
+            out = model(x, dead_mask=dead_mask, check_finite=False)
+        accelerator.backward(out.loss)
+        unwrapped.remove_gradient_parallel_to_decoder()
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        unwrapped.set_decoder_norm_to_unit()
+
+        with torch.no_grad():
+            fired = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
+            active = out.latent_values > 0
+            fired.scatter_add_(0, out.latent_indices[active], torch.ones_like(out.latent_indices[active]))
+            if world > 1:
+                fired = accelerator.reduce(fired, reduction="sum")
+            samples_since_fired += len(global_batch)
+            samples_since_fired[fired > 0] = 0
+            epoch_fires += fired
+            running["fvu"] += float(out.fvu)
+            running["l0"] += float(active.sum()) / max(1, len(local))
+            running["n"] += 1
+        samples_done += len(global_batch)
+        step += 1
+
+        end_of_epoch = step % steps_per_epoch == 0
+        if step % args.log_every == 0 or end_of_epoch or step == total_steps:
+            record = {
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "lr": lr,
+                "fvu": running["fvu"] / running["n"],
+                "l0": running["l0"] / running["n"],
+                "auxk_loss": float(out.auxk_loss),
+                "dead_fraction": float(dead_mask.float().mean()),
+            }
+            running = {"fvu": 0.0, "l0": 0.0, "n": 0}
+            if end_of_epoch:
+                last_dead_epoch = float((epoch_fires == 0).float().mean())
+                record["epoch_dead_fraction"] = last_dead_epoch
+                epoch_fires.zero_()
+                if heldout_feed is not None:
+                    record["heldout_fvu"] = heldout_fvu(unwrapped, heldout_feed.data, accelerator)
+            history.append(record)
+            if main:
+                append_jsonl(log_path, record)
+                bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.1%}", lr=f"{lr:.1e}")
+            if accelerator.log_with:
+                accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+        bar.update(1)
+
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
+            if main:
+                save_checkpoint(
+                    out_dir,
+                    unwrapped,
+                    optimizer,
+                    {"global_step": step, "epoch": epoch, "signature": signature, "total_steps": total_steps},
+                    {"samples_since_fired": samples_since_fired, "epoch_fires": epoch_fires},
+                    args.keep_checkpoints,
+                )
+            accelerator.wait_for_everyone()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if accelerator.log_with:
+        accelerator.end_training()
+    unwrapped.eval()
+    return TrainResult(
+        sae=unwrapped,
+        steps=step,
+        seconds=seconds,
+        samples_per_second=samples_done / max(seconds, 1e-9),
+        epoch_dead_fraction=last_dead_epoch,
+        history=history,
+    )
+
+
+@torch.no_grad()
+def heldout_fvu(sae: SparseAutoencoder, x: torch.Tensor, accelerator=None, batch_size: int = 4096) -> float:
+    """Pooled FVU of `sae` on the rows of `x` (sum of squared errors over total variance)."""
+    was_training = sae.training
+    sae.eval()
+    residual = 0.0
+    xs = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
+        prepared = sae.prepare_input(batch, check_finite=False)
+        values, indices = sae._topk(sae.pre_activations(prepared), sae.config.k)
+        residual += float((sae.decode_topk(values, indices).float() - prepared.float()).pow(2).sum())
+        xs.append(prepared.float())
+    allx = torch.cat(xs)
+    total = float((allx - allx.mean(0)).pow(2).sum())
+    sae.train(was_training)
+    return residual / max(total, 1e-30)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _diff(a, b, f"{prefix}{key}.")
+            if inner:
+                changes.append(inner)
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(changes)

@@ -1,0 +1,260 @@
+"""The SAE's maths on synthetic vectors: shapes, sparsity, decoder constraints, AuxK, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sbert_sae import (
+    ConfigError,
+    InputError,
+    ModelLoadError,
+    SparseAutoencoder,
+    SparseAutoencoderConfig,
+    SparseAutoencoderOutput,
+)
+
+
+def make_sae(d=16, n=64, k=4, **kw) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    return SparseAutoencoder(SparseAutoencoderConfig(d_in=d, n_latents=n, k=k, **kw))
+
+
+def data(rows=256, d=16, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, d, generator=g)
+
+
+def test_init_follows_the_recipe():
+    sae = make_sae()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-6)
+    assert torch.equal(sae.W_enc, sae.W_dec)
+    assert torch.count_nonzero(sae.b_enc) == 0 and torch.count_nonzero(sae.b_pre) == 0
+    x = data()
+    sae.init_b_pre_from_data(x)
+    expected = torch.nn.functional.normalize(x, dim=1).median(dim=0).values
+    assert torch.allclose(sae.b_pre, expected)
+
+
+def test_encode_decode_shapes_and_sparsity():
+    sae = make_sae()
+    x = data(10)
+    z = sae.encode(x)
+    assert z.shape == (10, 64)
+    assert ((z != 0).sum(dim=1) <= 4).all()
+    assert (z >= 0).all()
+    values, indices = sae.encode_topk(x)
+    assert values.shape == indices.shape == (10, 4)
+    dense = torch.zeros(10, 64).scatter(1, indices, values)
+    assert torch.equal(dense, z)
+    assert sae.decode(z).shape == (10, 16)
+    assert torch.allclose(sae.decode(z), sae.decode_topk(values, indices), atol=1e-5)
+
+
+def test_forward_returns_model_output():
+    sae = make_sae()
+    out = sae(data(32))
+    assert isinstance(out, SparseAutoencoderOutput)
+    assert out.reconstruction.shape == (32, 16)
+    assert out.latent_values.shape == out.latent_indices.shape == (32, 4)
+    assert out.loss.ndim == 0 and out.fvu.ndim == 0
+    assert float(out.auxk_loss) == 0.0  # no dead mask given
+    assert torch.allclose(out.loss, out.fvu)
+
+
+def test_fvu_is_normalised_mse():
+    sae = make_sae()
+    x = data(32)
+    out = sae(x)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    expected = ((out.reconstruction - xn) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
+    assert torch.allclose(out.fvu, expected, rtol=1e-5)
+
+
+def test_gradient_projection_removes_parallel_component():
+    sae = make_sae()
+    sae(data(64)).loss.backward()
+    assert sae.W_dec.grad.abs().sum() > 0
+    sae.remove_gradient_parallel_to_decoder()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
+    assert parallel.abs().max() < 1e-6
+
+
+def test_decoder_stays_unit_norm_through_training():
+    sae = make_sae()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = data(512)
+    first = None
+    for step in range(50):
+        out = sae(x[(step * 64) % 512 :][:64])
+        first = first if first is not None else float(out.fvu.detach())
+        out.loss.backward()
+        sae.remove_gradient_parallel_to_decoder()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit()
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    assert float(sae(x).fvu.detach()) < first  # it learns
+
+
+def test_auxk_gives_dead_latents_a_gradient():
+    """A latent that loses the top-k gets no gradient from the reconstruction loss; AuxK
+    gives the dead ones a gradient towards the residual, which is what revives them."""
+
+    def grads(auxk_coef: float):
+        sae = make_sae(n=64, k=2, auxk_coef=auxk_coef)
+        with torch.no_grad():
+            sae.b_enc[:32] = 1.0  # the first half always wins the top-2
+        dead = torch.zeros(64, dtype=torch.bool)
+        dead[32:] = True
+        out = sae(data(64), dead_mask=dead)
+        assert not (out.latent_indices >= 32).any()
+        out.loss.backward()
+        return sae.W_dec.grad[32:], sae.W_enc.grad[32:], sae.b_enc.grad[32:]
+
+    for g in grads(0.0):
+        assert torch.count_nonzero(g) == 0
+    for g in grads(1 / 32):
+        assert torch.count_nonzero(g) > 0
+
+
+def test_auxk_reduces_the_residual_of_dead_latents():
+    """Trained on the residual alone, the dead latents learn to explain it."""
+    sae = make_sae(n=64, k=2, auxk_coef=1.0)
+    with torch.no_grad():
+        sae.b_enc[:32] = 1.0
+    for p in (sae.b_pre,):
+        p.requires_grad_(False)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[32:] = True
+    x = data(512)
+    before = float(sae(x, dead_mask=dead).auxk_loss.detach())
+    opt = torch.optim.Adam([sae.W_dec, sae.W_enc, sae.b_enc], lr=5e-3)
+    for step in range(100):
+        out = sae(x[(step * 64) % 512 :][:64], dead_mask=dead)
+        out.auxk_loss.backward()
+        sae.W_dec.grad[:32] = 0
+        sae.W_enc.grad[:32] = 0
+        sae.b_enc.grad[:32] = 0
+        sae.remove_gradient_parallel_to_decoder()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit()
+    after = float(sae(x, dead_mask=dead).auxk_loss.detach())
+    assert after < 0.9 * before
+
+
+def test_auxk_loss_is_positive_with_dead_latents():
+    sae = make_sae()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    out = sae(data(32), dead_mask=dead)
+    assert float(out.auxk_loss) > 0
+    assert torch.allclose(out.loss, out.fvu + sae.config.auxk_coef * out.auxk_loss)
+
+
+def test_save_load_round_trip_is_equal(tmp_path):
+    from safetensors.torch import load_file
+
+    sae = make_sae(base_model="sentence-transformers/all-MiniLM-L6-v2")
+    sae.init_b_pre_from_data(data())
+    sae.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    assert set(load_file(tmp_path / "model.safetensors")) == {"W_enc", "b_enc", "W_dec", "b_pre"}
+    loaded = SparseAutoencoder.from_pretrained(tmp_path)
+    assert loaded.config.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert loaded.config.k_aux == 8
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    x = data(8)
+    assert torch.equal(sae.encode(x), loaded.encode(x))
+
+
+def test_auto_classes(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    make_sae().save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), SparseAutoencoderConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), SparseAutoencoder)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"k": 100, "n_latents": 10}, "k=100 is larger than n_latents=10"),
+        ({"k": 0}, "k must be a positive integer, got 0"),
+        ({"n_latents": -3}, "n_latents must be a positive integer, got -3"),
+        ({"d_in": 0}, "d_in must be a positive integer"),
+        ({"normalize": "zscore"}, "normalize must be one of"),
+        ({"auxk_coef": float("nan")}, "auxk_coef must be a finite number"),
+    ],
+)
+def test_impossible_configs_are_refused(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        SparseAutoencoderConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "tensor, fragment",
+    [
+        (torch.zeros(4, 15), r"shape \(batch, 16\), got \(4, 15\)"),
+        (torch.zeros(16), r"shape \(batch, 16\), got \(16,\)"),
+        (torch.zeros(4, 16, dtype=torch.long), "floating-point"),
+        (torch.zeros(0, 16), "empty batch"),
+        (torch.tensor([[float("nan")] * 16]), "NaN or inf"),
+        (torch.tensor([[float("inf")] * 16]), "NaN or inf"),
+    ],
+)
+def test_bad_inputs_are_refused(tensor, fragment):
+    with pytest.raises(InputError, match=fragment):
+        make_sae().encode(tensor)
+
+
+def test_from_pretrained_refuses_pickles_and_other_models(tmp_path):
+    sae = make_sae()
+    sae.save_pretrained(tmp_path / "ok")
+    # Only a pickle: refused, never unpickled.
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    torch.save(sae.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError):
+        SparseAutoencoder.from_pretrained(pickled)
+    with pytest.raises(ModelLoadError, match="safetensors only"):
+        SparseAutoencoder.from_pretrained(tmp_path / "ok", use_safetensors=False)
+    # Another model type.
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match="model_type='bert'"):
+        SparseAutoencoder.from_pretrained(other)
+    # Weights whose shapes disagree with the config.
+    bigger = tmp_path / "bigger"
+    make_sae(n=128).save_pretrained(bigger)
+    cfg = json.loads((bigger / "config.json").read_text())
+    cfg["n_latents"] = 64
+    (bigger / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError):
+        SparseAutoencoder.from_pretrained(bigger)
+    with pytest.raises(ModelLoadError):
+        SparseAutoencoder.from_pretrained(tmp_path / "missing")
+
+
+def test_base_model_dimension_must_match(minilm):
+    sae = make_sae(d=128, base_model="sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(ConfigError, match="384-d embeddings but this SAE reads d_in=128"):
+        sae.encode_texts(["a text"])
+
+
+def test_encode_texts_uses_the_base_model(minilm):
+    sae = make_sae(d=384, n=256, k=8, base_model="sentence-transformers/all-MiniLM-L6-v2")
+    texts = ["The cell is the basic unit of life.", "A prime number has two divisors."]
+    z = sae.encode_texts(texts)
+    expected = sae.encode(torch.from_numpy(minilm.encode(texts)))
+    assert z.shape == (2, 256)
+    assert torch.allclose(z, expected, atol=1e-5)
+    with pytest.raises(InputError, match="texts\\[1\\] is int"):
+        sae.encode_texts(["ok", 3])
