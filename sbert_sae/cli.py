@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not args.debug:
-        for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets", "accelerate"):
+        for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets", "accelerate", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

@@ -80,8 +80,9 @@ def load_text_dataset(
             ds = datasets.load_dataset(files[0], name=config_name, split=split, revision=revision)
     except DatasetError:
         raise
-    except (FileNotFoundError, ValueError, OSError, ConnectionError) as err:
-        raise DatasetError(f"cannot load dataset {source!r} (config={config_name!r}, split={split!r}): {err}") from err
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; name the source in one
+        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise DatasetError(f"cannot load dataset {source!r} (config={config_name!r}, split={split!r}): {detail}") from err
     if isinstance(ds, datasets.DatasetDict):  # a split expression that returned several
         raise DatasetError(f"dataset {source!r} gave several splits {sorted(ds)}: name one with --split")
     if len(ds) == 0:

@@ -36,7 +36,7 @@ def _blocks(sae: SparseAutoencoder, embeddings: np.ndarray, positions: np.ndarra
     device = sae.W_dec.device
     for start in range(0, len(positions), batch_size):
         rows = positions[start : start + batch_size]
-        x = torch.from_numpy(np.ascontiguousarray(embeddings[rows], dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.array(embeddings[rows], dtype=np.float32)).to(device)
         prepared = sae.prepare_input(x, check_finite=False)
         values, indices = sae._topk(sae.pre_activations(prepared), sae.config.k)
         yield prepared.float(), values, indices, sae.decode_topk(values, indices).float()
@@ -97,14 +97,14 @@ def neighbour_overlap(
     total = 0.0
     for start in range(0, len(queries), batch_size):
         rows = queries[start : start + batch_size]
-        x = torch.from_numpy(np.ascontiguousarray(embeddings[rows], dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.array(embeddings[rows], dtype=np.float32)).to(device)
         prepared = sae.prepare_input(x, check_finite=False)
         x_hat = sae.decode_topk(*sae._topk(sae.pre_activations(prepared), sae.config.k)).float()
         neighbours = []
         for query in (F.normalize(x, dim=1), F.normalize(x_hat, dim=1)):
             best_scores = best_ids = None
             for c0 in range(0, len(embeddings), corpus_chunk):
-                block = torch.from_numpy(np.ascontiguousarray(embeddings[c0 : c0 + corpus_chunk], dtype=np.float32)).to(device)
+                block = torch.from_numpy(np.array(embeddings[c0 : c0 + corpus_chunk], dtype=np.float32)).to(device)
                 scores = query @ F.normalize(block, dim=1).T
                 ids = torch.arange(c0, c0 + len(block), device=device)
                 self_hit = ids.unsqueeze(0) == torch.as_tensor(rows, device=device).unsqueeze(1)

@@ -324,6 +324,8 @@ def train(
     dev = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     check_finite_rows(embeddings, train_positions, row_ids)
     feed = EmbeddingFeed(embeddings, train_positions, dev, resident=resident)

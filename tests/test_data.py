@@ -1,0 +1,111 @@
+"""Loading datasets from every kind of source, checking text, held-out splits, domains."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sbert_sae.data import domain_row_ids, find_text_rows, load_text_dataset, split_heldout
+from sbert_sae.errors import DatasetError
+
+ROWS = [
+    {"text": "Photosynthesis turns light into chemical energy.", "topic": "Biology"},
+    {"text": "A group is a set with an associative operation.", "topic": "Mathematics"},
+    {"text": "Impressionism began in 19th-century Paris.", "topic": "Arts"},
+    {"text": "Mitochondria are the powerhouse of the cell.", "topic": "Biology"},
+]
+
+
+@pytest.fixture
+def files(tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_list(ROWS)
+    out = {}
+    out["parquet"] = tmp_path / "d.parquet"
+    ds.to_parquet(str(out["parquet"]))
+    out["jsonl"] = tmp_path / "d.jsonl"
+    out["jsonl"].write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    out["csv"] = tmp_path / "d.csv"
+    ds.to_csv(str(out["csv"]), index=False)
+    out["disk"] = tmp_path / "saved"
+    ds.save_to_disk(str(out["disk"]))
+    out["folder"] = tmp_path / "folder"
+    out["folder"].mkdir()
+    ds.to_parquet(str(out["folder"] / "train.parquet"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl", "csv", "disk", "folder"])
+def test_every_source_kind_loads_the_same_rows(files, kind):
+    ds = load_text_dataset(str(files[kind]))
+    assert ds["text"] == [r["text"] for r in ROWS]
+    assert ds["topic"] == [r["topic"] for r in ROWS]
+
+
+def test_dataset_dict_split_is_chosen_and_a_wrong_one_is_named(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(ROWS[:3]), "test": Dataset.from_list(ROWS[3:])}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_text_dataset(str(tmp_path / "dd"), split="test")) == 1
+    with pytest.raises(DatasetError, match=r"split 'validation' not in .* splits \['test', 'train'\]"):
+        load_text_dataset(str(tmp_path / "dd"), split="validation")
+
+
+def test_unknown_sources_are_named(tmp_path):
+    with pytest.raises(DatasetError, match="no such file or folder"):
+        load_text_dataset(str(tmp_path / "nope.parquet"))
+    bad = tmp_path / "notes.docx"
+    bad.write_text("x")
+    with pytest.raises(DatasetError, match="cannot tell the format of data file"):
+        load_text_dataset(str(bad))
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("text,topic\n")
+    with pytest.raises(DatasetError, match="empty"):
+        load_text_dataset(str(path))
+
+
+def test_bad_text_rows_are_skipped_and_counted_or_refused():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"text": ["fine", None, "", "   ", "also fine"], "other": [1, 2, 3, 4, 5]})
+    rows = find_text_rows(ds, "text")
+    assert rows.row_ids.tolist() == [0, 4]
+    assert rows.skipped == {"missing": 1, "empty": 2}
+    assert rows.examples["empty"] == [2, 3]
+    with pytest.raises(DatasetError, match="row 1 of column 'text' is missing"):
+        find_text_rows(ds, "text", on_bad="error")
+    with pytest.raises(DatasetError, match=r"text column 'body' not in dataset; its columns are \['text', 'other'\]"):
+        find_text_rows(ds, "body")
+    with pytest.raises(DatasetError, match="no row of column 'other' holds a non-empty string"):
+        find_text_rows(ds, "other")
+
+
+def test_heldout_split_is_seeded_disjoint_and_stable_under_subsets():
+    ids = np.arange(20_000, dtype=np.int64)
+    train, held = split_heldout(ids, 0.05, seed=0)
+    assert len(np.intersect1d(train, held)) == 0
+    assert len(train) + len(held) == len(ids)
+    assert 0.04 < len(held) / len(ids) < 0.06
+    again_train, again_held = split_heldout(ids, 0.05, seed=0)
+    assert np.array_equal(held, again_held)
+    other = split_heldout(ids, 0.05, seed=1)[1]
+    assert not np.array_equal(held, other)
+    # A domain's rows keep their fate when split alone.
+    subset = ids[ids % 3 == 0]
+    assert set(split_heldout(subset, 0.05, seed=0)[1]) == set(held[held % 3 == 0])
+    with pytest.raises(DatasetError, match=r"held-out fraction must be in \[0, 1\), got 1.5"):
+        split_heldout(ids, 1.5, seed=0)
+
+
+def test_domains_group_rows(files):
+    ds = load_text_dataset(str(files["disk"]))
+    groups = domain_row_ids(ds, "topic", np.arange(len(ds)))
+    assert {k: v.tolist() for k, v in groups.items()} == {"Arts": [2], "Biology": [0, 3], "Mathematics": [1]}
+    with pytest.raises(DatasetError, match="domain column 'field' not in dataset"):
+        domain_row_ids(ds, "field", np.arange(len(ds)))
