@@ -62,13 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .trainer import LR_SCHEDULES, MIXED_PRECISION, TrainingArguments
 
     defaults = TrainingArguments()
-    parser = argparse.ArgumentParser(prog="sbert-sae", description="Sparse autoencoders on sentence embeddings, with features named without an LLM.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    # --debug and --quiet are accepted before or after the command name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars, warnings only")
+    parser = argparse.ArgumentParser(
+        prog="sbert-sae", description="Sparse autoencoders on sentence embeddings, with features named without an LLM.", parents=[common]
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("train", help="embed a dataset (cached) and train a top-k SAE on it")
+    p = sub.add_parser("train", parents=[common], help="embed a dataset (cached) and train a top-k SAE on it")
     _add_data_arguments(p)
     g = p.add_argument_group("domains")
     g.add_argument("--domain-column", default=None, help="column naming each text's knowledge domain")
@@ -99,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
 
-    p = sub.add_parser("embed", help="embed a dataset's text column into the cache and print where it is")
+    p = sub.add_parser("embed", parents=[common], help="embed a dataset's text column into the cache and print where it is")
     _add_data_arguments(p)
 
-    p = sub.add_parser("info", help="print the config and metrics of a trained SAE")
+    p = sub.add_parser("info", parents=[common], help="print the config and metrics of a trained SAE")
     p.add_argument("sae", help="SAE folder or Hub repo id")
     return parser
 
@@ -202,6 +206,8 @@ COMMANDS = {"train": cmd_train, "embed": cmd_embed, "info": cmd_info}
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    args.quiet = getattr(args, "quiet", False)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",

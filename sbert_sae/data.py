@@ -82,6 +82,8 @@ def load_text_dataset(
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types; name the source in one
         detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        if "corresponds to no data" in str(err):
+            raise DatasetError(f"dataset {source!r} (split {split!r}) is empty") from err
         raise DatasetError(f"cannot load dataset {source!r} (config={config_name!r}, split={split!r}): {detail}") from err
     if isinstance(ds, datasets.DatasetDict):  # a split expression that returned several
         raise DatasetError(f"dataset {source!r} gave several splits {sorted(ds)}: name one with --split")

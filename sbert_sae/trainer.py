@@ -405,7 +405,7 @@ def train(
             samples_since_fired += len(global_batch)
             samples_since_fired[fired > 0] = 0
             epoch_fires += fired
-            running["fvu"] += float(out.fvu)
+            running["fvu"] += float(out.fvu.detach())
             running["l0"] += float(active.sum()) / max(1, len(local))
             running["n"] += 1
         samples_done += len(global_batch)
@@ -419,7 +419,7 @@ def train(
                 "lr": lr,
                 "fvu": running["fvu"] / running["n"],
                 "l0": running["l0"] / running["n"],
-                "auxk_loss": float(out.auxk_loss),
+                "auxk_loss": float(out.auxk_loss.detach()),
                 "dead_fraction": float(dead_mask.float().mean()),
             }
             running = {"fvu": 0.0, "l0": 0.0, "n": 0}

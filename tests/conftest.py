@@ -42,7 +42,7 @@ def wiki_small(tmp_path_factory, wiki_rows):
     """A `save_to_disk` folder of 240 real Wikipedia lead paragraphs from 3 topics (short ones, for speed)."""
     from datasets import Dataset
 
-    topics = ("Mathematics", "Arts", "Biology & health sciences")
+    topics = ("Mathematics", "Arts", "Biology and health sciences")
     rows = []
     for topic in topics:
         chosen = sorted((r for r in wiki_rows if r["topic"] == topic), key=lambda r: len(r["text"]))[:80]

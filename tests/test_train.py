@@ -1,0 +1,153 @@
+"""`sbert-sae train` end to end on real Wikipedia text with the real MiniLM model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sbert_sae import SparseAutoencoder
+from sbert_sae.cli import main
+
+SMALL = ["--n-latents", "256", "-k", "8", "--epochs", "4", "--batch-size", "64", "-q", "--report-to", "none"]
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(wiki_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "wiki"
+    assert run_cli("train", "--dataset", wiki_small, "--out", out, *SMALL) == 0
+    return out
+
+
+def test_output_folder_holds_a_complete_run(trained):
+    for name in ("config.json", "model.safetensors", "training_args.json", "metrics.json", "density.png", "train_log.jsonl", "split.json"):
+        assert (trained / name).exists(), name
+    assert not (trained / "checkpoints").exists()
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for key in ("heldout_fvu", "heldout_normalized_mse", "heldout_cosine", "heldout_l0", "dead_fraction", "dense_fraction", "neighbour_overlap_at_10", "train_fvu"):
+        assert isinstance(metrics[key], float), key
+    assert 0 < metrics["heldout_fvu"] < 1
+    assert 0 < metrics["heldout_l0"] <= 8
+    assert 0 <= metrics["neighbour_overlap_at_10"] <= 1
+    args = json.loads((trained / "training_args.json").read_text())
+    assert args["sae"]["n_latents"] == 256 and args["training"]["epochs"] == 4
+    assert args["data"]["text_column"] == "text"
+    split = json.loads((trained / "split.json").read_text())
+    assert split["n_train"] + split["n_heldout"] == 240
+    log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["epoch"] == 4 and "heldout_fvu" in log[-1]
+
+
+def test_trained_sae_loads_and_encodes(trained, wiki_small):
+    from datasets import load_from_disk
+
+    sae = SparseAutoencoder.from_pretrained(trained)
+    assert sae.config.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert sae.config.d_in == 384
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(256), atol=1e-4)
+    texts = load_from_disk(str(wiki_small))["text"][:3]
+    z = sae.encode_texts(texts)
+    assert z.shape == (3, 256) and ((z > 0).sum(1) <= 8).all() and ((z > 0).sum(1) > 0).all()
+    # The held-out rows were never trained on: training on them too would change the model.
+    split = json.loads((trained / "split.json").read_text())
+    assert len(split["heldout_row_ids"]) == split["n_heldout"] > 0
+
+
+def test_training_lowers_heldout_fvu(trained):
+    log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
+    curve = [r["heldout_fvu"] for r in log if "heldout_fvu" in r]
+    assert curve[-1] < curve[0]
+
+
+def test_second_run_into_the_same_folder_is_refused(trained, wiki_small, capsys):
+    before = (trained / "model.safetensors").read_bytes()
+    assert run_cli("train", "--dataset", wiki_small, "--out", trained, *SMALL) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and "--overwrite" in err[0]
+    assert (trained / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--text-column", "body"], "text column 'body' not in dataset; its columns are ['id', 'text', 'description', 'topic']"),
+        (["--n-latents", "16", "-k", "32"], "k=32 is larger than n_latents=16"),
+        (["--domain-column", "topic", "--domain", "Geology"], "domain 'Geology' not found in column 'topic'"),
+        (["--domain", "Arts"], "--domain needs --domain-column"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(wiki_small, tmp_path, capsys, args, fragment):
+    code = run_cli("train", "--dataset", wiki_small, "--out", tmp_path / "bad", *SMALL, *args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and fragment in err[0], err
+
+
+def test_missing_dataset_is_named(tmp_path, capsys):
+    assert run_cli("train", "--dataset", tmp_path / "nowhere", "--out", tmp_path / "o", *SMALL) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_per_domain_trains_one_sae_per_domain(wiki_small, tmp_path):
+    out = tmp_path / "domains"
+    assert run_cli("train", "--dataset", wiki_small, "--out", out, "--domain-column", "topic", "--per-domain", *SMALL) == 0
+    table = json.loads((out / "domains.json").read_text())
+    assert [row["domain"] for row in table] == ["Arts", "Biology and health sciences", "Mathematics"]
+    for row in table:
+        folder = out / row["folder"]
+        assert (folder / "model.safetensors").exists()
+        assert row["n_train"] + row["n_heldout"] == 80
+        assert json.loads((folder / "training_args.json").read_text())["domain"] == row["domain"]
+    assert "| Mathematics | mathematics |" in (out / "domains.md").read_text()
+
+
+def test_one_domain(wiki_small, tmp_path):
+    out = tmp_path / "maths"
+    assert run_cli("train", "--dataset", wiki_small, "--out", out, "--domain-column", "topic", "--domain", "Mathematics", *SMALL) == 0
+    assert json.loads((out / "split.json").read_text())["n_train"] + json.loads((out / "split.json").read_text())["n_heldout"] == 80
+
+
+def test_interrupted_run_resumes_to_the_same_model(wiki_small, tmp_path, monkeypatch):
+    """A run that dies mid-training, resumed with --resume, ends bitwise equal to one that did not."""
+    common = ["train", "--dataset", wiki_small, *SMALL, "--checkpoint-every", "5", "--seed", "3"]
+    assert run_cli(*common, "--out", tmp_path / "whole") == 0
+
+    calls = {"n": 0}
+    real = SparseAutoencoder.set_decoder_norm_to_unit
+
+    def dies_at_step_12(self):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise RuntimeError("simulated crash")
+        return real(self)
+
+    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", dies_at_step_12)
+    assert run_cli(*common, "--out", tmp_path / "broken") == 1
+    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", real)
+    checkpoints = sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000000005", "step-000000010"]
+    assert not (tmp_path / "broken" / "model.safetensors").exists()
+
+    # Changed settings are refused, the checkpoint is kept.
+    assert run_cli(*common[:-2], "--seed", "4", "--checkpoint-every", "5", "--out", tmp_path / "broken", "--resume") == 2
+    assert run_cli(*common, "--out", tmp_path / "broken", "--resume") == 0
+    whole = SparseAutoencoder.from_pretrained(tmp_path / "whole").state_dict()
+    resumed = SparseAutoencoder.from_pretrained(tmp_path / "broken").state_dict()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_console_script_and_module_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sbert_sae", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in result.stdout and "embed" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "sbert_sae", "train", "--dataset", "x", "--out", str(tmp_path), "-k", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected a positive integer, got '0'" in bad.stderr
