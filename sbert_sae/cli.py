@@ -200,6 +200,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _disable_library_progress_bars() -> None:
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 COMMANDS = {"train": cmd_train, "embed": cmd_embed, "info": cmd_info}
 
 
@@ -216,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets", "accelerate", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.quiet:
+        _disable_library_progress_bars()
     try:
         return COMMANDS[args.command](args)
     except SbertSaeError as err:

@@ -151,3 +151,19 @@ def test_console_script_and_module_entry_point(tmp_path):
     assert "train" in result.stdout and "embed" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "sbert_sae", "train", "--dataset", "x", "--out", str(tmp_path), "-k", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "expected a positive integer, got '0'" in bad.stderr
+
+
+def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path):
+    """Data-parallel training over 2 CPU processes (gloo) reaches the quality of one process."""
+    args = ["train", "--dataset", str(wiki_small), *SMALL, "--epochs", "8", "--seed", "1"]
+    assert run_cli(*args, "--out", tmp_path / "one") == 0
+    # On a machine without GPUs, accelerate's multi-process launcher (torchrun) runs 2 CPU
+    # processes over gloo; its `--cpu` launcher would need mpirun for more than one.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sbert_sae"]
+    result = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "two" / "training_args.json").read_text())["num_processes"] == 2
+    assert abs(two["heldout_fvu"] - one["heldout_fvu"]) / one["heldout_fvu"] < 0.02
+    assert result.stdout.count("results:") == 1  # only the main process reports and writes
