@@ -14,6 +14,7 @@ defaults (warm-up + cosine decay) over a grid of learning rate and epochs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--ref-epochs", default="25,50,100,200")
     parser.add_argument("--our-lrs", default="3e-4,1e-3,3e-3")
     parser.add_argument("--our-epochs", default="10,30,60")
+    parser.add_argument("--our-batches", default="256,1024")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -95,21 +97,24 @@ def main() -> None:
                 row = {"lr": lr, "batch_size": bs, "heldout_fvu_by_epoch": scores, "best_epoch": best, "heldout_fvu": scores[best], "seconds": time.perf_counter() - t0}
                 entry["reference"].append(row)
                 print(f"n={n} k={k} reference lr={lr:g} batch={bs}: " + ", ".join(f"ep{e} {v:.4f}" for e, v in scores.items()), flush=True)
-        for lr in (float(v) for v in args.our_lrs.split(",")):
-            for epochs in (int(v) for v in args.our_epochs.split(",")):
-                t0 = time.perf_counter()
-                targs = TrainingArguments(epochs=epochs, lr=lr, checkpoint_every=0, show_progress=False, report_to="none", eval_max_rows=1)
-                config = SparseAutoencoderConfig(d_in=cache.dim, n_latents=n, k=k)
-                res = train(config, targs, cache.embeddings, train_pos, held_pos, Path("/tmp/bench-trainer-run"), resident=True)
-                fvu = heldout_fvu(res.sae, x_held)
-                entry["sbert_sae"].append({"lr": lr, "epochs": epochs, "heldout_fvu": fvu, "seconds": time.perf_counter() - t0})
-                print(f"n={n} k={k} sbert-sae lr={lr:g} epochs={epochs}: {fvu:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        for lr, bs, epochs in itertools.product(
+            (float(v) for v in args.our_lrs.split(",")),
+            [int(v) for v in args.our_batches.split(",")],
+            [int(v) for v in args.our_epochs.split(",")],
+        ):
+            t0 = time.perf_counter()
+            targs = TrainingArguments(epochs=epochs, lr=lr, batch_size=bs, checkpoint_every=0, show_progress=False, report_to="none", eval_max_rows=1)
+            config = SparseAutoencoderConfig(d_in=cache.dim, n_latents=n, k=k)
+            res = train(config, targs, cache.embeddings, train_pos, held_pos, Path("/tmp/bench-trainer-run"), resident=True)
+            fvu = heldout_fvu(res.sae, x_held)
+            entry["sbert_sae"].append({"lr": lr, "batch_size": bs, "epochs": epochs, "heldout_fvu": fvu, "seconds": time.perf_counter() - t0})
+            print(f"n={n} k={k} sbert-sae lr={lr:g} batch={bs} epochs={epochs}: {fvu:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
         best_ref = min(entry["reference"], key=lambda r: r["heldout_fvu"])
         best_ours = min(entry["sbert_sae"], key=lambda r: r["heldout_fvu"])
         entry["best_reference"], entry["best_sbert_sae"] = best_ref, best_ours
         print(
             f"n={n} k={k}: best reference {best_ref['heldout_fvu']:.4f} (lr {best_ref['lr']:g}, batch {best_ref['batch_size']}, epoch {best_ref['best_epoch']}); "
-            f"best sbert-sae {best_ours['heldout_fvu']:.4f} (lr {best_ours['lr']:g}, {best_ours['epochs']} epochs)",
+            f"best sbert-sae {best_ours['heldout_fvu']:.4f} (lr {best_ours['lr']:g}, batch {best_ours['batch_size']}, {best_ours['epochs']} epochs)",
             flush=True,
         )
         results["sizes"].append(entry)

@@ -167,3 +167,41 @@ def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path):
     assert json.loads((tmp_path / "two" / "training_args.json").read_text())["num_processes"] == 2
     assert abs(two["heldout_fvu"] - one["heldout_fvu"]) / one["heldout_fvu"] < 0.02
     assert result.stdout.count("results:") == 1  # only the main process reports and writes
+
+
+def test_trainer_refuses_nan_embeddings_naming_the_rows(tmp_path):
+    from sbert_sae import InputError, SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    x[7, 3] = np.nan
+    x[21, 0] = np.inf
+    row_ids = np.arange(100, 150)
+    with pytest.raises(InputError, match=r"rows \[107, 121\] contain NaN or inf"):
+        train(SparseAutoencoderConfig(d_in=8, n_latents=16, k=2), TrainingArguments(epochs=1, report_to="none", show_progress=False), x, np.arange(50), np.arange(0), tmp_path, row_ids=row_ids)
+    with pytest.raises(Exception, match="d_in=16"):
+        train(SparseAutoencoderConfig(d_in=16, n_latents=16, k=2), TrainingArguments(epochs=1, report_to="none", show_progress=False), x, np.arange(50), np.arange(0), tmp_path)
+
+
+def test_a_folder_in_use_is_refused(tmp_path):
+    from sbert_sae import OutputDirError
+    from sbert_sae.utils import run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(OutputDirError, match="in use by another run"):
+            with run_lock(tmp_path):
+                pass
+    with run_lock(tmp_path):  # released after the run
+        pass
+    (tmp_path / ".lock").write_text("999999999")  # left by a killed run: taken over
+    with run_lock(tmp_path):
+        pass
+
+
+def test_embed_and_info_commands(wiki_small, trained, capsys):
+    assert run_cli("embed", "--dataset", wiki_small, "-q") == 0
+    out = capsys.readouterr().out
+    assert "240 embeddings of dim 384 in" in out
+    assert run_cli("info", trained) == 0
+    out = capsys.readouterr().out
+    assert '"model_type": "sbert_sae"' in out and '"heldout_fvu"' in out
