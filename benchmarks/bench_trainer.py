@@ -6,7 +6,7 @@ published (Adam at a constant learning rate, shuffled batches, grad clip 1.0, un
 decoder with the parallel gradient removed, AuxK), tuned fairly: a grid of learning rate
 and batch size, and for each its best epoch count chosen on the held-out set itself (an
 oracle early stop, which favours the reference). sbert-sae's trainer runs with its
-defaults (warm-up + cosine decay) over a grid of learning rate and epochs.
+defaults (warm-up + cosine decay; or over a grid given on the command line).
 
     python benchmarks/bench_trainer.py --out benchmarks/results/trainer.json
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -64,12 +63,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default=str(ROOT / "data" / "wiki"))
     parser.add_argument("--sizes", default="3072:32,6144:64", help="n:k pairs")
-    parser.add_argument("--ref-lrs", default="1e-4,3e-4,1e-3")
+    parser.add_argument("--ref-lrs", default="1e-3,3e-3")
     parser.add_argument("--ref-batches", default="256,1024")
-    parser.add_argument("--ref-epochs", default="25,50,100,200")
-    parser.add_argument("--our-lrs", default="3e-4,1e-3,3e-3")
-    parser.add_argument("--our-epochs", default="10,30,60")
-    parser.add_argument("--our-batches", default="256,1024")
+    parser.add_argument("--ref-epochs", default="5,10,20,30")
+    defaults = TrainingArguments()
+    parser.add_argument("--our-lrs", default=str(defaults.lr), help="default: sbert-sae's default only")
+    parser.add_argument("--our-epochs", default=str(defaults.epochs))
+    parser.add_argument("--our-batches", default=str(defaults.batch_size))
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 

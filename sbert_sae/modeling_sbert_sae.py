@@ -18,7 +18,6 @@ latents only. Sparse codes travel as (values, indices) pairs of shape (batch, k)
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Sequence
 

@@ -6,6 +6,7 @@ sub-folders and writes a table comparing them. Only the main process writes file
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
@@ -24,7 +25,7 @@ from .data import domain_row_ids, find_text_rows, load_text_dataset, require_col
 from .embeddings import EmbeddingCache, embed_dataset
 from .errors import DatasetError, OutputDirError, ResumeError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
-from .trainer import TrainingArguments, _make_trackers, data_identity, list_checkpoints, resolve_mixed_precision, train
+from .trainer import TrainingArguments, data_identity, list_checkpoints, make_accelerator, train
 from .utils import atomic_write, run_lock, slugify, write_json
 
 logger = logging.getLogger(__name__)
@@ -145,9 +146,6 @@ def run_training(
     resume: bool = False,
 ) -> list[RunResult]:
     """Train one SAE (or one per domain) and write each to its output folder."""
-    from accelerate import Accelerator
-    import torch
-
     out_dir = Path(out_dir)
     train_args.validate()
     SparseAutoencoderConfig(**dataclasses.asdict(sae_args), d_in=1)  # refuse impossible sizes before any work
@@ -156,13 +154,7 @@ def run_training(
     if data.domain is not None and not data.domain_column:
         raise DatasetError("--domain needs --domain-column")
 
-    probe = torch.device(data.device) if data.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(train_args.mixed_precision, probe),
-        cpu=probe.type == "cpu",
-        log_with=_make_trackers(train_args, out_dir) or None,
-        project_dir=str(out_dir / "logs"),
-    )
+    accelerator = make_accelerator(train_args, out_dir, data.device)
     main = accelerator.is_main_process
     show = train_args.show_progress and main
 
@@ -191,22 +183,13 @@ def run_training(
             continue
         if main:
             folder.mkdir(parents=True, exist_ok=True)
-        lock = run_lock(folder) if main else _no_lock()
-        with lock:
+        with run_lock(folder) if main else contextlib.nullcontext():
             result = _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume)
         if result is not None:
             results.append(result)
     if main and data.per_domain:
         write_domain_table(out_dir, results)
     return results
-
-
-class _no_lock:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume) -> RunResult | None:

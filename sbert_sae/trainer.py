@@ -41,11 +41,11 @@ RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "keep_checkpoints", "repor
 class TrainingArguments:
     """How to train (saved with the run as `training_args.json`)."""
 
-    epochs: int = 30
+    epochs: int = 20
     """Passes over the training rows."""
-    batch_size: int = 1024
+    batch_size: int = 256
     """Global batch size: split across processes under `accelerate launch`."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Peak Adam learning rate."""
     lr_schedule: str = "cosine"
     """Decay after warm-up: constant, linear (to 0) or cosine (to 0)."""
@@ -263,7 +263,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _make_trackers(args: TrainingArguments, out_dir: Path) -> list[str]:
+def _trackers(args: TrainingArguments) -> list[str]:
     if args.report_to == "none":
         return []
     if args.report_to != "auto":
@@ -271,6 +271,19 @@ def _make_trackers(args: TrainingArguments, out_dir: Path) -> list[str]:
     import importlib.util
 
     return [name for name in ("tensorboard", "trackio") if importlib.util.find_spec(name) is not None]
+
+
+def make_accelerator(args: TrainingArguments, out_dir: str | Path, device: str | None = None):
+    """An `Accelerator` for `args`: the device (or the best one), mixed precision, trackers."""
+    from accelerate import Accelerator
+
+    probe = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision, probe),
+        cpu=probe.type == "cpu",
+        log_with=_trackers(args) or None,
+        project_dir=str(Path(out_dir) / "logs"),
+    )
 
 
 def train(
@@ -299,7 +312,6 @@ def train(
         accelerator: an `accelerate.Accelerator`; one is made when None.
         resident: keep the training rows on the device (None: when they fit).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -313,14 +325,7 @@ def train(
         config.dead_threshold = len(train_positions)  # one epoch without firing
 
     if accelerator is None:
-        probe = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        trackers = _make_trackers(args, out_dir)
-        accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(args.mixed_precision, probe),
-            cpu=probe.type == "cpu",
-            log_with=trackers or None,
-            project_dir=str(out_dir / "logs"),
-        )
+        accelerator = make_accelerator(args, out_dir, device)
     dev = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
@@ -372,7 +377,10 @@ def train(
     samples_done = 0
     step = start_step
     last_dead_epoch = float("nan")
-    running = {"fvu": 0.0, "l0": 0.0, "n": 0}
+    # Running sums stay on the device: reading them forces a sync, so only at log time.
+    running_fvu = torch.zeros((), device=dev)
+    running_l0 = torch.zeros((), device=dev)
+    running_steps = 0
     model.train()
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -405,9 +413,9 @@ def train(
             samples_since_fired += len(global_batch)
             samples_since_fired[fired > 0] = 0
             epoch_fires += fired
-            running["fvu"] += float(out.fvu.detach())
-            running["l0"] += float(active.sum()) / max(1, len(local))
-            running["n"] += 1
+            running_fvu += out.fvu.detach().float()
+            running_l0 += active.sum() / max(1, len(local))
+            running_steps += 1
         samples_done += len(global_batch)
         step += 1
 
@@ -417,12 +425,14 @@ def train(
                 "step": step,
                 "epoch": step / steps_per_epoch,
                 "lr": lr,
-                "fvu": running["fvu"] / running["n"],
-                "l0": running["l0"] / running["n"],
+                "fvu": float(running_fvu) / running_steps,
+                "l0": float(running_l0) / running_steps,
                 "auxk_loss": float(out.auxk_loss.detach()),
                 "dead_fraction": float(dead_mask.float().mean()),
             }
-            running = {"fvu": 0.0, "l0": 0.0, "n": 0}
+            running_fvu.zero_()
+            running_l0.zero_()
+            running_steps = 0
             if end_of_epoch:
                 last_dead_epoch = float((epoch_fires == 0).float().mean())
                 record["epoch_dead_fraction"] = last_dead_epoch
