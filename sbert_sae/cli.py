@@ -39,7 +39,18 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+def _ngram_range(text: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = text.partition("-")
+        value = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH word counts such as 1-3, got {text!r}") from None
+    if not 1 <= value[0] <= value[1] <= 6:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH <= 6, got {text!r}")
+    return value
+
+
+def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     from .base_model import DEFAULT_MODEL
 
     g = p.add_argument_group("data")
@@ -51,8 +62,9 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-rows", type=_positive_int, default=None, help="use only the first N rows")
     g.add_argument("--strict-text", action="store_true", help="refuse rows whose text is missing, not a string or empty (default: skip and count them)")
     g = p.add_argument_group("embedding")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"sentence-transformers model, Hub id or folder (default: {DEFAULT_MODEL})")
-    g.add_argument("--model-revision", default=None, help="revision of the model on the Hub")
+    if with_model:
+        g.add_argument("--model", default=DEFAULT_MODEL, help=f"sentence-transformers model, Hub id or folder (default: {DEFAULT_MODEL})")
+        g.add_argument("--model-revision", default=None, help="revision of the model on the Hub")
     g.add_argument("--embed-batch-size", type=_positive_int, default=64, help="texts per forward pass when embedding (default: 64)")
     g.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE or ~/.cache/sbert-sae)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
@@ -106,12 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", parents=[common], help="embed a dataset's text column into the cache and print where it is")
     _add_data_arguments(p)
 
+    from .labels import LabelArguments
+
+    label_defaults = LabelArguments()
+    p = sub.add_parser("label", parents=[common], help="name every feature with KeyBERT (no LLM) and score each name on held-out texts")
+    p.add_argument("sae", help="SAE folder (feature_labels.json is written there)")
+    _add_data_arguments(p, with_model=False)
+    g = p.add_argument_group("labelling")
+    g.add_argument("--top-texts", type=_positive_int, default=label_defaults.top_texts, help=f"strongest firing texts per feature (default: {label_defaults.top_texts})")
+    g.add_argument("--quantile-texts", type=int, default=label_defaults.quantile_texts, help=f"more firing texts across activation quantiles (default: {label_defaults.quantile_texts})")
+    g.add_argument("--negatives", type=_positive_int, default=label_defaults.negatives, help=f"non-firing texts for contrast (default: {label_defaults.negatives})")
+    g.add_argument("--ngram", type=_ngram_range, default=label_defaults.ngram_range, help="candidate n-gram lengths, e.g. 1-3 (default: 1-3)")
+    g.add_argument("--candidates", type=_positive_int, default=label_defaults.candidates, help=f"lexical candidates per feature given to KeyBERT (default: {label_defaults.candidates})")
+    g.add_argument("--keywords", type=_positive_int, default=label_defaults.keywords, help=f"keywords kept per feature (default: {label_defaults.keywords})")
+    g.add_argument("--max-label-keywords", type=_positive_int, default=label_defaults.max_label_keywords, help=f"keywords in a label at most (default: {label_defaults.max_label_keywords})")
+    g.add_argument("--label-heldout-fraction", type=_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
+    g.add_argument("--seed", type=int, default=label_defaults.seed)
+
     p = sub.add_parser("info", parents=[common], help="print the config and metrics of a trained SAE")
     p.add_argument("sae", help="SAE folder or Hub repo id")
     return parser
 
 
 def _data_arguments(args):
+    from .base_model import DEFAULT_MODEL
     from .pipeline import DataArguments
 
     return DataArguments(
@@ -126,8 +156,8 @@ def _data_arguments(args):
         heldout_fraction=getattr(args, "heldout_fraction", 0.05),
         on_bad_text="error" if args.strict_text else "skip",
         max_rows=args.max_rows,
-        model=args.model,
-        model_revision=args.model_revision,
+        model=getattr(args, "model", DEFAULT_MODEL),
+        model_revision=getattr(args, "model_revision", None),
         embed_batch_size=args.embed_batch_size,
         cache_dir=args.cache_dir,
         device=args.device,
@@ -178,6 +208,33 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from .labels import LabelArguments
+    from .pipeline import run_labelling
+
+    label_args = LabelArguments(
+        top_texts=args.top_texts,
+        quantile_texts=args.quantile_texts,
+        negatives=args.negatives,
+        ngram_range=args.ngram,
+        candidates=args.candidates,
+        keywords=args.keywords,
+        max_label_keywords=args.max_label_keywords,
+        heldout_fraction=args.label_heldout_fraction,
+        seed=args.seed,
+    )
+    summary = run_labelling(args.sae, _data_arguments(args), label_args, show_progress=not args.quiet)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(
+        f"labelled {summary['n_labelled']} of {summary['n_features']} features ({summary['n_dead']} dead, {summary['n_unlabelled']} unlabelled); "
+        f"held-out AUROC mean {fmt(summary['label_auroc_mean'])}, median {fmt(summary['label_auroc_median'])}, "
+        f"share >= 0.8 {fmt(summary['label_auroc_share_above_0.8'])}; Pearson r mean {fmt(summary['label_pearson_mean'])}; "
+        f"distinct labels {fmt(summary['distinct_label_share'])}; {sum(summary['seconds'].values()):.0f}s"
+    )
+    print(f"labels: {Path(args.sae) / 'feature_labels.json'}")
+    return 0
+
+
 def cmd_embed(args) -> int:
     from .pipeline import load_and_embed
 
@@ -210,7 +267,7 @@ def _disable_library_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-COMMANDS = {"train": cmd_train, "embed": cmd_embed, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "label": cmd_label, "embed": cmd_embed, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

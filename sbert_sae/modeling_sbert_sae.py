@@ -68,6 +68,30 @@ def fraction_of_variance_unexplained(x_hat: torch.Tensor, x: torch.Tensor) -> to
     return residual / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def _read_optional_json(name_or_path: str, filename: str, hub_kwargs: dict):
+    """A JSON file beside the weights (folder or Hub repo), or None when it is not there."""
+    import os
+
+    folder = os.path.join(name_or_path, hub_kwargs.get("subfolder") or "")
+    if os.path.isdir(folder):
+        path = os.path.join(folder, filename)
+        if not os.path.exists(path):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = hf_hub_download(name_or_path, filename, **{k: v for k, v in hub_kwargs.items() if v is not None})
+        except EntryNotFoundError:
+            return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{filename} of {name_or_path!r} is not valid JSON: {err}") from err
+
+
 class SparseAutoencoderPreTrainedModel(PreTrainedModel):
     config_class = SparseAutoencoderConfig
     base_model_prefix = "sae"
@@ -90,6 +114,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         self.W_dec = nn.Parameter(torch.empty(n, d))
         self.b_pre = nn.Parameter(torch.zeros(d))
         self._base_model = None
+        self.label_data: dict | None = None
+        self.metrics: dict = {}
         self.post_init()
 
     # ------------------------------------------------------------------ init
@@ -296,4 +322,53 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise ModelLoadError(f"weights of {name!r} do not match its config: {problems}")
+        model.load_extras(name, **hub_kwargs)
         return (model, info) if want_info else model
+
+    # ------------------------------------------------------- labels and metrics
+    def load_extras(self, name_or_path: str, **hub_kwargs) -> None:
+        """Read `feature_labels.json` and `metrics.json` from a folder or Hub repo, when present."""
+        from .labels import LABELS_FILE, parse_feature_labels
+
+        labels = _read_optional_json(name_or_path, LABELS_FILE, hub_kwargs)
+        self.label_data = parse_feature_labels(labels, self.config.n_latents, source=f"{name_or_path}/{LABELS_FILE}") if labels is not None else None
+        self.metrics = _read_optional_json(name_or_path, "metrics.json", hub_kwargs) or {}
+
+    @property
+    def feature_labels(self) -> list[str | None]:
+        """Label of every feature (None where a feature has none: dead, unlabelled, or not labelled yet)."""
+        data = getattr(self, "label_data", None)
+        if not data:
+            return [None] * self.config.n_latents
+        return [data["features"].get(f, {}).get("label") for f in range(self.config.n_latents)]
+
+    def describe(self, feature: int) -> dict:
+        """Everything known about one feature: label, keywords with scores, density, score, top texts."""
+        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < self.config.n_latents:
+            raise InputError(f"feature must be an integer in 0..{self.config.n_latents - 1}, got {feature!r}")
+        data = getattr(self, "label_data", None)
+        entry = dict(data["features"].get(feature, {})) if data else {}
+        entry.setdefault("label", None)
+        if not data:
+            entry["status"] = "not labelled: run `sbert-sae label` on this SAE"
+        return {"feature": feature, **entry}
+
+    @torch.no_grad()
+    def explain(self, text: str | torch.Tensor) -> list[dict]:
+        """The active features of one text (or one embedding), strongest first, with their labels."""
+        if isinstance(text, str):
+            x = self.embed_texts([text])
+        elif isinstance(text, torch.Tensor):
+            x = text.reshape(1, -1) if text.dim() == 1 else text
+            if x.shape[0] != 1:
+                raise InputError(f"explain takes one text or one embedding, got {x.shape[0]} rows")
+        else:
+            raise InputError(f"explain takes a string or an embedding tensor, got {type(text).__name__}")
+        values, indices = self.encode_topk(x)
+        labels = self.feature_labels
+        out = [
+            {"feature": int(i), "activation": float(v), "label": labels[int(i)]}
+            for v, i in zip(values[0].tolist(), indices[0].tolist())
+            if v > 0
+        ]
+        return sorted(out, key=lambda row: -row["activation"])

@@ -297,3 +297,33 @@ def write_domain_table(out_dir: Path, results: list[RunResult]) -> None:
         lines.append(f"| {row['domain']} | {row['folder']} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write(out_dir / "domains.md", lambda tmp: Path(tmp).write_text(text))
+
+
+def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_progress: bool = True) -> dict:
+    """Label every feature of the SAE at `sae_path` on a dataset; write `feature_labels.json` and
+    add the label scores to `metrics.json`. Returns the labelling summary."""
+    from .base_model import load_sentence_transformer
+    from .errors import ConfigError
+    from .labels import LABELS_FILE, feature_labels_document, label_features
+    from .modeling_sbert_sae import SparseAutoencoder
+    from .utils import read_json
+
+    sae_path = Path(sae_path)
+    sae = SparseAutoencoder.from_pretrained(sae_path)
+    if not sae.config.base_model:
+        raise ConfigError(f"the SAE in {sae_path} has no base_model in its config: its texts cannot be embedded alike")
+    data = dataclasses.replace(data, model=sae.config.base_model, model_revision=sae.config.base_model_revision)
+    ds, cache = load_and_embed(data, show_progress=show_progress)
+    if cache.dim != sae.config.d_in:
+        raise ConfigError(f"{data.model} makes {cache.dim}-d embeddings but the SAE in {sae_path} reads d_in={sae.config.d_in}")
+    texts = ds.select_columns([data.text_column]).select(cache.row_ids)[data.text_column]
+    model = load_sentence_transformer(data.model, revision=data.model_revision, device=data.device)
+    with run_lock(sae_path):
+        result = label_features(sae, texts, cache.embeddings, model, label_args, row_ids=cache.row_ids, show_progress=show_progress)
+        dataset_name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
+        write_json(sae_path / LABELS_FILE, feature_labels_document(result, sae, dataset=dataset_name))
+        metrics_path = sae_path / "metrics.json"
+        metrics = read_json(metrics_path) if metrics_path.exists() else {}
+        metrics.update({k: v for k, v in result.summary.items() if k.startswith(("label_", "n_labelled", "distinct_label"))})
+        write_json(metrics_path, metrics)
+    return result.summary

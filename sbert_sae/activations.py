@@ -1,0 +1,97 @@
+"""Sparse activations of a whole corpus: computed once, kept as top-k (values, indices).
+
+A texts x n_latents matrix is never made: a corpus of N texts costs N x k values and
+indices. `by_feature` turns them around (feature -> the rows it fires on), which is what
+labelling, families and the explorer read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .modeling_sbert_sae import SparseAutoencoder
+
+
+@dataclass
+class SparseActivations:
+    """Top-k code of every text.
+
+    Attributes:
+        values: (n_texts, k) float32, >= 0; 0 means the feature did not fire.
+        indices: (n_texts, k) int32 feature ids.
+        n_latents: the SAE's number of features.
+    """
+
+    values: np.ndarray
+    indices: np.ndarray
+    n_latents: int
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def fire_counts(self) -> np.ndarray:
+        """(n_latents,) number of texts each feature fires on."""
+        active = self.values > 0
+        return np.bincount(self.indices[active], minlength=self.n_latents)
+
+    def by_feature(self, rows: np.ndarray | None = None) -> "FeatureIndex":
+        """Feature -> (row positions, activations), over `rows` (positions) or all texts."""
+        values, indices = self.values, self.indices
+        base = np.arange(len(values))
+        if rows is not None:
+            values, indices, base = values[rows], indices[rows], base[rows]
+        active = values > 0
+        feats = indices[active].astype(np.int64)
+        row_of = np.broadcast_to(base[:, None], values.shape)[active]
+        acts = values[active]
+        order = np.lexsort((-acts, feats))  # by feature, strongest first
+        feats, row_of, acts = feats[order], row_of[order], acts[order]
+        ptr = np.zeros(self.n_latents + 1, dtype=np.int64)
+        np.cumsum(np.bincount(feats, minlength=self.n_latents), out=ptr[1:])
+        return FeatureIndex(ptr=ptr, rows=row_of.astype(np.int64), acts=acts.astype(np.float32))
+
+
+@dataclass
+class FeatureIndex:
+    """CSR view: feature f fires on `rows[ptr[f]:ptr[f+1]]` with `acts[...]`, strongest first."""
+
+    ptr: np.ndarray
+    rows: np.ndarray
+    acts: np.ndarray
+
+    def rows_of(self, feature: int) -> np.ndarray:
+        return self.rows[self.ptr[feature] : self.ptr[feature + 1]]
+
+    def acts_of(self, feature: int) -> np.ndarray:
+        return self.acts[self.ptr[feature] : self.ptr[feature + 1]]
+
+    def count(self, feature: int) -> int:
+        return int(self.ptr[feature + 1] - self.ptr[feature])
+
+
+@torch.no_grad()
+def encode_corpus(
+    sae: SparseAutoencoder,
+    embeddings: np.ndarray,
+    batch_size: int = 8192,
+    show_progress: bool = False,
+) -> SparseActivations:
+    """Top-k activations of every row of `embeddings` (n_texts, d_in), streamed in batches."""
+    from tqdm.auto import tqdm
+
+    n, k = len(embeddings), sae.config.k
+    values = np.empty((n, k), dtype=np.float32)
+    indices = np.empty((n, k), dtype=np.int32)
+    device = sae.W_dec.device
+    was_training = sae.training
+    sae.eval()
+    for start in tqdm(range(0, n, batch_size), desc="encoding corpus", unit="batch", disable=not show_progress):
+        x = torch.from_numpy(np.array(embeddings[start : start + batch_size], dtype=np.float32)).to(device)
+        v, i = sae.encode_topk(x)
+        values[start : start + len(x)] = v.float().cpu().numpy()
+        indices[start : start + len(x)] = i.cpu().numpy()
+    sae.train(was_training)
+    return SparseActivations(values=values, indices=indices, n_latents=sae.config.n_latents)

@@ -1,0 +1,529 @@
+"""Name every feature without an LLM, and measure how well each name predicts where it fires.
+
+For each feature, from the corpus' sparse activations (computed once):
+
+1. **Examples**: the texts it fires on (activation > 0 only), the strongest plus a sample
+   across activation quantiles, and non-firing texts for contrast, the hardest of them
+   (nearest to the feature's firing texts in embedding space) among them. Texts are split
+   once into a labelling part and a held-out part; labels are made from the first.
+2. **Candidates**: real 1-3-word n-grams of the corpus (never glued word pairs), scored
+   per feature by how much more often they occur in its firing texts (activation-
+   weighted) than in its hard negatives, times their rarity in the whole corpus
+   (c-TF-IDF made contrastive: a word common to a whole domain scores low everywhere).
+3. **Keywords**: KeyBERT, with the base sentence-transformers model, ranks each
+   feature's candidates against a contrastive embedding of the feature (activation-
+   weighted centroid of its firing texts, minus half the centroid of its hard negatives)
+   with MMR against near-duplicates. Every distinct candidate is embedded once for all
+   features; texts are never embedded again (their cached embeddings are reused).
+4. **Label**: the best 1-3 keywords, chosen by how well their embedding separates the
+   feature's firing from its non-firing *labelling* texts (AUROC).
+5. **Score**: on held-out texts, the cosine between the label's embedding and each text's
+   embedding predicts the feature's activation: Pearson r with the true activation, and
+   AUROC of firing against non-firing texts (hard negatives included).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .activations import SparseActivations, encode_corpus
+from .data import split_heldout
+from .errors import ConfigError, DatasetError
+from .modeling_sbert_sae import SparseAutoencoder
+
+logger = logging.getLogger(__name__)
+
+LABELS_FILE = "feature_labels.json"
+LABELS_VERSION = 1
+
+_WORD = re.compile(r"(?u)\b[^\W\d_][\w'\-]*[^\W_]\b|\b[^\W\d_]\b")
+
+
+@dataclass
+class LabelArguments:
+    """How features are labelled and scored (saved in `feature_labels.json`)."""
+
+    top_texts: int = 20
+    """Strongest firing texts of a feature used to label it."""
+    quantile_texts: int = 10
+    """Further firing texts, sampled evenly across its activation ranks."""
+    negatives: int = 40
+    """Non-firing texts for contrast: half the hardest, half at random."""
+    ngram_range: tuple[int, int] = (1, 3)
+    """Lengths of the candidate n-grams."""
+    min_df: int = 2
+    """An n-gram must occur in at least this many corpus texts to be a candidate."""
+    candidates: int = 8
+    """Lexically best candidates per feature handed to KeyBERT."""
+    keywords: int = 5
+    """Keywords KeyBERT keeps per feature (MMR)."""
+    diversity: float = 0.5
+    """MMR diversity between keywords (0: none, 1: most)."""
+    max_label_keywords: int = 3
+    """At most this many keywords make a label."""
+    heldout_fraction: float = 0.25
+    """Share of texts kept out of labelling, to score the labels on."""
+    score_texts: int = 100
+    """At most this many held-out firing texts, and as many non-firing, score each feature."""
+    negative_pool: int = 50_000
+    """Non-firing texts are looked for among at most this many texts per split."""
+    batch_size: int = 256
+    """Phrases per forward pass when embedding candidates."""
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("top_texts", "negatives", "candidates", "keywords", "max_label_keywords", "score_texts", "negative_pool", "batch_size", "min_df"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.quantile_texts < 0:
+            raise ConfigError(f"quantile_texts must be >= 0, got {self.quantile_texts!r}")
+        lo, hi = self.ngram_range
+        if not (1 <= lo <= hi <= 6):
+            raise ConfigError(f"ngram_range must be 1 <= low <= high <= 6, got {self.ngram_range!r}")
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
+        if not 0 <= self.diversity <= 1:
+            raise ConfigError(f"diversity must be in [0, 1], got {self.diversity!r}")
+
+
+# ------------------------------------------------------------------ n-grams
+def ngram_analyzer(ngram_range: tuple[int, int]):
+    """Text -> its real n-grams (contiguous words), none starting or ending with a stop word.
+
+    "theory of relativity" is kept; "of relativity" is not; and no pair of words that
+    were not next to each other is ever made (removing stop words first would glue them).
+    """
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    stop = ENGLISH_STOP_WORDS
+    lo, hi = ngram_range
+
+    def analyze(text: str) -> list[str]:
+        words = _WORD.findall(text.lower())
+        out = []
+        for n in range(lo, hi + 1):
+            for i in range(len(words) - n + 1):
+                first, last = words[i], words[i + n - 1]
+                if first in stop or last in stop or len(first) < 2 or len(last) < 2:
+                    continue
+                out.append(" ".join(words[i : i + n]))
+        return out
+
+    return analyze
+
+
+def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
+    """Area under the ROC curve of positives against negatives (ties count half)."""
+    return float(auroc_many(np.asarray(scores_pos)[None, :], np.asarray(scores_neg)[None, :])[0])
+
+
+def auroc_many(scores_pos: np.ndarray, scores_neg: np.ndarray) -> np.ndarray:
+    """AUROC of each row: (m, n_pos) positive scores against (m, n_neg) negative scores."""
+    if scores_pos.shape[1] == 0 or scores_neg.shape[1] == 0:
+        return np.full(len(scores_pos), np.nan)
+    if scores_pos.shape[1] * scores_neg.shape[1] <= 1_000_000:
+        diff = scores_pos[:, :, None] - scores_neg[:, None, :]
+        return (diff > 0).mean(axis=(1, 2)) + 0.5 * (diff == 0).mean(axis=(1, 2))
+    from scipy.stats import rankdata
+
+    n_pos, n_neg = scores_pos.shape[1], scores_neg.shape[1]
+    ranks = rankdata(np.concatenate([scores_pos, scores_neg], axis=1), axis=1)
+    return (ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+# ------------------------------------------------------------- examples
+def _spread(rows: np.ndarray, top: int, quantile: int) -> np.ndarray:
+    """The `top` first rows (strongest), plus `quantile` more spread evenly over the rest."""
+    if len(rows) <= top + quantile:
+        return rows
+    rest = rows[top:]
+    picks = np.unique(np.linspace(0, len(rest) - 1, quantile).round().astype(int))
+    return np.concatenate([rows[:top], rest[picks]])
+
+
+def _firing_mask(acts: SparseActivations, pool: np.ndarray, f0: int, f1: int) -> torch.Tensor:
+    """(f1 - f0, len(pool)) bool: does feature f fire on pool text r."""
+    values, indices = acts.values[pool], acts.indices[pool]
+    hit = (indices >= f0) & (indices < f1) & (values > 0)
+    r, j = np.nonzero(hit)
+    mask = torch.zeros(f1 - f0, len(pool), dtype=torch.bool)
+    mask[torch.from_numpy(indices[r, j].astype(np.int64) - f0), torch.from_numpy(r)] = True
+    return mask
+
+
+def hard_negatives(
+    emb: torch.Tensor,
+    centroids: torch.Tensor,
+    acts: SparseActivations,
+    pool: np.ndarray,
+    m: int,
+    chunk: int = 256,
+) -> np.ndarray:
+    """(n_latents, m) positions of the pool texts nearest each centroid on which its feature does not fire (-1 = none)."""
+    out = np.full((len(centroids), m), -1, dtype=np.int64)
+    if len(pool) == 0:
+        return out
+    pool_emb = emb[torch.from_numpy(pool)]
+    m_eff = min(m, len(pool))
+    for f0 in range(0, len(centroids), chunk):
+        f1 = min(f0 + chunk, len(centroids))
+        sims = centroids[f0:f1] @ pool_emb.T
+        sims.masked_fill_(_firing_mask(acts, pool, f0, f1), float("-inf"))
+        top = sims.topk(m_eff, dim=1)
+        picked = pool[top.indices.numpy()]
+        picked[~torch.isfinite(top.values).numpy()] = -1
+        out[f0:f1, :m_eff] = picked
+    return out
+
+
+def random_negatives(acts: SparseActivations, pool: np.ndarray, feature: int, m: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `m` random pool texts on which `feature` does not fire."""
+    if len(pool) == 0:
+        return pool
+    sample = pool[rng.choice(len(pool), size=min(len(pool), 2 * m), replace=False)]
+    fires = ((acts.indices[sample] == feature) & (acts.values[sample] > 0)).any(axis=1)
+    return sample[~fires][:m]
+
+
+# ----------------------------------------------------------------- KeyBERT
+class _PrecomputedCandidates:
+    """Stands in for KeyBERT's CountVectorizer: the candidates of each "document" (feature)
+    are already chosen, so KeyBERT neither re-tokenises texts nor embeds anything twice."""
+
+    def __init__(self, vocabulary: list[str], matrix: sp.csr_matrix):
+        self.vocabulary = np.asarray(vocabulary, dtype=object)
+        self.matrix = matrix
+
+    def fit(self, docs):
+        return self
+
+    def get_feature_names_out(self):
+        return self.vocabulary
+
+    def transform(self, docs):
+        return self.matrix
+
+
+@dataclass
+class LabelResult:
+    """Labels of every feature, and a summary of their scores."""
+
+    features: dict[int, dict]
+    summary: dict
+    settings: dict = field(default_factory=dict)
+
+
+def label_features(
+    sae: SparseAutoencoder,
+    texts: list[str],
+    embeddings: np.ndarray,
+    model,
+    args: LabelArguments | None = None,
+    row_ids: np.ndarray | None = None,
+    show_progress: bool = True,
+) -> LabelResult:
+    """Label and score every feature of `sae` on a corpus.
+
+    Args:
+        texts: the corpus, `texts[i]` embedded as `embeddings[i]`.
+        embeddings: (n_texts, d_in) embeddings of `texts` by the SAE's base model.
+        model: that sentence-transformers model (embeds the candidate keywords).
+        row_ids: dataset row id of each text, stored with the examples (default: positions).
+    """
+    from keybert import KeyBERT
+    from sklearn.feature_extraction.text import CountVectorizer
+    from tqdm.auto import tqdm
+
+    args = args or LabelArguments()
+    args.validate()
+    n_texts = len(texts)
+    if embeddings.shape[0] != n_texts:
+        raise DatasetError(f"{n_texts} texts but {embeddings.shape[0]} embeddings: they must be the same rows")
+    if embeddings.shape[1] != sae.config.d_in:
+        raise ConfigError(f"embeddings are {embeddings.shape[1]}-d but the SAE reads d_in={sae.config.d_in}")
+    if n_texts < 4:
+        raise DatasetError(f"need at least 4 texts to label and score features, got {n_texts}")
+    row_ids = np.arange(n_texts) if row_ids is None else np.asarray(row_ids)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    acts = encode_corpus(sae, embeddings)
+    n_feat = sae.config.n_latents
+    counts = acts.fire_counts()
+    positions = np.arange(n_texts)
+    train_pos, held_pos = split_heldout(positions, args.heldout_fraction, args.seed)
+    train_fi, held_fi = acts.by_feature(train_pos), acts.by_feature(held_pos)
+    emb = torch.nn.functional.normalize(torch.from_numpy(np.array(embeddings, dtype=np.float32)), dim=1)
+    emb_np = emb.numpy()
+    lap("activations")
+
+    # Examples: firing texts (strongest + quantile sample) and their weights.
+    rng = np.random.default_rng(args.seed)
+    pos_rows: list[np.ndarray] = []
+    pos_w: list[np.ndarray] = []
+    for f in range(n_feat):
+        rows, a = train_fi.rows_of(f), train_fi.acts_of(f)
+        keep = _spread(np.arange(len(rows)), args.top_texts, args.quantile_texts)
+        pos_rows.append(rows[keep])
+        pos_w.append(a[keep])
+    n_pos = np.array([len(r) for r in pos_rows])
+    weights = _row_matrix(pos_rows, [w / w.sum() if len(w) else w for w in pos_w], n_feat, n_texts)
+    centroids = torch.nn.functional.normalize(torch.from_numpy(np.asarray(weights @ emb_np, dtype=np.float32)), dim=1)
+
+    train_pool = _cap(train_pos, args.negative_pool, rng)
+    held_pool = _cap(held_pos, args.negative_pool, rng)
+    n_hard = max(1, args.negatives // 2)
+    hard_train = hard_negatives(emb, centroids, acts, train_pool, n_hard)
+    hard_held = hard_negatives(emb, centroids, acts, held_pool, max(1, args.score_texts // 2))
+    lap("examples")
+
+    # Candidates: contrastive c-TF-IDF over real n-grams.
+    vectorizer = CountVectorizer(analyzer=ngram_analyzer(tuple(args.ngram_range)), min_df=min(args.min_df, n_texts), binary=True, dtype=np.float32)
+    try:
+        doc_terms = vectorizer.fit_transform(texts).tocsr()
+    except ValueError as err:  # empty vocabulary
+        raise DatasetError(f"the corpus gives no candidate keywords ({err}): are its texts words in a language with spaces?") from err
+    vocab = vectorizer.get_feature_names_out()
+    idf = np.log(n_texts / np.maximum(np.asarray(doc_terms.sum(axis=0)).ravel(), 1)).astype(np.float32)
+    hard_lists = [h[h >= 0] for h in hard_train]
+    neg_weights = _row_matrix(hard_lists, [np.full(len(h), 1.0 / max(1, len(h)), dtype=np.float32) for h in hard_lists], n_feat, n_texts)
+    # A candidate must occur in 2 or more of the feature's texts (in its only one, if it has one).
+    presence = (_row_matrix(pos_rows, [np.ones(len(r), dtype=np.float32) for r in pos_rows], n_feat, n_texts) @ doc_terms).tocsr()
+    needed = np.minimum(2, np.maximum(n_pos, 1)).astype(np.float32)
+    presence.data = (presence.data >= np.repeat(needed, np.diff(presence.indptr))).astype(np.float32)
+    lexical = ((weights @ doc_terms) - (neg_weights @ doc_terms)).multiply(presence).multiply(idf[None, :]).tocsr()
+    lexical.eliminate_zeros()
+    cand_per_feature: list[np.ndarray] = []
+    for f in range(n_feat):
+        start, stop = lexical.indptr[f], lexical.indptr[f + 1]
+        terms, scores = lexical.indices[start:stop], lexical.data[start:stop]
+        good = scores > 0
+        terms, scores = terms[good], scores[good]
+        if len(terms) > args.candidates:
+            top = np.argpartition(-scores, args.candidates - 1)[: args.candidates]
+            terms = terms[top]
+        cand_per_feature.append(terms)
+    union = np.unique(np.concatenate(cand_per_feature)) if cand_per_feature else np.zeros(0, dtype=np.int64)
+    lap("candidates")
+
+    # Embed every distinct candidate once (KeyBERT's sentence-transformers backend).
+    kw_model = KeyBERT(model=model)
+    phrases = [str(vocab[t]) for t in union]
+    phrase_emb = _embed(model, phrases, args.batch_size, show_progress)
+    lap("embed_candidates")
+
+    local = {int(t): i for i, t in enumerate(union)}
+    rows_idx, cols_idx = [], []
+    for f, terms in enumerate(cand_per_feature):
+        rows_idx.extend([f] * len(terms))
+        cols_idx.extend(local[int(t)] for t in terms)
+    cand_matrix = sp.csr_matrix((np.ones(len(rows_idx), dtype=np.float32), (rows_idx, cols_idx)), shape=(n_feat, len(union)))
+    neg_centroids = torch.nn.functional.normalize(torch.from_numpy(np.asarray(neg_weights @ emb_np, dtype=np.float32)), dim=1)
+    direction = torch.nn.functional.normalize(centroids - 0.5 * neg_centroids, dim=1).numpy()
+    alive = [f for f in range(n_feat) if len(cand_per_feature[f])]
+    keybert_out = (
+        kw_model.extract_keywords(
+            [str(f) for f in alive],
+            vectorizer=_PrecomputedCandidates(phrases, cand_matrix[alive]),
+            doc_embeddings=direction[alive],
+            word_embeddings=phrase_emb,
+            use_mmr=True,
+            diversity=args.diversity,
+            top_n=args.keywords,
+        )
+        if alive
+        else []
+    )
+    if len(alive) == 1:  # KeyBERT returns a flat list for a single document
+        keybert_out = [keybert_out]
+    keywords_of = dict(zip(alive, keybert_out))
+    lap("keybert")
+
+    # Choose each label by how well it separates firing from non-firing labelling texts.
+    phrase_index = {p: i for i, p in enumerate(phrases)}
+    features: dict[int, dict] = {}
+    label_keywords: dict[int, list[str]] = {}
+    for f in tqdm(range(n_feat), desc="choosing labels", unit="feature", disable=not show_progress, mininterval=1.0):
+        entry: dict = {"density": float(counts[f] / n_texts), "n_firing": int(counts[f])}
+        features[f] = entry
+        if counts[f] == 0:
+            entry.update(label=None, status="dead", reason="never fires on this corpus")
+            continue
+        if n_pos[f] == 0:
+            entry.update(label=None, status="unlabelled", reason="fires only on held-out texts")
+            continue
+        kws = keywords_of.get(f) or []
+        if not kws:
+            entry.update(label=None, status="unlabelled", reason="no candidate n-gram is more frequent in its texts than in its hard negatives")
+            continue
+        negs = np.concatenate([hard_lists[f], random_negatives(acts, train_pool, f, args.negatives - len(hard_lists[f]), rng)])
+        e_pos, e_neg = emb_np[pos_rows[f]], emb_np[negs]
+        kw_vecs = phrase_emb[[phrase_index[k] for k, _ in kws]]
+        sep = auroc_many(kw_vecs @ e_pos.T, kw_vecs @ e_neg.T)
+        order = np.argsort(-np.nan_to_num(sep, nan=0.0), kind="stable")
+        chosen = [int(order[0])]
+        best = sep[order[0]]
+        for j in order[1:]:
+            if len(chosen) >= args.max_label_keywords:
+                break
+            mean_vec = kw_vecs[chosen + [int(j)]].mean(axis=0)
+            trial = auroc(e_pos @ mean_vec, e_neg @ mean_vec)
+            if trial > best + 0.005:
+                chosen.append(int(j))
+                best = trial
+        label_keywords[f] = [kws[j][0] for j in chosen]
+        entry.update(
+            label=", ".join(label_keywords[f]),
+            status="labelled",
+            keywords=[{"keyword": k, "similarity": round(float(s), 4), "train_auroc": _round(sep[j])} for j, (k, s) in enumerate(kws)],
+            train_auroc=_round(best),
+            examples={
+                "top": row_ids[pos_rows[f][: min(args.top_texts, 10)]].tolist(),
+                "quantile": row_ids[pos_rows[f][args.top_texts :]].tolist(),
+                "hard_negative": row_ids[hard_lists[f][:10]].tolist(),
+            },
+            top_texts=[_snippet(texts[r]) for r in pos_rows[f][:5]],
+        )
+    lap("choose")
+
+    # Embed each distinct label not already embedded, then score on held-out texts.
+    labels = sorted({e["label"] for e in features.values() if e.get("label")})
+    missing = [s for s in labels if s not in phrase_index]
+    label_emb = dict(zip(missing, _embed(model, missing, args.batch_size, show_progress))) if missing else {}
+    for s in labels:
+        if s in phrase_index:
+            label_emb[s] = phrase_emb[phrase_index[s]]
+    lap("embed_labels")
+
+    aurocs, pearsons = [], []
+    for f, entry in features.items():
+        if entry.get("status") != "labelled":
+            continue
+        vec = label_emb[entry["label"]]
+        held_rows = held_fi.rows_of(f)
+        held_acts = held_fi.acts_of(f)
+        if len(held_rows) == 0:
+            entry["score"] = {"auroc": None, "pearson": None, "n_firing": 0, "n_not_firing": 0, "reason": "no held-out text fires"}
+            continue
+        keep = _spread(np.arange(len(held_rows)), args.score_texts // 2, args.score_texts - args.score_texts // 2)
+        p_rows, p_acts = held_rows[keep], held_acts[keep]
+        hard = hard_held[f][hard_held[f] >= 0]
+        n_rows = np.concatenate([hard, random_negatives(acts, held_pool, f, args.score_texts - len(hard), rng)])
+        s_pos, s_neg = emb_np[p_rows] @ vec, emb_np[n_rows] @ vec
+        a = auroc(s_pos, s_neg)
+        r = pearson(np.concatenate([s_pos, s_neg]), np.concatenate([p_acts, np.zeros(len(n_rows))]))
+        entry["score"] = {"auroc": _round(a), "pearson": _round(r), "n_firing": int(len(p_rows)), "n_not_firing": int(len(n_rows))}
+        if not math.isnan(a):
+            aurocs.append(a)
+        if not math.isnan(r):
+            pearsons.append(r)
+    lap("score")
+
+    statuses = [e["status"] for e in features.values()]
+    summary = {
+        "n_features": n_feat,
+        "n_labelled": statuses.count("labelled"),
+        "n_dead": statuses.count("dead"),
+        "n_unlabelled": statuses.count("unlabelled"),
+        "n_scored": len(aurocs),
+        "label_auroc_mean": _round(np.mean(aurocs)) if aurocs else None,
+        "label_auroc_median": _round(np.median(aurocs)) if aurocs else None,
+        "label_auroc_share_above_0.8": _round(np.mean(np.asarray(aurocs) >= 0.8)) if aurocs else None,
+        "label_pearson_mean": _round(np.mean(pearsons)) if pearsons else None,
+        "label_pearson_median": _round(np.median(pearsons)) if pearsons else None,
+        "distinct_label_share": _round(len(labels) / max(1, statuses.count("labelled"))),
+        "n_texts": n_texts,
+        "n_candidates_embedded": len(phrases),
+        "seconds": timings,
+    }
+    return LabelResult(features=features, summary=summary, settings=asdict(args))
+
+
+def _embed(model, phrases: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
+    if not phrases:
+        return np.zeros((0, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+    vectors = model.encode(phrases, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=show_progress)
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def _row_matrix(rows: list[np.ndarray], values: list[np.ndarray], n_rows: int, n_cols: int) -> sp.csr_matrix:
+    """Sparse (n_rows, n_cols) matrix with `values[i]` at columns `rows[i]` of row i."""
+    lengths = np.array([len(r) for r in rows])
+    r_idx = np.repeat(np.arange(n_rows), lengths)
+    c_idx = np.concatenate(rows) if len(rows) and lengths.sum() else np.zeros(0, dtype=np.int64)
+    data = np.concatenate(values).astype(np.float32) if len(values) and lengths.sum() else np.zeros(0, dtype=np.float32)
+    return sp.csr_matrix((data, (r_idx, c_idx)), shape=(n_rows, n_cols))
+
+
+def _cap(positions: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    if len(positions) <= cap:
+        return positions
+    return np.sort(rng.choice(positions, size=cap, replace=False))
+
+
+def _round(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else round(value, 4)
+
+
+def _snippet(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ------------------------------------------------------------------ files
+def feature_labels_document(result: LabelResult, sae: SparseAutoencoder, dataset: str | None = None) -> dict:
+    """The content of `feature_labels.json`."""
+    return {
+        "version": LABELS_VERSION,
+        "method": "contrastive c-TF-IDF candidates, KeyBERT (MMR) on a contrastive feature embedding, labels chosen by training AUROC",
+        "base_model": sae.config.base_model,
+        "dataset": dataset,
+        "settings": result.settings,
+        "summary": result.summary,
+        "features": {str(f): entry for f, entry in sorted(result.features.items())},
+    }
+
+
+def parse_feature_labels(data, n_latents: int, source: str = LABELS_FILE) -> dict:
+    """Check a loaded `feature_labels.json` and key its features by int; ModelLoadError if malformed."""
+    from .errors import ModelLoadError
+
+    if not isinstance(data, dict) or not isinstance(data.get("features"), dict):
+        raise ModelLoadError(f"{source} is malformed: expected an object with a 'features' object")
+    features = {}
+    for key, entry in data["features"].items():
+        try:
+            f = int(key)
+        except (TypeError, ValueError):
+            raise ModelLoadError(f"{source} is malformed: feature id {key!r} is not an integer") from None
+        if not 0 <= f < n_latents:
+            raise ModelLoadError(f"{source} is malformed: feature id {f} is outside 0..{n_latents - 1}")
+        if not isinstance(entry, dict):
+            raise ModelLoadError(f"{source} is malformed: feature {f} is not an object")
+        label = entry.get("label")
+        if label is not None and not isinstance(label, str):
+            raise ModelLoadError(f"{source} is malformed: label of feature {f} is {type(label).__name__}, not a string")
+        features[f] = entry
+    return {**data, "features": features}
