@@ -151,7 +151,7 @@ def test_auxk_loss_is_positive_with_dead_latents():
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:10] = True
     out = sae(data(32), dead_mask=dead)
-    assert float(out.auxk_loss) > 0
+    assert float(out.auxk_loss.detach()) > 0
     assert torch.allclose(out.loss, out.fvu + sae.config.auxk_coef * out.auxk_loss)
 
 
