@@ -1,0 +1,149 @@
+"""Labelling on real Wikipedia text with the real MiniLM model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sbert_sae import ConfigError, DatasetError, ModelLoadError, SparseAutoencoder, SparseAutoencoderConfig
+from sbert_sae.cli import main
+from sbert_sae.labels import LabelArguments, label_features, ngram_analyzer, prepare_labelling, score_labels
+
+TOPICS = ("Mathematics", "Arts", "Biology and health sciences")
+
+
+@pytest.fixture(scope="module")
+def corpus(wiki_small, minilm):
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(wiki_small))
+    texts, topics = ds["text"], ds["topic"]
+    emb = minilm.encode(texts, batch_size=64, convert_to_numpy=True)
+    return texts, np.asarray(topics), emb
+
+
+@pytest.fixture(scope="module")
+def planted(corpus):
+    """An SAE whose features 0-2 point at the three topics' centroids (k=1: each text fires
+    the nearest), and whose feature 3 never fires."""
+    texts, topics, emb = corpus
+    x = torch.nn.functional.normalize(torch.from_numpy(emb), dim=1)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=4, k=1, base_model="sentence-transformers/all-MiniLM-L6-v2"))
+    with torch.no_grad():
+        for f, topic in enumerate(TOPICS):
+            sae.W_enc[f] = torch.nn.functional.normalize(x[torch.from_numpy(topics == topic)].mean(0), dim=0)
+        sae.W_enc[3] = -sae.W_enc[:3].mean(0)
+        sae.b_enc[3] = -10.0
+        sae.b_pre.zero_()
+        sae.W_dec.copy_(sae.W_enc)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def planted_labels(planted, corpus, minilm):
+    texts, _, emb = corpus
+    ctx = prepare_labelling(planted, texts, emb, LabelArguments(top_texts=15, negatives=30, score_texts=40))
+    return ctx, label_features(planted, texts, emb, minilm, show_progress=False, context=ctx)
+
+
+def test_a_topic_feature_gets_a_label_from_that_topic(planted_labels, corpus, minilm):
+    _, result = planted_labels
+    texts, topics, emb = corpus
+    centroids = {t: emb[topics == t].mean(0) for t in TOPICS}
+    for f, topic in enumerate(TOPICS):
+        entry = result.features[f]
+        assert entry["status"] == "labelled", entry
+        label_vec = minilm.encode([entry["label"]])[0]
+        sims = {t: float(label_vec @ c / np.linalg.norm(c)) for t, c in centroids.items()}
+        assert max(sims, key=sims.get) == topic, (entry["label"], sims)
+        # the keywords are real n-grams of the feature's own texts
+        own = " ".join(t.lower() for t, top in zip(texts, topics) if top == topic)
+        for kw in entry["label"].split(", "):
+            assert kw in own
+        assert entry["score"]["auroc"] > 0.8, entry
+
+
+def test_a_shuffled_label_scores_near_chance_or_worse(planted_labels, minilm):
+    ctx, result = planted_labels
+    true = {f: result.features[f]["label"] for f in range(3)}
+    shuffled = {0: true[1], 1: true[2], 2: true[0]}
+    _, true_summary = score_labels(ctx, true, minilm)
+    _, shuffled_summary = score_labels(ctx, shuffled, minilm)
+    assert true_summary["label_auroc_mean"] > 0.8
+    assert shuffled_summary["label_auroc_mean"] < 0.6
+    assert true_summary["label_pearson_mean"] > shuffled_summary["label_pearson_mean"] + 0.3
+
+
+def test_dead_features_say_so(planted_labels):
+    _, result = planted_labels
+    assert result.features[3]["status"] == "dead"
+    assert result.features[3]["label"] is None
+    assert result.summary["n_dead"] == 1 and result.summary["n_labelled"] == 3
+
+
+def test_ngrams_are_real_and_never_glued():
+    analyze = ngram_analyzer((1, 3))
+    grams = analyze("The theory of relativity, by Einstein, changed physics in 1905.")
+    assert "theory of relativity" in grams
+    assert "theory relativity" not in grams  # never glued across a removed stop word
+    assert "of relativity" not in grams and "the theory" not in grams
+    assert "1905" not in grams
+
+
+def test_bad_inputs(planted, corpus, minilm):
+    texts, _, emb = corpus
+    with pytest.raises(DatasetError, match="240 texts but 239 embeddings"):
+        label_features(planted, texts, emb[:-1], minilm, show_progress=False)
+    with pytest.raises(ConfigError, match="embeddings are 383-d"):
+        label_features(planted, texts, emb[:, :-1], minilm, show_progress=False)
+    digits = ["1234 5678", "42 17", "3.14 2.71", "7 8 9", "100 200"] * 4
+    with pytest.raises(DatasetError, match="no candidate keywords"):
+        label_features(planted, digits, emb[:20], minilm, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def labelled_run(wiki_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("label") / "sae"
+    assert main(["train", "--dataset", str(wiki_small), "--out", str(out), "--n-latents", "64", "-k", "4", "--epochs", "5", "--batch-size", "32", "-q", "--report-to", "none"]) == 0
+    assert main(["label", str(out), "--dataset", str(wiki_small), "-q", "--top-texts", "10"]) == 0
+    return out
+
+
+def test_label_command_writes_labels_that_load_back(labelled_run):
+    doc = json.loads((labelled_run / "feature_labels.json").read_text())
+    assert doc["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert len(doc["features"]) == 64
+    metrics = json.loads((labelled_run / "metrics.json").read_text())
+    assert 0 <= metrics["label_auroc_mean"] <= 1 and "heldout_fvu" in metrics
+    sae = SparseAutoencoder.from_pretrained(labelled_run)
+    labels = sae.feature_labels
+    assert labels == [doc["features"][str(f)].get("label") for f in range(64)]
+    labelled = [f for f, label in enumerate(labels) if label]
+    assert len(labelled) > 32
+    info = sae.describe(labelled[0])
+    assert info["label"] == labels[labelled[0]] and info["keywords"] and "score" in info and info["top_texts"]
+    assert sae.metrics["heldout_fvu"] == metrics["heldout_fvu"]
+
+
+def test_explain_lists_active_features_strongest_first(labelled_run):
+    sae = SparseAutoencoder.from_pretrained(labelled_run)
+    rows = sae.explain("The cell membrane separates the interior of a cell from its environment.")
+    assert 0 < len(rows) <= 4
+    assert [r["activation"] for r in rows] == sorted((r["activation"] for r in rows), reverse=True)
+    assert all(r["label"] == sae.feature_labels[r["feature"]] for r in rows)
+
+
+def test_malformed_labels_file_is_refused(labelled_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(labelled_run, broken)
+    (broken / "feature_labels.json").write_text(json.dumps({"features": {"9999": {"label": "x"}}}))
+    with pytest.raises(ModelLoadError, match="feature id 9999 is outside 0..63"):
+        SparseAutoencoder.from_pretrained(broken)
+    (broken / "feature_labels.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        SparseAutoencoder.from_pretrained(broken)
