@@ -7,14 +7,14 @@ For each feature, from the corpus' sparse activations (computed once):
    (nearest to the feature's firing texts in embedding space) among them. Texts are split
    once into a labelling part and a held-out part; labels are made from the first.
 2. **Candidates**: real 1-3-word n-grams of the corpus (never glued word pairs), scored
-   per feature by how much more often they occur in its firing texts (activation-
-   weighted) than in its hard negatives, times their rarity in the whole corpus
-   (c-TF-IDF made contrastive: a word common to a whole domain scores low everywhere).
+   per feature by their activation-weighted frequency in its firing texts times their
+   rarity in the whole corpus (c-TF-IDF: a word common to a whole domain scores low for
+   every feature of it); optionally minus their frequency in its hard negatives.
 3. **Keywords**: KeyBERT, with the base sentence-transformers model, ranks each
-   feature's candidates against a contrastive embedding of the feature (activation-
-   weighted centroid of its firing texts, minus half the centroid of its hard negatives)
-   with MMR against near-duplicates. Every distinct candidate is embedded once for all
-   features; texts are never embedded again (their cached embeddings are reused).
+   feature's candidates against the activation-weighted centroid of its firing texts
+   (optionally minus its hard negatives' centroid), with MMR against near-duplicates.
+   Every distinct candidate is embedded once for all features; texts are never embedded
+   again (their cached embeddings are reused).
 4. **Label**: the best 1-3 keywords, chosen by how well their embedding separates the
    feature's firing from its non-firing *labelling* texts (AUROC).
 5. **Score**: on held-out texts, the cosine between the label's embedding and each text's
@@ -63,6 +63,12 @@ class LabelArguments:
     """An n-gram must occur in at least this many corpus texts to be a candidate."""
     candidates: int = 8
     """Lexically best candidates per feature handed to KeyBERT."""
+    lexical_contrast: float = 0.0
+    """Weight of the hard negatives' n-gram frequency subtracted from the firing texts' (the
+    corpus-wide rarity weighting applies always); 0 measured best (benchmarks/README.md)."""
+    direction_contrast: float = 0.0
+    """Weight of the hard negatives' centroid subtracted from the firing texts' centroid
+    that KeyBERT ranks candidates against; 0 measured best."""
     keywords: int = 5
     """Keywords KeyBERT keeps per feature (MMR)."""
     diversity: float = 0.5
@@ -374,7 +380,7 @@ def label_features(
     presence = (_row_matrix(ctx.pos_rows, [np.ones(len(r), dtype=np.float32) for r in ctx.pos_rows], n_feat, n_texts) @ doc_terms).tocsr()
     needed = np.minimum(2, np.maximum(n_pos, 1)).astype(np.float32)
     presence.data = (presence.data >= np.repeat(needed, np.diff(presence.indptr))).astype(np.float32)
-    lexical = ((ctx.weights @ doc_terms) - (neg_weights @ doc_terms)).multiply(presence).multiply(idf[None, :]).tocsr()
+    lexical = ((ctx.weights @ doc_terms) - args.lexical_contrast * (neg_weights @ doc_terms)).multiply(presence).multiply(idf[None, :]).tocsr()
     lexical.eliminate_zeros()
     cand_per_feature: list[np.ndarray] = []
     for f in range(n_feat):
@@ -399,7 +405,7 @@ def label_features(
     cols_idx = np.array([local[int(t)] for terms in cand_per_feature for t in terms], dtype=np.int64)
     cand_matrix = sp.csr_matrix((np.ones(len(rows_idx), dtype=np.float32), (rows_idx, cols_idx)), shape=(n_feat, len(union)))
     neg_centroids = _normalize_rows(np.asarray(neg_weights @ ctx.emb, dtype=np.float32))
-    direction = _normalize_rows(ctx.centroids - 0.5 * neg_centroids)
+    direction = _normalize_rows(ctx.centroids - args.direction_contrast * neg_centroids)
     alive = [f for f in range(n_feat) if len(cand_per_feature[f])]
     keybert_out = (
         kw_model.extract_keywords(
