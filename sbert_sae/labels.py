@@ -61,7 +61,7 @@ class LabelArguments:
     """Lengths of the candidate n-grams."""
     min_df: int = 2
     """An n-gram must occur in at least this many corpus texts to be a candidate."""
-    candidates: int = 8
+    candidates: int = 24
     """Lexically best candidates per feature handed to KeyBERT."""
     lexical_contrast: float = 0.0
     """Weight of the hard negatives' n-gram frequency subtracted from the firing texts' (the
@@ -69,7 +69,7 @@ class LabelArguments:
     direction_contrast: float = 0.0
     """Weight of the hard negatives' centroid subtracted from the firing texts' centroid
     that KeyBERT ranks candidates against; 0 measured best."""
-    keywords: int = 5
+    keywords: int = 8
     """Keywords KeyBERT keeps per feature (MMR)."""
     diversity: float = 0.5
     """MMR diversity between keywords (0: none, 1: most)."""
