@@ -439,7 +439,7 @@ def label_features(
             continue
         kws = keywords_of.get(f) or []
         if not kws:
-            entry.update(label=None, status="unlabelled", reason="no candidate n-gram is more frequent in its texts than in its hard negatives")
+            entry.update(label=None, status="unlabelled", reason="no candidate n-gram occurs in enough of its texts")
             continue
         e_pos, e_neg = ctx.emb[ctx.pos_rows[f]], ctx.emb[ctx.negatives(f, held_out=False)]
         kw_vecs = phrase_emb[[phrase_index[k] for k, _ in kws]]
