@@ -101,6 +101,13 @@ def resolve_model_path(model_id: str, revision: str | None = None) -> str:
     return str(snapshot) if snapshot is not None else model_id
 
 
+def embedding_dimension(model) -> int | None:
+    """The dimension of a SentenceTransformer's embeddings (None when the model cannot tell)."""
+    # sentence-transformers renamed the method; keep both spellings working.
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return getter()
+
+
 def load_sentence_transformer(model_id: str = DEFAULT_MODEL, revision: str | None = None, device: str | None = None):
     """A `SentenceTransformer` for `model_id` (Hub id or folder), offline when possible."""
     from sentence_transformers import SentenceTransformer

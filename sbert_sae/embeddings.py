@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base_model import DEFAULT_MODEL, load_sentence_transformer
+from .base_model import DEFAULT_MODEL, embedding_dimension, load_sentence_transformer
 from .data import TextRows, dataset_fingerprint, find_text_rows
 from .errors import DatasetError, InputError
 from .utils import read_json, write_json
@@ -111,7 +111,7 @@ def embed_dataset(
     folder.mkdir(parents=True, exist_ok=True)
     progress_file = folder / "progress.json"
     model = load_sentence_transformer(model_id, revision=revision, device=device)
-    dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
+    dim = embedding_dimension(model)
     if dim is None:
         dim = int(model.encode(["probe"], **encode_kwargs).shape[1])
     n = len(rows.row_ids)

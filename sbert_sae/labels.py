@@ -35,6 +35,7 @@ import scipy.sparse as sp
 import torch
 
 from .activations import SparseActivations, encode_corpus
+from .base_model import embedding_dimension
 from .data import split_heldout
 from .errors import ConfigError, DatasetError
 from .modeling_sbert_sae import SparseAutoencoder
@@ -550,7 +551,7 @@ def _normalize_rows(x: np.ndarray) -> np.ndarray:
 
 def _embed(model, phrases: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
     if not phrases:
-        return np.zeros((0, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+        return np.zeros((0, embedding_dimension(model) or 0), dtype=np.float32)
     vectors = model.encode(phrases, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=show_progress)
     return np.asarray(vectors, dtype=np.float32)
 

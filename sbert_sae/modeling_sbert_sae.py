@@ -255,10 +255,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if self._base_model is None:
             if not self.config.base_model:
                 raise ConfigError("this SAE has no base_model in its config: embed the texts yourself and call encode()")
-            from .base_model import load_sentence_transformer
+            from .base_model import embedding_dimension, load_sentence_transformer
 
             model = load_sentence_transformer(self.config.base_model, revision=self.config.base_model_revision, device=device)
-            dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
+            dim = embedding_dimension(model)
             if dim is not None and dim != self.config.d_in:
                 raise ConfigError(
                     f"base model {self.config.base_model!r} makes {dim}-d embeddings but this SAE reads d_in={self.config.d_in}"
