@@ -204,3 +204,21 @@ def test_embed_and_info_commands(wiki_small, trained, capsys):
     assert run_cli("info", trained) == 0
     out = capsys.readouterr().out
     assert '"model_type": "sbert_sae"' in out and '"heldout_fvu"' in out
+
+
+def test_streaming_from_the_memory_map_trains_the_same_model(tmp_path):
+    """Rows gathered batch by batch from the on-disk cache give the model that rows held in memory give."""
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", x)
+    mapped = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    args = TrainingArguments(epochs=3, batch_size=32, report_to="none", show_progress=False, checkpoint_every=0)
+    models = []
+    for resident in (True, False):
+        config = SparseAutoencoderConfig(d_in=16, n_latents=64, k=4)
+        result = train(config, args, mapped, np.arange(20, 300), np.arange(20), tmp_path / str(resident), resident=resident)
+        models.append(result.sae.state_dict())
+    for name in models[0]:
+        assert torch.equal(models[0][name], models[1][name]), name
