@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--max-label-keywords", type=int, default=LabelArguments.max_label_keywords)
     parser.add_argument("--keywords", type=int, default=LabelArguments.keywords)
     parser.add_argument("--top-texts", type=int, default=LabelArguments.top_texts)
+    parser.add_argument("--diversity", type=float, default=LabelArguments.diversity)
     parser.add_argument("--quantile-texts", type=int, default=LabelArguments.quantile_texts)
     parser.add_argument("--skip-seed-method", action="store_true", help="leave out the (slow) seed method")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -130,7 +131,7 @@ def main() -> None:
     print(f"{len(texts)} texts, SAE n={sae.config.n_latents} k={sae.config.k}, {torch.get_num_threads()} CPU threads", flush=True)
 
     t0 = time.perf_counter()
-    ctx = prepare_labelling(sae, texts, cache.embeddings, LabelArguments(seed=args.seed, candidates=args.candidates, max_label_keywords=args.max_label_keywords, keywords=args.keywords, top_texts=args.top_texts, quantile_texts=args.quantile_texts))
+    ctx = prepare_labelling(sae, texts, cache.embeddings, LabelArguments(seed=args.seed, candidates=args.candidates, max_label_keywords=args.max_label_keywords, keywords=args.keywords, top_texts=args.top_texts, quantile_texts=args.quantile_texts, diversity=args.diversity))
     ours = label_features(sae, texts, cache.embeddings, model, show_progress=False, context=ctx)
     ours_seconds = time.perf_counter() - t0
     print(f"sbert-sae: labelled all {sae.config.n_latents} features in {ours_seconds:.1f}s ({ours.summary['seconds']})", flush=True)
