@@ -84,10 +84,12 @@ class LabelArguments:
     """Non-firing texts are looked for among at most this many texts per split."""
     batch_size: int = 256
     """Phrases per forward pass when embedding candidates."""
+    block_size: int = 1024
+    """Features labelled between two saves of the work so far (`feature_labels.partial.json`)."""
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("top_texts", "negatives", "candidates", "keywords", "max_label_keywords", "score_texts", "negative_pool", "batch_size", "min_df"):
+        for name in ("top_texts", "negatives", "candidates", "keywords", "max_label_keywords", "score_texts", "negative_pool", "batch_size", "block_size", "min_df"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -340,6 +342,8 @@ def label_features(
     row_ids: np.ndarray | None = None,
     show_progress: bool = True,
     context: LabellingContext | None = None,
+    done: dict[int, dict] | None = None,
+    on_block=None,
 ) -> LabelResult:
     """Label and score every feature of `sae` on a corpus.
 
@@ -349,6 +353,9 @@ def label_features(
         model: that sentence-transformers model (embeds the candidate keywords).
         row_ids: dataset row id of each text, stored with the examples (default: positions).
         context: a `prepare_labelling` result to reuse (then texts/embeddings are ignored).
+        done: entries of features labelled by an earlier, interrupted run: kept, not redone.
+        on_block: called with all entries so far after every `args.block_size` features, so
+            that a caller can save them (a killed run then loses one block at most).
     """
     from keybert import KeyBERT
     from sklearn.feature_extraction.text import CountVectorizer
@@ -383,8 +390,12 @@ def label_features(
     presence.data = (presence.data >= np.repeat(needed, np.diff(presence.indptr))).astype(np.float32)
     lexical = ((ctx.weights @ doc_terms) - args.lexical_contrast * (neg_weights @ doc_terms)).multiply(presence).multiply(idf[None, :]).tocsr()
     lexical.eliminate_zeros()
+    features: dict[int, dict] = {int(f): e for f, e in (done or {}).items()}
     cand_per_feature: list[np.ndarray] = []
     for f in range(n_feat):
+        if f in features:
+            cand_per_feature.append(np.zeros(0, dtype=np.int64))
+            continue
         start, stop = lexical.indptr[f], lexical.indptr[f + 1]
         terms, scores = lexical.indices[start:stop], lexical.data[start:stop]
         good = scores > 0
@@ -407,75 +418,42 @@ def label_features(
     cand_matrix = sp.csr_matrix((np.ones(len(rows_idx), dtype=np.float32), (rows_idx, cols_idx)), shape=(n_feat, len(union)))
     neg_centroids = _normalize_rows(np.asarray(neg_weights @ ctx.emb, dtype=np.float32))
     direction = _normalize_rows(ctx.centroids - args.direction_contrast * neg_centroids)
-    alive = [f for f in range(n_feat) if len(cand_per_feature[f])]
-    keybert_out = (
-        kw_model.extract_keywords(
-            [str(f) for f in alive],
-            vectorizer=_PrecomputedCandidates(phrases, cand_matrix[alive]),
-            doc_embeddings=direction[alive],
-            word_embeddings=phrase_emb,
-            use_mmr=True,
-            diversity=args.diversity,
-            top_n=args.keywords,
-        )
-        if alive
-        else []
-    )
-    if len(alive) == 1:  # KeyBERT returns a flat list for a single document
-        keybert_out = [keybert_out]
-    keywords_of = dict(zip(alive, keybert_out))
-    lap("keybert")
-
-    # Choose each label by how well it separates firing from non-firing labelling texts.
     phrase_index = {p: i for i, p in enumerate(phrases)}
-    features: dict[int, dict] = {}
-    for f in tqdm(range(n_feat), desc="choosing labels", unit="feature", disable=not show_progress, mininterval=1.0):
-        entry: dict = {"density": float(ctx.counts[f] / n_texts), "n_firing": int(ctx.counts[f])}
-        features[f] = entry
-        if ctx.counts[f] == 0:
-            entry.update(label=None, status="dead", reason="never fires on this corpus")
-            continue
-        if n_pos[f] == 0:
-            entry.update(label=None, status="unlabelled", reason="fires only on held-out texts")
-            continue
-        kws = keywords_of.get(f) or []
-        if not kws:
-            entry.update(label=None, status="unlabelled", reason="no candidate n-gram occurs in enough of its texts")
-            continue
-        e_pos, e_neg = ctx.emb[ctx.pos_rows[f]], ctx.emb[ctx.negatives(f, held_out=False)]
-        kw_vecs = phrase_emb[[phrase_index[k] for k, _ in kws]]
-        sep = auroc_many(kw_vecs @ e_pos.T, kw_vecs @ e_neg.T)
-        order = np.argsort(-np.nan_to_num(sep, nan=0.0), kind="stable")
-        chosen = [int(order[0])]
-        best = sep[order[0]]
-        for j in order[1:]:
-            if len(chosen) >= args.max_label_keywords:
-                break
-            mean_vec = kw_vecs[chosen + [int(j)]].mean(axis=0)
-            trial = auroc(e_pos @ mean_vec, e_neg @ mean_vec)
-            if trial > best + 0.005:
-                chosen.append(int(j))
-                best = trial
-        entry.update(
-            label=", ".join(kws[j][0] for j in chosen),
-            status="labelled",
-            keywords=[{"keyword": k, "similarity": round(float(s), 4), "train_auroc": _round(sep[j])} for j, (k, s) in enumerate(kws)],
-            train_auroc=_round(best),
-            examples={
-                "top": ctx.row_ids[ctx.pos_rows[f][: min(args.top_texts, 10)]].tolist(),
-                "quantile": ctx.row_ids[ctx.pos_rows[f][args.top_texts :]].tolist(),
-                "hard_negative": ctx.row_ids[ctx.hard_train[f][:10]].tolist(),
-            },
-            top_texts=[_snippet(ctx.texts[r]) for r in ctx.pos_rows[f][:5]],
-        )
-    lap("choose")
-
-    labels = {f: e["label"] for f, e in features.items() if e.get("label")}
     known = dict(zip(phrases, phrase_emb))
-    scores, summary = score_labels(ctx, labels, model, known_embeddings=known, show_progress=show_progress)
-    for f, score in scores.items():
-        features[f]["score"] = score
-    lap("score")
+    todo = [f for f in range(n_feat) if f not in features]
+    bar = tqdm(total=len(todo), desc="labelling", unit="feature", disable=not show_progress, mininterval=1.0)
+    for b0 in range(0, len(todo), args.block_size):
+        block = todo[b0 : b0 + args.block_size]
+        alive = [f for f in block if len(cand_per_feature[f])]
+        keybert_out = (
+            kw_model.extract_keywords(
+                [str(f) for f in alive],
+                vectorizer=_PrecomputedCandidates(phrases, cand_matrix[alive]),
+                doc_embeddings=direction[alive],
+                word_embeddings=phrase_emb,
+                use_mmr=True,
+                diversity=args.diversity,
+                top_n=args.keywords,
+            )
+            if alive
+            else []
+        )
+        if len(alive) == 1:  # KeyBERT returns a flat list for a single document
+            keybert_out = [keybert_out]
+        keywords_of = dict(zip(alive, keybert_out))
+        for f in block:
+            features[f] = _choose_label(ctx, f, keywords_of.get(f) or [], phrase_emb, phrase_index)
+        labels = {f: features[f]["label"] for f in block if features[f].get("label")}
+        scores, _ = score_labels(ctx, labels, model, known_embeddings=known)
+        for f, score in scores.items():
+            features[f]["score"] = score
+        bar.update(len(block))
+        if on_block is not None:
+            on_block(features)
+    bar.close()
+    lap("label_and_score")
+
+    summary = summarize_scores(features)
     statuses = [e["status"] for e in features.values()]
     summary.update(
         {
@@ -489,6 +467,64 @@ def label_features(
         }
     )
     return LabelResult(features=features, summary=summary, settings=asdict(args))
+
+
+def _choose_label(ctx: LabellingContext, f: int, kws: list, phrase_emb: np.ndarray, phrase_index: dict[str, int]) -> dict:
+    """One feature's entry: its label chosen by how well it separates firing from non-firing labelling texts."""
+    args, n_texts = ctx.args, len(ctx.texts)
+    entry: dict = {"density": float(ctx.counts[f] / n_texts), "n_firing": int(ctx.counts[f])}
+    if ctx.counts[f] == 0:
+        return {**entry, "label": None, "status": "dead", "reason": "never fires on this corpus"}
+    if len(ctx.pos_rows[f]) == 0:
+        return {**entry, "label": None, "status": "unlabelled", "reason": "fires only on held-out texts"}
+    if not kws:
+        return {**entry, "label": None, "status": "unlabelled", "reason": "no candidate n-gram occurs in enough of its texts"}
+    e_pos, e_neg = ctx.emb[ctx.pos_rows[f]], ctx.emb[ctx.negatives(f, held_out=False)]
+    kw_vecs = phrase_emb[[phrase_index[k] for k, _ in kws]]
+    sep = auroc_many(kw_vecs @ e_pos.T, kw_vecs @ e_neg.T)
+    order = np.argsort(-np.nan_to_num(sep, nan=0.0), kind="stable")
+    chosen = [int(order[0])]
+    best = sep[order[0]]
+    for j in order[1:]:
+        if len(chosen) >= args.max_label_keywords:
+            break
+        mean_vec = kw_vecs[chosen + [int(j)]].mean(axis=0)
+        trial = auroc(e_pos @ mean_vec, e_neg @ mean_vec)
+        if trial > best + 0.005:
+            chosen.append(int(j))
+            best = trial
+    return {
+        **entry,
+        "label": ", ".join(kws[j][0] for j in chosen),
+        "status": "labelled",
+        "keywords": [{"keyword": k, "similarity": round(float(s), 4), "train_auroc": _round(sep[j])} for j, (k, s) in enumerate(kws)],
+        "train_auroc": _round(best),
+        "examples": {
+            "top": ctx.row_ids[ctx.pos_rows[f][: min(args.top_texts, 10)]].tolist(),
+            "quantile": ctx.row_ids[ctx.pos_rows[f][args.top_texts :]].tolist(),
+            "hard_negative": ctx.row_ids[ctx.hard_train[f][:10]].tolist(),
+        },
+        "top_texts": [_snippet(ctx.texts[r]) for r in ctx.pos_rows[f][:5]],
+    }
+
+
+def summarize_scores(features: dict[int, dict]) -> dict:
+    """Mean, median and share >= 0.8 of the held-out AUROC, Pearson r, distinct labels, over labelled features."""
+    scores = [e.get("score") or {} for e in features.values() if e.get("status") == "labelled"]
+    aurocs = [s["auroc"] for s in scores if s.get("auroc") is not None]
+    pearsons = [s["pearson"] for s in scores if s.get("pearson") is not None]
+    ceilings = [s["centroid_auroc"] for s in scores if s.get("centroid_auroc") is not None]
+    labels = [e["label"] for e in features.values() if e.get("status") == "labelled" and e.get("label")]
+    return {
+        "n_scored": len(aurocs),
+        "label_auroc_mean": _round(np.mean(aurocs)) if aurocs else None,
+        "label_auroc_median": _round(np.median(aurocs)) if aurocs else None,
+        "label_auroc_share_above_0.8": _round(np.mean(np.asarray(aurocs) >= 0.8)) if aurocs else None,
+        "label_pearson_mean": _round(np.mean(pearsons)) if pearsons else None,
+        "label_pearson_median": _round(np.median(pearsons)) if pearsons else None,
+        "centroid_auroc_mean": _round(np.mean(ceilings)) if ceilings else None,
+        "distinct_label_share": _round(len(set(labels)) / max(1, len(labels))),
+    }
 
 
 def score_labels(
@@ -509,7 +545,6 @@ def score_labels(
     missing = sorted({s for s in labels.values() if s and s not in known})
     known.update(zip(missing, _embed(model, missing, ctx.args.batch_size, show_progress)))
     scores: dict[int, dict] = {}
-    aurocs, pearsons, ceilings = [], [], []
     half = ctx.args.score_texts // 2
     for f, label in labels.items():
         if not label:
@@ -528,20 +563,7 @@ def score_labels(
         # The same test for the feature's own centroid vector: what a single direction can do.
         ceiling = auroc(e_pos @ centroid, e_neg @ centroid)
         scores[f] = {"auroc": _round(a), "pearson": _round(r), "centroid_auroc": _round(ceiling), "n_firing": int(len(p_rows)), "n_not_firing": int(len(n_rows))}
-        for values, x in ((aurocs, a), (pearsons, r), (ceilings, ceiling)):
-            if not math.isnan(x):
-                values.append(x)
-    n_labelled = sum(1 for s in labels.values() if s)
-    summary = {
-        "n_scored": len(aurocs),
-        "label_auroc_mean": _round(np.mean(aurocs)) if aurocs else None,
-        "label_auroc_median": _round(np.median(aurocs)) if aurocs else None,
-        "label_auroc_share_above_0.8": _round(np.mean(np.asarray(aurocs) >= 0.8)) if aurocs else None,
-        "label_pearson_mean": _round(np.mean(pearsons)) if pearsons else None,
-        "label_pearson_median": _round(np.median(pearsons)) if pearsons else None,
-        "centroid_auroc_mean": _round(np.mean(ceilings)) if ceilings else None,
-        "distinct_label_share": _round(len({s for s in labels.values() if s}) / max(1, n_labelled)),
-    }
+    summary = summarize_scores({f: {"status": "labelled", "label": labels[f], "score": scores.get(f)} for f in labels if labels[f]})
     return scores, summary
 
 

@@ -299,16 +299,29 @@ def write_domain_table(out_dir: Path, results: list[RunResult]) -> None:
     atomic_write(out_dir / "domains.md", lambda tmp: Path(tmp).write_text(text))
 
 
+def _labelling_id(sae_path: Path, cache: EmbeddingCache, label_args) -> str:
+    """Identifies a labelling run: the SAE's weights, the corpus and the settings."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(sae_path / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(f"{cache.path.name}|{sorted(dataclasses.asdict(label_args).items())}".encode())
+    return digest.hexdigest()
+
+
 def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_progress: bool = True) -> dict:
     """Label every feature of the SAE at `sae_path` on a dataset; write `feature_labels.json` and
     add the label scores to `metrics.json`. Returns the labelling summary."""
     from .base_model import load_sentence_transformer
     from .errors import ConfigError
-    from .labels import LABELS_FILE, feature_labels_document, label_features
+    from .labels import LABELS_FILE, LabelArguments, feature_labels_document, label_features
     from .modeling_sbert_sae import SparseAutoencoder
     from .utils import read_json
 
     sae_path = Path(sae_path)
+    label_args = label_args or LabelArguments()
     sae = SparseAutoencoder.from_pretrained(sae_path)
     if not sae.config.base_model:
         raise ConfigError(f"the SAE in {sae_path} has no base_model in its config: its texts cannot be embedded alike")
@@ -318,12 +331,29 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
         raise ConfigError(f"{data.model} makes {cache.dim}-d embeddings but the SAE in {sae_path} reads d_in={sae.config.d_in}")
     texts = ds.select_columns([data.text_column]).select(cache.row_ids)[data.text_column]
     model = load_sentence_transformer(data.model, revision=data.model_revision, device=data.device)
+    partial_path = sae_path / "feature_labels.partial.json"
+    run_id = _labelling_id(sae_path, cache, label_args)
+    done = {}
+    if partial_path.exists():
+        partial = read_json(partial_path)
+        if partial.get("run_id") == run_id:
+            done = {int(f): e for f, e in partial["features"].items()}
+            logger.info("resuming labelling: %d features already done in %s", len(done), partial_path)
+        else:
+            logger.info("%s is from other settings or data: starting again", partial_path)
+
+    def save_partial(features: dict[int, dict]) -> None:
+        write_json(partial_path, {"run_id": run_id, "features": {str(f): e for f, e in features.items()}})
+
     with run_lock(sae_path):
-        result = label_features(sae, texts, cache.embeddings, model, label_args, row_ids=cache.row_ids, show_progress=show_progress)
+        result = label_features(
+            sae, texts, cache.embeddings, model, label_args, row_ids=cache.row_ids, show_progress=show_progress, done=done, on_block=save_partial
+        )
         dataset_name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
         write_json(sae_path / LABELS_FILE, feature_labels_document(result, sae, dataset=dataset_name))
         metrics_path = sae_path / "metrics.json"
         metrics = read_json(metrics_path) if metrics_path.exists() else {}
-        metrics.update({k: v for k, v in result.summary.items() if k.startswith(("label_", "n_labelled", "distinct_label"))})
+        metrics.update({k: v for k, v in result.summary.items() if k.startswith(("label_", "n_labelled", "distinct_label", "centroid_"))})
         write_json(metrics_path, metrics)
+        partial_path.unlink(missing_ok=True)
     return result.summary

@@ -147,3 +147,44 @@ def test_malformed_labels_file_is_refused(labelled_run, tmp_path):
     (broken / "feature_labels.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="not valid JSON"):
         SparseAutoencoder.from_pretrained(broken)
+
+
+def test_a_killed_labelling_resumes_without_redoing_finished_features(labelled_run, wiki_small, monkeypatch):
+    import keybert
+
+    from sbert_sae import labels as labels_module
+    from sbert_sae.pipeline import DataArguments, run_labelling
+
+    data = DataArguments(dataset=str(wiki_small))
+    args = LabelArguments(top_texts=10, block_size=16)
+    real_score = labels_module.score_labels
+    calls = {"n": 0}
+
+    def dies_in_third_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        return real_score(*a, **k)
+
+    monkeypatch.setattr(labels_module, "score_labels", dies_in_third_block)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_labelling(labelled_run, data, args, show_progress=False)
+    partial = json.loads((labelled_run / "feature_labels.partial.json").read_text())
+    assert sorted(int(f) for f in partial["features"]) == list(range(32))
+
+    monkeypatch.setattr(labels_module, "score_labels", real_score)
+    seen: list[str] = []
+    real_extract = keybert.KeyBERT.extract_keywords
+
+    def recording(self, docs, *a, **k):
+        seen.extend(docs)
+        return real_extract(self, docs, *a, **k)
+
+    monkeypatch.setattr(keybert.KeyBERT, "extract_keywords", recording)
+    summary = run_labelling(labelled_run, data, args, show_progress=False)
+    assert seen and all(int(doc) >= 32 for doc in seen)  # finished features were not labelled again
+    assert not (labelled_run / "feature_labels.partial.json").exists()
+    final = json.loads((labelled_run / "feature_labels.json").read_text())["features"]
+    assert len(final) == 64 and summary["n_features"] == 64
+    for f in range(32):
+        assert final[str(f)] == partial["features"][str(f)]
