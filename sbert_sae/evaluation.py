@@ -95,13 +95,10 @@ def neighbour_overlap(
     if len(queries) == 0 or len(embeddings) <= k:
         return float("nan")
     total = 0.0
-    for start in range(0, len(queries), batch_size):
+    for start, (prepared, _, _, x_hat) in zip(range(0, len(queries), batch_size), _blocks(sae, embeddings, queries, batch_size)):
         rows = queries[start : start + batch_size]
-        x = torch.from_numpy(np.array(embeddings[rows], dtype=np.float32)).to(device)
-        prepared = sae.prepare_input(x, check_finite=False)
-        x_hat = sae.decode_topk(*sae._topk(sae.pre_activations(prepared), sae.config.k)).float()
         neighbours = []
-        for query in (F.normalize(x, dim=1), F.normalize(x_hat, dim=1)):
+        for query in (F.normalize(prepared, dim=1), F.normalize(x_hat, dim=1)):
             best_scores = best_ids = None
             for c0 in range(0, len(embeddings), corpus_chunk):
                 block = torch.from_numpy(np.array(embeddings[c0 : c0 + corpus_chunk], dtype=np.float32)).to(device)

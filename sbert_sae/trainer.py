@@ -438,7 +438,7 @@ def train(
                 record["epoch_dead_fraction"] = last_dead_epoch
                 epoch_fires.zero_()
                 if heldout_feed is not None:
-                    record["heldout_fvu"] = heldout_fvu(unwrapped, heldout_feed.data, accelerator)
+                    record["heldout_fvu"] = heldout_fvu(unwrapped, heldout_feed.data)
             history.append(record)
             if main:
                 append_jsonl(log_path, record)
@@ -474,22 +474,19 @@ def train(
 
 
 @torch.no_grad()
-def heldout_fvu(sae: SparseAutoencoder, x: torch.Tensor, accelerator=None, batch_size: int = 4096) -> float:
-    """Pooled FVU of `sae` on the rows of `x` (sum of squared errors over total variance)."""
+def heldout_fvu(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> float:
+    """Pooled FVU of `sae` over all rows of `x` (sum of squared errors over total variance)."""
+    from .modeling_sbert_sae import fraction_of_variance_unexplained
+
     was_training = sae.training
     sae.eval()
-    residual = 0.0
-    xs = []
+    inputs, reconstructions = [], []
     for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size]
-        prepared = sae.prepare_input(batch, check_finite=False)
-        values, indices = sae._topk(sae.pre_activations(prepared), sae.config.k)
-        residual += float((sae.decode_topk(values, indices).float() - prepared.float()).pow(2).sum())
-        xs.append(prepared.float())
-    allx = torch.cat(xs)
-    total = float((allx - allx.mean(0)).pow(2).sum())
+        prepared = sae.prepare_input(x[start : start + batch_size], check_finite=False)
+        reconstructions.append(sae.decode_topk(*sae._topk(sae.pre_activations(prepared), sae.config.k)))
+        inputs.append(prepared)
     sae.train(was_training)
-    return residual / max(total, 1e-30)
+    return float(fraction_of_variance_unexplained(torch.cat(reconstructions), torch.cat(inputs)))
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:
