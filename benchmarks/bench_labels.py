@@ -112,12 +112,7 @@ def main() -> None:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--sample", type=int, default=300, help="live features compared (and timed for the seed method)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--candidates", type=int, default=LabelArguments.candidates, help="sbert-sae's candidates per feature")
-    parser.add_argument("--max-label-keywords", type=int, default=LabelArguments.max_label_keywords)
-    parser.add_argument("--keywords", type=int, default=LabelArguments.keywords)
-    parser.add_argument("--top-texts", type=int, default=LabelArguments.top_texts)
-    parser.add_argument("--diversity", type=float, default=LabelArguments.diversity)
-    parser.add_argument("--quantile-texts", type=int, default=LabelArguments.quantile_texts)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a LabelArguments setting for sbert-sae, e.g. --set candidates=24 (repeatable)")
     parser.add_argument("--skip-seed-method", action="store_true", help="leave out the (slow) seed method")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -131,7 +126,13 @@ def main() -> None:
     print(f"{len(texts)} texts, SAE n={sae.config.n_latents} k={sae.config.k}, {torch.get_num_threads()} CPU threads", flush=True)
 
     t0 = time.perf_counter()
-    ctx = prepare_labelling(sae, texts, cache.embeddings, LabelArguments(seed=args.seed, candidates=args.candidates, max_label_keywords=args.max_label_keywords, keywords=args.keywords, top_texts=args.top_texts, quantile_texts=args.quantile_texts, diversity=args.diversity))
+    settings = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in LabelArguments.__dataclass_fields__:
+            parser.error(f"--set {item}: no LabelArguments setting {name!r}")
+        settings[name] = type(getattr(LabelArguments, name))(value)
+    ctx = prepare_labelling(sae, texts, cache.embeddings, LabelArguments(seed=args.seed, **settings))
     ours = label_features(sae, texts, cache.embeddings, model, show_progress=False, context=ctx)
     ours_seconds = time.perf_counter() - t0
     print(f"sbert-sae: labelled all {sae.config.n_latents} features in {ours_seconds:.1f}s ({ours.summary['seconds']})", flush=True)

@@ -56,13 +56,18 @@ class LabelArguments:
     """Strongest firing texts of a feature used to label it."""
     quantile_texts: int = 10
     """Further firing texts, sampled evenly across its activation ranks."""
-    negatives: int = 40
-    """Non-firing texts for contrast: half the hardest, half at random."""
+    negatives: int = 100
+    """Non-firing labelling texts that candidate labels are judged on: half the hardest
+    (nearest the feature's firing texts), half at random."""
+    judge_texts: int = 100
+    """At most this many firing labelling texts (the strongest half, the rest spread over
+    the activation ranks) that candidate labels are judged on."""
     ngram_range: tuple[int, int] = (1, 3)
     """Lengths of the candidate n-grams."""
-    min_df: int = 2
-    """An n-gram must occur in at least this many corpus texts to be a candidate."""
-    candidates: int = 24
+    min_df: int = 3
+    """An n-gram must occur in at least this many corpus texts to be a candidate (rarer ones
+    seldom name a feature and would cost an embedding each: benchmarks/README.md)."""
+    candidates: int = 48
     """Lexically best candidates per feature handed to KeyBERT."""
     lexical_contrast: float = 0.0
     """Weight of the hard negatives' n-gram frequency subtracted from the firing texts' (the
@@ -70,10 +75,15 @@ class LabelArguments:
     direction_contrast: float = 0.0
     """Weight of the hard negatives' centroid subtracted from the firing texts' centroid
     that KeyBERT ranks candidates against; 0 measured best."""
-    keywords: int = 8
-    """Keywords KeyBERT keeps per feature (MMR)."""
-    diversity: float = 0.5
-    """MMR diversity between keywords (0: none, 1: most)."""
+    keywords: int = 48
+    """Keywords KeyBERT keeps per feature (closest to its firing texts): the shortlist a
+    label is made from."""
+    merge_threshold: float = 0.85
+    """A keyword whose embedding has at least this cosine with a better-ranked keyword's is
+    merged into it ("dragonflies" into "dragonfly"): near-duplicates never fill a label."""
+    label_pool: int = 12
+    """The keywords that separate firing from non-firing labelling texts best, among which
+    the 1-3 of the label are combined."""
     max_label_keywords: int = 3
     """At most this many keywords make a label."""
     heldout_fraction: float = 0.25
@@ -89,7 +99,7 @@ class LabelArguments:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("top_texts", "negatives", "candidates", "keywords", "max_label_keywords", "score_texts", "negative_pool", "batch_size", "block_size", "min_df"):
+        for name in ("top_texts", "negatives", "judge_texts", "candidates", "keywords", "label_pool", "max_label_keywords", "score_texts", "negative_pool", "batch_size", "block_size", "min_df"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -100,8 +110,8 @@ class LabelArguments:
             raise ConfigError(f"ngram_range must be 1 <= low <= high <= 6, got {self.ngram_range!r}")
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
-        if not 0 <= self.diversity <= 1:
-            raise ConfigError(f"diversity must be in [0, 1], got {self.diversity!r}")
+        if not 0 < self.merge_threshold <= 1:
+            raise ConfigError(f"merge_threshold must be in (0, 1], got {self.merge_threshold!r}")
 
 
 # ------------------------------------------------------------------ n-grams
@@ -130,29 +140,38 @@ def ngram_analyzer(ngram_range: tuple[int, int]):
     return analyze
 
 
-def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
-    """Area under the ROC curve of positives against negatives (ties count half)."""
-    return float(auroc_many(np.asarray(scores_pos)[None, :], np.asarray(scores_neg)[None, :])[0])
+def auroc(scores_pos, scores_neg) -> float:
+    """Area under the ROC curve of positive against negative scores (ties count half)."""
+    pos = torch.as_tensor(np.asarray(scores_pos, dtype=np.float64))[None, :]
+    neg = torch.as_tensor(np.asarray(scores_neg, dtype=np.float64))[None, :]
+    return float(batched_auroc(pos, neg, torch.ones_like(pos, dtype=torch.bool), torch.ones_like(neg, dtype=torch.bool))[0])
 
 
-def auroc_many(scores_pos: np.ndarray, scores_neg: np.ndarray) -> np.ndarray:
-    """AUROC of each row: (m, n_pos) positive scores against (m, n_neg) negative scores."""
-    if scores_pos.shape[1] == 0 or scores_neg.shape[1] == 0:
-        return np.full(len(scores_pos), np.nan)
-    if scores_pos.shape[1] * scores_neg.shape[1] <= 1_000_000:
-        diff = scores_pos[:, :, None] - scores_neg[:, None, :]
-        return (diff > 0).mean(axis=(1, 2)) + 0.5 * (diff == 0).mean(axis=(1, 2))
-    from scipy.stats import rankdata
+def batched_auroc(pos: torch.Tensor, neg: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
+    """AUROC of each row of `pos` (..., P) against `neg` (..., N), counting only the entries
+    where the masks (broadcastable to them) are true; ties count half; nan where a side is empty.
 
-    n_pos, n_neg = scores_pos.shape[1], scores_neg.shape[1]
-    ranks = rankdata(np.concatenate([scores_pos, scores_neg], axis=1), axis=1)
-    return (ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    Each positive wins against the negatives below it (found by binary search in the sorted
+    negatives), so padded rows of many features are scored in one call.
+    """
+    neg_mask, pos_mask = neg_mask.expand_as(neg), pos_mask.expand_as(pos)
+    ordered = neg.masked_fill(~neg_mask, float("inf")).sort(dim=-1).values.contiguous()
+    pos = pos.contiguous()
+    below = torch.searchsorted(ordered, pos, right=False)
+    not_above = torch.searchsorted(ordered, pos, right=True)
+    wins = ((below + not_above).to(pos.dtype) * 0.5).masked_fill(~pos_mask, 0.0)
+    return wins.sum(-1) / (pos_mask.sum(-1) * neg_mask.sum(-1)).to(pos.dtype)
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+def _padded(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(len(rows), longest) int64 tensor of the rows, padded with 0, and the mask of real entries."""
+    width = max([len(r) for r in rows] + [1])
+    index = torch.zeros(len(rows), width, dtype=torch.int64)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        index[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+        mask[i, : len(r)] = True
+    return index, mask
 
 
 # ------------------------------------------------------------- examples
@@ -200,13 +219,33 @@ def hard_negatives(
     return out
 
 
-def random_negatives(acts: SparseActivations, pool: np.ndarray, feature: int, m: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to `m` random pool texts on which `feature` does not fire."""
+def contrast_sets(hard: np.ndarray, acts: SparseActivations, pool: np.ndarray, total: int, rng: np.random.Generator, chunk: int = 256) -> list[np.ndarray]:
+    """Each feature's non-firing texts: its hard negatives (`hard`, -1 = none), then random
+    pool texts on which it does not fire, up to `total` in all."""
+    n_feat = len(hard)
+    out: list[np.ndarray] = []
     if len(pool) == 0:
-        return pool
-    sample = pool[rng.choice(len(pool), size=min(len(pool), 2 * m), replace=False)]
-    fires = ((acts.indices[sample] == feature) & (acts.values[sample] > 0)).any(axis=1)
-    return sample[~fires][:m]
+        return [h[h >= 0] for h in hard]
+    draws = pool[rng.integers(0, len(pool), size=(n_feat, 3 * total))]
+    for f0 in range(0, n_feat, chunk):
+        f1 = min(f0 + chunk, n_feat)
+        sample, h = draws[f0:f1], hard[f0:f1]
+        fires = ((acts.indices[sample] == np.arange(f0, f1)[:, None, None]) & (acts.values[sample] > 0)).any(axis=2)
+        # A draw is new if no hard negative and no earlier draw of its row is the same text:
+        # after a stable sort of [hard, draws], a repeat sits right after its first occurrence.
+        both = np.concatenate([h, sample], axis=1)
+        order = both.argsort(axis=1, kind="stable")
+        ordered = np.take_along_axis(both, order, axis=1)
+        repeat_sorted = np.zeros_like(ordered, dtype=bool)
+        repeat_sorted[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+        repeat = np.empty_like(repeat_sorted)
+        np.put_along_axis(repeat, order, repeat_sorted, axis=1)
+        usable = ~fires & ~repeat[:, h.shape[1] :]
+        n_hard = (h >= 0).sum(axis=1)
+        usable &= np.cumsum(usable, axis=1) <= np.maximum(0, total - n_hard)[:, None]
+        for i in range(f1 - f0):
+            out.append(np.concatenate([h[i][h[i] >= 0], sample[i][usable[i]]]).astype(np.int64))
+    return out
 
 
 # ----------------------------------------------------------------- KeyBERT
@@ -253,12 +292,14 @@ class LabellingContext:
     held_fi: object
     pos_rows: list[np.ndarray]
     pos_acts: list[np.ndarray]
+    judge_rows: list[np.ndarray]
     weights: sp.csr_matrix
     centroids: np.ndarray
     train_pool: np.ndarray
     held_pool: np.ndarray
     hard_train: list[np.ndarray]
-    hard_held: list[np.ndarray]
+    contrast_train: list[np.ndarray]
+    contrast_held: list[np.ndarray]
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -266,13 +307,8 @@ class LabellingContext:
         return len(self.counts)
 
     def negatives(self, feature: int, held_out: bool) -> np.ndarray:
-        """Non-firing texts of a split for a feature: its hard negatives, then random ones (seeded per feature)."""
-        hard = (self.hard_held if held_out else self.hard_train)[feature]
-        total = self.args.score_texts if held_out else self.args.negatives
-        rng = np.random.default_rng([self.args.seed, feature, int(held_out)])
-        pool = self.held_pool if held_out else self.train_pool
-        extra = random_negatives(self.acts, pool, feature, total - len(hard), rng)
-        return np.concatenate([hard, extra[~np.isin(extra, hard)]])
+        """Non-firing texts of a split for a feature: its hard negatives, then random ones."""
+        return (self.contrast_held if held_out else self.contrast_train)[feature]
 
 
 def prepare_labelling(
@@ -299,12 +335,14 @@ def prepare_labelling(
     train_fi, held_fi = acts.by_feature(train_pos), acts.by_feature(held_pos)
     emb = torch.nn.functional.normalize(torch.from_numpy(np.array(embeddings, dtype=np.float32)), dim=1)
 
-    pos_rows, pos_acts = [], []
+    pos_rows, pos_acts, judge_rows = [], [], []
+    half = args.judge_texts // 2
     for f in range(n_feat):
         rows, a = train_fi.rows_of(f), train_fi.acts_of(f)
         keep = _spread(np.arange(len(rows)), args.top_texts, args.quantile_texts)
         pos_rows.append(rows[keep])
         pos_acts.append(a[keep])
+        judge_rows.append(rows[_spread(np.arange(len(rows)), half, args.judge_texts - half)])
     weights = _row_matrix(pos_rows, [a / a.sum() if len(a) else a for a in pos_acts], n_feat, n_texts)
     centroids = torch.nn.functional.normalize(torch.from_numpy(np.asarray(weights @ emb.numpy(), dtype=np.float32)), dim=1)
     rng = np.random.default_rng(args.seed)
@@ -323,12 +361,14 @@ def prepare_labelling(
         held_fi=held_fi,
         pos_rows=pos_rows,
         pos_acts=pos_acts,
+        judge_rows=judge_rows,
         weights=weights,
         centroids=centroids.numpy(),
         train_pool=train_pool,
         held_pool=held_pool,
         hard_train=[h[h >= 0] for h in hard_train],
-        hard_held=[h[h >= 0] for h in hard_held],
+        contrast_train=contrast_sets(hard_train, acts, train_pool, args.negatives, np.random.default_rng([args.seed, 0])),
+        contrast_held=contrast_sets(hard_held, acts, held_pool, args.score_texts, np.random.default_rng([args.seed, 1])),
         timings={"examples": round(time.perf_counter() - t0, 3)},
     )
 
@@ -357,6 +397,7 @@ def label_features(
         on_block: called with all entries so far after every `args.block_size` features, so
             that a caller can save them (a killed run then loses one block at most).
     """
+    import sklearn
     from keybert import KeyBERT
     from sklearn.feature_extraction.text import CountVectorizer
     from tqdm.auto import tqdm
@@ -425,33 +466,51 @@ def label_features(
     for b0 in range(0, len(todo), args.block_size):
         block = todo[b0 : b0 + args.block_size]
         alive = [f for f in block if len(cand_per_feature[f])]
-        keybert_out = (
-            kw_model.extract_keywords(
-                [str(f) for f in alive],
-                vectorizer=_PrecomputedCandidates(phrases, cand_matrix[alive]),
-                doc_embeddings=direction[alive],
-                word_embeddings=phrase_emb,
-                use_mmr=True,
-                diversity=args.diversity,
-                top_n=args.keywords,
+        tick = time.perf_counter()
+        # Finiteness checks of sklearn's cosine_similarity, which KeyBERT calls once per feature,
+        # cost more than the similarities; the embeddings are finite by construction.
+        with sklearn.config_context(assume_finite=True):
+            keybert_out = (
+                kw_model.extract_keywords(
+                    [str(f) for f in alive],
+                    vectorizer=_PrecomputedCandidates(phrases, cand_matrix[alive]),
+                    doc_embeddings=direction[alive],
+                    word_embeddings=phrase_emb,
+                    top_n=args.keywords,
+                )
+                if alive
+                else []
             )
-            if alive
-            else []
-        )
         if len(alive) == 1:  # KeyBERT returns a flat list for a single document
             keybert_out = [keybert_out]
         keywords_of = dict(zip(alive, keybert_out))
-        for f in block:
-            features[f] = _choose_label(ctx, f, keywords_of.get(f) or [], phrase_emb, phrase_index)
+        timings["keybert"] = timings.get("keybert", 0.0) + time.perf_counter() - tick
+        tick = time.perf_counter()
+        drafts = _draft_labels(ctx, block, keywords_of, phrase_emb, phrase_index)
+        # The label is the string "a, b, c", whose embedding is not quite the mean of its
+        # keywords': embed each combined label once (needed to score it anyway), and keep the
+        # best single keyword instead where the combination separates worse.
+        combined = sorted({d["label"] for d in drafts.values() if d.get("label") and d["label"] not in known})
+        timings["choose"] = timings.get("choose", 0.0) + time.perf_counter() - tick
+        tick = time.perf_counter()
+        known.update(zip(combined, _embed(model, combined, args.batch_size, show_progress=False)))
+        timings["embed_labels"] = timings.get("embed_labels", 0.0) + time.perf_counter() - tick
+        tick = time.perf_counter()
+        features.update(_finish_labels(ctx, drafts, known))
+        timings["choose"] = timings.get("choose", 0.0) + time.perf_counter() - tick
+        tick = time.perf_counter()
         labels = {f: features[f]["label"] for f in block if features[f].get("label")}
         scores, _ = score_labels(ctx, labels, model, known_embeddings=known)
         for f, score in scores.items():
             features[f]["score"] = score
+        timings["score"] = timings.get("score", 0.0) + time.perf_counter() - tick
         bar.update(len(block))
         if on_block is not None:
             on_block(features)
     bar.close()
-    lap("label_and_score")
+    for name in ("keybert", "choose", "embed_labels", "score"):
+        timings[name] = round(timings.get(name, 0.0), 3)
+    clock = time.perf_counter()
 
     summary = summarize_scores(features)
     statuses = [e["status"] for e in features.values()]
@@ -469,43 +528,125 @@ def label_features(
     return LabelResult(features=features, summary=summary, settings=asdict(args))
 
 
-def _choose_label(ctx: LabellingContext, f: int, kws: list, phrase_emb: np.ndarray, phrase_index: dict[str, int]) -> dict:
-    """One feature's entry: its label chosen by how well it separates firing from non-firing labelling texts."""
-    args, n_texts = ctx.args, len(ctx.texts)
-    entry: dict = {"density": float(ctx.counts[f] / n_texts), "n_firing": int(ctx.counts[f])}
+def _entry(ctx: LabellingContext, f: int) -> dict:
+    """A feature's entry before labelling: its density, or why it cannot be labelled."""
+    entry: dict = {"density": float(ctx.counts[f] / len(ctx.texts)), "n_firing": int(ctx.counts[f])}
     if ctx.counts[f] == 0:
         return {**entry, "label": None, "status": "dead", "reason": "never fires on this corpus"}
     if len(ctx.pos_rows[f]) == 0:
         return {**entry, "label": None, "status": "unlabelled", "reason": "fires only on held-out texts"}
-    if not kws:
-        return {**entry, "label": None, "status": "unlabelled", "reason": "no candidate n-gram occurs in enough of its texts"}
-    e_pos, e_neg = ctx.emb[ctx.pos_rows[f]], ctx.emb[ctx.negatives(f, held_out=False)]
-    kw_vecs = phrase_emb[[phrase_index[k] for k, _ in kws]]
-    sep = auroc_many(kw_vecs @ e_pos.T, kw_vecs @ e_neg.T)
-    order = np.argsort(-np.nan_to_num(sep, nan=0.0), kind="stable")
-    chosen = [int(order[0])]
-    best = sep[order[0]]
-    for j in order[1:]:
-        if len(chosen) >= args.max_label_keywords:
-            break
-        mean_vec = kw_vecs[chosen + [int(j)]].mean(axis=0)
-        trial = auroc(e_pos @ mean_vec, e_neg @ mean_vec)
-        if trial > best + 0.005:
-            chosen.append(int(j))
-            best = trial
-    return {
-        **entry,
-        "label": ", ".join(kws[j][0] for j in chosen),
-        "status": "labelled",
-        "keywords": [{"keyword": k, "similarity": round(float(s), 4), "train_auroc": _round(sep[j])} for j, (k, s) in enumerate(kws)],
-        "train_auroc": _round(best),
-        "examples": {
-            "top": ctx.row_ids[ctx.pos_rows[f][: min(args.top_texts, 10)]].tolist(),
-            "quantile": ctx.row_ids[ctx.pos_rows[f][args.top_texts :]].tolist(),
-            "hard_negative": ctx.row_ids[ctx.hard_train[f][:10]].tolist(),
-        },
-        "top_texts": [_snippet(ctx.texts[r]) for r in ctx.pos_rows[f][:5]],
-    }
+    return entry
+
+
+def _judging_scores(ctx: LabellingContext, feats: list[int], vectors: torch.Tensor):
+    """Cosines of each feature's `vectors` (B, V, d) with its firing and non-firing labelling
+    texts, and the masks of real texts: what candidate labels are judged on."""
+    emb = torch.from_numpy(ctx.emb)
+    pos, pos_mask = _padded([ctx.judge_rows[f] for f in feats])
+    neg, neg_mask = _padded([ctx.negatives(f, held_out=False) for f in feats])
+    s_pos = torch.bmm(vectors, _gather_rows(emb, pos).transpose(1, 2))
+    s_neg = torch.bmm(vectors, _gather_rows(emb, neg).transpose(1, 2))
+    return s_pos, s_neg, pos_mask[:, None, :], neg_mask[:, None, :]
+
+
+def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a 2-d index, through index_select (several times faster than advanced indexing here)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+
+def _draft_labels(ctx: LabellingContext, block: list[int], keywords_of: dict, phrase_emb: np.ndarray, phrase_index: dict[str, int], chunk: int = 256) -> dict[int, dict]:
+    """Each feature's entry with a draft label: KeyBERT's keywords (near-duplicates merged
+    into the better-ranked one), the best of them at separating the feature's firing from its
+    non-firing labelling texts (AUROC), then greedily those whose addition separates better
+    still, a combination judged by the mean of its keywords' vectors. Features are handled
+    together in padded batches."""
+    args = ctx.args
+    drafts: dict[int, dict] = {}
+    todo = []
+    for f in block:
+        entry = _entry(ctx, f)
+        if "status" in entry:
+            drafts[f] = entry
+        elif not keywords_of.get(f):
+            drafts[f] = {**entry, "label": None, "status": "unlabelled", "reason": "no candidate n-gram occurs in enough of its texts"}
+        else:
+            todo.append(f)
+    table = torch.from_numpy(phrase_emb)
+    for c0 in range(0, len(todo), chunk):
+        feats = todo[c0 : c0 + chunk]
+        kws = [keywords_of[f] for f in feats]
+        index, valid = _padded([[phrase_index[k] for k, _ in kw] for kw in kws])
+        vectors = table[index]
+        # Merge near-duplicates: a keyword too close to a better-ranked kept one is dropped.
+        sims = torch.bmm(vectors, vectors.transpose(1, 2))
+        kept = valid.clone()
+        for j in range(1, index.shape[1]):
+            kept[:, j] &= ~((sims[:, j, :j] >= args.merge_threshold) & kept[:, :j]).any(dim=1)
+        s_pos, s_neg, pos_mask, neg_mask = _judging_scores(ctx, feats, vectors)
+        sep = batched_auroc(s_pos, s_neg, pos_mask, neg_mask).nan_to_num(0.0).masked_fill(~kept, float("-inf"))
+        width = min(args.label_pool, index.shape[1])
+        pool_sep, pool = sep.topk(width, dim=1)
+        in_pool = torch.isfinite(pool_sep)
+        gather = pool[:, :, None].expand(-1, -1, s_pos.shape[2])
+        pool_pos = s_pos.gather(1, gather)
+        pool_neg = s_neg.gather(1, pool[:, :, None].expand(-1, -1, s_neg.shape[2]))
+        rows = torch.arange(len(feats))
+        chosen = torch.zeros_like(in_pool)
+        chosen[:, 0] = True
+        order = [torch.zeros(len(feats), dtype=torch.int64)]
+        best = pool_sep[:, 0].clone()
+        sum_pos, sum_neg = pool_pos[:, 0].clone(), pool_neg[:, 0].clone()
+        growing = torch.ones(len(feats), dtype=torch.bool)
+        for _ in range(args.max_label_keywords - 1):
+            # The cosine with a mean of vectors is the mean of their cosines, and AUROC ignores scale.
+            trial = batched_auroc(sum_pos[:, None] + pool_pos, sum_neg[:, None] + pool_neg, pos_mask, neg_mask)
+            trial = trial.nan_to_num(float("-inf")).masked_fill(chosen | ~in_pool, float("-inf"))
+            gain, j = trial.max(dim=1)
+            grows = growing & (gain > best + 0.005)
+            chosen[rows[grows], j[grows]] = True
+            best = torch.where(grows, gain, best)
+            sum_pos += torch.where(grows[:, None], pool_pos[rows, j], 0.0)
+            sum_neg += torch.where(grows[:, None], pool_neg[rows, j], 0.0)
+            order.append(torch.where(grows, j, -1))
+            growing = grows
+        order_np = torch.stack(order, dim=1).numpy()
+        pool_np, pool_sep_np, in_pool_np = pool.numpy(), pool_sep.numpy(), in_pool.numpy()
+        for i, f in enumerate(feats):
+            picks = [int(pool_np[i, j]) for j in order_np[i] if j >= 0]
+            members = [int(pool_np[i, j]) for j in range(width) if in_pool_np[i, j]]
+            drafts[f] = {
+                **_entry(ctx, f),
+                "label": ", ".join(kws[i][j][0] for j in picks),
+                "status": "labelled",
+                "first_keyword": kws[i][picks[0]][0],
+                "keywords": [{"keyword": kws[i][j][0], "similarity": round(float(kws[i][j][1]), 4), "train_auroc": _round(pool_sep_np[i, n])} for n, j in enumerate(members)],
+                "examples": {
+                    "top": ctx.row_ids[ctx.pos_rows[f][: min(args.top_texts, 10)]].tolist(),
+                    "quantile": ctx.row_ids[ctx.pos_rows[f][args.top_texts :]].tolist(),
+                    "hard_negative": ctx.row_ids[ctx.hard_train[f][:10]].tolist(),
+                },
+                "top_texts": [_snippet(ctx.texts[r]) for r in ctx.pos_rows[f][:5]],
+            }
+    return drafts
+
+
+def _finish_labels(ctx: LabellingContext, drafts: dict[int, dict], known: dict[str, np.ndarray]) -> dict[int, dict]:
+    """Keep each draft's combined label, or its first keyword where that separates the
+    labelling texts better once the combined string itself is embedded."""
+    out = {f: dict(d) for f, d in drafts.items()}
+    firsts = {f: e.pop("first_keyword", None) for f, e in out.items()}
+    feats = [f for f, e in out.items() if e.get("status") == "labelled"]
+    if not feats:
+        return out
+    options = torch.from_numpy(np.stack([np.stack([known[out[f]["label"]], known[firsts[f]]]) for f in feats]))
+    s_pos, s_neg, pos_mask, neg_mask = _judging_scores(ctx, feats, options)
+    sep = batched_auroc(s_pos, s_neg, pos_mask, neg_mask).nan_to_num(0.0).numpy()
+    for i, f in enumerate(feats):
+        pick = 1 if sep[i, 1] > sep[i, 0] else 0
+        if pick:
+            out[f]["label"] = firsts[f]
+        out[f]["train_auroc"] = _round(sep[i, pick])
+    return out
 
 
 def summarize_scores(features: dict[int, dict]) -> dict:
@@ -533,6 +674,7 @@ def score_labels(
     model,
     known_embeddings: dict[str, np.ndarray] | None = None,
     show_progress: bool = False,
+    chunk: int = 256,
 ) -> tuple[dict[int, dict], dict]:
     """Score labels on held-out texts: the cosine between a label's embedding and a text's
     embedding predicts the feature's activation (Pearson r) and whether it fires (AUROC,
@@ -546,25 +688,46 @@ def score_labels(
     known.update(zip(missing, _embed(model, missing, ctx.args.batch_size, show_progress)))
     scores: dict[int, dict] = {}
     half = ctx.args.score_texts // 2
+    todo = []
     for f, label in labels.items():
         if not label:
             continue
-        held_rows, held_acts = ctx.held_fi.rows_of(f), ctx.held_fi.acts_of(f)
-        if len(held_rows) == 0:
+        if len(ctx.held_fi.rows_of(f)) == 0:
             scores[f] = {"auroc": None, "pearson": None, "n_firing": 0, "n_not_firing": 0, "reason": "no held-out text fires"}
-            continue
-        keep = _spread(np.arange(len(held_rows)), half, ctx.args.score_texts - half)
-        p_rows, p_acts = held_rows[keep], held_acts[keep]
-        n_rows = ctx.negatives(f, held_out=True)
-        vec, centroid = known[label], ctx.centroids[f]
-        e_pos, e_neg = ctx.emb[p_rows], ctx.emb[n_rows]
-        a = auroc(e_pos @ vec, e_neg @ vec)
-        r = pearson(np.concatenate([e_pos @ vec, e_neg @ vec]), np.concatenate([p_acts, np.zeros(len(n_rows))]))
-        # The same test for the feature's own centroid vector: what a single direction can do.
-        ceiling = auroc(e_pos @ centroid, e_neg @ centroid)
-        scores[f] = {"auroc": _round(a), "pearson": _round(r), "centroid_auroc": _round(ceiling), "n_firing": int(len(p_rows)), "n_not_firing": int(len(n_rows))}
+        else:
+            todo.append(f)
+    emb = torch.from_numpy(ctx.emb)
+    for c0 in range(0, len(todo), chunk):
+        feats = todo[c0 : c0 + chunk]
+        kept = [_spread(np.arange(len(ctx.held_fi.rows_of(f))), half, ctx.args.score_texts - half) for f in feats]
+        pos, pos_mask = _padded([ctx.held_fi.rows_of(f)[k] for f, k in zip(feats, kept)])
+        pos_acts = torch.zeros(pos.shape, dtype=torch.float32)
+        for i, (f, k) in enumerate(zip(feats, kept)):
+            pos_acts[i, : len(k)] = torch.from_numpy(np.asarray(ctx.held_fi.acts_of(f)[k], dtype=np.float32))
+        neg, neg_mask = _padded([ctx.negatives(f, held_out=True) for f in feats])
+        # The label's vector, and the feature's own centroid: what a single direction can do.
+        vectors = torch.from_numpy(np.stack([np.stack([known[labels[f]], ctx.centroids[f]]) for f in feats]))
+        s_pos = torch.bmm(vectors, _gather_rows(emb, pos).transpose(1, 2))
+        s_neg = torch.bmm(vectors, _gather_rows(emb, neg).transpose(1, 2))
+        aucs = batched_auroc(s_pos, s_neg, pos_mask[:, None], neg_mask[:, None]).numpy()
+        r = _masked_pearson(torch.cat([s_pos[:, 0], s_neg[:, 0]], dim=1), torch.cat([pos_acts, torch.zeros(neg.shape)], dim=1), torch.cat([pos_mask, neg_mask], dim=1)).numpy()
+        n_pos, n_neg = pos_mask.sum(1).tolist(), neg_mask.sum(1).tolist()
+        for i, f in enumerate(feats):
+            scores[f] = {"auroc": _round(aucs[i, 0]), "pearson": _round(r[i]), "centroid_auroc": _round(aucs[i, 1]), "n_firing": int(n_pos[i]), "n_not_firing": int(n_neg[i])}
     summary = summarize_scores({f: {"status": "labelled", "label": labels[f], "score": scores.get(f)} for f in labels if labels[f]})
     return scores, summary
+
+
+def _masked_pearson(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pearson r of each row of x and y over the masked-in entries (nan under 3 of them or without spread)."""
+    n = mask.sum(1).to(x.dtype)
+    x, y = x.double().masked_fill(~mask, 0.0), y.double().masked_fill(~mask, 0.0)
+    n = n.double()
+    mx, my = x.sum(1) / n, y.sum(1) / n
+    dx, dy = (x - mx[:, None]).masked_fill(~mask, 0.0), (y - my[:, None]).masked_fill(~mask, 0.0)
+    cov, vx, vy = (dx * dy).sum(1), (dx * dx).sum(1), (dy * dy).sum(1)
+    r = cov / (vx * vy).sqrt()
+    return torch.where((n >= 3) & (vx > 1e-12) & (vy > 1e-12), r, torch.full_like(r, float("nan")))
 
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -572,10 +735,33 @@ def _normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _embed(model, phrases: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
+    """Unit-norm embeddings of `phrases`, batched by token length.
+
+    `SentenceTransformer.encode` sorts texts by their length in characters; for short
+    phrases that mixes token lengths in a batch (rare words split into many word pieces)
+    and nearly doubles the padded tokens. Batches of equal token length are what cost
+    least, and each batch is still embedded by `encode`, so any model's own modules
+    (pooling, dense layers, normalisation) apply unchanged.
+    """
+    from tqdm.auto import tqdm
+
+    dim = embedding_dimension(model) or 0
     if not phrases:
-        return np.zeros((0, embedding_dimension(model) or 0), dtype=np.float32)
-    vectors = model.encode(phrases, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=show_progress)
-    return np.asarray(vectors, dtype=np.float32)
+        return np.zeros((0, dim), dtype=np.float32)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        order = np.arange(len(phrases))
+    else:
+        lengths = [len(ids) for ids in tokenizer(list(phrases), add_special_tokens=True)["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
+    out: np.ndarray | None = None
+    for start in tqdm(range(0, len(phrases), batch_size), desc="embedding phrases", unit="batch", disable=not show_progress, mininterval=1.0):
+        idx = order[start : start + batch_size]
+        vectors = model.encode([phrases[i] for i in idx], batch_size=len(idx), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        if out is None:
+            out = np.zeros((len(phrases), vectors.shape[1]), dtype=np.float32)
+        out[idx] = vectors
+    return out
 
 
 def _row_matrix(rows: list[np.ndarray], values: list[np.ndarray], n_rows: int, n_cols: int) -> sp.csr_matrix:

@@ -188,3 +188,52 @@ def test_a_killed_labelling_resumes_without_redoing_finished_features(labelled_r
     assert len(final) == 64 and summary["n_features"] == 64
     for f in range(32):
         assert final[str(f)] == partial["features"][str(f)]
+
+
+def test_batched_auroc_counts_wins_over_real_entries_and_ties_as_half():
+    from sbert_sae.labels import auroc, batched_auroc
+
+    rng = np.random.default_rng(0)
+    pos = np.round(rng.normal(size=(6, 4, 9)), 1)  # rounded: many ties
+    neg = np.round(rng.normal(size=(6, 4, 7)), 1)
+    pos_mask = rng.random((6, 1, 9)) < 0.7
+    neg_mask = rng.random((6, 1, 7)) < 0.7
+    pos_mask[0], neg_mask[1] = False, False  # one feature without positives, one without negatives
+    got = batched_auroc(torch.from_numpy(pos), torch.from_numpy(neg), torch.from_numpy(pos_mask), torch.from_numpy(neg_mask)).numpy()
+    for b in range(6):
+        for r in range(4):
+            p, n = pos[b, r][pos_mask[b, 0]], neg[b, r][neg_mask[b, 0]]
+            if len(p) == 0 or len(n) == 0:
+                assert np.isnan(got[b, r])
+                continue
+            diff = p[:, None] - n[None, :]
+            expected = (diff > 0).mean() + 0.5 * (diff == 0).mean()
+            assert got[b, r] == pytest.approx(expected)
+            assert auroc(p, n) == pytest.approx(expected)
+    assert auroc([1.0, 2.0], [0.0]) == 1.0 and auroc([0.0], [1.0, 2.0]) == 0.0 and auroc([1.0], [1.0]) == 0.5
+
+
+def test_contrast_sets_are_distinct_non_firing_texts_hard_ones_first():
+    from sbert_sae.activations import SparseActivations
+    from sbert_sae.labels import contrast_sets
+
+    rng = np.random.default_rng(0)
+    n_texts, k, n_feat = 2000, 8, 300
+    indices = np.stack([rng.choice(n_feat, k, replace=False) for _ in range(n_texts)]).astype(np.int32)
+    values = rng.random((n_texts, k)).astype(np.float32)
+    values[:, -2:] = 0  # selected but not firing
+    acts = SparseActivations(values, indices, n_feat)
+    pool = np.sort(rng.choice(n_texts, 500, replace=False))
+    fires = lambda rows, f: ((indices[rows] == f) & (values[rows] > 0)).any(axis=1)  # noqa: E731
+    hard = np.full((n_feat, 10), -1)
+    for f in range(n_feat):
+        quiet = pool[~fires(pool, f)]
+        m = rng.integers(0, 11)
+        hard[f, :m] = quiet[:m]
+    sets = contrast_sets(hard, acts, pool, 30, np.random.default_rng(1))
+    assert len(sets) == n_feat
+    for f, rows in enumerate(sets):
+        h = hard[f][hard[f] >= 0]
+        assert len(rows) == 30 and len(np.unique(rows)) == 30
+        assert np.isin(rows, pool).all() and not fires(rows, f).any()
+        assert (rows[: len(h)] == h).all()
