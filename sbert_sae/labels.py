@@ -28,6 +28,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 LABELS_FILE = "feature_labels.json"
 LABELS_VERSION = 1
 
+_CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}<>\"“”«»…–—|/]+|\s-+\s")
 _WORD = re.compile(r"(?u)\b[^\W\d_][\w'\-]*[^\W_]\b|\b[^\W\d_]\b")
 
 
@@ -118,8 +120,9 @@ class LabelArguments:
 def ngram_analyzer(ngram_range: tuple[int, int]):
     """Text -> its real n-grams (contiguous words), none starting or ending with a stop word.
 
-    "theory of relativity" is kept; "of relativity" is not; and no pair of words that
-    were not next to each other is ever made (removing stop words first would glue them).
+    "theory of relativity" is kept; "of relativity" is not; no pair of words that were not
+    next to each other is ever made (removing stop words first would glue them), nor one
+    across punctuation ("relativity, of course" gives no "relativity of course").
     """
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -127,14 +130,14 @@ def ngram_analyzer(ngram_range: tuple[int, int]):
     lo, hi = ngram_range
 
     def analyze(text: str) -> list[str]:
-        words = _WORD.findall(text.lower())
-        out = []
-        for n in range(lo, hi + 1):
-            for i in range(len(words) - n + 1):
-                first, last = words[i], words[i + n - 1]
-                if first in stop or last in stop or len(first) < 2 or len(last) < 2:
-                    continue
-                out.append(" ".join(words[i : i + n]))
+        out: list[str] = []
+        for clause in _CLAUSE_BREAK.split(text.lower()):
+            words = _WORD.findall(clause)
+            edge = [len(w) > 1 and w not in stop for w in words]  # may start or end an n-gram
+            if lo == 1:
+                out += [w for w, ok in zip(words, edge) if ok]
+            for n in range(max(lo, 2), hi + 1):
+                out += [" ".join(words[i : i + n]) for i in range(len(words) - n + 1) if edge[i] and edge[i + n - 1]]
         return out
 
     return analyze
@@ -414,7 +417,6 @@ def label_features(
         clock = now
 
     n_feat, n_texts = ctx.n_features, len(ctx.texts)
-    n_pos = np.array([len(r) for r in ctx.pos_rows])
 
     # Candidates: contrastive c-TF-IDF over real n-grams.
     vectorizer = CountVectorizer(analyzer=ngram_analyzer(tuple(args.ngram_range)), min_df=min(args.min_df, n_texts), binary=True, dtype=np.float32)
@@ -425,9 +427,10 @@ def label_features(
     vocab = vectorizer.get_feature_names_out()
     idf = np.log(n_texts / np.maximum(np.asarray(doc_terms.sum(axis=0)).ravel(), 1)).astype(np.float32)
     neg_weights = _row_matrix(ctx.hard_train, [np.full(len(h), 1.0 / max(1, len(h)), dtype=np.float32) for h in ctx.hard_train], n_feat, n_texts)
-    # A candidate must occur in 2 or more of the feature's texts (in its only one, if it has one).
+    # A candidate must occur in 2 or more of the feature's texts (in 1, where no n-gram is in 2:
+    # a feature with a single text, or texts that share no word common enough to count).
     presence = (_row_matrix(ctx.pos_rows, [np.ones(len(r), dtype=np.float32) for r in ctx.pos_rows], n_feat, n_texts) @ doc_terms).tocsr()
-    needed = np.minimum(2, np.maximum(n_pos, 1)).astype(np.float32)
+    needed = np.clip(presence.max(axis=1).toarray().ravel(), 1, 2).astype(np.float32)
     presence.data = (presence.data >= np.repeat(needed, np.diff(presence.indptr))).astype(np.float32)
     lexical = ((ctx.weights @ doc_terms) - args.lexical_contrast * (neg_weights @ doc_terms)).multiply(presence).multiply(idf[None, :]).tocsr()
     lexical.eliminate_zeros()
@@ -508,7 +511,14 @@ def label_features(
         if on_block is not None:
             on_block(features)
     bar.close()
-    for name in ("keybert", "choose", "embed_labels", "score"):
+    tick = time.perf_counter()
+    renamed = _separate_duplicates(ctx, features, phrase_emb, phrase_index, known, model)
+    if renamed:
+        scores, _ = score_labels(ctx, {f: features[f]["label"] for f in renamed}, model, known_embeddings=known)
+        for f, score in scores.items():
+            features[f]["score"] = score
+    timings["separate_duplicates"] = time.perf_counter() - tick
+    for name in ("keybert", "choose", "embed_labels", "score", "separate_duplicates"):
         timings[name] = round(timings.get(name, 0.0), 3)
     clock = time.perf_counter()
 
@@ -526,6 +536,72 @@ def label_features(
         }
     )
     return LabelResult(features=features, summary=summary, settings=asdict(args))
+
+
+def _separate_duplicates(ctx: LabellingContext, features: dict[int, dict], phrase_emb: np.ndarray, phrase_index: dict[str, int], known: dict[str, np.ndarray], model, rounds: int = 3) -> list[int]:
+    """Give features that share a label labels of their own.
+
+    Of the features with one label, the one it separates best keeps it; each other swaps its
+    last keyword for, or (under the keyword limit) adds, the keyword of its shortlist that
+    makes the best label no feature has yet (judged like a draft, then embedded). Returns
+    the features renamed.
+    """
+    args = ctx.args
+    renamed: set[int] = set()
+    for _ in range(rounds):
+        groups: dict[str, list[int]] = {}
+        for f, e in features.items():
+            if e.get("status") == "labelled" and e.get("label"):
+                groups.setdefault(e["label"], []).append(f)
+        losers = [f for members in groups.values() if len(members) > 1 for f in sorted(members, key=lambda m: -(features[m].get("train_auroc") or 0.0))[1:]]
+        if not losers:
+            break
+        taken = set(groups)
+        options: dict[int, list[list[str]]] = {}
+        for f in losers:
+            words = features[f]["label"].split(", ")
+            shortlist = [k["keyword"] for k in features[f].get("keywords", []) if k["keyword"] in phrase_index and k["keyword"] not in words]
+            alternatives = [words[:-1] + [k] for k in shortlist]
+            if len(words) < args.max_label_keywords:
+                alternatives += [words + [k] for k in shortlist]
+            alternatives = [a for a in alternatives if ", ".join(a) not in taken]
+            if alternatives:
+                options[f] = alternatives
+        if not options:
+            break
+        feats = list(options)
+        width = max(len(o) for o in options.values())
+        vectors = torch.zeros(len(feats), width, phrase_emb.shape[1])
+        valid = torch.zeros(len(feats), width, dtype=torch.bool)
+        for i, f in enumerate(feats):
+            for j, words in enumerate(options[f]):
+                vectors[i, j] = torch.from_numpy(phrase_emb[[phrase_index[w] for w in words]].mean(axis=0))
+                valid[i, j] = True
+        s_pos, s_neg, pos_mask, neg_mask = _judging_scores(ctx, feats, vectors)
+        sep = batched_auroc(s_pos, s_neg, pos_mask, neg_mask).nan_to_num(0.0).masked_fill(~valid, float("-inf"))
+        ranked = sep.argsort(dim=1, descending=True).numpy()
+        new_labels: dict[int, str] = {}
+        for i, f in enumerate(feats):
+            for j in ranked[i]:
+                if not valid[i, j]:
+                    break
+                label = ", ".join(options[f][j])
+                if label not in taken:
+                    new_labels[f] = label
+                    taken.add(label)
+                    break
+        fresh = sorted({label for label in new_labels.values() if label not in known})
+        known.update(zip(fresh, _embed(model, fresh, args.batch_size, show_progress=False)))
+        if not new_labels:
+            break
+        feats = list(new_labels)
+        true_vectors = torch.from_numpy(np.stack([known[new_labels[f]] for f in feats]))[:, None, :]
+        s_pos, s_neg, pos_mask, neg_mask = _judging_scores(ctx, feats, true_vectors)
+        sep = batched_auroc(s_pos, s_neg, pos_mask, neg_mask)[:, 0].numpy()
+        for i, f in enumerate(feats):
+            features[f]["label"], features[f]["train_auroc"] = new_labels[f], _round(sep[i])
+            renamed.add(f)
+    return sorted(renamed)
 
 
 def _entry(ctx: LabellingContext, f: int) -> dict:
@@ -649,6 +725,12 @@ def _finish_labels(ctx: LabellingContext, drafts: dict[int, dict], known: dict[s
     return out
 
 
+def unique_label_share(labels: list[str]) -> float:
+    """Share of labels that no other feature has."""
+    counts = Counter(labels)
+    return sum(1 for label in labels if counts[label] == 1) / max(1, len(labels))
+
+
 def summarize_scores(features: dict[int, dict]) -> dict:
     """Mean, median and share >= 0.8 of the held-out AUROC, Pearson r, distinct labels, over labelled features."""
     scores = [e.get("score") or {} for e in features.values() if e.get("status") == "labelled"]
@@ -664,7 +746,7 @@ def summarize_scores(features: dict[int, dict]) -> dict:
         "label_pearson_mean": _round(np.mean(pearsons)) if pearsons else None,
         "label_pearson_median": _round(np.median(pearsons)) if pearsons else None,
         "centroid_auroc_mean": _round(np.mean(ceilings)) if ceilings else None,
-        "distinct_label_share": _round(len(set(labels)) / max(1, len(labels))),
+        "distinct_label_share": _round(unique_label_share(labels)),
     }
 
 

@@ -66,6 +66,33 @@ def test_a_topic_feature_gets_a_label_from_that_topic(planted_labels, corpus, mi
         assert entry["score"]["auroc"] > 0.8, entry
 
 
+def test_features_sharing_a_label_get_labels_of_their_own(corpus, minilm):
+    """Two features that fire on the same texts, given one label: the one it separates less
+    well is renamed with another keyword of its own shortlist, and keeps the rest."""
+    from sbert_sae.labels import _separate_duplicates
+
+    texts, topics, emb = corpus
+    x = torch.nn.functional.normalize(torch.from_numpy(emb), dim=1)
+    direction = torch.nn.functional.normalize(x[torch.from_numpy(topics == "Mathematics")].mean(0), dim=0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=2, k=2, base_model="sentence-transformers/all-MiniLM-L6-v2"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.stack([direction, direction]))
+        sae.b_enc.fill_(-0.3)
+        sae.b_pre.zero_()
+        sae.W_dec.copy_(sae.W_enc)
+    ctx = prepare_labelling(sae, texts, emb, LabelArguments(top_texts=15, negatives=30, score_texts=40))
+    features = label_features(sae, texts, emb, minilm, show_progress=False, context=ctx).features
+    features[1]["label"] = features[0]["label"]
+    features[1]["train_auroc"] = features[0]["train_auroc"] - 0.01
+    phrases = sorted({k["keyword"] for e in features.values() for k in e["keywords"]})
+    vectors = minilm.encode(phrases, normalize_embeddings=True)
+    renamed = _separate_duplicates(ctx, features, vectors, {p: i for i, p in enumerate(phrases)}, {}, minilm)
+    assert renamed == [1]
+    before, after = features[0]["label"].split(", "), features[1]["label"].split(", ")
+    assert after != before and after[: len(before) - 1] == before[:-1]
+    assert after[-1] in {k["keyword"] for k in features[1]["keywords"]}
+
+
 def test_a_shuffled_label_scores_near_chance_or_worse(planted_labels, minilm):
     ctx, result = planted_labels
     true = {f: result.features[f]["label"] for f in range(3)}
@@ -186,8 +213,14 @@ def test_a_killed_labelling_resumes_without_redoing_finished_features(labelled_r
     assert not (labelled_run / "feature_labels.partial.json").exists()
     final = json.loads((labelled_run / "feature_labels.json").read_text())["features"]
     assert len(final) == 64 and summary["n_features"] == 64
+    labels = {f: e.get("label") for f, e in final.items()}
     for f in range(32):
-        assert final[str(f)] == partial["features"][str(f)]
+        before, after = partial["features"][str(f)], final[str(f)]
+        if after["label"] == before["label"]:
+            assert after == before
+        else:  # renamed at the end because a feature labelled later shares its label and owns it
+            owners = [g for g, label in labels.items() if label == before["label"] and g != str(f)]
+            assert owners and {k: v for k, v in after.items() if k not in ("label", "train_auroc", "score")} == {k: v for k, v in before.items() if k not in ("label", "train_auroc", "score")}
 
 
 def test_batched_auroc_counts_wins_over_real_entries_and_ties_as_half():
