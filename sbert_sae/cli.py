@@ -127,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("labelling")
     g.add_argument("--top-texts", type=_positive_int, default=label_defaults.top_texts, help=f"strongest firing texts per feature (default: {label_defaults.top_texts})")
     g.add_argument("--quantile-texts", type=int, default=label_defaults.quantile_texts, help=f"more firing texts across activation quantiles (default: {label_defaults.quantile_texts})")
-    g.add_argument("--negatives", type=_positive_int, default=label_defaults.negatives, help=f"non-firing texts for contrast (default: {label_defaults.negatives})")
+    g.add_argument("--negatives", type=_positive_int, default=label_defaults.negatives, help=f"non-firing texts each candidate label is judged on, half the hardest (default: {label_defaults.negatives})")
     g.add_argument("--ngram", type=_ngram_range, default=label_defaults.ngram_range, help="candidate n-gram lengths, e.g. 1-3 (default: 1-3)")
+    g.add_argument("--min-df", type=_positive_int, default=label_defaults.min_df, help=f"corpus texts an n-gram must occur in to be a candidate (default: {label_defaults.min_df})")
     g.add_argument("--candidates", type=_positive_int, default=label_defaults.candidates, help=f"lexical candidates per feature given to KeyBERT (default: {label_defaults.candidates})")
-    g.add_argument("--keywords", type=_positive_int, default=label_defaults.keywords, help=f"keywords kept per feature (default: {label_defaults.keywords})")
+    g.add_argument("--keywords", type=_positive_int, default=label_defaults.keywords, help=f"keywords KeyBERT keeps per feature, the shortlist labels are made from (default: {label_defaults.keywords})")
     g.add_argument("--max-label-keywords", type=_positive_int, default=label_defaults.max_label_keywords, help=f"keywords in a label at most (default: {label_defaults.max_label_keywords})")
     g.add_argument("--label-heldout-fraction", type=_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
     g.add_argument("--seed", type=int, default=label_defaults.seed)
@@ -217,6 +218,7 @@ def cmd_label(args) -> int:
         quantile_texts=args.quantile_texts,
         negatives=args.negatives,
         ngram_range=args.ngram,
+        min_df=args.min_df,
         candidates=args.candidates,
         keywords=args.keywords,
         max_label_keywords=args.max_label_keywords,
@@ -229,7 +231,7 @@ def cmd_label(args) -> int:
         f"labelled {summary['n_labelled']} of {summary['n_features']} features ({summary['n_dead']} dead, {summary['n_unlabelled']} unlabelled); "
         f"held-out AUROC mean {fmt(summary['label_auroc_mean'])}, median {fmt(summary['label_auroc_median'])}, "
         f"share >= 0.8 {fmt(summary['label_auroc_share_above_0.8'])}; Pearson r mean {fmt(summary['label_pearson_mean'])}; "
-        f"distinct labels {fmt(summary['distinct_label_share'])}; {sum(summary['seconds'].values()):.0f}s"
+        f"unique labels {fmt(summary['distinct_label_share'])}; {sum(summary['seconds'].values()):.0f}s"
     )
     print(f"labels: {Path(args.sae) / 'feature_labels.json'}")
     return 0

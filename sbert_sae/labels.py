@@ -6,17 +6,19 @@ For each feature, from the corpus' sparse activations (computed once):
    across activation quantiles, and non-firing texts for contrast, the hardest of them
    (nearest to the feature's firing texts in embedding space) among them. Texts are split
    once into a labelling part and a held-out part; labels are made from the first.
-2. **Candidates**: real 1-3-word n-grams of the corpus (never glued word pairs), scored
-   per feature by their activation-weighted frequency in its firing texts times their
-   rarity in the whole corpus (c-TF-IDF: a word common to a whole domain scores low for
-   every feature of it); optionally minus their frequency in its hard negatives.
-3. **Keywords**: KeyBERT, with the base sentence-transformers model, ranks each
-   feature's candidates against the activation-weighted centroid of its firing texts
-   (optionally minus its hard negatives' centroid), with MMR against near-duplicates.
-   Every distinct candidate is embedded once for all features; texts are never embedded
-   again (their cached embeddings are reused).
-4. **Label**: the best 1-3 keywords, chosen by how well their embedding separates the
-   feature's firing from its non-firing *labelling* texts (AUROC).
+2. **Candidates**: real 1-3-word n-grams of the corpus (never glued word pairs, never across
+   punctuation), scored per feature by their activation-weighted frequency in its firing
+   texts times their rarity in the whole corpus (c-TF-IDF: a word common to a whole domain
+   scores low for every feature of it).
+3. **Keywords**: KeyBERT, with the base sentence-transformers model, ranks each feature's
+   candidates against the activation-weighted centroid of its firing texts; a keyword
+   too close to a better-ranked one is merged into it. Every distinct candidate is
+   embedded once for all features; texts are never embedded again (their cached
+   embeddings are reused).
+4. **Label**: the 1-3 keywords that best separate the feature's firing from its non-firing
+   *labelling* texts (AUROC of the cosine), found greedily among the best-separating
+   keywords; the combined string is then embedded and kept only where it separates better
+   than its first keyword alone. Features left sharing a label get one of their own.
 5. **Score**: on held-out texts, the cosine between the label's embedding and each text's
    embedding predicts the feature's activation: Pearson r with the true activation, and
    AUROC of firing against non-firing texts (hard negatives included).
@@ -29,6 +31,7 @@ import math
 import re
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -447,61 +450,38 @@ def label_features(
         if len(terms) > args.candidates:
             terms = terms[np.argpartition(-scores, args.candidates - 1)[: args.candidates]]
         cand_per_feature.append(terms)
-    union = np.unique(np.concatenate(cand_per_feature)) if cand_per_feature else np.zeros(0, dtype=np.int64)
     lap("candidates")
 
-    # Embed every distinct candidate once (with the base model, as KeyBERT would).
     kw_model = KeyBERT(model=model)
-    phrases = [str(vocab[t]) for t in union]
-    phrase_emb = _embed(model, phrases, args.batch_size, show_progress)
-    lap("embed_candidates")
-
-    local = {int(t): i for i, t in enumerate(union)}
-    rows_idx = np.repeat(np.arange(n_feat), [len(t) for t in cand_per_feature])
-    cols_idx = np.array([local[int(t)] for terms in cand_per_feature for t in terms], dtype=np.int64)
-    cand_matrix = sp.csr_matrix((np.ones(len(rows_idx), dtype=np.float32), (rows_idx, cols_idx)), shape=(n_feat, len(union)))
     neg_centroids = _normalize_rows(np.asarray(neg_weights @ ctx.emb, dtype=np.float32))
     direction = _normalize_rows(ctx.centroids - args.direction_contrast * neg_centroids)
-    phrase_index = {p: i for i, p in enumerate(phrases)}
-    known = dict(zip(phrases, phrase_emb))
     todo = [f for f in range(n_feat) if f not in features]
-    bar = tqdm(total=len(todo), desc="labelling", unit="feature", disable=not show_progress, mininterval=1.0)
-    for b0 in range(0, len(todo), args.block_size):
-        block = todo[b0 : b0 + args.block_size]
-        alive = [f for f in block if len(cand_per_feature[f])]
+    blocks = [todo[b0 : b0 + args.block_size] for b0 in range(0, len(todo), args.block_size)]
+    # Every distinct candidate is embedded once (with the base model, as KeyBERT would), block by
+    # block: a block's candidates that no earlier block had.
+    seen: set[int] = set()
+    new_phrases: list[list[str]] = []
+    for block in blocks:
+        fresh = np.unique(np.concatenate([cand_per_feature[f] for f in block] + [np.zeros(0, dtype=np.int64)]))
+        new_phrases.append([str(vocab[t]) for t in fresh if int(t) not in seen])
+        seen.update(int(t) for t in fresh)
+    known: dict[str, np.ndarray] = {}
+
+    def embed(phrases: list[str], stage: str):
         tick = time.perf_counter()
-        # Finiteness checks of sklearn's cosine_similarity, which KeyBERT calls once per feature,
-        # cost more than the similarities; the embeddings are finite by construction.
-        with sklearn.config_context(assume_finite=True):
-            keybert_out = (
-                kw_model.extract_keywords(
-                    [str(f) for f in alive],
-                    vectorizer=_PrecomputedCandidates(phrases, cand_matrix[alive]),
-                    doc_embeddings=direction[alive],
-                    word_embeddings=phrase_emb,
-                    top_n=args.keywords,
-                )
-                if alive
-                else []
-            )
-        if len(alive) == 1:  # KeyBERT returns a flat list for a single document
-            keybert_out = [keybert_out]
-        keywords_of = dict(zip(alive, keybert_out))
-        timings["keybert"] = timings.get("keybert", 0.0) + time.perf_counter() - tick
+        return stage, phrases, _embed(model, phrases, args.batch_size, show_progress=False), time.perf_counter() - tick
+
+    def collect(future) -> None:
+        """Wait for an embedding task and keep its vectors (only this thread touches `known`)."""
         tick = time.perf_counter()
-        drafts = _draft_labels(ctx, block, keywords_of, phrase_emb, phrase_index)
-        # The label is the string "a, b, c", whose embedding is not quite the mean of its
-        # keywords': embed each combined label once (needed to score it anyway), and keep the
-        # best single keyword instead where the combination separates worse.
-        combined = sorted({d["label"] for d in drafts.values() if d.get("label") and d["label"] not in known})
-        timings["choose"] = timings.get("choose", 0.0) + time.perf_counter() - tick
-        tick = time.perf_counter()
-        known.update(zip(combined, _embed(model, combined, args.batch_size, show_progress=False)))
-        timings["embed_labels"] = timings.get("embed_labels", 0.0) + time.perf_counter() - tick
+        stage, phrases, vectors, seconds = future.result()
+        timings["wait"] = timings.get("wait", 0.0) + time.perf_counter() - tick
+        timings[stage] = timings.get(stage, 0.0) + seconds
+        known.update(zip(phrases, vectors))
+
+    def finish(block: list[int], drafts: dict[int, dict]) -> None:
         tick = time.perf_counter()
         features.update(_finish_labels(ctx, drafts, known))
-        timings["choose"] = timings.get("choose", 0.0) + time.perf_counter() - tick
-        tick = time.perf_counter()
         labels = {f: features[f]["label"] for f in block if features[f].get("label")}
         scores, _ = score_labels(ctx, labels, model, known_embeddings=known)
         for f, score in scores.items():
@@ -510,15 +490,66 @@ def label_features(
         bar.update(len(block))
         if on_block is not None:
             on_block(features)
+
+    # The model embeds in a worker thread (torch releases the GIL) while this thread runs
+    # KeyBERT and the label choice: block b's candidates are embedded while block b - 1 is
+    # labelled, and its combined labels while block b + 1 is.
+    bar = tqdm(total=len(todo), desc="labelling", unit="feature", disable=not show_progress, mininterval=1.0)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbert-sae-embed") as worker:
+        candidates_ready = [worker.submit(embed, phrases, "embed_candidates") for phrases in new_phrases[:2]]
+        pending = None
+        for b, block in enumerate(blocks):
+            collect(candidates_ready[b])
+            tick = time.perf_counter()
+            alive = [f for f in block if len(cand_per_feature[f])]
+            phrases = sorted({str(vocab[t]) for f in alive for t in cand_per_feature[f]})
+            phrase_index = {p: i for i, p in enumerate(phrases)}
+            phrase_emb = np.stack([known[p] for p in phrases]) if phrases else np.zeros((0, ctx.emb.shape[1]), dtype=np.float32)
+            cand_matrix = _row_matrix([np.array([phrase_index[str(vocab[t])] for t in cand_per_feature[f]], dtype=np.int64) for f in alive], [np.ones(len(cand_per_feature[f]), dtype=np.float32) for f in alive], len(alive), len(phrases))
+            # Finiteness checks of sklearn's cosine_similarity, which KeyBERT calls once per feature,
+            # cost more than the similarities; the embeddings are finite by construction.
+            with sklearn.config_context(assume_finite=True):
+                keybert_out = (
+                    kw_model.extract_keywords(
+                        [str(f) for f in alive],
+                        vectorizer=_PrecomputedCandidates(phrases, cand_matrix),
+                        doc_embeddings=direction[alive],
+                        word_embeddings=phrase_emb,
+                        top_n=args.keywords,
+                    )
+                    if alive
+                    else []
+                )
+            if len(alive) == 1:  # KeyBERT returns a flat list for a single document
+                keybert_out = [keybert_out]
+            keywords_of = dict(zip(alive, keybert_out))
+            timings["keybert"] = timings.get("keybert", 0.0) + time.perf_counter() - tick
+            tick = time.perf_counter()
+            drafts = _draft_labels(ctx, block, keywords_of, phrase_emb, phrase_index)
+            # The label is the string "a, b, c", whose embedding is not quite the mean of its
+            # keywords': embed each combined label once (needed to score it anyway), and keep the
+            # best single keyword instead where the combination separates worse.
+            combined = sorted({d["label"] for d in drafts.values() if d.get("label") and d["label"] not in known})
+            labels_ready = worker.submit(embed, combined, "embed_labels")
+            if b + 2 < len(blocks):
+                candidates_ready.append(worker.submit(embed, new_phrases[b + 2], "embed_candidates"))
+            timings["choose"] = timings.get("choose", 0.0) + time.perf_counter() - tick
+            if pending is not None:
+                collect(pending[0])
+                finish(*pending[1:])
+            pending = (labels_ready, block, drafts)
+        if pending is not None:
+            collect(pending[0])
+            finish(*pending[1:])
     bar.close()
     tick = time.perf_counter()
-    renamed = _separate_duplicates(ctx, features, phrase_emb, phrase_index, known, model)
+    renamed = _separate_duplicates(ctx, features, known, model)
     if renamed:
         scores, _ = score_labels(ctx, {f: features[f]["label"] for f in renamed}, model, known_embeddings=known)
         for f, score in scores.items():
             features[f]["score"] = score
     timings["separate_duplicates"] = time.perf_counter() - tick
-    for name in ("keybert", "choose", "embed_labels", "score", "separate_duplicates"):
+    for name in ("wait", "embed_candidates", "keybert", "choose", "embed_labels", "score", "separate_duplicates"):
         timings[name] = round(timings.get(name, 0.0), 3)
     clock = time.perf_counter()
 
@@ -531,14 +562,14 @@ def label_features(
             "n_dead": statuses.count("dead"),
             "n_unlabelled": statuses.count("unlabelled"),
             "n_texts": n_texts,
-            "n_candidates_embedded": len(phrases),
+            "n_candidates_embedded": len(seen),
             "seconds": timings,
         }
     )
     return LabelResult(features=features, summary=summary, settings=asdict(args))
 
 
-def _separate_duplicates(ctx: LabellingContext, features: dict[int, dict], phrase_emb: np.ndarray, phrase_index: dict[str, int], known: dict[str, np.ndarray], model, rounds: int = 3) -> list[int]:
+def _separate_duplicates(ctx: LabellingContext, features: dict[int, dict], known: dict[str, np.ndarray], model, rounds: int = 3) -> list[int]:
     """Give features that share a label labels of their own.
 
     Of the features with one label, the one it separates best keeps it; each other swaps its
@@ -560,7 +591,7 @@ def _separate_duplicates(ctx: LabellingContext, features: dict[int, dict], phras
         options: dict[int, list[list[str]]] = {}
         for f in losers:
             words = features[f]["label"].split(", ")
-            shortlist = [k["keyword"] for k in features[f].get("keywords", []) if k["keyword"] in phrase_index and k["keyword"] not in words]
+            shortlist = [k["keyword"] for k in features[f].get("keywords", []) if k["keyword"] in known and k["keyword"] not in words]
             alternatives = [words[:-1] + [k] for k in shortlist]
             if len(words) < args.max_label_keywords:
                 alternatives += [words + [k] for k in shortlist]
@@ -571,11 +602,11 @@ def _separate_duplicates(ctx: LabellingContext, features: dict[int, dict], phras
             break
         feats = list(options)
         width = max(len(o) for o in options.values())
-        vectors = torch.zeros(len(feats), width, phrase_emb.shape[1])
+        vectors = torch.zeros(len(feats), width, ctx.emb.shape[1])
         valid = torch.zeros(len(feats), width, dtype=torch.bool)
         for i, f in enumerate(feats):
             for j, words in enumerate(options[f]):
-                vectors[i, j] = torch.from_numpy(phrase_emb[[phrase_index[w] for w in words]].mean(axis=0))
+                vectors[i, j] = torch.from_numpy(np.mean([known[w] for w in words], axis=0))
                 valid[i, j] = True
         s_pos, s_neg, pos_mask, neg_mask = _judging_scores(ctx, feats, vectors)
         sep = batched_auroc(s_pos, s_neg, pos_mask, neg_mask).nan_to_num(0.0).masked_fill(~valid, float("-inf"))
@@ -732,7 +763,7 @@ def unique_label_share(labels: list[str]) -> float:
 
 
 def summarize_scores(features: dict[int, dict]) -> dict:
-    """Mean, median and share >= 0.8 of the held-out AUROC, Pearson r, distinct labels, over labelled features."""
+    """Mean, median and share >= 0.8 of the held-out AUROC, Pearson r, share of unique labels, over labelled features."""
     scores = [e.get("score") or {} for e in features.values() if e.get("status") == "labelled"]
     aurocs = [s["auroc"] for s in scores if s.get("auroc") is not None]
     pearsons = [s["pearson"] for s in scores if s.get("pearson") is not None]

@@ -86,7 +86,7 @@ def test_features_sharing_a_label_get_labels_of_their_own(corpus, minilm):
     features[1]["train_auroc"] = features[0]["train_auroc"] - 0.01
     phrases = sorted({k["keyword"] for e in features.values() for k in e["keywords"]})
     vectors = minilm.encode(phrases, normalize_embeddings=True)
-    renamed = _separate_duplicates(ctx, features, vectors, {p: i for i, p in enumerate(phrases)}, {}, minilm)
+    renamed = _separate_duplicates(ctx, features, dict(zip(phrases, vectors)), minilm)
     assert renamed == [1]
     before, after = features[0]["label"].split(", "), features[1]["label"].split(", ")
     assert after != before and after[: len(before) - 1] == before[:-1]
