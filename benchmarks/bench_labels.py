@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=300, help="live features compared (and timed for the seed method)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a LabelArguments setting for sbert-sae, e.g. --set candidates=24 (repeatable)")
+    parser.add_argument("--timing-runs", type=int, default=1, help="label every feature this many times and print each wall time")
     parser.add_argument("--skip-seed-method", action="store_true", help="leave out the (slow) seed method")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()

@@ -270,3 +270,19 @@ def test_contrast_sets_are_distinct_non_firing_texts_hard_ones_first():
         assert len(rows) == 30 and len(np.unique(rows)) == 30
         assert np.isin(rows, pool).all() and not fires(rows, f).any()
         assert (rows[: len(h)] == h).all()
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"d_in": 128, "base_model": "sentence-transformers/all-MiniLM-L6-v2"}, "makes 384-d embeddings but the SAE in"),
+        ({"d_in": 384, "base_model": None}, "has no base_model in its config"),
+    ],
+)
+def test_label_refuses_an_sae_its_dataset_cannot_be_embedded_for(config, fragment, wiki_small, tmp_path, capsys):
+    folder = tmp_path / "sae"
+    SparseAutoencoder(SparseAutoencoderConfig(n_latents=16, k=2, **config)).save_pretrained(folder)
+    assert main(["label", str(folder), "--dataset", str(wiki_small), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert not (folder / "feature_labels.json").exists()
