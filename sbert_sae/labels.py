@@ -588,10 +588,15 @@ def _separate_duplicates(ctx: LabellingContext, features: dict[int, dict], known
         if not losers:
             break
         taken = set(groups)
+        # Keywords of features labelled by an earlier, resumed run may not be embedded yet.
+        missing = sorted({k["keyword"] for f in losers for k in features[f].get("keywords", [])} - set(known))
+        known.update(zip(missing, _embed(model, missing, args.batch_size, show_progress=False)))
         options: dict[int, list[list[str]]] = {}
         for f in losers:
             words = features[f]["label"].split(", ")
-            shortlist = [k["keyword"] for k in features[f].get("keywords", []) if k["keyword"] in known and k["keyword"] not in words]
+            if any(w not in known for w in words):
+                known.update(zip(words, _embed(model, words, args.batch_size, show_progress=False)))
+            shortlist = [k["keyword"] for k in features[f].get("keywords", []) if k["keyword"] not in words]
             alternatives = [words[:-1] + [k] for k in shortlist]
             if len(words) < args.max_label_keywords:
                 alternatives += [words + [k] for k in shortlist]
