@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-heldout-fraction", type=_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
     g.add_argument("--seed", type=int, default=label_defaults.seed)
 
+    p = sub.add_parser("push", parents=[common], help="publish an SAE folder (weights, config, labels, metrics, plots, model card) to a Hub model repo")
+    p.add_argument("sae", help="SAE folder (a trained run)")
+    p.add_argument("repo_id", help="Hub model repo, e.g. org/minilm-wiki-sae (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    p.add_argument("--license", dest="license_name", default=None, help="license id for the model card, e.g. apache-2.0")
+    p.add_argument("--commit-message", default="Upload sbert-sae SAE")
+
     p = sub.add_parser("info", parents=[common], help="print the config and metrics of a trained SAE")
     p.add_argument("sae", help="SAE folder or Hub repo id")
     return parser
@@ -269,7 +277,16 @@ def _disable_library_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-COMMANDS = {"train": cmd_train, "label": cmd_label, "embed": cmd_embed, "info": cmd_info}
+def cmd_push(args) -> int:
+    from .hub import push_sae
+
+    sha = push_sae(args.sae, args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.commit_message, license_name=args.license_name)
+    print(f"pushed {args.sae} to {args.repo_id} (commit {sha})")
+    print(f'load it with: SparseAutoencoder.from_pretrained("{args.repo_id}")')
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "label": cmd_label, "embed": cmd_embed, "push": cmd_push, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

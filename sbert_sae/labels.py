@@ -912,7 +912,7 @@ def feature_labels_document(result: LabelResult, sae: SparseAutoencoder, dataset
     """The content of `feature_labels.json`."""
     return {
         "version": LABELS_VERSION,
-        "method": "contrastive c-TF-IDF candidates, KeyBERT (MMR) on a contrastive feature embedding, labels chosen by training AUROC",
+        "method": "c-TF-IDF n-gram candidates ranked by KeyBERT against the feature's activation-weighted centroid; the 1-3 keywords that best separate firing from non-firing labelling texts (AUROC); scored on held-out texts",
         "base_model": sae.config.base_model,
         "dataset": dataset,
         "settings": result.settings,

@@ -18,6 +18,7 @@ latents only. Sparse codes travel as (values, indices) pairs of shape (batch, k)
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -324,6 +325,47 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             raise ModelLoadError(f"weights of {name!r} do not match its config: {problems}")
         model.load_extras(name, **hub_kwargs)
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the labels and metrics the SAE carries."""
+        from .labels import LABELS_FILE
+        from .utils import write_json
+
+        push = kwargs.pop("push_to_hub", False)
+        repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+        token = kwargs.pop("token", None)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self, "label_data", None) is not None:
+            data = self.label_data
+            write_json(os.path.join(save_directory, LABELS_FILE), {**data, "features": {str(f): e for f, e in sorted(data["features"].items())}})
+        if getattr(self, "metrics", None):
+            write_json(os.path.join(save_directory, "metrics.json"), self.metrics)
+        if push:
+            self.push_to_hub(repo_id, token=token)
+        return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload sbert-sae SAE",
+        activations_repo: str | None = None,
+        license_name: str | None = None,
+        **ignored,
+    ) -> str:
+        """Push the weights, config, labels, metrics and a model card to a Hub model repo;
+        returns the commit sha. (`sbert-sae push FOLDER REPO` also uploads a trained run's
+        plots and training settings.)"""
+        import tempfile
+
+        from .hub import push_sae
+
+        with tempfile.TemporaryDirectory(prefix="sbert-sae-push-") as tmp:
+            self.save_pretrained(tmp)
+            return push_sae(tmp, repo_id, private=private, token=token, revision=revision, commit_message=commit_message, activations_repo=activations_repo, license_name=license_name)
 
     # ------------------------------------------------------- labels and metrics
     def load_extras(self, name_or_path: str, **hub_kwargs) -> None:

@@ -239,7 +239,7 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
         folder / "training_args.json",
         {
             "sbert_sae_version": __version__,
-            "command": sys.argv,
+            "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],  # the program name, not its path
             "domain": None if name == "all" else name,
             "data": dataclasses.asdict(data),
             "sae": dataclasses.asdict(_resolved_sae_args(config)),

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 _HOME = tempfile.mkdtemp(prefix="sbert-sae-tests-")
+# Every Hub call goes to the local test Hub (tests/hub_server.py), never to huggingface.co;
+# outside the tests that use the `hub` fixture the clients are offline as well.
+_HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_HUB_PORT}"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.pop("HF_TOKEN", None)
 # Before anything imports huggingface_hub / datasets / transformers: their paths are read at import.
 os.environ["HF_HOME"] = os.path.join(_HOME, "hf")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -20,6 +34,31 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture(scope="session")
+def hub_server():
+    from hub_server import HubServer
+
+    server = HubServer(port=_HUB_PORT).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch):
+    """The local Hub, with the real huggingface_hub / transformers / datasets clients online
+    against it (and a token) for the duration of one test."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", "hf_sbert_sae_test_token")
+    return hub_server
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +89,14 @@ def wiki_small(tmp_path_factory, wiki_rows):
     folder = tmp_path_factory.mktemp("wiki") / "wiki_small"
     Dataset.from_list(rows).save_to_disk(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def labelled_run(wiki_small, tmp_path_factory):
+    """A small SAE trained and labelled by the CLI on `wiki_small` (n=64, k=4)."""
+    from sbert_sae.cli import main
+
+    out = tmp_path_factory.mktemp("label") / "sae"
+    assert main(["train", "--dataset", str(wiki_small), "--out", str(out), "--n-latents", "64", "-k", "4", "--epochs", "5", "--batch-size", "32", "-q", "--report-to", "none"]) == 0
+    assert main(["label", str(out), "--dataset", str(wiki_small), "-q", "--top-texts", "10"]) == 0
+    return out

@@ -131,14 +131,6 @@ def test_bad_inputs(planted, corpus, minilm):
         label_features(planted, digits, emb[:20], minilm, show_progress=False)
 
 
-@pytest.fixture(scope="module")
-def labelled_run(wiki_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("label") / "sae"
-    assert main(["train", "--dataset", str(wiki_small), "--out", str(out), "--n-latents", "64", "-k", "4", "--epochs", "5", "--batch-size", "32", "-q", "--report-to", "none"]) == 0
-    assert main(["label", str(out), "--dataset", str(wiki_small), "-q", "--top-texts", "10"]) == 0
-    return out
-
-
 def test_label_command_writes_labels_that_load_back(labelled_run):
     doc = json.loads((labelled_run / "feature_labels.json").read_text())
     assert doc["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"

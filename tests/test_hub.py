@@ -1,0 +1,107 @@
+"""Publishing to the Hub and loading back, with the real huggingface_hub / transformers
+clients over HTTP against the local Hub of tests/hub_server.py."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+
+import pytest
+import torch
+
+from sbert_sae import ModelLoadError, SparseAutoencoder, SparseAutoencoderConfig
+from sbert_sae.cli import main
+
+
+def _card_metadata(readme: str) -> str:
+    match = re.match(r"^---\n(.*?)\n---\n", readme, flags=re.S)
+    assert match, readme[:200]
+    return match.group(1)
+
+
+def test_push_writes_weights_labels_metrics_plots_and_a_card(hub, labelled_run, capsys):
+    assert main(["push", str(labelled_run), "org/minilm-wiki-sae", "-q"]) == 0
+    assert "org/minilm-wiki-sae" in capsys.readouterr().out
+    files = hub.files("org/minilm-wiki-sae")
+    for name in ("config.json", "model.safetensors", "feature_labels.json", "metrics.json", "density.png", "training_args.json", "README.md"):
+        assert name in files, sorted(files)
+    readme = files["README.md"].decode()
+    meta = _card_metadata(readme)
+    assert "library_name: sbert-sae" in meta and "base_model: sentence-transformers/all-MiniLM-L6-v2" in meta
+    assert "sparse-autoencoder" in meta
+    metrics = json.loads(files["metrics.json"])
+    assert f"{metrics['heldout_fvu']:.4g}" in readme  # the metrics table
+    labels = json.loads(files["feature_labels.json"])["features"]
+    best = max((e for e in labels.values() if e.get("score") and e["score"].get("auroc") is not None), key=lambda e: e["score"]["auroc"])
+    assert best["label"] in readme  # the best-scored features table
+    assert 'SparseAutoencoder.from_pretrained("org/minilm-wiki-sae")' in readme
+    assert "n_latents=64, k=4" in readme  # how it was trained, from training_args.json
+    assert str(labelled_run) not in readme and "/tmp/" not in readme  # no local paths in a published card
+
+
+def test_from_pretrained_by_repo_id_and_revision_gives_labels_and_metrics(hub, labelled_run):
+    local = SparseAutoencoder.from_pretrained(labelled_run)
+    first = local.push_to_hub("org/versions")
+    remote = SparseAutoencoder.from_pretrained("org/versions")
+    assert torch.equal(remote.W_dec, local.W_dec) and torch.equal(remote.b_pre, local.b_pre)
+    assert remote.feature_labels == local.feature_labels and any(remote.feature_labels)
+    assert remote.metrics["heldout_fvu"] == local.metrics["heldout_fvu"]
+    assert "feature_labels.json" in hub.files("org/versions")  # push_to_hub carries the labels too
+
+    local.label_data["features"][0] = {**local.label_data["features"][0], "label": "renamed", "status": "labelled"}
+    with torch.no_grad():
+        local.b_pre.add_(1.0)
+    second = local.push_to_hub("org/versions")
+    assert second != first
+    assert SparseAutoencoder.from_pretrained("org/versions").feature_labels[0] == "renamed"
+    old = SparseAutoencoder.from_pretrained("org/versions", revision=first)
+    assert old.feature_labels[0] != "renamed" and not torch.equal(old.b_pre, local.b_pre)
+
+
+def test_automodel_loads_an_sbert_sae_repo(hub):
+    from transformers import AutoModel
+
+    import sbert_sae  # noqa: F401  (registers the config and model classes)
+
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=32, k=4))
+    sae.push_to_hub("org/auto")
+    loaded = AutoModel.from_pretrained("org/auto")
+    assert isinstance(loaded, SparseAutoencoder) and torch.equal(loaded.W_enc, sae.W_enc)
+
+
+class _Tripwire:
+    """Unpickling this would create the file `marker`: the tests check it never appears."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_repos_that_are_not_safe_sbert_sae_repos_are_refused(hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo("org/bert")
+    api.upload_file(path_or_fileobj=json.dumps({"model_type": "bert", "hidden_size": 8}).encode(), path_in_repo="config.json", repo_id="org/bert")
+    with pytest.raises(ModelLoadError, match="not an sbert-sae SAE"):
+        SparseAutoencoder.from_pretrained("org/bert")
+
+    marker = tmp_path / "unpickled"
+    api.create_repo("org/pickle-only")
+    api.upload_file(path_or_fileobj=SparseAutoencoderConfig(d_in=8, n_latents=16, k=2).to_json_string().encode(), path_in_repo="config.json", repo_id="org/pickle-only")
+    api.upload_file(path_or_fileobj=pickle.dumps({"W_enc": _Tripwire(str(marker))}), path_in_repo="pytorch_model.bin", repo_id="org/pickle-only")
+    with pytest.raises(ModelLoadError, match="org/pickle-only"):
+        SparseAutoencoder.from_pretrained("org/pickle-only")
+    assert not marker.exists()
+
+    with pytest.raises(ModelLoadError):
+        SparseAutoencoder.from_pretrained("org/does-not-exist")
+
+
+def test_push_refuses_a_folder_without_an_sae(hub, tmp_path, capsys):
+    assert main(["push", str(tmp_path), "org/empty", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no SAE to push" in err[0]
