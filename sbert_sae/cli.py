@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
     p.add_argument("--license", dest="license_name", default=None, help="license id for the model card, e.g. apache-2.0")
     p.add_argument("--commit-message", default="Upload sbert-sae SAE")
+    p.add_argument("--activations", action="store_true", help="also push the corpus' sparse activations as a dataset repo")
+    p.add_argument("--activations-repo", default=None, help="dataset repo for them (default: REPO_ID-activations)")
+    p.add_argument("--dataset", default=None, help="corpus to encode for --activations (default: the one the SAE was trained on)")
+    p.add_argument("--text-column", default=None, help="its text column (default: the training run's)")
 
     p = sub.add_parser("info", parents=[common], help="print the config and metrics of a trained SAE")
     p.add_argument("sae", help="SAE folder or Hub repo id")
@@ -278,10 +282,31 @@ def _disable_library_progress_bars() -> None:
 
 
 def cmd_push(args) -> int:
-    from .hub import push_sae
+    import dataclasses
 
-    sha = push_sae(args.sae, args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.commit_message, license_name=args.license_name)
-    print(f"pushed {args.sae} to {args.repo_id} (commit {sha})")
+    from .hub import publish, training_data_arguments
+    from .pipeline import DataArguments
+
+    data = None
+    if args.activations and args.dataset:
+        data = DataArguments(dataset=args.dataset, text_column=args.text_column or "text")
+    elif args.activations and args.text_column:
+        data = dataclasses.replace(training_data_arguments(args.sae), text_column=args.text_column)
+    result = publish(
+        args.sae,
+        args.repo_id,
+        activations=args.activations,
+        activations_repo=args.activations_repo,
+        data=data,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        license_name=args.license_name,
+        show_progress=not args.quiet,
+    )
+    if "activations_repo" in result:
+        print(f"pushed the corpus' activations to the dataset {result['activations_repo']} (commit {result['activations_sha']})")
+    print(f"pushed {args.sae} to {args.repo_id} (commit {result['sha']})")
     print(f'load it with: SparseAutoencoder.from_pretrained("{args.repo_id}")')
     return 0
 

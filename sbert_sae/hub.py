@@ -160,8 +160,11 @@ def push_sae(
     commit_message: str = "Upload sbert-sae SAE",
     activations_repo: str | None = None,
     license_name: str | None = None,
+    activations_revision: str | None = None,
 ) -> str:
-    """Upload the SAE in `folder` (and its card) to the model repo `repo_id`; returns the commit sha."""
+    """Upload the SAE in `folder` (and its card) to the model repo `repo_id`; returns the commit sha.
+    With `activations_repo`, the card links the activations dataset and `activations.json`
+    records it (and its revision) for `SparseAutoencoder.load_activations`."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -177,8 +180,160 @@ def push_sae(
             card.save(card_path)
             operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in SAE_FILES if (folder / name).is_file()]
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card_path)))
+            if activations_repo:
+                link = {"repo_id": activations_repo, "revision": activations_revision, "repo_type": "dataset"}
+                operations.append(CommitOperationAdd(path_in_repo=ACTIVATIONS_FILE, path_or_fileobj=json.dumps(link, indent=2).encode()))
             info = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision, repo_type="model")
     except HfHubHTTPError as err:
         raise HubError(f"pushing {folder} to {repo_id} failed: {err}") from err
     logger.info("pushed %s to %s (%s)", folder, repo_id, info.oid)
     return info.oid
+
+
+ACTIVATIONS_FILE = "activations.json"
+
+
+def activation_rows(sae, data, batch_size: int = 4096, show_progress: bool = False):
+    """One dict per embedded text of `data` (a `pipeline.DataArguments`): `id` (its dataset
+    row), `text`, `domain` (when `data.domain_column` is set), and the SAE's firing features,
+    strongest first, as `indices` and `values`. Rows are made batch by batch from the cached,
+    memory-mapped embeddings, so a corpus of any size streams through."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .pipeline import load_and_embed
+
+    data = dataclasses.replace(data, model=sae.config.base_model or data.model, model_revision=sae.config.base_model_revision)
+    ds, cache = load_and_embed(data, show_progress=show_progress)
+    if cache.dim != sae.config.d_in:
+        raise ModelLoadError(f"{data.model} makes {cache.dim}-d embeddings but the SAE reads d_in={sae.config.d_in}")
+    columns = [data.text_column] + ([data.domain_column] if data.domain_column else [])
+    table = ds.select_columns(columns)
+    device = next(sae.parameters()).device
+    for start in tqdm(range(0, len(cache.row_ids), batch_size), desc="encoding corpus", unit="batch", disable=not show_progress):
+        rows = cache.row_ids[start : start + batch_size]
+        x = torch.from_numpy(np.array(cache.embeddings[start : start + len(rows)], dtype=np.float32)).to(device)
+        with torch.no_grad():
+            values, indices = sae.encode_topk(x)
+        values, indices = values.float().cpu().numpy(), indices.cpu().numpy()
+        order = np.argsort(-values, axis=1, kind="stable")
+        values, indices = np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
+        batch = table.select(rows.tolist())
+        texts = batch[data.text_column]
+        domains = batch[data.domain_column] if data.domain_column else None
+        for i, row in enumerate(rows):
+            firing = values[i] > 0
+            out = {"id": int(row), "text": texts[i], "indices": indices[i][firing].astype(np.int32).tolist(), "values": values[i][firing].astype(np.float32).tolist()}
+            if domains is not None:
+                out["domain"] = domains[i]
+            yield out
+
+
+def push_activations(
+    sae,
+    data,
+    repo_id: str,
+    sae_repo: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    max_shard_size: str = "500MB",
+    show_progress: bool = False,
+) -> str:
+    """Push the corpus' sparse activations as a dataset repo (parquet, one row per text,
+    written through an on-disk Arrow file and uploaded in shards), with a card that names
+    the SAE and the corpus. Returns the dataset repo's commit sha."""
+    import datasets
+    from huggingface_hub import DatasetCard, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("int64"),
+            "text": datasets.Value("string"),
+            **({"domain": datasets.Value("string")} if data.domain_column else {}),
+            "indices": datasets.Sequence(datasets.Value("int32")),
+            "values": datasets.Sequence(datasets.Value("float32")),
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="sbert-sae-activations-") as tmp:
+        # from_generator writes to an Arrow file on disk: the rows are never all in memory.
+        ds = datasets.Dataset.from_generator(
+            activation_rows, gen_kwargs={"sae": sae, "data": data, "show_progress": show_progress}, features=features, cache_dir=tmp
+        )
+        try:
+            ds.push_to_hub(repo_id, private=private, token=token, max_shard_size=max_shard_size, commit_message="Upload sbert-sae activations")
+            dataset_name = data.dataset if isinstance(data.dataset, str) else ", ".join(data.dataset)
+            if isinstance(dataset_name, str) and _is_local(dataset_name):
+                dataset_name = f"a local dataset, {Path(dataset_name).name}"
+            card = DatasetCard.load(repo_id, repo_type="dataset", token=token)
+            card.text = (
+                f"\n# Sparse activations of {sae_repo or 'an sbert-sae SAE'}\n\n"
+                f"One row per text of `{dataset_name}` (column `{data.text_column}`), encoded by the sparse autoencoder "
+                + (f"[`{sae_repo}`](https://huggingface.co/{sae_repo})" if sae_repo else "")
+                + f" (n_latents={sae.config.n_latents}, k={sae.config.k}) on the `{sae.config.base_model}` embeddings: "
+                "`indices` are the features that fire on the text, strongest first, and `values` their activations; "
+                "`id` is the text's row in the corpus.\n\n"
+                "```python\nfrom datasets import load_dataset\n\n"
+                f'acts = load_dataset("{repo_id}", split="train")\n```\n'
+            )
+            card.push_to_hub(repo_id, repo_type="dataset", token=token, commit_message="Describe the activations")
+            sha = HfApi(token=token).dataset_info(repo_id).sha
+        except HfHubHTTPError as err:
+            raise HubError(f"pushing the activations to {repo_id} failed: {err}") from err
+    return sha
+
+
+def training_data_arguments(folder: str | Path):
+    """The `DataArguments` a trained run in `folder` was trained with (from `training_args.json`)."""
+    import dataclasses
+
+    from .pipeline import DataArguments
+
+    args = _read_json(Path(folder) / "training_args.json")
+    if not args.get("data"):
+        raise ModelLoadError(f"{folder} has no training_args.json naming its dataset: pass the dataset to use")
+    known = {f.name for f in dataclasses.fields(DataArguments)}
+    data = DataArguments(**{k: v for k, v in args["data"].items() if k in known})
+    # Every text of the corpus, not only one domain's.
+    return dataclasses.replace(data, domain=None, per_domain=False, max_rows=data.max_rows)
+
+
+def publish(
+    folder: str | Path,
+    repo_id: str,
+    activations: bool = False,
+    activations_repo: str | None = None,
+    data=None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload sbert-sae SAE",
+    license_name: str | None = None,
+    show_progress: bool = False,
+) -> dict:
+    """Push a trained run: optionally its corpus' activations first (dataset repo
+    `activations_repo`, default `<repo_id>-activations`), then the SAE and its card."""
+    result = {"repo_id": repo_id}
+    if activations:
+        from .modeling_sbert_sae import SparseAutoencoder
+
+        sae = SparseAutoencoder.from_pretrained(folder)
+        data = data or training_data_arguments(folder)
+        activations_repo = activations_repo or f"{repo_id}-activations"
+        result["activations_repo"] = activations_repo
+        result["activations_sha"] = push_activations(sae, data, activations_repo, sae_repo=repo_id, private=private, token=token, show_progress=show_progress)
+    result["sha"] = push_sae(
+        folder,
+        repo_id,
+        private=private,
+        token=token,
+        revision=revision,
+        commit_message=commit_message,
+        activations_repo=result.get("activations_repo"),
+        activations_revision=result.get("activations_sha"),
+        license_name=license_name,
+    )
+    return result

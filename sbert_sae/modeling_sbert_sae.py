@@ -117,6 +117,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         self._base_model = None
         self.label_data: dict | None = None
         self.metrics: dict = {}
+        self.activations_link: dict | None = None
         self.post_init()
 
     # ------------------------------------------------------------------ init
@@ -375,6 +376,17 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         labels = _read_optional_json(name_or_path, LABELS_FILE, hub_kwargs)
         self.label_data = parse_feature_labels(labels, self.config.n_latents, source=f"{name_or_path}/{LABELS_FILE}") if labels is not None else None
         self.metrics = _read_optional_json(name_or_path, "metrics.json", hub_kwargs) or {}
+        self.activations_link = _read_optional_json(name_or_path, "activations.json", hub_kwargs)
+
+    def load_activations(self, split: str = "train", **kwargs):
+        """The corpus' sparse activations (a `datasets.Dataset`: id, text, domain, indices,
+        values) from the dataset repo this SAE was published with (`sbert-sae push --activations`)."""
+        link = getattr(self, "activations_link", None)
+        if not link or not link.get("repo_id"):
+            raise ModelLoadError("this SAE was not published with an activations dataset (sbert-sae push --activations)")
+        from datasets import load_dataset
+
+        return load_dataset(link["repo_id"], split=split, revision=kwargs.pop("revision", link.get("revision")), **kwargs)
 
     @property
     def feature_labels(self) -> list[str | None]:

@@ -105,3 +105,29 @@ def test_push_refuses_a_folder_without_an_sae(hub, tmp_path, capsys):
     assert main(["push", str(tmp_path), "org/empty", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no SAE to push" in err[0]
+
+
+def test_push_with_activations_gives_a_dataset_that_load_activations_reads(hub, labelled_run, wiki_small, capsys):
+    from datasets import load_from_disk
+
+    assert main(["push", str(labelled_run), "org/with-acts", "--activations", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "org/with-acts-activations" in out
+    sae = SparseAutoencoder.from_pretrained("org/with-acts")
+    acts = sae.load_activations()
+    corpus = load_from_disk(str(wiki_small))
+    assert len(acts) == len(corpus) and set(acts.column_names) >= {"id", "text", "indices", "values"}
+    # each row is the SAE's code of that text, strongest feature first
+    x = torch.from_numpy(sae.embed_texts([acts[0]["text"], acts[7]["text"]]).numpy())
+    with torch.no_grad():
+        values, indices = sae.encode_topk(x)
+    for row, v, i in zip((acts[0], acts[7]), values, indices):
+        assert row["text"] == corpus[row["id"]]["text"]
+        expected = sorted(((float(a), int(b)) for a, b in zip(v, i) if a > 0), reverse=True)
+        assert [b for _, b in expected] == row["indices"]
+        assert row["values"] == pytest.approx([a for a, _ in expected], abs=1e-4)
+    files = hub.files("org/with-acts-activations", repo_type="dataset")
+    assert any(name.endswith(".parquet") for name in files)
+    card = files["README.md"].decode()
+    assert "org/with-acts" in card and "n_latents=64, k=4" in card
+    assert "org/with-acts-activations" in hub.files("org/with-acts")["README.md"].decode()
