@@ -148,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="corpus to encode for --activations (default: the one the SAE was trained on)")
     p.add_argument("--text-column", default=None, help="its text column (default: the training run's)")
 
+    p = sub.add_parser("release", parents=[common], help="train, label and publish the SAE a recipe describes (hub/recipes/*.yaml), then register it")
+    p.add_argument("recipe", help="a recipe YAML file")
+    p.add_argument("--out", required=True, help="folder for the run")
+    p.add_argument("--no-push", action="store_true", help="train and label only")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+    sub.add_parser("list", parents=[common], help="print the registry of released SAEs (short name, repo, metrics)")
+
     p = sub.add_parser("info", parents=[common], help="print the config and metrics of a trained SAE")
     p.add_argument("sae", help="SAE folder or Hub repo id")
     return parser
@@ -311,7 +319,25 @@ def cmd_push(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "label": cmd_label, "embed": cmd_embed, "push": cmd_push, "info": cmd_info}
+def cmd_release(args) -> int:
+    from .registry import release
+
+    outcome = release(args.recipe, args.out, push=not args.no_push, overwrite=args.overwrite, show_progress=not args.quiet)
+    m = outcome["metrics"]
+    print(f"{outcome['name']}: {outcome['out_dir']} held-out FVU {m.get('heldout_fvu', float('nan')):.4f}, label AUROC {m.get('label_auroc_mean') or float('nan'):.4f}")
+    if "sha" in outcome:
+        print(f"published to {outcome['repo_id']} (commit {outcome['sha']}) and registered as {outcome['name']!r}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .registry import format_registry, load_registry
+
+    print(format_registry(load_registry()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "label": cmd_label, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -304,7 +304,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         kwargs["use_safetensors"] = True
         kwargs.pop("trust_remote_code", None)
         want_info = kwargs.pop("output_loading_info", False)
-        name = str(pretrained_model_name_or_path)
+        from .registry import resolve
+
+        name, released = resolve(str(pretrained_model_name_or_path))
+        if released and not kwargs.get("revision"):
+            kwargs["revision"] = released  # a short name means that release
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
         try:
             config_dict, _ = SparseAutoencoderConfig.get_config_dict(name, **hub_kwargs)

@@ -131,3 +131,39 @@ def test_push_with_activations_gives_a_dataset_that_load_activations_reads(hub, 
     card = files["README.md"].decode()
     assert "org/with-acts" in card and "n_latents=64, k=4" in card
     assert "org/with-acts-activations" in hub.files("org/with-acts")["README.md"].decode()
+
+
+def test_release_trains_labels_publishes_and_registers_a_recipe(hub, wiki_small, tmp_path, monkeypatch, capsys):
+    registry = tmp_path / "registry.yaml"
+    monkeypatch.setenv("SBERT_SAE_REGISTRY", str(registry))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"""
+name: tiny-wiki
+repo_id: org/tiny-wiki
+base_model: sentence-transformers/all-MiniLM-L6-v2
+dataset: {{path: "{wiki_small}", text_column: text, domain_column: topic}}
+sae: {{n_latents: 32, k: 4}}
+training: {{epochs: 2, batch_size: 32, heldout_fraction: 0.1, report_to: none}}
+labels: {{top_texts: 10}}
+activations: true
+"""
+    )
+    assert main(["list"]) == 0
+    assert "no released SAEs" in capsys.readouterr().out
+    assert main(["release", str(recipe), "--out", str(tmp_path / "run"), "-q"]) == 0
+    assert "registered as 'tiny-wiki'" in capsys.readouterr().out
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "tiny-wiki" in listing and "org/tiny-wiki" in listing
+    sae = SparseAutoencoder.from_pretrained("tiny-wiki")  # the short name
+    assert sae.config.n_latents == 32 and any(sae.feature_labels)
+    assert len(sae.load_activations()) == 240
+
+
+def test_a_bad_recipe_is_named(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: x\nrepo_id: org/x\nbase_model: m\ndataset: {path: d}\nsae: {n_latents: 8, k: 2, width: 3}\n")
+    assert main(["release", str(recipe), "--out", str(tmp_path / "o"), "--no-push", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown setting(s) width" in err[0]
