@@ -8,6 +8,7 @@ from .configuration_sbert_sae import SparseAutoencoderConfig
 from .errors import (
     ConfigError,
     DatasetError,
+    HubError,
     InputError,
     ModelLoadError,
     OutputDirError,
@@ -22,6 +23,7 @@ AutoModel.register(SparseAutoencoderConfig, SparseAutoencoder, exist_ok=True)
 __all__ = [
     "ConfigError",
     "DatasetError",
+    "HubError",
     "InputError",
     "ModelLoadError",
     "OutputDirError",

@@ -28,3 +28,7 @@ class OutputDirError(SbertSaeError, OSError):
 
 class ResumeError(SbertSaeError, ValueError):
     """`--resume` cannot continue the run found in the output folder."""
+
+
+class HubError(SbertSaeError, OSError):
+    """A push to or a read from the Hub failed (the message says which repo, why, and what to do)."""

@@ -12,7 +12,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .errors import ModelLoadError, SbertSaeError
+from .errors import HubError, ModelLoadError
 from .configuration_sbert_sae import SparseAutoencoderConfig
 from .evaluation import METRIC_DESCRIPTIONS
 
@@ -35,8 +35,16 @@ TEMPLATE_NAME = "MODEL_CARD.md"
 CARD_METRICS = ("heldout_fvu", "heldout_cosine", "heldout_l0", "dead_fraction", "dense_fraction", "neighbour_overlap_at_10", "label_auroc_mean", "label_auroc_median", "label_auroc_share_above_0.8")
 
 
-class HubError(SbertSaeError, OSError):
-    """A push to or a read from the Hub failed (the message says which repo and why)."""
+def _hub_error(err: Exception, what: str, repo_id: str) -> HubError:
+    """A HubError that says what failed and what to do; never the token."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status == 401:
+        return HubError(f"{what} needs a Hub token with write access: set HF_TOKEN or run `hf auth login` ({repo_id}: 401 Unauthorized)")
+    if status == 403:
+        return HubError(f"{what}: the token has no write access to {repo_id} (403 Forbidden); push to a repo you own, or ask for access")
+    if status is not None and status >= 500:
+        return HubError(f"{what} failed on the Hub's side ({repo_id}: {status}); nothing local changed, run the same command again")
+    return HubError(f"{what} failed ({repo_id}): {err}")
 
 
 def card_template_path() -> Path:
@@ -109,7 +117,7 @@ def _training_summary(args: dict, config: dict) -> str:
 
 def render_model_card(folder: str | Path, repo_id: str, activations_repo: str | None = None, license_name: str | None = None, datasets: list[str] | None = None):
     """The `huggingface_hub.ModelCard` of the SAE in `folder`, rendered from `MODEL_CARD.md`."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     folder = Path(folder)
     config = _read_json(folder / "config.json")
@@ -125,7 +133,14 @@ def render_model_card(folder: str | Path, repo_id: str, activations_repo: str | 
     if activations_repo:
         datasets = [*datasets, activations_repo]
     base_model = config.get("base_model")
+    dataset_id = datasets[0] if datasets else (Path(dataset).name if isinstance(dataset, str) else "corpus")
+    eval_results = [
+        EvalResult(task_type="feature-extraction", dataset_type=dataset_id, dataset_name=dataset_id, metric_type=metric, metric_name=title, metric_value=float(metrics[metric]))
+        for metric, title in (("heldout_fvu", "held-out FVU"), ("heldout_cosine", "held-out reconstruction cosine"), ("label_auroc_mean", "label AUROC (held-out, no LLM)"))
+        if isinstance(metrics.get(metric), (int, float))
+    ]
     card_data = ModelCardData(
+        eval_results=eval_results or None,
         library_name="sbert-sae",
         base_model=base_model,
         datasets=datasets or None,
@@ -185,7 +200,7 @@ def push_sae(
                 operations.append(CommitOperationAdd(path_in_repo=ACTIVATIONS_FILE, path_or_fileobj=json.dumps(link, indent=2).encode()))
             info = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision, repo_type="model")
     except HfHubHTTPError as err:
-        raise HubError(f"pushing {folder} to {repo_id} failed: {err}") from err
+        raise _hub_error(err, f"pushing {folder}", repo_id) from err
     logger.info("pushed %s to %s (%s)", folder, repo_id, info.oid)
     return info.oid
 
@@ -282,7 +297,7 @@ def push_activations(
             card.push_to_hub(repo_id, repo_type="dataset", token=token, commit_message="Describe the activations")
             sha = HfApi(token=token).dataset_info(repo_id).sha
         except HfHubHTTPError as err:
-            raise HubError(f"pushing the activations to {repo_id} failed: {err}") from err
+            raise _hub_error(err, "pushing the activations", repo_id) from err
     return sha
 
 

@@ -58,7 +58,11 @@ def hub(hub_server, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", "hf_sbert_sae_test_token")
-    return hub_server
+    hub_server.state.require_token = False
+    hub_server.state.failures.clear()
+    yield hub_server
+    hub_server.state.require_token = False
+    hub_server.state.failures.clear()
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,9 @@ class HubState:
         self.lfs: dict[str, bytes] = {}
         self.lock = threading.RLock()
         self.requests: list[tuple[str, str, str | None]] = []  # method, path, Authorization header
+        self.require_token = False  # writes without a token get 401
+        self.owners: dict[tuple[str, str], str | None] = {}  # repo -> the token that created it (others get 403 on writes)
+        self.failures: list[tuple[str, int]] = []  # (path fragment, status): fail the next matching request once
 
     def new_commit(self, repo: Repo, title: str, message: str, parent: str | None, files: dict[str, Blob], branch: str = "main") -> Commit:
         seed = f"{repo.repo_type}/{repo.repo_id}:{len(repo.commits)}:{time.time_ns()}:{title}".encode()
@@ -101,6 +104,11 @@ class HubServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def fail_next(self, path_fragment: str, status: int = 500) -> None:
+        """Answer the next request whose path contains `path_fragment` with `status` (once)."""
+        with self.state.lock:
+            self.state.failures.append((path_fragment, status))
 
     def files(self, repo_id: str, repo_type: str = "model", revision: str = "main") -> dict[str, bytes]:
         """The files of a repo at a revision (for assertions)."""
@@ -164,6 +172,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self._record()
+        if self._injected_failure():
+            return
         segments, _ = self._split()
         if len(segments) == 2 and segments[0] == "lfs-upload":
             data = self._body()
@@ -175,8 +185,39 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200)
         self._error(404, None, f"no PUT route for {self.path}")
 
+    def _injected_failure(self) -> bool:
+        with self.state.lock:
+            for i, (fragment, status) in enumerate(self.state.failures):
+                if fragment in self.path:
+                    del self.state.failures[i]
+                    if self.command in ("POST", "PUT"):
+                        self._body()
+                    self._error(status, None, f"injected failure {status} for {self.path}")
+                    return True
+        return False
+
+    def _token(self) -> str | None:
+        auth = self.headers.get("Authorization") or ""
+        return auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
+
+    def _may_write(self, repo_type: str, repo_id: str) -> bool:
+        """401 without a token (when tokens are required), 403 for a repo another token created."""
+        token = self._token()
+        if self.state.require_token and not token:
+            self._body()
+            self._error(401, None, "Invalid credentials in Authorization header")
+            return False
+        owner = self.state.owners.get((repo_type, repo_id))
+        if owner is not None and token != owner:
+            self._body()
+            self._error(403, None, f"You don't have the rights to write to {repo_id}")
+            return False
+        return True
+
     def _route(self, head: bool) -> None:
         self._record()
+        if self._injected_failure():
+            return
         segments, query = self._split()
         try:
             if segments[:1] == ["api"]:
@@ -195,6 +236,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _api(self, segments: list[str], query, head: bool) -> None:
         if segments == ["repos", "create"] and self.command == "POST":
+            if self.state.require_token and not self._token():
+                self._body()
+                return self._error(401, None, "Invalid credentials in Authorization header")
             return self._create_repo(json.loads(self._body() or b"{}"))
         if segments == ["validate-yaml"] and self.command == "POST":
             self._body()
@@ -216,6 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
             if action is None or action == "revision":
                 revision = unquote(args[0]) if args else "main"
                 return self._repo_info(repo, revision, head)
+            if action in ("preupload", "commit") and not self._may_write(repo_type, repo_id):
+                return None
             if action == "preupload":
                 return self._preupload(json.loads(self._body() or b"{}"))
             if action == "commit":
@@ -257,6 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
             gitattributes = Blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.parquet filter=lfs diff=lfs merge=lfs -text\n", lfs=False)
             self.state.new_commit(repo, "initial commit", "", None, {".gitattributes": gitattributes})
             self.state.repos[(repo_type, repo_id)] = repo
+            self.state.owners[(repo_type, repo_id)] = self._token()
         self._json(200, {"url": f"{self.endpoint}/{prefix}{repo_id}"})
 
     def _repo_info(self, repo: Repo, revision: str, head: bool) -> None:

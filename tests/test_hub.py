@@ -30,6 +30,7 @@ def test_push_writes_weights_labels_metrics_plots_and_a_card(hub, labelled_run, 
     meta = _card_metadata(readme)
     assert "library_name: sbert-sae" in meta and "base_model: sentence-transformers/all-MiniLM-L6-v2" in meta
     assert "sparse-autoencoder" in meta
+    assert "model-index" in meta and "held-out FVU" in meta  # the metrics, as the Hub reads them
     metrics = json.loads(files["metrics.json"])
     assert f"{metrics['heldout_fvu']:.4g}" in readme  # the metrics table
     labels = json.loads(files["feature_labels.json"])["features"]
@@ -167,3 +168,66 @@ def test_a_bad_recipe_is_named(tmp_path, capsys):
     assert main(["release", str(recipe), "--out", str(tmp_path / "o"), "--no-push", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown setting(s) width" in err[0]
+
+
+def test_a_fresh_process_loads_the_push_by_repo_id_and_runs_the_cards_snippet(hub, labelled_run, tmp_path):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    local = SparseAutoencoder.from_pretrained(labelled_run)
+    local.push_to_hub("org/fresh")
+    readme = hub.files("org/fresh")["README.md"].decode()
+    snippet = re.search(r"```python\n(.*?)```", readme, flags=re.S).group(1)
+    check = snippet + (
+        "\nimport hashlib, json\n"
+        "print(json.dumps({'w': hashlib.sha256(sae.W_dec.detach().numpy().tobytes()).hexdigest(), 'labels': sae.feature_labels, 'shape': list(features.shape), 'nnz': int((features != 0).sum())}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SBERT_SAE"))}
+    env.update({"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1", "SBERT_SAE_CACHE": str(tmp_path / "cache")})
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["w"] == hashlib.sha256(local.W_dec.detach().numpy().tobytes()).hexdigest()
+    assert result["labels"] == local.feature_labels
+    assert result["shape"] == [1, 64] and 0 < result["nnz"] <= 4
+
+
+def _tree_digest(folder) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_push_faults_are_named_leave_local_files_alone_and_a_retry_succeeds(hub, labelled_run, monkeypatch, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    before = _tree_digest(labelled_run)
+
+    # the server fails in the middle of the push (the commit), then works again
+    hub.fail_next("/api/models/org/flaky/commit/", 500)
+    assert main(["push", str(labelled_run), "org/flaky", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "failed on the Hub's side" in err[0] and "run the same command again" in err[0]
+    assert "model.safetensors" not in hub.files("org/flaky")  # nothing half-committed
+    assert main(["push", str(labelled_run), "org/flaky", "-q"]) == 0
+    assert "model.safetensors" in hub.files("org/flaky")
+
+    # no token where one is needed
+    hub.state.require_token = True
+    monkeypatch.delenv("HF_TOKEN")
+    assert main(["push", str(labelled_run), "org/no-token", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a Hub token" in err[0] and "HF_TOKEN" in err[0]
+
+    # a repo someone else owns
+    monkeypatch.setenv("HF_TOKEN", "hf_someone_else_entirely")
+    assert main(["push", str(labelled_run), "org/flaky", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no write access to org/flaky" in err[0]
+
+    assert _tree_digest(labelled_run) == before  # local files untouched throughout
+    everything = capsys.readouterr().out + capsys.readouterr().err + caplog.text
+    assert "hf_sbert_sae_test_token" not in everything and "hf_someone_else_entirely" not in everything
