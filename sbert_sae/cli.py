@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
     p.add_argument("--license", dest="license_name", default=None, help="license id for the model card, e.g. apache-2.0")
     p.add_argument("--commit-message", default="Upload sbert-sae SAE")
+    p.add_argument("--format", choices=("sbert-sae", "sentence-transformers"), default="sbert-sae", help="sentence-transformers: publish a SparseEncoder (base model + this SAE's encoder) that SparseEncoder(REPO_ID) loads without sbert-sae; use its own repo")
     p.add_argument("--activations", action="store_true", help="also push the corpus' sparse activations as a dataset repo")
     p.add_argument("--activations-repo", default=None, help="dataset repo for them (default: REPO_ID-activations)")
     p.add_argument("--dataset", default=None, help="corpus to encode for --activations (default: the one the SAE was trained on)")
@@ -292,8 +293,14 @@ def _disable_library_progress_bars() -> None:
 def cmd_push(args) -> int:
     import dataclasses
 
-    from .hub import publish, training_data_arguments
+    from .hub import publish, push_sparse_encoder, training_data_arguments
     from .pipeline import DataArguments
+
+    if args.format == "sentence-transformers":
+        sha = push_sparse_encoder(args.sae, args.repo_id, private=args.private or None, revision=args.revision)
+        print(f"pushed {args.sae} as a SparseEncoder to {args.repo_id} (commit {sha})")
+        print(f'load it with: SparseEncoder("{args.repo_id}")  (sentence-transformers only)')
+        return 0
 
     data = None
     if args.activations and args.dataset:

@@ -352,3 +352,24 @@ def publish(
         license_name=license_name,
     )
     return result
+
+
+def push_sparse_encoder(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None, revision: str | None = None, commit_message: str = "Upload SparseEncoder made with sbert-sae") -> str:
+    """Publish the SAE in `folder` as a sentence-transformers `SparseEncoder` (base model +
+    the SAE's encoder) to its own model repo, loadable with `SparseEncoder(repo_id)` and no
+    sbert-sae. Returns the commit sha."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .modeling_sbert_sae import SparseAutoencoder
+
+    encoder = SparseAutoencoder.from_pretrained(folder).to_sparse_encoder(device="cpu")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory(prefix="sbert-sae-st-") as tmp:
+            encoder.save_pretrained(tmp)
+            info = api.upload_folder(folder_path=tmp, repo_id=repo_id, revision=revision, commit_message=commit_message)
+    except HfHubHTTPError as err:
+        raise _hub_error(err, f"pushing {folder} as a SparseEncoder", repo_id) from err
+    return info.oid

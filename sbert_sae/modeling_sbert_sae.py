@@ -286,6 +286,35 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             raise ConfigError(f"base model made {vectors.shape[1]}-d embeddings but this SAE reads d_in={self.config.d_in}")
         return vectors.float()
 
+    def to_sparse_encoder(self, device: str | None = None):
+        """This SAE as a sentence-transformers `SparseEncoder`: the base model's modules, an
+        L2 `Normalize` where the SAE normalises its inputs (and the base model does not), and
+        sentence-transformers' own `SparseAutoEncoder` module holding this SAE's encoder
+        (`pre_bias` = b_pre, `encoder` = W_enc, `latent_bias` = b_enc, the same top-k).
+        Its `encode` equals `encode_texts`; users of it need sentence-transformers only.
+
+        That module's decoder is tied to its encoder, whereas this SAE's decoder is trained
+        on its own: reconstructions (`decode`) stay with sbert-sae.
+        """
+        import copy
+
+        from sentence_transformers import SparseEncoder
+        from sentence_transformers.base.modules.normalize import Normalize
+        from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder as SentenceTransformersSAE
+
+        if self.config.base_model_kwargs:
+            raise ConfigError(f"this SAE embeds with encode settings {self.config.base_model_kwargs}, which a SparseEncoder cannot carry")
+        base = self.base_sentence_transformer(device)
+        modules = [copy.deepcopy(module) for module in base]
+        if self.config.normalize == "l2" and not isinstance(modules[-1], Normalize):
+            modules.append(Normalize())
+        sae_module = SentenceTransformersSAE(input_dim=self.config.d_in, hidden_dim=self.config.n_latents, k=self.config.k, k_aux=self.config.k_aux, normalize=False)
+        with torch.no_grad():
+            sae_module.pre_bias.copy_(self.b_pre.detach().float().cpu())
+            sae_module.encoder.weight.copy_(self.W_enc.detach().float().cpu())
+            sae_module.latent_bias.copy_(self.b_enc.detach().float().cpu())
+        return SparseEncoder(modules=[*modules, sae_module], device=device or str(base.device))
+
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Dense codes (len(texts), n_latents) of texts, embedded with the base model."""

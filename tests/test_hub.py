@@ -231,3 +231,28 @@ def test_push_faults_are_named_leave_local_files_alone_and_a_retry_succeeds(hub,
     assert _tree_digest(labelled_run) == before  # local files untouched throughout
     everything = capsys.readouterr().out + capsys.readouterr().err + caplog.text
     assert "hf_sbert_sae_test_token" not in everything and "hf_someone_else_entirely" not in everything
+
+
+def test_to_sparse_encoder_encodes_like_the_sae(labelled_run, wiki_rows):
+    sae = SparseAutoencoder.from_pretrained(labelled_run)
+    encoder = sae.to_sparse_encoder(device="cpu")
+    texts = [r["text"] for r in wiki_rows[:6]] + ["A short sentence about sparse autoencoders."]
+    ours = sae.encode_texts(texts)
+    theirs = encoder.encode(texts, convert_to_tensor=True)
+    theirs = theirs.to_dense() if theirs.is_sparse else theirs
+    assert theirs.shape == ours.shape == (len(texts), 64)
+    assert torch.equal(theirs != 0, ours != 0)
+    assert torch.allclose(theirs.float(), ours.float(), atol=1e-5)
+
+
+def test_push_as_sentence_transformers_loads_with_sparse_encoder_alone(hub, labelled_run, wiki_rows, capsys):
+    from sentence_transformers import SparseEncoder
+
+    assert main(["push", str(labelled_run), "org/wiki-sparse-encoder", "--format", "sentence-transformers", "-q"]) == 0
+    assert 'SparseEncoder("org/wiki-sparse-encoder")' in capsys.readouterr().out
+    remote = SparseEncoder("org/wiki-sparse-encoder", device="cpu")
+    texts = [r["text"] for r in wiki_rows[:4]]
+    ours = SparseAutoencoder.from_pretrained(labelled_run).encode_texts(texts)
+    theirs = remote.encode(texts, convert_to_tensor=True)
+    theirs = theirs.to_dense() if theirs.is_sparse else theirs
+    assert torch.allclose(theirs.float(), ours.float(), atol=1e-5)
