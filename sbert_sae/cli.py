@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision, help="default: bf16 on a GPU that has it, else fp32")
     g.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help=f"steps between checkpoints, 0 for none (default: {defaults.checkpoint_every})")
     g.add_argument("--log-every", type=_positive_int, default=defaults.log_every, help=f"steps between log records (default: {defaults.log_every})")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="publish the trained SAE (and its card) to this Hub model repo; with --per-domain, REPO_ID-<domain> per domain")
     g.add_argument("--report-to", default=defaults.report_to, help="trackers: auto (tensorboard/trackio if installed), none, or a comma list")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder")
@@ -227,6 +228,14 @@ def cmd_train(args) -> int:
         print(f"results: {out}/ (model.safetensors, config.json, metrics.json, density.png, training_args.json)")
         if len(results) > 1:
             print(f"domain comparison: {out / 'domains.md'}")
+    if args.push_to_hub:
+        from .hub import push_sae
+        from .utils import slugify
+
+        for r in results:
+            repo_id = args.push_to_hub if len(results) == 1 else f"{args.push_to_hub}-{slugify(r.name)}"
+            sha = push_sae(r.out_dir, repo_id)
+            print(f"pushed {r.out_dir} to {repo_id} (commit {sha})")
     return 0
 
 

@@ -256,3 +256,24 @@ def test_push_as_sentence_transformers_loads_with_sparse_encoder_alone(hub, labe
     theirs = remote.encode(texts, convert_to_tensor=True)
     theirs = theirs.to_dense() if theirs.is_sparse else theirs
     assert torch.allclose(theirs.float(), ours.float(), atol=1e-5)
+
+
+def test_train_push_to_hub_publishes_the_run(hub, wiki_small, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(wiki_small), "--out", str(out), "--n-latents", "32", "-k", "4", "--epochs", "2", "--batch-size", "32", "-q", "--report-to", "none", "--push-to-hub", "org/trained"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    files = hub.files("org/trained")
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert "README.md" in files and "density.png" in files
+
+
+def test_activations_are_uploaded_in_shards(hub, labelled_run):
+    from sbert_sae.hub import push_activations, training_data_arguments
+
+    sae = SparseAutoencoder.from_pretrained(labelled_run)
+    push_activations(sae, training_data_arguments(labelled_run), "org/sharded-acts", max_shard_size="20KB")
+    shards = [name for name in hub.files("org/sharded-acts", repo_type="dataset") if name.endswith(".parquet")]
+    assert len(shards) > 1, shards
+    from datasets import load_dataset
+
+    assert len(load_dataset("org/sharded-acts", split="train")) == 240
