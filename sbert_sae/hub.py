@@ -77,16 +77,19 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
-def _features_table(labels: dict, top: int = 20) -> str:
+def _features_table(labels: dict, top: int = 20, min_firing: int = 5) -> str:
+    """The best-scored labelled features, among those scored on at least `min_firing` held-out
+    firing texts (a perfect AUROC on one text says little)."""
     features = labels.get("features", {})
     scored = [(int(f), e) for f, e in features.items() if e.get("status") == "labelled" and (e.get("score") or {}).get("auroc") is not None]
-    scored.sort(key=lambda item: -item[1]["score"]["auroc"])
+    solid = [(f, e) for f, e in scored if (e["score"].get("n_firing") or 0) >= min_firing]
+    scored = sorted(solid or scored, key=lambda item: -item[1]["score"]["auroc"])
     if not scored:
         return ""
-    rows = ["| feature | label | held-out AUROC | density |", "| --- | --- | --- | --- |"]
+    rows = ["| feature | label | held-out AUROC | held-out firing texts | density |", "| --- | --- | --- | --- | --- |"]
     for f, e in scored[:top]:
         label = str(e["label"]).replace("|", "\\|")
-        rows.append(f"| {f} | {label} | {e['score']['auroc']:.3f} | {e.get('density', 0):.4f} |")
+        rows.append(f"| {f} | {label} | {e['score']['auroc']:.3f} | {e['score'].get('n_firing', '')} | {e.get('density', 0):.4f} |")
     return "\n".join(rows)
 
 
