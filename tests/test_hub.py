@@ -159,7 +159,13 @@ activations: true
     assert "tiny-wiki" in listing and "org/tiny-wiki" in listing
     sae = SparseAutoencoder.from_pretrained("tiny-wiki")  # the short name
     assert sae.config.n_latents == 32 and any(sae.feature_labels)
-    assert len(sae.load_activations()) == 240
+    acts = sae.load_activations()
+    assert len(acts) == 240 and "domain" in acts.column_names
+    assert set(acts["domain"]) == {"Mathematics", "Arts", "Biology and health sciences"}
+    import yaml
+
+    entry = yaml.safe_load(registry.read_text())["saes"]["tiny-wiki"]
+    assert entry["repo_id"] == "org/tiny-wiki" and 0 < entry["metrics"]["heldout_fvu"] < 2 and "label_auroc_mean" in entry["metrics"]
 
 
 def test_a_bad_recipe_is_named(tmp_path, capsys):
