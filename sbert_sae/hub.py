@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import HubError, ModelLoadError
 from .configuration_sbert_sae import SparseAutoencoderConfig
 from .evaluation import METRIC_DESCRIPTIONS
+from .utils import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except ValueError as err:
         raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
 
@@ -97,13 +98,18 @@ def _is_local(dataset: str) -> bool:
     return dataset.startswith((".", "/", "~")) or Path(dataset).exists() or dataset.count("/") != 1
 
 
+def _public_dataset_name(dataset):
+    """A dataset as a published card may name it: a Hub id as it is, a local path by its last part only."""
+    if isinstance(dataset, str) and _is_local(dataset):
+        return f"a local dataset, {Path(dataset).name}"
+    return dataset
+
+
 def _training_summary(args: dict, config: dict) -> str:
     if not args:
         return ""
     data, training = args.get("data", {}), args.get("training", {})
-    dataset = data.get("dataset")
-    if isinstance(dataset, str) and _is_local(dataset):
-        dataset = f"a local dataset, {Path(dataset).name}"  # no local paths in a published card
+    dataset = _public_dataset_name(data.get("dataset"))
     parts = [
         f"- data: `{dataset}` (column `{data.get('text_column')}`"
         + (f", domain `{args['domain']}`" if args.get("domain") else "")
@@ -283,9 +289,7 @@ def push_activations(
         )
         try:
             ds.push_to_hub(repo_id, private=private, token=token, max_shard_size=max_shard_size, commit_message="Upload sbert-sae activations")
-            dataset_name = data.dataset if isinstance(data.dataset, str) else ", ".join(data.dataset)
-            if isinstance(dataset_name, str) and _is_local(dataset_name):
-                dataset_name = f"a local dataset, {Path(dataset_name).name}"
+            dataset_name = ", ".join(_public_dataset_name(d) for d in ([data.dataset] if isinstance(data.dataset, str) else data.dataset))
             card = DatasetCard.load(repo_id, repo_type="dataset", token=token)
             card.text = (
                 f"\n# Sparse activations of {sae_repo or 'an sbert-sae SAE'}\n\n"

@@ -674,9 +674,10 @@ def _draft_labels(ctx: LabellingContext, block: list[int], keywords_of: dict, ph
     together in padded batches."""
     args = ctx.args
     drafts: dict[int, dict] = {}
+    entries: dict[int, dict] = {}
     todo = []
     for f in block:
-        entry = _entry(ctx, f)
+        entry = entries[f] = _entry(ctx, f)
         if "status" in entry:
             drafts[f] = entry
         elif not keywords_of.get(f):
@@ -727,7 +728,7 @@ def _draft_labels(ctx: LabellingContext, block: list[int], keywords_of: dict, ph
             picks = [int(pool_np[i, j]) for j in order_np[i] if j >= 0]
             members = [int(pool_np[i, j]) for j in range(width) if in_pool_np[i, j]]
             drafts[f] = {
-                **_entry(ctx, f),
+                **entries[f],
                 "label": ", ".join(kws[i][j][0] for j in picks),
                 "status": "labelled",
                 "first_keyword": kws[i][picks[0]][0],

@@ -145,7 +145,6 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
 
     recipe = load_recipe(recipe_path)
     ds = recipe.dataset
-    data_fields = {"heldout_fraction": recipe.training.get("heldout_fraction", 0.05)}
     data = DataArguments(
         dataset=ds.get("hub_id") or ds["path"],
         text_column=ds.get("text_column", "text"),
@@ -155,7 +154,7 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
         domain_column=ds.get("domain_column"),
         domain=ds.get("domain"),
         model=recipe.base_model,
-        **data_fields,
+        heldout_fraction=recipe.training.get("heldout_fraction", 0.05),
     )
     sae_args = SaeArguments(**_only_known(SaeArguments, recipe.sae, f"{recipe.source} sae"))
     training = {k: v for k, v in recipe.training.items() if k != "heldout_fraction"}
