@@ -1,4 +1,4 @@
-"""The `sbert-sae` command line: `train`, `embed`, `info`.
+"""The `sbert-sae` command line: `train`, `embed`, `label`, `families`, `push`, `info`, ...
 
 Every expected failure prints one line (`sbert-sae: error: ...`) and exits non-zero;
 `--debug` shows the traceback instead.
@@ -51,11 +51,14 @@ def _ngram_range(text: str) -> tuple[int, int]:
     return value
 
 
-def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dataset_help: str | None = None) -> None:
     from .base_model import DEFAULT_MODEL
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, nargs="+", help="Hub id, save_to_disk folder, data folder, or parquet/jsonl/csv/txt file(s)")
+    if dataset_help is None:
+        g.add_argument("--dataset", required=True, nargs="+", help="Hub id, save_to_disk folder, data folder, or parquet/jsonl/csv/txt file(s)")
+    else:
+        g.add_argument("--dataset", default=None, nargs="+", help=dataset_help)
     g.add_argument("--text-column", default="text", help="column holding the texts (default: text)")
     g.add_argument("--config-name", default=None, help="configuration (subset) of a Hub dataset")
     g.add_argument("--split", default="train", help="split to use (default: train)")
@@ -137,6 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-label-keywords", type=_positive_int, default=label_defaults.max_label_keywords, help=f"keywords in a label at most (default: {label_defaults.max_label_keywords})")
     g.add_argument("--label-heldout-fraction", type=_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
     g.add_argument("--seed", type=int, default=label_defaults.seed)
+
+    from .families import FamilyArguments
+
+    fam_defaults = FamilyArguments()
+    p = sub.add_parser("families", parents=[common], help="group features into families (co-occurrence spanning tree, O'Neill et al. 2024); write families.json and plots")
+    p.add_argument("sae", help="SAE run folder (families.json, families_cooccurrence.png and family_graph.png are written there)")
+    _add_data_arguments(p, with_model=False, dataset_help="corpus to count co-occurrences on (default: the one the SAE was trained on; other data options apply only with it)")
+    g = p.add_argument_group("families")
+    g.add_argument("--threshold", type=float, default=fam_defaults.threshold, help=f"smallest C_norm = C[i,j]/(C[i,i]+1) that makes an edge (default: {fam_defaults.threshold})")
+    g.add_argument("--min-out-degree", type=_positive_int, default=fam_defaults.min_out_degree, help=f"children in the tree a root needs to head a family (default: {fam_defaults.min_out_degree})")
+    g.add_argument("--min-children", type=_positive_int, default=fam_defaults.min_children, help=f"members besides the parent a family needs to be kept (default: {fam_defaults.min_children})")
+    g.add_argument("--removal-rounds", type=int, default=fam_defaults.removal_rounds, help=f"times the roots are removed and the tree rebuilt (default: {fam_defaults.removal_rounds})")
+    g.add_argument("--max-jaccard", type=float, default=fam_defaults.max_jaccard, help=f"of two families whose children overlap more, keep the larger (default: {fam_defaults.max_jaccard})")
+    g.add_argument("--max-density", type=float, default=fam_defaults.max_density, help=f"leave out features firing on more than this share of texts (default: {fam_defaults.max_density})")
+    g.add_argument("--no-descend", action="store_true", help="only roots head families, not qualifying children inside them")
+    g.add_argument("--permutations", type=_positive_int, default=fam_defaults.permutations, help=f"random permutations the block ratio is compared with (default: {fam_defaults.permutations})")
+    g.add_argument("--plot-family", type=int, default=None, metavar="FEATURE", help="draw the family this feature heads (default: the largest)")
+    g.add_argument("--top", type=int, default=10, help="families to print (default: 10)")
+    g.add_argument("--seed", type=int, default=fam_defaults.seed)
 
     p = sub.add_parser("push", parents=[common], help="publish an SAE folder (weights, config, labels, metrics, plots, model card) to a Hub model repo")
     p.add_argument("sae", help="SAE folder (a trained run)")
@@ -270,6 +292,52 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_families(args) -> int:
+    from .families import COOCCURRENCE_PLOT, FAMILIES_FILE, GRAPH_PLOT, FamilyArguments, corpus_arguments, run_families
+
+    fam_args = FamilyArguments(
+        threshold=args.threshold,
+        min_out_degree=args.min_out_degree,
+        min_children=args.min_children,
+        removal_rounds=args.removal_rounds,
+        max_jaccard=args.max_jaccard,
+        max_density=args.max_density,
+        descend=not args.no_descend,
+        permutations=args.permutations,
+        seed=args.seed,
+    )
+    fam_args.validate()
+    started = time.perf_counter()
+    overrides = {"cache_dir": args.cache_dir, "device": args.device, "embed_batch_size": args.embed_batch_size}
+    data = corpus_arguments(args.sae, _data_arguments(args) if args.dataset else None, **overrides)
+    result = run_families(args.sae, data, fam_args, show_progress=not args.quiet, plot_family=args.plot_family)
+    seconds = time.perf_counter() - started
+    s, out = result.summary, Path(args.sae)
+    if not result.families:
+        print(
+            f"no families found among {s['n_eligible_features']} features over {s['n_texts']} texts: no feature heads "
+            f">= {fam_args.min_out_degree} sparser features with C_norm >= {fam_args.threshold} in the spanning tree and "
+            f">= {fam_args.min_children} members in all (try a lower --threshold or a larger corpus); {seconds:.0f}s"
+        )
+        print(f"wrote an empty {out / FAMILIES_FILE}")
+        return 0
+    print(
+        f"{s['n_families']} families among {s['n_eligible_features']} features ({s['n_texts']} texts): {s['n_features_in_families']} features in families; "
+        f"children per family {s['children_min']}-{s['children_max']}, median {s['children_median']:g}, mean {s['children_mean']:g}; "
+        f"found in trees {', '.join(str(n) for n in s['families_per_round'])}"
+    )
+    ratio = "n/a" if s["block_ratio"] is None else f"{s['block_ratio']:.2f}"
+    permuted = "n/a" if s["permuted_block_ratio_mean"] is None else f"{s['permuted_block_ratio_mean']:.2f} ± {s['permuted_block_ratio_std']:.2f} (max {s['permuted_block_ratio_max']:.2f})"
+    print(f"block ratio (mean C_norm inside families / outside): {ratio}; with permuted feature ids: {permuted} over {s['n_permutations']} permutations")
+    print("largest families:")
+    for fam in result.families[: max(0, args.top)]:
+        children = "; ".join(label or f"#{c}" for c, label in list(zip(fam.children, fam.labels[1:]))[:4])
+        print(f"  #{fam.parent} ({len(fam.children)} children) {fam.label or '(no labels)'}")
+        print(f"      children: {children}{'; ...' if len(fam.children) > 4 else ''}")
+    print(f"families: {out / FAMILIES_FILE}; plots: {out / COOCCURRENCE_PLOT}, {out / GRAPH_PLOT} (family of #{s['plotted_family']}); {seconds:.0f}s")
+    return 0
+
+
 def cmd_embed(args) -> int:
     from .pipeline import load_and_embed
 
@@ -356,7 +424,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "label": cmd_label, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
