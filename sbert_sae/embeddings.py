@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .base_model import DEFAULT_MODEL, embedding_dimension, load_sentence_transformer
+from .base_model import DEFAULT_MODEL, load_sentence_transformer
 from .data import TextRows, dataset_fingerprint, find_text_rows
 from .errors import DatasetError, InputError
+from .text_encoder import EncodeSettings, TextEncoder, resolve_precision
 from .utils import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -84,96 +85,170 @@ def embed_dataset(
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 64,
-    chunk_size: int = 8192,
+    batch_size: int | None = None,
+    chunk_size: int = 16384,
     device: str | None = None,
+    precision: str = "auto",
+    max_batch_tokens: int | None = None,
     on_bad_text: str = "skip",
     encode_kwargs: dict | None = None,
     show_progress: bool = True,
     text_rows: TextRows | None = None,
+    accelerator=None,
 ) -> EmbeddingCache:
     """Embed `ds[text_column]` with a sentence-transformers model, or read the cached result.
 
-    The vectors are exactly `SentenceTransformer.encode(texts, **encode_kwargs)`'s, in row
-    order; rows whose text is missing, not a string or empty are skipped and counted
-    (or refused with `on_bad_text="error"`).
+    The vectors are `SentenceTransformer.encode(texts, **encode_kwargs)`'s, in row order
+    (equal within float error in fp32; in fp16, the default on a GPU, within cosine
+    0.9999); rows whose text is missing, not a string or empty are skipped and counted
+    (or refused with `on_bad_text="error"`). Under `accelerate launch` (pass the
+    `accelerator`) every process embeds its own contiguous share of the rows into the
+    same file; a killed run, with any number of processes, resumes where it stopped.
+
+    Args:
+        batch_size: most texts in one forward pass (None: 1024; the token budget decides).
+        chunk_size: rows written and recorded as done at a time (what a resume keeps).
+        precision: auto (fp16 on a GPU, else fp32), fp32, fp16 or bf16.
+        max_batch_tokens: padded tokens in one forward pass (None: 65536 on a GPU, 8192 on a CPU).
     """
     encode_kwargs = dict(encode_kwargs or {})
-    if batch_size < 1 or chunk_size < 1:
+    if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise InputError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+    unsupported = set(encode_kwargs) - {"normalize_embeddings"}
+    if unsupported:
+        raise InputError(f"encode settings {sorted(unsupported)} are not supported (only normalize_embeddings)")
+    import torch
+
+    from .base_model import pick_device
+
+    precision = resolve_precision(precision, torch.device(pick_device(device)))
     fingerprint = dataset_fingerprint(ds)
-    key = cache_key(model_id, revision, fingerprint, text_column, encode_kwargs)
+    key_settings = dict(encode_kwargs, **({"precision": precision} if precision != "fp32" else {}))
+    key = cache_key(model_id, revision, fingerprint, text_column, key_settings)
     folder = Path(cache_dir or default_cache_dir()) / "embeddings" / key
     if (folder / "complete.json").exists():
         return open_cache(folder)
 
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+
+    def barrier() -> None:
+        if world > 1:
+            accelerator.wait_for_everyone()
+
     rows = text_rows or find_text_rows(ds, text_column, on_bad=on_bad_text)
-    folder.mkdir(parents=True, exist_ok=True)
-    progress_file = folder / "progress.json"
-    model = load_sentence_transformer(model_id, revision=revision, device=device)
-    dim = embedding_dimension(model)
-    if dim is None:
-        dim = int(model.encode(["probe"], **encode_kwargs).shape[1])
     n = len(rows.row_ids)
+    model = load_sentence_transformer(model_id, revision=revision, device=device)
+    settings = EncodeSettings(
+        precision=precision,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=batch_size or 1024,
+        normalize=bool(encode_kwargs.get("normalize_embeddings")),
+    )
+    encoder = TextEncoder(model, settings, owns_model=True)
+    dim = encoder.dim
     vectors_file = folder / "embeddings.npy"
-    done = 0
-    if progress_file.exists() and vectors_file.exists():
-        progress = read_json(progress_file)
-        if progress.get("n_rows") == n and progress.get("dim") == dim:
-            done = int(progress["rows_done"])
-    if done == 0:
-        vectors = np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32, shape=(n, dim))
-    else:
-        vectors = np.load(vectors_file, mmap_mode="r+")
-        logger.info("resuming embedding at row %d of %d", done, n)
-    np.save(folder / "row_ids.npy", rows.row_ids)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        done = _done_ranges(folder, n, dim)
+        if not done or not vectors_file.exists():
+            for stale in folder.glob("progress*.json"):
+                stale.unlink()
+            np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+        np.save(folder / "row_ids.npy", rows.row_ids)
+    barrier()
+    done = _done_ranges(folder, n, dim)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    todo = _subtract(lo, hi, done)
+    if done and rank == 0:
+        logger.info("resuming embedding: %d of %d rows already done", sum(b - a for a, b in done), n)
+    vectors = np.load(vectors_file, mmap_mode="r+")
+    progress_file = folder / ("progress.json" if world == 1 else f"progress-{rank}.json")
+    mine = [list(r) for r in _read_ranges(progress_file)]
 
     from tqdm.auto import tqdm
 
     column = ds.select_columns([text_column])
-    with tqdm(total=n, initial=done, desc="embedding", unit="text", disable=not show_progress) as bar:
-        for start in range(done, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            texts = column.select(rows.row_ids[start:stop])[text_column]
-            out = np.empty((stop - start, dim), dtype=np.float32)
-            # Longest first, in slices of a few batches: padding stays small, as in
-            # `encode`, and the progress bar moves between slices.
-            order = np.argsort([-len(t) for t in texts], kind="stable")
-            step = batch_size * 8
-            for s0 in range(0, len(order), step):
-                idx = order[s0 : s0 + step]
-                out[idx] = model.encode(
-                    [texts[i] for i in idx],
-                    batch_size=batch_size,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                    **encode_kwargs,
-                )
-                bar.update(len(idx))
+    spans = [(a, min(a + chunk_size, b)) for a, b in todo for a in range(a, b, chunk_size)]
+
+    def texts_of(span):
+        return column.select(rows.row_ids[span[0] : span[1]])[text_column]
+
+    total = sum(b - a for a, b in spans)
+    with tqdm(total=total, desc="embedding", unit="text", disable=not (show_progress and rank == 0), smoothing=0.1) as bar:
+        for (start, stop), out in zip(spans, encoder.stream((texts_of(s) for s in spans), progress=bar.update)):
             if not np.isfinite(out).all():
                 bad = rows.row_ids[start:stop][~np.isfinite(out).all(axis=1)][:5].tolist()
                 raise DatasetError(f"the model produced NaN/inf embeddings for dataset rows {bad}")
             vectors[start:stop] = out
             vectors.flush()
-            write_json(progress_file, {"n_rows": n, "dim": dim, "rows_done": stop})
+            mine.append([start, stop])
+            write_json(progress_file, {"n_rows": n, "dim": dim, "ranges": _merge(mine)})
     del vectors
-
-    meta = {
-        "model": model_id,
-        "revision": revision,
-        "dataset_fingerprint": fingerprint,
-        "text_column": text_column,
-        "encode_kwargs": encode_kwargs,
-        "n_rows": n,
-        "n_dataset_rows": len(ds),
-        "dim": dim,
-        "skipped": rows.skipped,
-        "skipped_examples": rows.examples,
-    }
-    write_json(folder / "meta.json", meta)
-    write_json(folder / "complete.json", {"n_rows": n})
-    progress_file.unlink(missing_ok=True)
+    barrier()
+    if rank == 0:
+        missing = _subtract(0, n, _done_ranges(folder, n, dim))
+        if missing:
+            raise DatasetError(f"embedding of rows {missing[:3]} did not finish; run again to resume")
+        meta = {
+            "model": model_id,
+            "revision": revision,
+            "dataset_fingerprint": fingerprint,
+            "text_column": text_column,
+            "encode_kwargs": encode_kwargs,
+            "precision": precision,
+            "n_rows": n,
+            "n_dataset_rows": len(ds),
+            "dim": dim,
+            "skipped": rows.skipped,
+            "skipped_examples": rows.examples,
+        }
+        write_json(folder / "meta.json", meta)
+        write_json(folder / "complete.json", {"n_rows": n})
+        for progress in folder.glob("progress*.json"):
+            progress.unlink()
+    barrier()
     return open_cache(folder)
+
+
+def _read_ranges(path: Path) -> list[tuple[int, int]]:
+    if not path.exists():
+        return []
+    return [tuple(r) for r in read_json(path).get("ranges", [])]
+
+
+def _done_ranges(folder: Path, n: int, dim: int) -> list[tuple[int, int]]:
+    """Row ranges finished by earlier runs (any number of processes), merged."""
+    ranges = []
+    for path in folder.glob("progress*.json"):
+        progress = read_json(path)
+        if progress.get("n_rows") == n and progress.get("dim") == dim:
+            ranges += [tuple(r) for r in progress.get("ranges", [])]
+    return [tuple(r) for r in _merge(ranges)]
+
+
+def _merge(ranges) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for a, b in sorted(tuple(r) for r in ranges):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def _subtract(lo: int, hi: int, done) -> list[tuple[int, int]]:
+    """Parts of [lo, hi) not covered by the sorted, merged ranges `done`."""
+    todo, cursor = [], lo
+    for a, b in done:
+        if b <= cursor or a >= hi:
+            continue
+        if a > cursor:
+            todo.append((cursor, a))
+        cursor = max(cursor, b)
+    if cursor < hi:
+        todo.append((cursor, hi))
+    return todo
 
 
 def open_cache(folder: str | os.PathLike) -> EmbeddingCache:

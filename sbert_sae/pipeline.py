@@ -60,7 +60,10 @@ class DataArguments:
     model: str = DEFAULT_MODEL
     """sentence-transformers model (Hub id or folder)."""
     model_revision: str | None = None
-    embed_batch_size: int = 64
+    embed_batch_size: int | None = None
+    """Most texts in one forward pass when embedding (None: as many as the token budget allows)."""
+    embed_precision: str = "auto"
+    """auto (fp16 on a GPU, else fp32), fp32, fp16 or bf16."""
     cache_dir: str | None = None
     """Where embeddings are cached (default ~/.cache/sbert-sae)."""
     device: str | None = None
@@ -105,16 +108,15 @@ def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = 
             cache_dir=data.cache_dir,
             batch_size=data.embed_batch_size,
             device=data.device,
+            precision=data.embed_precision,
             on_bad_text=data.on_bad_text,
             show_progress=show_progress,
             text_rows=rows,
+            accelerator=accelerator,
         )
 
-    if accelerator is None:
-        return ds, embed()
-    with accelerator.main_process_first():
-        cache = embed()
-    return ds, cache
+    # Under `accelerate launch` every process embeds its share of the rows.
+    return ds, embed()
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:

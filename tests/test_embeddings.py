@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from sbert_sae import embeddings as emb
@@ -51,33 +52,85 @@ def test_second_run_embeds_nothing(wiki_40, tmp_path, monkeypatch):
 
 
 def test_interrupted_embedding_resumes_at_its_last_chunk(wiki_40, tmp_path, monkeypatch):
-    from sentence_transformers import SentenceTransformer
+    from sbert_sae.text_encoder import TextEncoder
 
-    real_encode = SentenceTransformer.encode
+    real_forward = TextEncoder._forward
     calls = {"n": 0}
 
-    def failing_encode(self, *args, **kwargs):
+    def failing_forward(self, features):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
-        return real_encode(self, *args, **kwargs)
+        return real_forward(self, features)
 
-    monkeypatch.setattr(SentenceTransformer, "encode", failing_encode)
+    monkeypatch.setattr(TextEncoder, "_forward", failing_forward)
     with pytest.raises(KeyboardInterrupt):
         embed_dataset(wiki_40, "text", cache_dir=tmp_path, batch_size=8, chunk_size=8, show_progress=False)
     folder = next((tmp_path / "embeddings").iterdir())
     assert not (folder / "complete.json").exists()
-    assert emb.read_json(folder / "progress.json")["rows_done"] == 16
+    assert emb.read_json(folder / "progress.json")["ranges"] == [[0, 16]]
 
     seen = []
 
-    def counting_encode(self, texts, *args, **kwargs):
-        seen.extend(texts)
-        return real_encode(self, texts, *args, **kwargs)
+    def counting_forward(self, features):
+        seen.extend(features["input_ids"].tolist())
+        return real_forward(self, features)
 
-    monkeypatch.setattr(SentenceTransformer, "encode", counting_encode)
+    monkeypatch.setattr(TextEncoder, "_forward", counting_forward)
     cache = embed_dataset(wiki_40, "text", cache_dir=tmp_path, batch_size=8, chunk_size=8, show_progress=False)
     assert len(seen) == 38 - 16  # the finished chunks were not embedded again
+    assert not list(cache.path.glob("progress*.json"))
     fresh = embed_dataset(wiki_40, "text", cache_dir=tmp_path / "fresh", batch_size=8, chunk_size=8, show_progress=False)
     np.testing.assert_allclose(cache.embeddings, fresh.embeddings, atol=1e-6)
     assert open_cache(cache.path).row_ids.tolist() == fresh.row_ids.tolist()
+
+
+def test_text_encoder_matches_encode_across_chunks_and_precisions(minilm, wiki_rows):
+    from sbert_sae.text_encoder import EncodeSettings, TextEncoder
+
+    texts = [r["text"] for r in wiki_rows[:24]] + ["  padded  ", "short", "Crème brûlée " * 80]
+    expected = minilm.encode(texts, batch_size=7)
+    encoder = TextEncoder(minilm, EncodeSettings(max_batch_tokens=1024, super_batch=5))
+    chunks = list(encoder.stream([texts[:10], [], texts[10:]]))
+    assert [len(c) for c in chunks] == [10, 0, len(texts) - 10]
+    assert encoder._backend is not None  # MiniLM's tokenisation is reproduced exactly
+    np.testing.assert_allclose(np.concatenate(chunks), expected, atol=2e-5)
+    # A half-precision encoder works on a copy: the caller's model keeps its fp32 weights.
+    half = TextEncoder(minilm, EncodeSettings(precision="bf16"))
+    assert next(minilm.parameters()).dtype == torch.float32
+    vectors = half.encode(texts)
+    cosine = (vectors * expected).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.99, cosine.min()
+
+
+def test_text_encoder_falls_back_to_the_models_own_tokenisation(minilm, wiki_rows, monkeypatch):
+    from sbert_sae import text_encoder
+
+    def mismatched(self, texts):
+        lengths, ids, types = real(self, texts)
+        return lengths, [np.where(i == 102, 103, i) for i in ids], types  # a tokenizer that disagrees
+
+    real = text_encoder._BackendTokenizer.tokenize
+    monkeypatch.setattr(text_encoder._BackendTokenizer, "tokenize", mismatched)
+    texts = [r["text"] for r in wiki_rows[:6]]
+    encoder = text_encoder.TextEncoder(minilm)
+    np.testing.assert_allclose(encoder.encode(texts), minilm.encode(texts), atol=2e-5)
+    assert encoder._backend is None
+
+
+def test_text_encoder_refuses_non_strings(minilm):
+    from sbert_sae.errors import InputError
+    from sbert_sae.text_encoder import EncodeSettings, TextEncoder
+
+    with pytest.raises(InputError, match=r"texts\[1\] is int"):
+        TextEncoder(minilm).encode(["fine", 3])
+    with pytest.raises(InputError, match="precision"):
+        TextEncoder(minilm, EncodeSettings(precision="fp8"))
+
+
+def test_embedding_shards_resume_with_another_number_of_processes(tmp_path):
+    # Ranges finished by two processes are what a later single-process run skips.
+    assert emb._merge([[8, 16], [0, 8], [20, 24]]) == [[0, 16], [20, 24]]
+    assert emb._subtract(0, 30, [(0, 16), (20, 24)]) == [(16, 20), (24, 30)]
+    assert emb._subtract(10, 18, [(0, 16), (20, 24)]) == [(16, 18)]
+    assert emb._subtract(0, 5, []) == [(0, 5)]
