@@ -200,15 +200,18 @@ def cooccurrence(
     dense_max_latents: int = 12288,
     device: str | torch.device | None = None,
     show_progress: bool = False,
+    dense: bool | None = None,
 ) -> sp.csr_matrix:
     """Co-occurrence counts `C = A^T A` (n, n) of the binary firing matrix A, never made.
 
+    `C[i, j]` is the number of texts on which features i and j both fire (value > 0),
     `C[i, i]` the number on which i fires. Each chunk of texts is a sparse binary CSR
     matrix `A_c` (rows, n) and `A_c^T A_c` is summed in sparse form: memory grows with the
     pairs that occur, never with texts x n. On a GPU (`device`) and up to
     `dense_max_latents` features, the chunk's (i, j) pairs are added into a dense int32
     n x n array there instead. On the CPU the sparse product was the faster (10k texts,
-    n=6144, k=32: 1.5 s against 3.5 s), so the CPU always takes it.
+    n=6144, k=32: 1.5 s against 3.5 s), so the CPU takes it unless `dense` is True
+    (False: always sparse; None: choose as said).
     """
     from tqdm.auto import tqdm
 
@@ -217,17 +220,19 @@ def cooccurrence(
     starts = range(0, len(acts), rows)
     bar = dict(desc="co-occurrence", unit="chunk", disable=not show_progress or len(starts) < 2)
     device = torch.device(device or "cpu")
-    if n <= dense_max_latents and device.type != "cpu":
+    if dense is None:
+        dense = n <= dense_max_latents and device.type != "cpu"
+    if dense:
         flat = torch.zeros(n * n, dtype=torch.int32, device=device)
         for start in tqdm(starts, **bar):
             idx = torch.from_numpy(np.ascontiguousarray(acts.indices[start : start + rows], dtype=np.int64)).to(device)
             on = torch.from_numpy(np.ascontiguousarray(acts.values[start : start + rows] > 0)).to(device)
             keys = (idx[:, :, None] * n + idx[:, None, :])[on[:, :, None] & on[:, None, :]]
             flat.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-        dense = flat.view(n, n)
-        i, j = dense.nonzero(as_tuple=True)
-        data = dense[i, j].to(torch.int64).cpu().numpy()
-        del flat, dense
+        square = flat.view(n, n)
+        i, j = square.nonzero(as_tuple=True)
+        data = square[i, j].to(torch.int64).cpu().numpy()
+        del flat, square
         return sp.csr_matrix((data, (i.cpu().numpy(), j.cpu().numpy())), shape=(n, n))
     total = sp.csr_matrix((n, n), dtype=np.int64)
     for start in tqdm(starts, **bar):
@@ -380,7 +385,8 @@ def family_label(
     KeyBERT keywords. Keywords with at least 2 votes, not already in the parent's label,
     are the family's `keywords`, ranked by votes x log(n_documents / document_frequency)
     (how many of all features have the keyword: words every feature has, "known",
-    "located", rank low), then by the parent's own order. The name is the parent's label,
+    "located", rank low; by votes alone without frequencies), then by the parent's own
+    order, then alphabetically. The name is the parent's label,
     then the `top` shared keywords after a colon ("football, club: league, goalkeeper"):
     the parent says what the family is about, the shared keywords what its narrower
     features have in common beyond it.
@@ -395,7 +401,7 @@ def family_label(
     total = max(n_documents or 0, len(child_entries) + 1)
 
     def score(word: str) -> float:
-        return votes[word] * math.log((total + 1) / (df.get(word, votes[word]) + 0.5))
+        return votes[word] * math.log((total + 1) / (df[word] + 0.5)) if word in df else votes[word]
 
     rank = {w.lower(): i for i, w in enumerate(parent_words)}
     shared = [w for w, v in votes.items() if v >= 2 and w not in in_label]
@@ -586,7 +592,8 @@ def feature_families(
                 return parse_families(data, source=f"{source}/{FAMILIES_FILE}")
         if not source or not (Path(source) / "training_args.json").exists():
             raise InputError("pass the corpus' embeddings or activations: this SAE has no families.json and no training run folder to read its corpus from")
-        return run_families(source, args=args, show_progress=show_progress, write=False, sae=sae).families
+        data = corpus_arguments(source, device=str(sae.W_dec.device))
+        return run_families(source, data, args=args, show_progress=show_progress, write=False, sae=sae).families
     if activations is None:
         x = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != sae.config.d_in:
@@ -711,8 +718,7 @@ def plot_cooccurrence_blocks(result: FamilyResult, path: str | Path, max_feature
     matrix = norm[order][:, order].toarray()
     matrix[matrix <= 0] = np.nan
     fig, ax = plt.subplots(figsize=(8.5, 7.5))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("white")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     image = ax.imshow(matrix, cmap=cmap, norm=LogNorm(vmin=1e-3, vmax=1.0), interpolation="nearest")
     for start, end in spans:
         ax.add_patch(Rectangle((start - 0.5, start - 0.5), end - start, end - start, fill=False, edgecolor="red", linewidth=0.6))

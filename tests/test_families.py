@@ -1,0 +1,269 @@
+"""Feature families: the paper's recipe on a hand-made co-occurrence matrix whose tree is
+known, and on a small SAE trained and labelled on real Wikipedia text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from sbert_sae import SparseAutoencoder
+from sbert_sae.activations import SparseActivations, encode_corpus
+from sbert_sae.cli import main
+from sbert_sae.families import (
+    Family,
+    FamilyArguments,
+    block_ratio,
+    compute_families,
+    cooccurrence,
+    deduplicate,
+    families_document,
+    family_label,
+    feature_families,
+    find_families,
+    load_families,
+    normalized_cooccurrence,
+)
+
+
+# ------------------------------------------------------------ a tree known by hand
+def _hand_made(extra_counts: dict | None = None, extra_pairs: dict | None = None) -> sp.csr_matrix:
+    """Counts C of 14 features (diagonal: texts each fires on) over 1000 texts.
+
+    0 (100 texts) is the broad feature; 1 (40) lies mostly inside it, with 5 and 6 inside 1;
+    2, 3, 4 lie inside 0 only; 7 and 8 co-occur with 0 a little more than with 1. 9 heads
+    10 and 11 (too few to make a family) and touches 12 and 13 below the 0.1 threshold.
+    """
+    counts = {0: 100, 1: 40, 2: 20, 3: 20, 4: 20, 5: 10, 6: 10, 7: 10, 8: 10, 9: 30, 10: 10, 11: 10, 12: 10, 13: 10, **(extra_counts or {})}
+    pairs = {(0, 1): 30, (0, 2): 15, (0, 3): 15, (0, 4): 15, (1, 5): 8, (1, 6): 8, (0, 5): 4, (0, 6): 4,
+             (0, 7): 8, (0, 8): 8, (1, 7): 6, (1, 8): 6, (9, 10): 8, (9, 11): 8, (9, 12): 1, (9, 13): 1, **(extra_pairs or {})}  # fmt: skip
+    c = np.zeros((len(counts), len(counts)), dtype=np.int64)
+    for f, n in counts.items():
+        c[f, f] = n
+    for (i, j), n in pairs.items():
+        c[i, j] = c[j, i] = n
+    return sp.csr_matrix(c)
+
+
+def _shape(fam: Family) -> tuple:
+    return fam.parent, fam.children, fam.under, fam.depth, fam.round
+
+
+def test_hand_made_cooccurrence_gives_the_expected_families():
+    fams = find_families(_hand_made(), n_texts=1000)
+    # Round 0: the tree is 0 -> 1, 2, 3, 4, 7, 8 and 1 -> 5, 6 (5 and 6 co-occur more with 1
+    # than with 0; 7 and 8 more with 0 than with 1); children strongest edge first.
+    # Round 1, without 0: 1 -> 5, 6, 7, 8. 9 has only 2 children above the threshold.
+    assert [_shape(f) for f in fams] == [
+        (0, [1, 5, 6, 7, 8, 2, 3, 4], [0, 1, 1, 0, 0, 0, 0, 0], [1, 2, 2, 1, 1, 1, 1, 1], 0),
+        (1, [5, 6, 7, 8], [1, 1, 1, 1], [1, 1, 1, 1], 1),
+    ]
+    assert fams[0].weights[:3] == pytest.approx([30 / 41, 8 / 11, 8 / 11])
+
+
+def test_each_constant_of_the_recipe_changes_the_families():
+    c = _hand_made()
+    parents = lambda **kw: [f.parent for f in find_families(c, 1000, FamilyArguments(**kw))]  # noqa: E731
+    assert parents(removal_rounds=0) == [0]  # no second tree
+    assert parents(max_jaccard=0.4) == [0]  # {5, 6, 7, 8} overlaps {1..8} with Jaccard 0.5
+    assert parents(min_out_degree=2, min_children=2) == [0, 1, 9]
+    assert parents(threshold=0.05) == [0, 9, 1]  # 9 -> 12, 13 (C_norm 1/11) become edges: 4 children
+    assert parents(min_children=9) == []
+    # 0 fires on 10% of texts: over 400 texts it is too dense, and 1 heads the family of the first tree
+    fams = find_families(c, 400)
+    assert [_shape(f) for f in fams] == [(1, [5, 6, 7, 8], [1, 1, 1, 1], [1, 1, 1, 1], 0)]
+
+
+def test_children_with_children_head_families_of_their_own():
+    """1 gets a third child (14): inside 0's family it heads one too, unless descend is off."""
+    c = _hand_made({14: 10}, {(1, 14): 8})
+    got = find_families(c, 1000, FamilyArguments(min_children=3, removal_rounds=0))
+    assert [(f.parent, sorted(f.children)) for f in got] == [(0, [1, 2, 3, 4, 5, 6, 7, 8, 14]), (1, [5, 6, 14])]
+    got = find_families(c, 1000, FamilyArguments(min_children=3, removal_rounds=0, descend=False))
+    assert [f.parent for f in got] == [0]
+
+
+def test_deduplicate_keeps_the_larger_of_overlapping_families():
+    fam = lambda p, kids: Family(parent=p, children=kids, under=[p] * len(kids), depth=[1] * len(kids))  # noqa: E731
+    a, b, c, d = fam(0, [1, 2, 3, 4, 5]), fam(9, [1, 2, 3, 4]), fam(8, [4, 5, 6, 7]), fam(7, [20, 21, 22, 23])
+    assert [f.parent for f in deduplicate([b, a, c, d], 0.6)] == [0, 7, 8]  # b: 4/5 > 0.6; c: 2/7
+    twins = [fam(3, [1, 2, 3, 4]), fam(2, [1, 2, 3, 4])]
+    assert [f.parent for f in deduplicate(twins, 0.6)] == [2]  # one of equal twins stays
+
+
+def test_cooccurrence_from_sparse_codes_matches_the_dense_firing_matrix():
+    rng = np.random.default_rng(0)
+    n_texts, k, n = 3000, 6, 50
+    indices = np.stack([rng.choice(n, k, replace=False) for _ in range(n_texts)]).astype(np.int32)
+    values = rng.random((n_texts, k)).astype(np.float32)
+    values[rng.random((n_texts, k)) < 0.2] = 0  # selected by top-k but not firing
+    acts = SparseActivations(values, indices, n)
+    firing = np.zeros((n_texts, n))
+    np.put_along_axis(firing, indices.astype(np.int64), values > 0, axis=1)
+    expected = firing.T @ firing
+    for dense in (False, True):
+        got = cooccurrence(acts, chunk_rows=700, dense=dense)
+        assert got.shape == (n, n) and np.array_equal(got.toarray(), expected), dense
+    norm = normalized_cooccurrence(got).toarray()
+    np.fill_diagonal(expected, 0)
+    assert norm == pytest.approx(expected / (firing.sum(0) + 1)[:, None])
+
+
+def test_family_label_is_the_parents_label_and_the_keywords_children_share():
+    entry = lambda label, *kws: {"label": label, "keywords": [{"keyword": k} for k in kws]}  # noqa: E731
+    parent = entry("football, club", "football", "club", "sport")
+    children = [entry("goalkeeper", "league", "known"), entry("striker", "league", "known"), entry("stadium", "league", "known", "ball"), entry("coach", "ball")]
+    label, keywords = family_label(parent, children, document_frequency={"league": 3, "known": 500, "ball": 2}, n_documents=1000)
+    assert keywords[:3] == ["league", "ball", "known"]  # "known", in half of all features, ranks last
+    assert label == "football, club: league, ball, known"
+    assert family_label(None, children)[0] == "known, league, ball"  # without frequencies: by votes
+    assert family_label(None, [entry("x"), entry("y")]) == (None, [])
+
+
+# ------------------------------------------------------------ real text
+@pytest.fixture(scope="module")
+def real(labelled_run, wiki_small):
+    """The labelled SAE's sparse codes of the Wikipedia texts, their dense firing matrix
+    (made independently, for checking), and the families."""
+    from sbert_sae.pipeline import DataArguments, load_and_embed
+
+    sae = SparseAutoencoder.from_pretrained(labelled_run)
+    _, cache = load_and_embed(DataArguments(dataset=str(wiki_small)), show_progress=False)
+    acts = encode_corpus(sae, cache.embeddings)
+    firing = np.zeros((len(acts), acts.n_latents))
+    np.put_along_axis(firing, acts.indices.astype(np.int64), acts.values > 0, axis=1)
+    return sae, acts, firing, compute_families(acts, label_data=sae.label_data)
+
+
+def test_real_families_have_the_papers_structure(real):
+    sae, acts, firing, result = real
+    c = firing.T @ firing
+    counts = np.diag(c)
+    c_norm = c / (counts + 1)[:, None]
+    args = FamilyArguments()
+    assert len(result.families) >= 3, result.summary
+    for fam in result.families:
+        assert len(fam.children) >= args.min_children and len(set(fam.features)) == len(fam.features)
+        for child, up, weight in zip(fam.children, fam.under, fam.weights):
+            assert up in fam.features[: fam.features.index(child)]  # its tree parent comes before it
+            assert c_norm[child, up] >= args.threshold  # P(tree parent fires | child fires)
+            assert c_norm[child, up] == pytest.approx(weight)
+            assert counts[up] >= counts[child]  # denser parent
+        assert counts[fam.parent] >= counts[fam.children].max()
+        assert counts[fam.parent] <= args.max_density * len(acts)
+    for i, a in enumerate(result.families):
+        for b in result.families[i + 1 :]:
+            x, y = set(a.children), set(b.children)
+            assert len(x & y) / len(x | y) <= args.max_jaccard
+
+
+def test_families_are_blocks_of_the_cooccurrence_matrix(real):
+    sae, acts, firing, result = real
+    s = result.summary
+    assert s["block_ratio"] > 1.5 and s["block_ratio"] > s["permuted_block_ratio_max"], s
+    assert abs(s["permuted_block_ratio_mean"] - 1) < 0.3, s
+    # the ratio, recomputed from the dense matrix
+    c = firing.T @ firing
+    c_norm = c / (np.diag(c) + 1)[:, None]
+    members = sorted({f for fam in result.families for f in fam.features})
+    inside = np.zeros_like(c_norm, dtype=bool)
+    for fam in result.families:
+        inside[np.ix_(fam.features, fam.features)] = True
+    np.fill_diagonal(inside, False)
+    among = np.zeros_like(inside)
+    among[np.ix_(members, members)] = True
+    np.fill_diagonal(among, False)
+    expected = c_norm[inside].mean() / c_norm[among & ~inside].mean()
+    assert s["block_ratio"] == pytest.approx(expected, rel=1e-3)
+    assert block_ratio(normalized_cooccurrence(result.cooccurrence), result.families) == pytest.approx(expected)
+
+
+def test_real_families_carry_their_members_labels(real):
+    sae, _, _, result = real
+    labels = sae.feature_labels
+    for fam in result.families:
+        assert fam.labels == [labels[f] for f in fam.features]
+        if fam.parent_label:
+            assert fam.label.startswith(fam.parent_label)
+    assert any(fam.keywords for fam in result.families)
+
+
+def test_families_json_round_trip(real, tmp_path):
+    from sbert_sae.utils import write_json
+
+    sae, _, _, result = real
+    write_json(tmp_path / "families.json", families_document(result, sae, dataset="wiki"))
+    back = load_families(tmp_path)
+    assert [_shape(f) for f in back] == [_shape(f) for f in result.families]
+    for a, b in zip(back, result.families):
+        assert (a.label, a.parent_label, a.child_labels, a.keywords) == (b.label, b.parent_label, b.child_labels, b.keywords)
+        assert a.weights == pytest.approx(b.weights, abs=1e-4)
+    doc = json.loads((tmp_path / "families.json").read_text())
+    assert doc["summary"]["n_families"] == len(result.families) and doc["settings"]["threshold"] == 0.1
+    child = doc["families"][0]["children"][0]
+    assert set(child) >= {"feature", "label", "under", "depth", "cooccurrence", "n_firing", "density"}
+
+
+# ------------------------------------------------------------ the command and the API
+@pytest.fixture
+def run_copy(labelled_run, tmp_path):
+    folder = tmp_path / "sae"
+    shutil.copytree(labelled_run, folder)
+    return folder
+
+
+def test_families_command_writes_files_and_a_summary(run_copy, real, capsys):
+    assert main(["families", str(run_copy), "-q"]) == 0  # the corpus of training_args.json
+    out = capsys.readouterr().out
+    doc = json.loads((run_copy / "families.json").read_text())
+    assert f"{len(doc['families'])} families among" in out and "block ratio" in out and "largest families:" in out
+    assert [f["parent"]["feature"] for f in doc["families"]] == [f.parent for f in real[3].families]
+    for name in ("families_cooccurrence.png", "family_graph.png"):
+        assert (run_copy / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the SAE reads the saved families back
+    sae = SparseAutoencoder.from_pretrained(run_copy)
+    assert [_shape(f) for f in feature_families(sae)] == [_shape(f) for f in real[3].families]
+
+
+def test_families_from_embeddings_and_without_labels(run_copy, real, wiki_small, capsys):
+    sae, acts, _, result = real
+    (run_copy / "feature_labels.json").unlink()
+    bare = SparseAutoencoder.from_pretrained(run_copy)
+    fams = feature_families(bare, activations=acts)
+    assert [_shape(f) for f in fams] == [_shape(f) for f in result.families]
+    assert all(f.label is None and set(f.labels) == {None} for f in fams)
+    assert main(["families", str(run_copy), "--dataset", str(wiki_small), "-q", "--plot-family", str(fams[0].parent)]) == 0
+    assert "(no labels)" in capsys.readouterr().out
+    assert json.loads((run_copy / "families.json").read_text())["families"][0]["label"] is None
+
+
+def test_no_families_found_writes_an_empty_file_and_says_why(run_copy, capsys):
+    (run_copy / "family_graph.png").write_bytes(b"old")
+    assert main(["families", str(run_copy), "-q", "--threshold", "0.99"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no families found") and "--threshold" in out
+    assert json.loads((run_copy / "families.json").read_text())["families"] == []
+    assert not (run_copy / "family_graph.png").exists() and not (run_copy / "families_cooccurrence.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["families", "/nonexistent/run"], "is not a folder"),
+        (["families", "{run}", "--plot-family", "999"], "heads no family"),
+        (["families", "{run}", "--max-jaccard", "1.5"], "max_jaccard must be in [0, 1]"),
+        (["families", "{bare}"], "has no training_args.json"),
+    ],
+)
+def test_families_command_refuses_bad_input_in_one_line(argv, fragment, run_copy, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(run_copy / name, bare / name)
+    argv = [a.format(run=run_copy, bare=bare) for a in argv]
+    assert main([*argv, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
