@@ -69,7 +69,8 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
     if with_model:
         g.add_argument("--model", default=DEFAULT_MODEL, help=f"sentence-transformers model, Hub id or folder (default: {DEFAULT_MODEL})")
         g.add_argument("--model-revision", default=None, help="revision of the model on the Hub")
-    g.add_argument("--embed-batch-size", type=_positive_int, default=64, help="texts per forward pass when embedding (default: 64)")
+    g.add_argument("--embed-batch-size", type=_positive_int, default=None, help="most texts per forward pass when embedding (default: as many as 65536 padded tokens on a GPU, 8192 on a CPU, allow)")
+    g.add_argument("--embed-precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="embedding precision (default: fp16 on a GPU, else fp32)")
     g.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE or ~/.cache/sbert-sae)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, split and data order (default: 0)")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision, help="default: bf16 on a GPU that has it, else fp32")
     g.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help=f"steps between checkpoints, 0 for none (default: {defaults.checkpoint_every})")
+    g.add_argument("--checkpoint-min-seconds", type=float, default=defaults.checkpoint_min_seconds, help=f"skip a checkpoint when the last is younger than this, 0 for never (default: {defaults.checkpoint_min_seconds:g})")
     g.add_argument("--log-every", type=_positive_int, default=defaults.log_every, help=f"steps between log records (default: {defaults.log_every})")
     g.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="publish the trained SAE (and its card) to this Hub model repo; with --per-domain, REPO_ID-<domain> per domain")
     g.add_argument("--report-to", default=defaults.report_to, help="trackers: auto (tensorboard/trackio if installed), none, or a comma list")
@@ -205,6 +207,7 @@ def _data_arguments(args):
         model=getattr(args, "model", DEFAULT_MODEL),
         model_revision=getattr(args, "model_revision", None),
         embed_batch_size=args.embed_batch_size,
+        embed_precision=args.embed_precision,
         cache_dir=args.cache_dir,
         device=args.device,
     )
@@ -224,6 +227,7 @@ def cmd_train(args) -> int:
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_min_seconds=args.checkpoint_min_seconds,
         log_every=args.log_every,
         report_to=args.report_to,
         show_progress=not args.quiet,

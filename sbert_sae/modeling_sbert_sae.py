@@ -107,6 +107,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     whose rows are the features' unit-norm directions, `b_pre` (d_in).
     """
 
+    decoder_impl: str = "auto"
+    """How `decode_topk` adds up decoder rows: "sparse" (embedding_bag), "dense" (scatter the
+    code, one matrix product) or "auto" (dense on a GPU, sparse elsewhere); same result."""
+
     def __init__(self, config: SparseAutoencoderConfig):
         super().__init__(config)
         n, d = config.n_latents, config.d_in
@@ -187,7 +191,13 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """Reconstruction (batch, d_in) from a sparse code (values, indices) of shape (batch, k)."""
         if values.shape != indices.shape or values.dim() != 2:
             raise InputError(f"values and indices must both be (batch, k), got {tuple(values.shape)} and {tuple(indices.shape)}")
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        if self.decoder_impl == "dense" or (self.decoder_impl == "auto" and values.is_cuda):
+            # On a GPU a dense product with the scattered code runs on the tensor cores and
+            # beats the gather-and-add of embedding_bag (and its atomic backward).
+            code = torch.zeros(values.shape[0], self.config.n_latents, dtype=values.dtype, device=values.device)
+            out = code.scatter(1, indices, values) @ self.W_dec.to(values.dtype)
+        else:
+            out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
         return out + self.b_pre if add_bias else out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -219,13 +229,13 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
         auxk_loss = fvu.new_zeros(())
         if dead_mask is not None:
-            num_dead = int(dead_mask.sum())
-            if num_dead > 0:
-                k_aux = min(self.config.k_aux, num_dead)
-                aux_values, aux_indices = self._topk(pre.masked_fill(~dead_mask, float("-inf")), k_aux)
-                residual = (x - x_hat).detach()
-                residual_hat = self.decode_topk(aux_values, aux_indices, add_bias=False)
-                auxk_loss = torch.nan_to_num(fraction_of_variance_unexplained(residual_hat, residual), 0.0)
+            # Live features are masked to -inf: where fewer than k_aux are dead, the extra
+            # picks are ReLU(-inf) = 0 and add nothing. No device value is read on the host.
+            k_aux = min(self.config.k_aux, self.config.n_latents)
+            aux_values, aux_indices = self._topk(pre.masked_fill(~dead_mask, float("-inf")), k_aux)
+            residual = (x - x_hat).detach()
+            residual_hat = self.decode_topk(aux_values, aux_indices, add_bias=False)
+            auxk_loss = torch.nan_to_num(fraction_of_variance_unexplained(residual_hat, residual), 0.0) * dead_mask.any()
         loss = fvu + self.config.auxk_coef * auxk_loss
         return SparseAutoencoderOutput(
             loss=loss,

@@ -32,9 +32,12 @@ from .utils import append_jsonl, read_json, write_json
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# Whether any feature is dead is read on the host every this many steps (reading it every
+# step would stall the GPU); AuxK starts at most this many steps after a feature dies.
+DEAD_CHECK_EVERY = 16
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "keep_checkpoints", "report_to", "show_progress", "eval_max_rows"}
+RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "checkpoint_min_seconds", "keep_checkpoints", "report_to", "show_progress", "eval_max_rows"}
 
 
 @dataclass
@@ -61,6 +64,9 @@ class TrainingArguments:
     """auto (bf16 on a GPU that has it, else fp32), no, bf16 or fp16."""
     checkpoint_every: int = 500
     """Steps between checkpoints (0: only at the end)."""
+    checkpoint_min_seconds: float = 60.0
+    """Skip a checkpoint when the last one is younger than this (a GPU runs 500 steps in
+    seconds); 0 writes every `checkpoint_every` steps."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
     log_every: int = 10
@@ -83,6 +89,7 @@ class TrainingArguments:
         positive("lr", self.lr)
         positive("grad_clip", self.grad_clip, allow_zero=True)
         positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        positive("checkpoint_min_seconds", self.checkpoint_min_seconds, allow_zero=True)
         positive("log_every", self.log_every)
         positive("keep_checkpoints", self.keep_checkpoints)
         positive("eval_max_rows", self.eval_max_rows)
@@ -152,10 +159,15 @@ class EmbeddingFeed:
     def __len__(self) -> int:
         return len(self.positions)
 
+    @property
+    def index_device(self) -> torch.device:
+        """Where batch indices live: on the device with resident rows (no copy per step)."""
+        return self.data.device if self.data is not None else torch.device("cpu")
+
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         if self.data is not None:
             return self.data[index.to(self.data.device)]
-        rows = self.positions[index.numpy()]
+        rows = self.positions[index.cpu().numpy()]
         order = np.argsort(rows)  # read the memory map in file order
         block = torch.from_numpy(np.ascontiguousarray(self.source[rows[order]], dtype=np.float32))
         out = torch.empty_like(block)
@@ -344,10 +356,11 @@ def train(
     set_seed(args.seed)
     sae = SparseAutoencoder(config).to(dev)
     sae.init_b_pre_from_data(feed.sample(10_000, args.seed))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr, betas=tuple(args.adam_betas))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr, betas=tuple(args.adam_betas), fused=dev.type == "cuda")
     samples_since_fired = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
     epoch_fires = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
     start_step = 0
+    has_dead = False
 
     checkpoints = list_checkpoints(out_dir) if resume else []
     if resume and checkpoints:
@@ -360,6 +373,7 @@ def train(
         samples_since_fired = trainer_tensors["samples_since_fired"].to(dev)
         epoch_fires = trainer_tensors["epoch_fires"].to(dev)
         start_step = int(state["global_step"])
+        has_dead = bool(state.get("has_dead", False))
         if main:
             logger.info("resuming from %s (step %d of %d)", checkpoints[-1], start_step, total_steps)
     elif resume and main:
@@ -382,15 +396,24 @@ def train(
     running_l0 = torch.zeros((), device=dev)
     running_steps = 0
     model.train()
+    order_epoch, order = -1, None
+    last_checkpoint = time.monotonic()
+    # Nothing in a step reads a device value on the host: the GPU runs steps back to back.
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        if epoch != order_epoch:
+            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+            order = order.to(feed.index_device)
+            order_epoch = epoch
         start = step_in_epoch * args.batch_size
         global_batch = order[start : start + args.batch_size]
+        batch_rows = len(global_batch)
         local = global_batch[rank::world]
         x = feed.batch(local)
 
-        dead_mask = samples_since_fired >= config.dead_threshold
+        if step % DEAD_CHECK_EVERY == 0:
+            has_dead = bool((samples_since_fired >= config.dead_threshold).any())
+        dead_mask = samples_since_fired >= config.dead_threshold if has_dead else None
         lr = learning_rate(step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -407,16 +430,16 @@ def train(
         with torch.no_grad():
             fired = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
             active = out.latent_values > 0
-            fired.scatter_add_(0, out.latent_indices[active], torch.ones_like(out.latent_indices[active]))
+            fired.scatter_add_(0, out.latent_indices.flatten(), active.flatten().long())
             if world > 1:
                 fired = accelerator.reduce(fired, reduction="sum")
-            samples_since_fired += len(global_batch)
-            samples_since_fired[fired > 0] = 0
+            samples_since_fired += batch_rows
+            samples_since_fired.masked_fill_(fired > 0, 0)
             epoch_fires += fired
             running_fvu += out.fvu.detach().float()
             running_l0 += active.sum() / max(1, len(local))
             running_steps += 1
-        samples_done += len(global_batch)
+        samples_done += batch_rows
         step += 1
 
         end_of_epoch = step % steps_per_epoch == 0
@@ -428,7 +451,7 @@ def train(
                 "fvu": float(running_fvu) / running_steps,
                 "l0": float(running_l0) / running_steps,
                 "auxk_loss": float(out.auxk_loss.detach()),
-                "dead_fraction": float(dead_mask.float().mean()),
+                "dead_fraction": float((samples_since_fired >= config.dead_threshold).float().mean()),
             }
             running_fvu.zero_()
             running_l0.zero_()
@@ -447,17 +470,19 @@ def train(
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
         bar.update(1)
 
-        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
-            if main:
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps and main:
+            # Only the main process writes, from its own copy of the (identical) state; the
+            # others need not wait for it, so it may skip one when the last is recent.
+            if time.monotonic() - last_checkpoint >= args.checkpoint_min_seconds:
                 save_checkpoint(
                     out_dir,
                     unwrapped,
                     optimizer,
-                    {"global_step": step, "epoch": epoch, "signature": signature, "total_steps": total_steps},
+                    {"global_step": step, "epoch": epoch, "signature": signature, "total_steps": total_steps, "has_dead": has_dead},
                     {"samples_since_fired": samples_since_fired, "epoch_fires": epoch_fires},
                     args.keep_checkpoints,
                 )
-            accelerator.wait_for_everyone()
+                last_checkpoint = time.monotonic()
     bar.close()
     seconds = time.perf_counter() - t0
     if accelerator.log_with:

@@ -117,7 +117,7 @@ def test_one_domain(wiki_small, tmp_path):
 
 def test_interrupted_run_resumes_to_the_same_model(wiki_small, tmp_path, monkeypatch):
     """A run that dies mid-training, resumed with --resume, ends bitwise equal to one that did not."""
-    common = ["train", "--dataset", wiki_small, *SMALL, "--checkpoint-every", "5", "--seed", "3"]
+    common = ["train", "--dataset", wiki_small, *SMALL, "--checkpoint-every", "5", "--checkpoint-min-seconds", "0", "--seed", "3"]
     assert run_cli(*common, "--out", tmp_path / "whole") == 0
 
     calls = {"n": 0}
@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_to_the_same_model(wiki_small, tmp_path, monkeyp
     assert not (tmp_path / "broken" / "model.safetensors").exists()
 
     # Changed settings are refused, the checkpoint is kept.
-    assert run_cli(*common[:-2], "--seed", "4", "--checkpoint-every", "5", "--out", tmp_path / "broken", "--resume") == 2
+    assert run_cli(*common[:-2], "--seed", "4", "--checkpoint-every", "5", "--checkpoint-min-seconds", "0", "--out", tmp_path / "broken", "--resume") == 2
     assert run_cli(*common, "--out", tmp_path / "broken", "--resume") == 0
     whole = SparseAutoencoder.from_pretrained(tmp_path / "whole").state_dict()
     resumed = SparseAutoencoder.from_pretrained(tmp_path / "broken").state_dict()
