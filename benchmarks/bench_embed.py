@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default=None)
     p.add_argument("--max-texts", type=int, default=None)
+    p.add_argument("--where", action="append", default=[], help="COLUMN=VALUE: keep only such rows (repeatable)")
     p.add_argument("--encode-batch", type=int, default=None, help="encode's batch size (default: 32 on a CPU; 128 and 512 tried on a GPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default="fp16:4:65536,fp16:8:65536,fp16:4:131072,fp16:8:32768,bf16:4:65536,fp32:4:65536", help="precision:workers:max_batch_tokens, comma separated (GPU)")
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ds = load_text_dataset(args.dataset)
+    for condition in args.where:
+        column, value = condition.split("=", 1)
+        ds = ds.filter(lambda v, value=value: v == value, input_columns=[column])
     rows = find_text_rows(ds, args.text_column)
     ids = rows.row_ids if args.max_texts is None else rows.row_ids[: args.max_texts]
     texts = ds.select(ids)[args.text_column]

@@ -14,7 +14,7 @@ Every source is on this machine or in a package registry, so it builds with no n
     python examples/build_large_corpus.py data/large
     sbert-sae train --dataset data/large/corpus.parquet --text-column text --domain-column domain ...
 
-Writes OUT_DIR/corpus.parquet (columns `text`, `source`, `domain`; exact duplicates removed, rows
+Writes OUT_DIR/corpus.parquet (columns `text`, `source`, `domain`, `kind`; exact duplicates removed, rows
 shuffled with seed 0, zstd level 19) and OUT_DIR/README.txt (counts and licences).
 """
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / "corpus.parquet"
     texts, sources, domains, kinds = zip(*rows)
-    table = pa.table({"text": texts, "source": sources, "domain": domains})
+    table = pa.table({"text": texts, "source": sources, "domain": domains, "kind": kinds})
     pq.write_table(table, out, compression="zstd", compression_level=19)
 
     per_source = collections.Counter(sources)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     lines.append(f"{out}: {mb:.1f} MB (parquet, zstd 19)")
     print("\n".join(lines))
     readme = [
-        "corpus.parquet: columns text, source, domain; exact duplicates removed, shuffled with seed 0.",
+        "corpus.parquet: columns text, source, domain, kind (extract, sentence, long, short, paragraph, docstring); exact duplicates removed, shuffled with seed 0.",
         "Built offline by examples/build_large_corpus.py in the sbert_sae repository.",
         "",
         *lines[:-1],

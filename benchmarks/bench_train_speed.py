@@ -1,0 +1,187 @@
+"""Training throughput: sbert-sae's whole trainer against a naive top-k step and SAELens, same run.
+
+For each SAE size, on the same embeddings resident on the device, with the same batch size:
+- a naive loop of the paper's top-k step (encoder, top-k, dense decoder, normalised MSE,
+  Adam; no AuxK, no decoder constraints, no metrics): the bar measured on an H100 before;
+- sbert-sae's `trainer.train` (data feed, AuxK, decoder normalisation and gradient
+  projection, learning-rate schedule, firing statistics, per-epoch held-out FVU, logs);
+- SAELens' `TopKTrainingSAE` trained by its own `SAETrainer` (benchmarks/saelens_baseline.py),
+  when `sae_lens` can be imported.
+Printed per size: samples/s, the ratios, held-out FVU of each trained SAE and peak memory.
+`--precision-check` also trains one SAE in fp32 and in bf16 autocast and compares held-out FVU.
+
+    python benchmarks/bench_train_speed.py --dataset data/large/corpus.parquet --model PATH
+    python benchmarks/bench_train_speed.py --dataset data/wiki --sizes 1536:16 --batch-size 1024 --epochs 2   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sbert_sae.configuration_sbert_sae import SparseAutoencoderConfig  # noqa: E402
+from sbert_sae.trainer import TrainingArguments, heldout_fvu, train  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def naive_rate(x: torch.Tensor, n: int, k: int, batch: int, steps: int = 60, warmup: int = 10) -> float:
+    """Samples/s of the plain top-k step (bf16 autocast on a GPU), as measured before on an H100."""
+    device, d = x.device, x.shape[1]
+    W_enc = torch.nn.Parameter(torch.randn(n, d, device=device) / d**0.5)
+    W_dec = torch.nn.Parameter(W_enc.detach().clone())
+    b_enc = torch.nn.Parameter(torch.zeros(n, device=device))
+    b_pre = torch.nn.Parameter(x[:1000].median(0).values.clone())
+    opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_pre], lr=1e-4)
+    use_bf16 = device.type == "cuda"
+
+    def step(xb):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            pre = (xb - b_pre) @ W_enc.T + b_enc
+            vals, idx = pre.topk(k, dim=-1)
+            z = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+            x_hat = z @ W_dec + b_pre
+            loss = (x_hat.float() - xb).pow(2).sum() / (xb - xb.mean(0)).pow(2).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [x[torch.randint(len(x), (batch,), device=device, generator=g)] for _ in range(8)]
+    for i in range(warmup):
+        step(batches[i % 8])
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % 8])
+    sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def ours(embeddings: np.ndarray, train_pos, held_pos, n: int, k: int, batch: int, epochs: int, lr: float, precision: str, device: str) -> dict:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run picks its own mixed precision
+    config = SparseAutoencoderConfig(d_in=embeddings.shape[1], n_latents=n, k=k)
+    args = TrainingArguments(
+        epochs=epochs, batch_size=batch, lr=lr, report_to="none", show_progress=False, checkpoint_every=0, log_every=50, mixed_precision=precision
+    )
+    with tempfile.TemporaryDirectory() as out:
+        result = train(config, args, embeddings, train_pos, held_pos, out, device=device)
+    held = torch.from_numpy(np.ascontiguousarray(embeddings[held_pos])).to(result.sae.device)
+    return {"samples_per_second": result.samples_per_second, "seconds": result.seconds, "heldout_fvu": heldout_fvu(result.sae, held), "steps": result.steps}
+
+
+def load_embeddings(args) -> np.ndarray:
+    if args.embeddings:
+        return np.load(args.embeddings, mmap_mode="r")
+    from sbert_sae.data import load_text_dataset
+    from sbert_sae.embeddings import embed_dataset
+
+    ds = load_text_dataset(args.dataset)
+    return embed_dataset(ds, args.text_column, args.model, cache_dir=args.cache_dir).embeddings
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="data/wiki")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    p.add_argument("--embeddings", default=None, help="a (rows, dim) .npy instead of --dataset")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--sizes", default="6144:32,24576:64,98304:64", help="n_latents:k, comma separated")
+    p.add_argument("--batch-size", type=int, default=16384)
+    p.add_argument("--epochs", type=int, default=None, help="default: enough for ~4M samples")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--heldout", type=int, default=10_000)
+    p.add_argument("--no-saelens", action="store_true")
+    p.add_argument("--precision-check", default=None, help="n:k:batch:epochs of an SAE trained in fp32 and bf16 (GPU)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    embeddings = load_embeddings(args)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(embeddings))
+    held_pos, train_pos = np.sort(order[: args.heldout]), np.sort(order[args.heldout :])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{len(train_pos)} training / {len(held_pos)} held-out rows, dim {embeddings.shape[1]}, batch {args.batch_size}, device {name}, torch {torch.__version__}", flush=True)
+    x_train = torch.from_numpy(np.ascontiguousarray(embeddings[train_pos], dtype=np.float32)).to(device)
+    x_held = torch.from_numpy(np.ascontiguousarray(embeddings[held_pos], dtype=np.float32)).to(device)
+
+    saelens = None
+    if not args.no_saelens:
+        try:
+            from saelens_baseline import train_saelens_topk
+
+            saelens = train_saelens_topk
+        except ImportError as err:
+            print(f"SAELens not measured: {err}", flush=True)
+
+    results = {"device": name, "rows": len(train_pos), "batch_size": args.batch_size, "sizes": []}
+    # Warm-up: CUDA context, cuBLAS handles and kernels, outside any timing.
+    ours(embeddings, train_pos[: 4 * args.batch_size], held_pos, 1024, 16, args.batch_size, 1, args.lr, "auto", str(device))
+    for spec in args.sizes.split(","):
+        n, k = (int(v) for v in spec.split(":"))
+        epochs = args.epochs or max(2, round(4_000_000 / len(train_pos)))
+        row = {"n_latents": n, "k": k, "epochs": epochs}
+        reset_peak(device)
+        row["naive_step_samples_per_second"] = round(naive_rate(x_train, n, k, args.batch_size))
+        reset_peak(device)
+        mine = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, args.lr, "auto", str(device))
+        row["sbert_sae"] = {key: round(v, 4) if isinstance(v, float) else v for key, v in mine.items()}
+        row["sbert_sae"]["peak_gpu_gb"] = peak_gb(device)
+        row["sbert_sae_vs_naive"] = round(mine["samples_per_second"] / row["naive_step_samples_per_second"], 2)
+        if saelens is not None:
+            reset_peak(device)
+            try:
+                theirs = saelens(x_train, x_held, n, k, args.batch_size, epochs, args.lr)
+                row["saelens"] = {key: round(v, 4) if isinstance(v, float) else v for key, v in theirs.items()}
+                row["saelens"]["peak_gpu_gb"] = peak_gb(device)
+                row["sbert_sae_vs_saelens"] = round(mine["samples_per_second"] / theirs["samples_per_second"], 2)
+            except Exception as err:  # noqa: BLE001 - the baseline failing must not hide our figures
+                row["saelens"] = {"error": f"{type(err).__name__}: {err}"}
+        results["sizes"].append(row)
+        print(json.dumps(row), flush=True)
+
+    if args.precision_check:
+        n, k, batch, epochs = (int(v) for v in args.precision_check.split(":"))
+        check = {"n_latents": n, "k": k, "batch_size": batch, "epochs": epochs}
+        for precision in ("no", "bf16"):
+            got = ours(embeddings, train_pos, held_pos, n, k, batch, epochs, args.lr, precision, str(device))
+            check["fp32" if precision == "no" else "bf16"] = {key: round(v, 4) if isinstance(v, float) else v for key, v in got.items()}
+        check["heldout_fvu_relative_difference"] = round(check["bf16"]["heldout_fvu"] / check["fp32"]["heldout_fvu"] - 1, 4)
+        results["precision_check"] = check
+        print(json.dumps({"precision_check": check}), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
