@@ -345,7 +345,15 @@ def cmd_families(args) -> int:
 def cmd_embed(args) -> int:
     from .pipeline import load_and_embed
 
-    _, cache = load_and_embed(_data_arguments(args), show_progress=not args.quiet)
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: each process embeds its share
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    _, cache = load_and_embed(_data_arguments(args), accelerator=state, show_progress=not args.quiet)
+    if state is not None and not state.is_main_process:
+        return 0
     skipped = cache.meta.get("skipped") or {}
     print(f"{cache.embeddings.shape[0]} embeddings of dim {cache.dim} in {cache.path}" + (f" (skipped rows: {skipped})" if skipped else ""))
     return 0

@@ -131,6 +131,8 @@ def embed_dataset(
 
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
+    if world > 1 and device is None:
+        device = str(accelerator.device)  # each process on its own GPU
 
     def barrier() -> None:
         if world > 1:
@@ -197,6 +199,7 @@ def embed_dataset(
             "text_column": text_column,
             "encode_kwargs": encode_kwargs,
             "precision": precision,
+            "processes": world,
             "n_rows": n,
             "n_dataset_rows": len(ds),
             "dim": dim,

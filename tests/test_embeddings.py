@@ -134,3 +134,21 @@ def test_embedding_shards_resume_with_another_number_of_processes(tmp_path):
     assert emb._subtract(0, 30, [(0, 16), (20, 24)]) == [(16, 20), (24, 30)]
     assert emb._subtract(10, 18, [(0, 16), (20, 24)]) == [(16, 18)]
     assert emb._subtract(0, 5, []) == [(0, 5)]
+
+
+def test_accelerate_launch_embeds_in_two_processes_like_one(wiki_40, tmp_path):
+    """`accelerate launch` (2 CPU processes, gloo): each embeds its half into one cache, in row order."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "data"
+    wiki_40.save_to_disk(str(folder))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sbert_sae"]
+    result = subprocess.run([*launch, "embed", "--dataset", str(folder), "--cache-dir", str(tmp_path / "two"), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("embeddings of dim 384") == 1  # the main process reports
+    two = open_cache(next((tmp_path / "two" / "embeddings").iterdir()))
+    assert two.meta["processes"] == 2
+    one = embed_dataset(wiki_40, "text", cache_dir=tmp_path / "one", show_progress=False)
+    assert two.row_ids.tolist() == one.row_ids.tolist()
+    np.testing.assert_allclose(two.embeddings, one.embeddings, atol=2e-5)
