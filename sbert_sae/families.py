@@ -19,8 +19,8 @@ The recipe of O'Neill et al. (2024, public code `Christine8888/saerch`, `matrix.
 
 Each family is named from its members' labels (`feature_labels.json`), and the whole is
 checked by its block structure: the mean `C_norm` of pairs inside one family over the
-mean of the other pairs of family features, against the same ratio for families whose
-feature ids were permuted at random.
+mean of the other pairs of family features (each feature counted in the largest family
+holding it), against the same ratio for families whose feature ids were permuted at random.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class FamilyArguments:
     pairs per chunk)."""
     dense_max_latents: int = 12288
     """On a GPU, up to this many features, co-occurrences are counted in a dense n x n int32
-    array there (12288^2 x 4 bytes = 576 MiB); otherwise in sparse matrices summed chunk by
-    chunk on the CPU, whose size grows with the pairs that occur."""
+    array there (12288^2 x 4 bytes = 576 MiB); above it, in a sparse sorted list of the pairs
+    that occur, still on the GPU; on the CPU always in sparse matrices (see `cooccurrence`)."""
     seed: int = 0
 
     def validate(self) -> None:
@@ -200,46 +200,60 @@ def cooccurrence(
     dense_max_latents: int = 12288,
     device: str | torch.device | None = None,
     show_progress: bool = False,
-    dense: bool | None = None,
+    method: str | None = None,
 ) -> sp.csr_matrix:
     """Co-occurrence counts `C = A^T A` (n, n) of the binary firing matrix A, never made.
 
     `C[i, j]` is the number of texts on which features i and j both fire (value > 0),
-    `C[i, i]` the number on which i fires. Each chunk of texts is a sparse binary CSR
-    matrix `A_c` (rows, n) and `A_c^T A_c` is summed in sparse form: memory grows with the
-    pairs that occur, never with texts x n. On a GPU (`device`) and up to
-    `dense_max_latents` features, the chunk's (i, j) pairs are added into a dense int32
-    n x n array there instead. On the CPU the sparse product was the faster (10k texts,
-    n=6144, k=32: 1.5 s against 3.5 s), so the CPU takes it unless `dense` is True
-    (False: always sparse; None: choose as said).
+    `C[i, i]` the number on which i fires. The texts go by in chunks; `method`:
+
+    - "scipy": each chunk is a sparse binary CSR matrix `A_c` (rows, n) and `A_c^T A_c` is
+      summed in sparse form on the CPU: memory grows with the pairs that occur.
+    - "dense": each chunk's (i, j) pairs are added into a dense int32 n x n array on `device`.
+    - "merge": each chunk's pairs, as keys i * n + j, are merged on `device` into a running
+      sorted list of distinct keys with their counts: sparse, for n too large to be dense.
+
+    None picks "scipy" on the CPU (measured faster there than "dense": 10k texts, n=6144,
+    k=32, 1.5 s against 3.5 s), and on a GPU "dense" up to `dense_max_latents` features,
+    else "merge" (H100, 200k texts: k=32, n=12288, 1.7 s dense against 15 s scipy).
     """
     from tqdm.auto import tqdm
 
     n, k = acts.n_latents, acts.indices.shape[1] if acts.indices.ndim == 2 else 0
-    rows = max(1, min(chunk_rows, (1 << 24) // max(1, k * k)))
+    device = torch.device(device or "cpu")
+    if method is None:
+        method = "scipy" if device.type == "cpu" else ("dense" if n <= dense_max_latents else "merge")
+    if method not in ("scipy", "dense", "merge"):
+        raise ConfigError(f"method must be scipy, dense or merge, got {method!r}")
+    rows = max(1, min(chunk_rows, (1 << 24) // max(1, k * k)))  # at most 2^24 pairs (128 MiB of keys) a chunk
     starts = range(0, len(acts), rows)
     bar = dict(desc="co-occurrence", unit="chunk", disable=not show_progress or len(starts) < 2)
-    device = torch.device(device or "cpu")
-    if dense is None:
-        dense = n <= dense_max_latents and device.type != "cpu"
-    if dense:
-        flat = torch.zeros(n * n, dtype=torch.int32, device=device)
+    if method == "scipy":
+        total = sp.csr_matrix((n, n), dtype=np.int64)
         for start in tqdm(starts, **bar):
-            idx = torch.from_numpy(np.ascontiguousarray(acts.indices[start : start + rows], dtype=np.int64)).to(device)
-            on = torch.from_numpy(np.ascontiguousarray(acts.values[start : start + rows] > 0)).to(device)
-            keys = (idx[:, :, None] * n + idx[:, None, :])[on[:, :, None] & on[:, None, :]]
-            flat.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-        square = flat.view(n, n)
-        i, j = square.nonzero(as_tuple=True)
-        data = square[i, j].to(torch.int64).cpu().numpy()
-        del flat, square
-        return sp.csr_matrix((data, (i.cpu().numpy(), j.cpu().numpy())), shape=(n, n))
-    total = sp.csr_matrix((n, n), dtype=np.int64)
+            a = _binary_rows(acts.values[start : start + rows], acts.indices[start : start + rows], n)
+            total = total + (a.T @ a).astype(np.int64)
+        total.sum_duplicates()
+        return total.tocsr()
+    flat = torch.zeros(n * n if method == "dense" else 0, dtype=torch.int32, device=device)
+    keys_seen = torch.zeros(0, dtype=torch.int64, device=device)
+    counts_seen = torch.zeros(0, dtype=torch.int64, device=device)
     for start in tqdm(starts, **bar):
-        a = _binary_rows(acts.values[start : start + rows], acts.indices[start : start + rows], n)
-        total = total + (a.T @ a).astype(np.int64)
-    total.sum_duplicates()
-    return total.tocsr()
+        idx = torch.from_numpy(np.ascontiguousarray(acts.indices[start : start + rows], dtype=np.int64)).to(device)
+        on = torch.from_numpy(np.ascontiguousarray(acts.values[start : start + rows] > 0)).to(device)
+        keys = (idx[:, :, None] * n + idx[:, None, :])[on[:, :, None] & on[:, None, :]]
+        if method == "dense":
+            flat.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+            continue
+        keys, counts = torch.unique(keys, return_counts=True)
+        keys_seen, where = torch.unique(torch.cat([keys_seen, keys]), return_inverse=True)
+        counts_seen = torch.zeros(len(keys_seen), dtype=torch.int64, device=device).index_add_(0, where, torch.cat([counts_seen, counts]))
+    if method == "dense":
+        keys_seen = flat.nonzero().squeeze(1)
+        counts_seen = flat[keys_seen].to(torch.int64)
+        del flat
+    keys_np, counts_np = keys_seen.cpu().numpy(), counts_seen.cpu().numpy()
+    return sp.csr_matrix((counts_np, (keys_np // n, keys_np % n)), shape=(n, n))
 
 
 def _binary_rows(values: np.ndarray, indices: np.ndarray, n: int) -> sp.csr_matrix:
@@ -260,35 +274,44 @@ def normalized_cooccurrence(cooc: sp.csr_matrix) -> sp.csr_matrix:
 
 
 # ------------------------------------------------------------ trees and families
-def spanning_tree(cooc: sp.csr_matrix, eligible: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Maximum spanning forest of the eligible features, oriented from denser to sparser.
+def edges(cooc: sp.csr_matrix, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The graph's edges `(i, j, w)`, i < j, with `w = C[i, j] / (min(C[i, i], C[j, j]) + 1) >= threshold`.
 
     The paper thresholds the row-normalised `C_norm` and hands the asymmetric matrix to
     networkx as an undirected graph, which keeps whichever of `C_norm[i, j]` and
     `C_norm[j, i]` comes last in row order. Here an edge exists where either passes the
-    threshold and weighs the larger, `C[i, j] / (min(C[i, i], C[j, j]) + 1)`: P(denser fires |
-    sparser fires), the containment a parent-child edge stands for, and the same for i, j as
-    for j, i. (The paper's exp() of the weights changes no spanning tree: only their order counts.)
-
-    Returns `(parents, children, weights)` of the tree's edges.
+    threshold and weighs the larger, `w` above: P(denser fires | sparser fires), the
+    containment a parent-child edge stands for, and the same for i, j as for j, i. (The
+    paper's exp() of the weights changes no spanning tree: only their order counts.)
     """
     counts = np.asarray(cooc.diagonal(), dtype=np.int64)
     upper = sp.triu(cooc, k=1).tocoo()
-    i, j, c = upper.row, upper.col, upper.data.astype(np.float64)
-    w = c / (np.minimum(counts[i], counts[j]) + 1.0)
-    keep = (w >= threshold) & eligible[i] & eligible[j]
+    i, j = upper.row.astype(np.int64), upper.col.astype(np.int64)
+    w = upper.data.astype(np.float64) / (np.minimum(counts[i], counts[j]) + 1.0)
+    keep = w >= threshold
+    return i[keep], j[keep], w[keep]
+
+
+def spanning_tree(graph: tuple[np.ndarray, np.ndarray, np.ndarray], counts: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximum spanning forest of the eligible features' edges (`edges`), each edge oriented
+    from the denser feature (more firing texts; ties: the lower id) to the sparser.
+
+    Returns `(parents, children, weights)` of the tree's edges.
+    """
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    i, j, w = graph
+    keep = eligible[i] & eligible[j]
     i, j, w = i[keep], j[keep], w[keep]
-    n = cooc.shape[0]
     if len(w) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0)
-    from scipy.sparse.csgraph import minimum_spanning_tree
-
+    n = len(counts)
     # Weights in (0, 1]: the minimum spanning forest of 2 - w is the maximum one of w, and
     # every stored weight stays > 0 (csgraph reads 0 as no edge).
     tree = minimum_spanning_tree(sp.csr_matrix((2.0 - w, (i, j)), shape=(n, n))).tocoo()
     a, b, weight = tree.row.astype(np.int64), tree.col.astype(np.int64), 2.0 - tree.data
-    a_first = (counts[a] > counts[b]) | ((counts[a] == counts[b]) & (a < b))  # ties: the lower id is the parent
+    a_first = (counts[a] > counts[b]) | ((counts[a] == counts[b]) & (a < b))
     return np.where(a_first, a, b), np.where(a_first, b, a), weight
 
 
@@ -345,9 +368,10 @@ def find_families(cooc: sp.csr_matrix, n_texts: int, args: FamilyArguments | Non
     args.validate()
     counts = np.asarray(cooc.diagonal(), dtype=np.int64)
     eligible = (counts > 0) & (counts <= args.max_density * max(1, n_texts))
+    graph = edges(cooc, args.threshold)
     candidates: list[Family] = []
     for round_ in range(args.removal_rounds + 1):
-        parents, children, weights = spanning_tree(cooc, eligible, args.threshold)
+        parents, children, weights = spanning_tree(graph, counts, eligible)
         found = _families_in_tree(parents, children, weights, args, round_)
         if not found:
             break
@@ -434,44 +458,56 @@ def label_families(families: list[Family], label_data: dict | None, shortlist: i
 
 
 # ------------------------------------------------------------ block structure
-def block_ratio(norm: sp.csr_matrix, families: list[Family]) -> float | None:
-    """Mean `C_norm` over ordered pairs of distinct features inside one family, over its mean
-    over the other pairs of features that are in families (None without families or when
-    the outside mean is 0)."""
-    members = sorted({f for fam in families for f in fam.features})
-    if len(members) < 2:
-        return None
-    n = norm.shape[0]
-    rows = np.repeat(np.arange(len(families)), [len(fam.features) for fam in families])
-    cols = np.concatenate([fam.features for fam in families])
-    belong = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(families), n))
-    inside = (belong.T @ belong).tocsr()
-    inside.setdiag(0)
-    inside.eliminate_zeros()
-    inside.data[:] = 1.0
-    sub = norm[members][:, members]
-    total, pairs = float(sub.sum()), len(members) * (len(members) - 1)
-    inside_sum, inside_pairs = float(norm.multiply(inside).sum()), inside.nnz
-    outside_pairs = pairs - inside_pairs
+def family_blocks(families: list[Family], n: int) -> np.ndarray:
+    """(n,) the block of each feature: the index of the first family in `families` that holds
+    it (the largest, in `find_families`' order), -1 outside families. Families may share a
+    few features; blocks do not, as in the co-occurrence plot."""
+    block = np.full(n, -1, dtype=np.int32)  # int32: gathers over the entries are several times faster
+    for b in range(len(families) - 1, -1, -1):
+        block[families[b].features] = b
+    return block
+
+
+def block_ratio(norm: sp.csr_matrix, families: list[Family], blocks: np.ndarray | None = None) -> float | None:
+    """The mean `C_norm` over ordered pairs of distinct features in one block (`family_blocks`),
+    over its mean over the pairs of features in different blocks; None without two blocks'
+    worth of pairs or when the outside mean is 0. Only the stored entries of `norm` are read:
+    the cost is one pass over them."""
+    block = family_blocks(families, norm.shape[0]) if blocks is None else blocks
+    coo = norm if isinstance(norm, sp.coo_matrix) else norm.tocoo()
+    return _ratio(coo.row, coo.col, coo.data, block)
+
+
+def _ratio(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, block: np.ndarray) -> float | None:
+    sizes = np.bincount(block[block >= 0])
+    members = int(sizes.sum())
+    inside_pairs = int((sizes * (sizes - 1)).sum())
+    outside_pairs = members * (members - 1) - inside_pairs
     if inside_pairs == 0 or outside_pairs == 0:
         return None
-    outside_mean = (total - inside_sum) / outside_pairs
+    br, bc = block[rows], block[cols]
+    among = (br >= 0) & (bc >= 0) & (rows != cols)
+    inside = among & (br == bc)
+    outside_mean = float(data[among & ~inside].sum()) / outside_pairs
     if outside_mean <= 0:
         return None
-    return (inside_sum / inside_pairs) / outside_mean
+    return (float(data[inside].sum()) / inside_pairs) / outside_mean
 
 
 def permuted_block_ratios(norm: sp.csr_matrix, families: list[Family], eligible: np.ndarray, permutations: int, seed: int = 0) -> list[float]:
-    """`block_ratio` of the same families after randomly permuting the eligible feature ids:
-    the same sizes and overlaps, with members drawn at random."""
+    """`block_ratio` of the same blocks after randomly permuting the eligible feature ids:
+    the same sizes, with members drawn at random."""
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(eligible)
+    block = family_blocks(families, norm.shape[0])
+    coo = norm.tocoo()
     out = []
     for _ in range(permutations):
         mapping = np.arange(norm.shape[0])
         mapping[pool] = rng.permutation(pool)
-        shuffled = [Family(parent=int(mapping[f.parent]), children=mapping[f.children].tolist(), under=[], depth=[]) for f in families]
-        ratio = block_ratio(norm, shuffled)
+        moved = np.empty_like(block)
+        moved[mapping] = block  # feature f's block now belongs to mapping[f]
+        ratio = _ratio(coo.row, coo.col, coo.data, moved)
         if ratio is not None:
             out.append(ratio)
     return out

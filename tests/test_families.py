@@ -104,9 +104,9 @@ def test_cooccurrence_from_sparse_codes_matches_the_dense_firing_matrix():
     firing = np.zeros((n_texts, n))
     np.put_along_axis(firing, indices.astype(np.int64), values > 0, axis=1)
     expected = firing.T @ firing
-    for dense in (False, True):
-        got = cooccurrence(acts, chunk_rows=700, dense=dense)
-        assert got.shape == (n, n) and np.array_equal(got.toarray(), expected), dense
+    for method in ("scipy", "dense", "merge"):
+        got = cooccurrence(acts, chunk_rows=700, method=method)
+        assert got.shape == (n, n) and np.array_equal(got.toarray(), expected), method
     norm = normalized_cooccurrence(got).toarray()
     np.fill_diagonal(expected, 0)
     assert norm == pytest.approx(expected / (firing.sum(0) + 1)[:, None])
@@ -168,15 +168,15 @@ def test_families_are_blocks_of_the_cooccurrence_matrix(real):
     # the ratio, recomputed from the dense matrix
     c = firing.T @ firing
     c_norm = c / (np.diag(c) + 1)[:, None]
-    members = sorted({f for fam in result.families for f in fam.features})
-    inside = np.zeros_like(c_norm, dtype=bool)
-    for fam in result.families:
-        inside[np.ix_(fam.features, fam.features)] = True
-    np.fill_diagonal(inside, False)
-    among = np.zeros_like(inside)
-    among[np.ix_(members, members)] = True
-    np.fill_diagonal(among, False)
-    expected = c_norm[inside].mean() / c_norm[among & ~inside].mean()
+    block = {}  # each feature in the first (largest) family holding it
+    for b, fam in enumerate(result.families):
+        for f in fam.features:
+            block.setdefault(f, b)
+    members = sorted(block)
+    inside = np.array([[block[i] == block[j] and i != j for j in members] for i in members])
+    among = ~np.eye(len(members), dtype=bool)
+    sub = c_norm[np.ix_(members, members)]
+    expected = sub[inside].mean() / sub[among & ~inside].mean()
     assert s["block_ratio"] == pytest.approx(expected, rel=1e-3)
     assert block_ratio(normalized_cooccurrence(result.cooccurrence), result.families) == pytest.approx(expected)
 
