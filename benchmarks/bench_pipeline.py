@@ -71,9 +71,12 @@ def run_once(args, max_texts: int | None, work: Path) -> dict:
     stage("train", lambda: run_training(data, sae_args, train_args, out, overwrite=True))
     n_train = int(n_texts * (1 - data.heldout_fraction))
     stages["train"]["samples_per_second"] = round(n_train * args.epochs / stages["train"]["seconds"])
-    stage("label", lambda: run_labelling(out, data, LabelArguments(), show_progress=False))
+    label_summary = stage("label", lambda: run_labelling(out, data, LabelArguments(), show_progress=False))
+    stages["label"]["parts"] = label_summary.get("seconds") if isinstance(label_summary, dict) else None
     stages["label"]["features_per_second"] = round(args.n / stages["label"]["seconds"], 1)
     families = stage("families", lambda: run_families(out, data, FamilyArguments(), show_progress=False))
+    stages["families"]["inside_compute_families"] = families.summary.get("seconds")
+    print(json.dumps({"label_parts": stages["label"]["parts"], "families_compute_seconds": stages["families"]["inside_compute_families"]}), flush=True)
     metrics = read_json(out / "metrics.json")
     total = sum(s["seconds"] for s in stages.values())
     result = {

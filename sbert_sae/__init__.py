@@ -15,7 +15,9 @@ from .errors import (
     ResumeError,
     SbertSaeError,
 )
+from .families import Family, FamilyArguments
 from .modeling_sbert_sae import SparseAutoencoder, SparseAutoencoderOutput
+from .text_encoder import EncodeSettings, TextEncoder
 
 AutoConfig.register(SparseAutoencoderConfig.model_type, SparseAutoencoderConfig, exist_ok=True)
 AutoModel.register(SparseAutoencoderConfig, SparseAutoencoder, exist_ok=True)
@@ -23,6 +25,9 @@ AutoModel.register(SparseAutoencoderConfig, SparseAutoencoder, exist_ok=True)
 __all__ = [
     "ConfigError",
     "DatasetError",
+    "EncodeSettings",
+    "Family",
+    "FamilyArguments",
     "HubError",
     "InputError",
     "ModelLoadError",
@@ -32,5 +37,6 @@ __all__ = [
     "SparseAutoencoder",
     "SparseAutoencoderConfig",
     "SparseAutoencoderOutput",
+    "TextEncoder",
     "__version__",
 ]

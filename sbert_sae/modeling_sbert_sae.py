@@ -325,6 +325,15 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             sae_module.latent_bias.copy_(self.b_enc.detach().float().cpu())
         return SparseEncoder(modules=[*modules, sae_module], device=device or str(base.device))
 
+    def feature_families(self, embeddings=None, *, activations=None, args=None, show_progress: bool = False):
+        """Feature families (O'Neill et al. 2024): a parent feature and the sparser features under it
+        in the co-occurrence spanning tree, largest first, with labels. Computed from `activations`
+        or `embeddings` (n_texts, d_in); with neither, read from the families.json beside the SAE
+        (`sbert-sae families`), else computed on its training run's corpus."""
+        from .families import feature_families
+
+        return feature_families(self, embeddings, activations=activations, args=args, show_progress=show_progress)
+
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Dense codes (len(texts), n_latents) of texts, embedded with the base model."""

@@ -225,7 +225,7 @@ def test_families_command_writes_files_and_a_summary(run_copy, real, capsys):
         assert (run_copy / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the SAE reads the saved families back
     sae = SparseAutoencoder.from_pretrained(run_copy)
-    assert [_shape(f) for f in feature_families(sae)] == [_shape(f) for f in real[3].families]
+    assert [_shape(f) for f in sae.feature_families()] == [_shape(f) for f in real[3].families]
 
 
 def test_families_from_embeddings_and_without_labels(run_copy, real, wiki_small, capsys):
