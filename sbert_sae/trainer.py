@@ -32,8 +32,9 @@ from .utils import append_jsonl, read_json, write_json
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
-# Whether any feature is dead is read on the host every this many steps (reading it every
-# step would stall the GPU); AuxK starts at most this many steps after a feature dies.
+# Which features are dead is read on the host every this many steps (reading it every step
+# would stall the GPU): AuxK reaches a feature at most this many steps after it dies, and
+# its top-k runs over the dead features' columns only.
 DEAD_CHECK_EVERY = 16
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Settings that may change between an interrupted run and its resumption.
@@ -360,7 +361,7 @@ def train(
     samples_since_fired = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
     epoch_fires = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
     start_step = 0
-    has_dead = False
+    dead_features = torch.zeros(0, dtype=torch.long, device=dev)
 
     checkpoints = list_checkpoints(out_dir) if resume else []
     if resume and checkpoints:
@@ -373,7 +374,7 @@ def train(
         samples_since_fired = trainer_tensors["samples_since_fired"].to(dev)
         epoch_fires = trainer_tensors["epoch_fires"].to(dev)
         start_step = int(state["global_step"])
-        has_dead = bool(state.get("has_dead", False))
+        dead_features = trainer_tensors.get("dead_features", dead_features).to(dev)
         if main:
             logger.info("resuming from %s (step %d of %d)", checkpoints[-1], start_step, total_steps)
     elif resume and main:
@@ -412,13 +413,12 @@ def train(
         x = feed.batch(local)
 
         if step % DEAD_CHECK_EVERY == 0:
-            has_dead = bool((samples_since_fired >= config.dead_threshold).any())
-        dead_mask = samples_since_fired >= config.dead_threshold if has_dead else None
+            dead_features = (samples_since_fired >= config.dead_threshold).nonzero().flatten()
         lr = learning_rate(step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with accelerator.autocast():
-            out = model(x, dead_mask=dead_mask, check_finite=False)
+            out = model(x, dead_features=dead_features, check_finite=False)
         accelerator.backward(out.loss)
         unwrapped.remove_gradient_parallel_to_decoder()
         if args.grad_clip > 0:
@@ -478,8 +478,8 @@ def train(
                     out_dir,
                     unwrapped,
                     optimizer,
-                    {"global_step": step, "epoch": epoch, "signature": signature, "total_steps": total_steps, "has_dead": has_dead},
-                    {"samples_since_fired": samples_since_fired, "epoch_fires": epoch_fires},
+                    {"global_step": step, "epoch": epoch, "signature": signature, "total_steps": total_steps},
+                    {"samples_since_fired": samples_since_fired, "epoch_fires": epoch_fires, "dead_features": dead_features},
                     args.keep_checkpoints,
                 )
                 last_checkpoint = time.monotonic()

@@ -155,6 +155,24 @@ def test_auxk_loss_is_positive_with_dead_latents():
     assert torch.allclose(out.loss, out.fvu + sae.config.auxk_coef * out.auxk_loss)
 
 
+@pytest.mark.parametrize("n_dead", [0, 3, 40])
+def test_auxk_over_dead_ids_equals_auxk_over_the_mask(n_dead):
+    """The trainer passes dead feature ids (top-k over their columns only); loss and gradients
+    equal those of the dead mask, with fewer or more dead features than k_aux."""
+    results = []
+    for form in ("mask", "ids"):
+        sae = make_sae(n=64, k=2)
+        dead = torch.zeros(64, dtype=torch.bool)
+        dead[torch.randperm(64, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+        kwargs = {"dead_mask": dead} if form == "mask" else {"dead_features": dead.nonzero().flatten()}
+        out = sae(data(32), **kwargs)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.auxk_loss.detach(), sae.W_dec.grad.clone(), sae.W_enc.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (float(results[0][1]) > 0) == (n_dead > 0)
+
+
 def test_save_load_round_trip_is_equal(tmp_path):
     from safetensors.torch import load_file
 
