@@ -30,6 +30,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from .base_model import embedding_dimension
 from .data import split_heldout
 from .errors import ConfigError, DatasetError
 from .modeling_sbert_sae import SparseAutoencoder
+from .text_encoder import EncodeSettings, TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -854,33 +856,26 @@ def _normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _embed(model, phrases: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
-    """Unit-norm embeddings of `phrases`, batched by token length.
+    """Unit-norm embeddings of `phrases` by `model`'s own modules, through `TextEncoder`.
 
     `SentenceTransformer.encode` sorts texts by their length in characters; for short
     phrases that mixes token lengths in a batch (rare words split into many word pieces)
-    and nearly doubles the padded tokens. Batches of equal token length are what cost
-    least, and each batch is still embedded by `encode`, so any model's own modules
-    (pooling, dense layers, normalisation) apply unchanged.
+    and nearly doubles the padded tokens. `TextEncoder` batches by token length, tokenises
+    ahead in threads and runs in half precision on a GPU; one encoder per model is kept.
     """
     from tqdm.auto import tqdm
 
-    dim = embedding_dimension(model) or 0
     if not phrases:
-        return np.zeros((0, dim), dtype=np.float32)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        order = np.arange(len(phrases))
-    else:
-        lengths = [len(ids) for ids in tokenizer(list(phrases), add_special_tokens=True)["input_ids"]]
-        order = np.argsort(lengths, kind="stable")
-    out: np.ndarray | None = None
-    for start in tqdm(range(0, len(phrases), batch_size), desc="embedding phrases", unit="batch", disable=not show_progress, mininterval=1.0):
-        idx = order[start : start + batch_size]
-        vectors = model.encode([phrases[i] for i in idx], batch_size=len(idx), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        if out is None:
-            out = np.zeros((len(phrases), vectors.shape[1]), dtype=np.float32)
-        out[idx] = vectors
-    return out
+        return np.zeros((0, embedding_dimension(model) or 0), dtype=np.float32)
+    encoder = _ENCODERS.get(model)
+    if encoder is None or encoder.settings.max_batch_size != batch_size:
+        encoder = TextEncoder(model, EncodeSettings(normalize=True, max_batch_size=batch_size))
+        _ENCODERS[model] = encoder
+    with tqdm(total=len(phrases), desc="embedding phrases", unit="phrase", disable=not show_progress, mininterval=1.0) as bar:
+        return encoder.encode(list(phrases), progress=bar.update)
+
+
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _row_matrix(rows: list[np.ndarray], values: list[np.ndarray], n_rows: int, n_cols: int) -> sp.csr_matrix:
