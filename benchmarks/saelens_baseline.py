@@ -143,7 +143,7 @@ def _toy_data(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help=".pt / .npy float matrix (default: toy data)")
+    p.add_argument("--data", help=".npy float matrix (default: toy data)")
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--latents", type=int, default=512)
@@ -156,12 +156,10 @@ if __name__ == "__main__":
     a = p.parse_args()
     if a.data is None:
         x = _toy_data(a.n, a.d)
-    elif a.data.endswith(".npy"):
+    else:  # .npy only: nothing is unpickled
         import numpy as np
 
-        x = torch.from_numpy(np.load(a.data))
-    else:
-        x = torch.load(a.data)
+        x = torch.from_numpy(np.load(a.data, allow_pickle=False))
     x = x.float().to(a.device)
     n_held = int(len(x) * a.heldout_frac)
     res = train_saelens_topk(

@@ -31,6 +31,9 @@ SAE_FILES = (
     "train_log.jsonl",
     "split.json",
     "domains.json",
+    "families.json",
+    "families_cooccurrence.png",
+    "family_graph.png",
 )
 TEMPLATE_NAME = "MODEL_CARD.md"
 CARD_METRICS = ("heldout_fvu", "heldout_cosine", "heldout_l0", "dead_fraction", "dense_fraction", "neighbour_overlap_at_10", "label_auroc_mean", "label_auroc_median", "label_auroc_share_above_0.8")

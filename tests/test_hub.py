@@ -60,6 +60,19 @@ def test_from_pretrained_by_repo_id_and_revision_gives_labels_and_metrics(hub, l
     assert old.feature_labels[0] != "renamed" and not torch.equal(old.b_pre, local.b_pre)
 
 
+def test_families_travel_with_a_push(hub, labelled_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    assert main(["families", str(run), "--permutations", "2", "-q"]) == 0
+    assert main(["push", str(run), "org/with-families", "-q"]) == 0
+    assert {"families.json", "families_cooccurrence.png", "family_graph.png"} <= set(hub.files("org/with-families"))
+    local = SparseAutoencoder.from_pretrained(run).feature_families()
+    remote = SparseAutoencoder.from_pretrained("org/with-families").feature_families()
+    assert local and [(f.parent, f.children, f.label) for f in remote] == [(f.parent, f.children, f.label) for f in local]
+
+
 def test_automodel_loads_an_sbert_sae_repo(hub):
     from transformers import AutoModel
 
