@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     seconds, _ = timed(lambda: fast(texts), torch.device("cpu"), args.repeats)
     print(json.dumps({"method": f"Rust tokenizer alone ({os.cpu_count()} cores)", "seconds": round(seconds, 3), "texts_per_second": round(len(texts) / seconds)}), flush=True)
 
-    variants = args.variants.split(",") if device.type == "cuda" else ["fp32:2:8192"]
+    variants = args.variants.split(",") if device.type == "cuda" else ["fp32:2:2048", "fp32:2:8192"]
     for spec in variants:
         precision, workers, budget = spec.split(":")
         if device.type == "cuda":

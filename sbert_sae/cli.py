@@ -69,7 +69,7 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
     if with_model:
         g.add_argument("--model", default=DEFAULT_MODEL, help=f"sentence-transformers model, Hub id or folder (default: {DEFAULT_MODEL})")
         g.add_argument("--model-revision", default=None, help="revision of the model on the Hub")
-    g.add_argument("--embed-batch-size", type=_positive_int, default=None, help="most texts per forward pass when embedding (default: as many as 65536 padded tokens on a GPU, 8192 on a CPU, allow)")
+    g.add_argument("--embed-batch-size", type=_positive_int, default=None, help="most texts per forward pass when embedding (default: as many as 65536 padded tokens on a GPU, 2048 on a CPU, allow)")
     g.add_argument("--embed-precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="embedding precision (default: fp16 on a GPU, else fp32)")
     g.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE or ~/.cache/sbert-sae)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")

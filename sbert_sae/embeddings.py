@@ -109,7 +109,7 @@ def embed_dataset(
         batch_size: most texts in one forward pass (None: 1024; the token budget decides).
         chunk_size: rows written and recorded as done at a time (what a resume keeps).
         precision: auto (fp16 on a GPU, else fp32), fp32, fp16 or bf16.
-        max_batch_tokens: padded tokens in one forward pass (None: 65536 on a GPU, 8192 on a CPU).
+        max_batch_tokens: padded tokens in one forward pass (None: 65536 on a GPU, 2048 on a CPU).
     """
     encode_kwargs = dict(encode_kwargs or {})
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:

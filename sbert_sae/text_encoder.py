@@ -57,7 +57,7 @@ class EncodeSettings:
 
     precision: str = "auto"
     max_batch_tokens: int | None = None
-    """Padded tokens in one batch (None: 65536 on a GPU, 8192 on a CPU)."""
+    """Padded tokens in one batch (None: 65536 on a GPU, 2048 on a CPU, where small batches stay in cache)."""
     max_batch_size: int = 1024
     """Texts in one batch, at most."""
     super_batch: int = 4096
@@ -143,7 +143,7 @@ class TextEncoder:
             model.to(dtype)
         self.model = model.eval()
         cuda = self.device.type == "cuda"
-        self.max_batch_tokens = self.settings.max_batch_tokens or (65536 if cuda else 8192)
+        self.max_batch_tokens = self.settings.max_batch_tokens or (65536 if cuda else 2048)
         self.workers = self.settings.workers or (4 if cuda else 2)
         self.pin = cuda
         self._backend: _BackendTokenizer | None = None
