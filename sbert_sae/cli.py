@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-push", action="store_true", help="train and label only")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
+    p = sub.add_parser("compare", parents=[common], help="match two SAEs' features one to one by decoder cosine (e.g. two domains); write comparison.json and a histogram")
+    p.add_argument("run_a", metavar="RUN_A", help="SAE folder A")
+    p.add_argument("run_b", metavar="RUN_B", help="SAE folder B (same base model and d_in)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_A/compare-<name of RUN_B>)")
+    p.add_argument("--min-cosine", type=float, default=0.7, help="cosine a matched pair needs to count as shared (default: 0.7)")
+    p.add_argument("--top", type=int, default=20, help="shared pairs to print (default: 20)")
+
     sub.add_parser("list", parents=[common], help="print the registry of released SAEs (short name, repo, metrics)")
 
     p = sub.add_parser("info", parents=[common], help="print the config and metrics of a trained SAE")
@@ -429,6 +436,30 @@ def cmd_release(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import COMPARISON_FILE, COMPARISON_PLOT, run_comparison
+
+    started = time.perf_counter()
+    result, out = run_comparison(args.run_a, args.run_b, args.out, min_cosine=args.min_cosine)
+    s = result.summary()
+    med, rmed = s["matched_cosine"].get("median", float("nan")), s["random_cosine"].get("median", float("nan"))
+    rmax = s["random_cosine"].get("max", float("nan"))
+    print(
+        f"{s['n_live_a']} live features in A ({s['n_features_a']}), {s['n_live_b']} in B ({s['n_features_b']}); {s['n_matched']} matched one to one ({s['method']}): "
+        f"{s['n_shared']} shared at cosine >= {args.min_cosine:g}, {s['n_only_a']} in A only, {s['n_only_b']} in B only"
+    )
+    print(f"matched cosine median {med:.3f} vs {rmed:.3f} against random unit directions (random max {rmax:.3f}, {s['random_above_min_cosine']} random above {args.min_cosine:g})")
+    if result.shared:
+        la, lb = result.labels_a, result.labels_b
+        print("top shared pairs (A -> B):")
+        for i, j, c in result.shared[: max(0, args.top)]:
+            print(f"  {c:.3f}  #{i} {la[i] or '(no label)'}  <->  #{j} {lb[j] or '(no label)'}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"comparison: {out / COMPARISON_FILE}; plot: {out / COMPARISON_PLOT}; {time.perf_counter() - started:.0f}s")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .registry import format_registry, load_registry
 
@@ -436,7 +467,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
