@@ -669,9 +669,8 @@ def run_families(
     default: the one it was trained on, see `corpus_arguments`); writes `families.json`,
     `families_cooccurrence.png` and `family_graph.png` (the family headed by `plot_family`,
     else `pick_family`'s) there, or nothing without `write`. Returns the result."""
-    import dataclasses
 
-    from .pipeline import load_and_embed
+    from .pipeline import load_sae_corpus
     from .utils import run_lock, write_json
 
     sae_path = Path(sae_path)
@@ -680,12 +679,7 @@ def run_families(
     args.validate()
     if sae is None:
         sae = SparseAutoencoder.from_pretrained(sae_path)
-    if not sae.config.base_model:
-        raise ConfigError(f"the SAE in {sae_path} has no base_model in its config: its texts cannot be embedded alike")
-    data = dataclasses.replace(data, model=sae.config.base_model, model_revision=sae.config.base_model_revision)
-    _, cache = load_and_embed(data, show_progress=show_progress)
-    if cache.dim != sae.config.d_in:
-        raise ConfigError(f"{data.model} makes {cache.dim}-d embeddings but the SAE in {sae_path} reads d_in={sae.config.d_in}")
+    data, _, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
     device = data.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sae = sae.to(device)
     acts = encode_corpus(sae, cache.embeddings, show_progress=show_progress)

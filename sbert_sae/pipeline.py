@@ -313,11 +313,25 @@ def _labelling_id(sae_path: Path, cache: EmbeddingCache, label_args) -> str:
     return digest.hexdigest()
 
 
+def load_sae_corpus(sae, sae_path, data: DataArguments, show_progress: bool = True):
+    """`data` embedded (or read from the cache) with the SAE's own base model: the data
+    arguments used, the dataset and its `EmbeddingCache`. Refuses an SAE without a base
+    model or whose base model makes embeddings of another dimension."""
+    from .errors import ConfigError
+
+    if not sae.config.base_model:
+        raise ConfigError(f"the SAE in {sae_path} has no base_model in its config: its texts cannot be embedded alike")
+    data = dataclasses.replace(data, model=sae.config.base_model, model_revision=sae.config.base_model_revision)
+    ds, cache = load_and_embed(data, show_progress=show_progress)
+    if cache.dim != sae.config.d_in:
+        raise ConfigError(f"{data.model} makes {cache.dim}-d embeddings but the SAE in {sae_path} reads d_in={sae.config.d_in}")
+    return data, ds, cache
+
+
 def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_progress: bool = True) -> dict:
     """Label every feature of the SAE at `sae_path` on a dataset; write `feature_labels.json` and
     add the label scores to `metrics.json`. Returns the labelling summary."""
     from .base_model import load_sentence_transformer
-    from .errors import ConfigError
     from .labels import LABELS_FILE, LabelArguments, feature_labels_document, label_features
     from .modeling_sbert_sae import SparseAutoencoder
     from .utils import read_json
@@ -325,12 +339,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
     sae_path = Path(sae_path)
     label_args = label_args or LabelArguments()
     sae = SparseAutoencoder.from_pretrained(sae_path)
-    if not sae.config.base_model:
-        raise ConfigError(f"the SAE in {sae_path} has no base_model in its config: its texts cannot be embedded alike")
-    data = dataclasses.replace(data, model=sae.config.base_model, model_revision=sae.config.base_model_revision)
-    ds, cache = load_and_embed(data, show_progress=show_progress)
-    if cache.dim != sae.config.d_in:
-        raise ConfigError(f"{data.model} makes {cache.dim}-d embeddings but the SAE in {sae_path} reads d_in={sae.config.d_in}")
+    data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
     texts = ds.select_columns([data.text_column]).select(cache.row_ids)[data.text_column]
     model = load_sentence_transformer(data.model, revision=data.model_revision, device=data.device)
     partial_path = sae_path / "feature_labels.partial.json"
