@@ -208,8 +208,10 @@ def compare_saes(
     rows, cols, cos, method = match(wa, wb, exact_limit=exact_limit)
     pairs = sorted(((int(ia[r]), int(ib[c]), float(x)) for r, c, x in zip(rows, cols, cos)), key=lambda p: -p[2])
 
-    gen = torch.Generator().manual_seed(seed)
-    random_dirs = torch.randn(len(ib), sae_a.config.d_in, generator=gen)
+    # numpy, not torch: torch.randn under the training seed is exactly how SAE decoders start,
+    # and a baseline equal to an SAE's initialisation would be no baseline.
+    rng = np.random.default_rng([seed, 0x5AE])
+    random_dirs = torch.from_numpy(rng.standard_normal((len(ib), sae_a.config.d_in), dtype=np.float32))
     _, _, random_cos, _ = match(wa, random_dirs, exact_limit=exact_limit)
     notes = []
     if method != "exact":
@@ -282,10 +284,11 @@ def run_comparison(run_a: str | Path, run_b: str | Path, out_dir: str | Path | N
         sae_a, sae_b, min_cosine, live_a=live_mask(run_a, sae_a.config.n_latents), live_b=live_mask(run_b, sae_b.config.n_latents)
     )
     seed_a, seed_b = _training_seed(run_a), _training_seed(run_b)
-    if run_a.resolve() != run_b.resolve() and seed_a is not None and seed_a == seed_b and sae_a.config.n_latents == sae_b.config.n_latents:
+    if run_a.resolve() != run_b.resolve() and seed_a is not None and seed_a == seed_b:
         result.notes.append(
             f"both SAEs were trained with seed {seed_a}: their decoders started from the same random directions, so features "
-            "that training moved little match by shared initialisation (train with different --seed to rule it out)"
+            "that training moved little match by shared initialisation (with different sizes, the smaller one's start equals the first rows "
+            "of the larger one's); train with different --seed to rule it out"
         )
     with run_lock(out):
         document = {"sae_a": str(run_a), "sae_b": str(run_b), "base_model": sae_a.config.base_model, **result.to_dict()}

@@ -104,3 +104,13 @@ def test_blocked_greedy_matching_agrees_on_clear_pairs():
     clear = {int(r): int(c) for r, c, x in zip(rows, cols, cos) if x > 0.9}
     inverse = torch.argsort(perm)
     assert len(clear) == 200 and all(inverse[r] == c or perm[c] == r for r, c in clear.items())
+
+
+def test_random_baseline_is_not_an_sae_initialisation():
+    """SAE decoders start as torch.randn under the training seed; the baseline must not be that."""
+    from sbert_sae import SparseAutoencoderConfig
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=256, k=4, base_model="m"))
+    result = compare_saes(sae, sae)
+    assert result.random_cosines.max() < 0.35 and np.median(result.random_cosines) < 0.25
