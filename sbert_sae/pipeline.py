@@ -13,6 +13,7 @@ import platform
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,8 +186,13 @@ def run_training(
             continue
         if main:
             folder.mkdir(parents=True, exist_ok=True)
+        domain_args = train_args
+        if data.per_domain:
+            # Each domain's SAE starts from its own random decoder: with one seed for all, the
+            # SAEs of different domains share their initial directions and look alike to `compare`.
+            domain_args = dataclasses.replace(train_args, seed=train_args.seed + zlib.crc32(name.encode()) % 100_003)
         with run_lock(folder) if main else contextlib.nullcontext():
-            result = _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume)
+            result = _train_one(name, rows, folder, cache, data, sae_args, domain_args, accelerator, resume)
         if result is not None:
             results.append(result)
     if main and data.per_domain:

@@ -107,6 +107,9 @@ def test_per_domain_trains_one_sae_per_domain(wiki_small, tmp_path):
         assert row["n_train"] + row["n_heldout"] == 80
         assert json.loads((folder / "training_args.json").read_text())["domain"] == row["domain"]
     assert "| Mathematics | mathematics |" in (out / "domains.md").read_text()
+    # Each domain starts from its own random decoder (one seed for all would make them look alike).
+    seeds = {json.loads((out / row["folder"] / "training_args.json").read_text())["training"]["seed"] for row in table}
+    assert len(seeds) == len(table)
 
 
 def test_one_domain(wiki_small, tmp_path):
