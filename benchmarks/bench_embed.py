@@ -23,15 +23,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sbert_sae.base_model import DEFAULT_MODEL, load_sentence_transformer  # noqa: E402
 from sbert_sae.data import find_text_rows, load_text_dataset  # noqa: E402
 from sbert_sae.text_encoder import EncodeSettings, TextEncoder  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from measure import peak_gpu_gb, peak_rss_gb, reset_peak, sync, write_results  # noqa: E402
 
 
 def timed(fn, device, repeats: int):
@@ -51,12 +48,6 @@ def cosine_to(reference: np.ndarray, vectors: np.ndarray) -> tuple[float, float]
     b = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     cos = (a * b).sum(1)
     return float(cos.min()), float(cos.mean())
-
-
-def peak_rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def main(argv=None) -> int:
@@ -124,22 +115,19 @@ def main(argv=None) -> int:
     variants = args.variants.split(",") if device.type == "cuda" else ["fp32:2:2048", "fp32:2:8192"]
     for spec in variants:
         precision, workers, budget = spec.split(":")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         encoder = TextEncoder(model, EncodeSettings(precision=precision, workers=int(workers), max_batch_tokens=int(budget)))
         encoder.encode(texts[:4096])  # warm-up (and the tokenizer check)
         seconds, vectors = timed(lambda encoder=encoder: encoder.encode(texts), device, args.repeats)
         report(f"sbert-sae TextEncoder {precision}, {workers} tokenizer threads, {budget} tokens/batch", seconds, vectors, reference, best_base)
         if device.type == "cuda":
-            results["rows"][-1]["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+            results["rows"][-1]["peak_gpu_gb"] = peak_gpu_gb(device)
         del encoder
     best = max((r for r in results["rows"] if r["method"].startswith("sbert-sae")), key=lambda r: r["texts_per_second"])
     results["best"] = best
-    results["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    results["peak_rss_gb"] = peak_rss_gb()
     print(f"best: {best['method']}: {best['texts_per_second']} texts/s = {best['speedup_vs_encode_fp32']}x warm fp32 encode ({round(best_base)} texts/s); cosine to fp32 encode min {best.get('cosine_min')}; peak RSS {results['peak_rss_gb']} GB", flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     return 0
 
 

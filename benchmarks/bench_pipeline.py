@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -24,20 +23,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sbert_sae.families import FamilyArguments, run_families  # noqa: E402
 from sbert_sae.labels import LabelArguments  # noqa: E402
 from sbert_sae.pipeline import DataArguments, SaeArguments, load_and_embed, run_labelling, run_training  # noqa: E402
 from sbert_sae.trainer import TrainingArguments  # noqa: E402
 from sbert_sae.utils import read_json  # noqa: E402
-
-
-def peak_gpu_gb() -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
-
-
-def peak_rss_gb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+from measure import peak_gpu_gb, peak_rss_gb, reset_peak, sync, write_results  # noqa: E402
 
 
 def run_once(args, max_texts: int | None, work: Path) -> dict:
@@ -48,13 +41,11 @@ def run_once(args, max_texts: int | None, work: Path) -> dict:
     stages = {}
 
     def stage(name, fn, count=None, unit=None):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        sync()
+        reset_peak()
         t0 = time.perf_counter()
         value = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         seconds = time.perf_counter() - t0
         record = {"seconds": round(seconds, 2), "peak_gpu_gb": peak_gpu_gb(), "peak_rss_gb": peak_rss_gb()}
         if count:
@@ -131,9 +122,7 @@ def main(argv=None) -> int:
     report = {"device": device, "runs": results, "extrapolated": [extrapolate(largest, 420_000), extrapolate(largest, 10_000_000)]}
     for line in report["extrapolated"]:
         print(json.dumps({"extrapolated": line}), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    write_results(args.out, report)
     return 0
 
 

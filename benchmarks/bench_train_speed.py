@@ -31,21 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sbert_sae.configuration_sbert_sae import SparseAutoencoderConfig  # noqa: E402
 from sbert_sae.trainer import TrainingArguments, heldout_fvu, train  # noqa: E402
+from measure import peak_gpu_gb, reset_peak, sync, write_results  # noqa: E402
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_gb(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def rounded(figures: dict) -> dict:
+    return {key: round(v, 4) if isinstance(v, float) else v for key, v in figures.items()}
 
 
 def naive_rate(x: torch.Tensor, n: int, k: int, batch: int, steps: int = 60, warmup: int = 10) -> float:
@@ -153,15 +143,15 @@ def main(argv=None) -> int:
         row["naive_step_samples_per_second"] = round(naive_rate(x_train, n, k, args.batch_size))
         reset_peak(device)
         mine = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, args.lr, "auto", str(device))
-        row["sbert_sae"] = {key: round(v, 4) if isinstance(v, float) else v for key, v in mine.items()}
-        row["sbert_sae"]["peak_gpu_gb"] = peak_gb(device)
+        row["sbert_sae"] = rounded(mine)
+        row["sbert_sae"]["peak_gpu_gb"] = peak_gpu_gb(device)
         row["sbert_sae_vs_naive"] = round(mine["samples_per_second"] / row["naive_step_samples_per_second"], 2)
         if saelens is not None:
             reset_peak(device)
             try:
                 theirs = saelens(x_train, x_held, n, k, args.batch_size, epochs, args.lr)
-                row["saelens"] = {key: round(v, 4) if isinstance(v, float) else v for key, v in theirs.items()}
-                row["saelens"]["peak_gpu_gb"] = peak_gb(device)
+                row["saelens"] = rounded(theirs)
+                row["saelens"]["peak_gpu_gb"] = peak_gpu_gb(device)
                 row["sbert_sae_vs_saelens"] = round(mine["samples_per_second"] / theirs["samples_per_second"], 2)
             except Exception as err:  # noqa: BLE001 - the baseline failing must not hide our figures
                 row["saelens"] = {"error": f"{type(err).__name__}: {err}"}
@@ -173,13 +163,11 @@ def main(argv=None) -> int:
         check = {"n_latents": n, "k": k, "batch_size": batch, "epochs": epochs}
         for precision in ("no", "bf16"):
             got = ours(embeddings, train_pos, held_pos, n, k, batch, epochs, args.lr, precision, str(device))
-            check["fp32" if precision == "no" else "bf16"] = {key: round(v, 4) if isinstance(v, float) else v for key, v in got.items()}
+            check["fp32" if precision == "no" else "bf16"] = rounded(got)
         check["heldout_fvu_relative_difference"] = round(check["bf16"]["heldout_fvu"] / check["fp32"]["heldout_fvu"] - 1, 4)
         results["precision_check"] = check
         print(json.dumps({"precision_check": check}), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     return 0
 
 
