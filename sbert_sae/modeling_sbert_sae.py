@@ -222,7 +222,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             dead_mask: optional bool (n_latents,) marking dead features for the AuxK loss.
             check_finite: refuse NaN/inf inputs (the trainer checks its data once instead).
             dead_features: the dead features' ids instead of `dead_mask` (what the trainer
-                passes: the top-k then runs over those columns only, a few percent of the work).
+                passes: turning a mask into ids reads it on the host, which stalls a GPU).
         """
         x = self.prepare_input(embeddings, check_finite=check_finite)
         pre = self.pre_activations(x)
@@ -231,20 +231,15 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         fvu = fraction_of_variance_unexplained(x_hat, x)
 
         auxk_loss = fvu.new_zeros(())
+        if dead_features is None and dead_mask is not None:
+            dead_features = dead_mask.nonzero().flatten()
         if dead_features is not None and len(dead_features):
+            # The top-k runs over the dead features' columns only: a few percent of the work.
             k_aux = min(self.config.k_aux, len(dead_features))
             aux_values, positions = self._topk(pre.index_select(1, dead_features), k_aux)
             residual = (x - x_hat).detach()
             residual_hat = self.decode_topk(aux_values, dead_features[positions], add_bias=False)
             auxk_loss = torch.nan_to_num(fraction_of_variance_unexplained(residual_hat, residual), 0.0)
-        elif dead_mask is not None:
-            # Live features are masked to -inf: where fewer than k_aux are dead, the extra
-            # picks are ReLU(-inf) = 0 and add nothing. No device value is read on the host.
-            k_aux = min(self.config.k_aux, self.config.n_latents)
-            aux_values, aux_indices = self._topk(pre.masked_fill(~dead_mask, float("-inf")), k_aux)
-            residual = (x - x_hat).detach()
-            residual_hat = self.decode_topk(aux_values, aux_indices, add_bias=False)
-            auxk_loss = torch.nan_to_num(fraction_of_variance_unexplained(residual_hat, residual), 0.0) * dead_mask.any()
         loss = fvu + self.config.auxk_coef * auxk_loss
         return SparseAutoencoderOutput(
             loss=loss,
