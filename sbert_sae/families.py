@@ -39,6 +39,7 @@ import torch
 from .activations import SparseActivations, encode_corpus
 from .errors import ConfigError, InputError, ModelLoadError
 from .modeling_sbert_sae import SparseAutoencoder
+from .utils import round_figure
 
 logger = logging.getLogger(__name__)
 
@@ -544,21 +545,14 @@ def compute_families(
         "children_mean": round(float(np.mean(sizes)), 2) if sizes else None,
         "children_max": max(sizes) if sizes else None,
         "families_per_round": [sum(1 for f in families if f.round == r) for r in range(args.removal_rounds + 1)],
-        "block_ratio": _round(ratio),
-        "permuted_block_ratio_mean": _round(np.mean(permuted)) if permuted else None,
-        "permuted_block_ratio_std": _round(np.std(permuted)) if permuted else None,
-        "permuted_block_ratio_max": _round(max(permuted)) if permuted else None,
+        "block_ratio": round_figure(ratio),
+        "permuted_block_ratio_mean": round_figure(np.mean(permuted)) if permuted else None,
+        "permuted_block_ratio_std": round_figure(np.std(permuted)) if permuted else None,
+        "permuted_block_ratio_max": round_figure(max(permuted)) if permuted else None,
         "n_permutations": len(permuted),
         "seconds": round(time.perf_counter() - started, 2),
     }
     return FamilyResult(families=families, summary=summary, settings=asdict(args), cooccurrence=cooc, n_texts=len(acts))
-
-
-def _round(value) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return None if not math.isfinite(value) else round(value, 4)
 
 
 def families_document(result: FamilyResult, sae: SparseAutoencoder | None = None, dataset: str | None = None) -> dict:

@@ -27,7 +27,6 @@ For each feature, from the corpus' sparse activations (computed once):
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 import weakref
@@ -45,6 +44,7 @@ from .data import split_heldout
 from .errors import ConfigError, DatasetError
 from .modeling_sbert_sae import SparseAutoencoder
 from .text_encoder import EncodeSettings, TextEncoder
+from .utils import round_figure
 
 logger = logging.getLogger(__name__)
 
@@ -637,7 +637,7 @@ def _separate_duplicates(ctx: LabellingContext, features: dict[int, dict], known
         s_pos, s_neg, pos_mask, neg_mask = _judging_scores(ctx, feats, true_vectors)
         sep = batched_auroc(s_pos, s_neg, pos_mask, neg_mask)[:, 0].numpy()
         for i, f in enumerate(feats):
-            features[f]["label"], features[f]["train_auroc"] = new_labels[f], _round(sep[i])
+            features[f]["label"], features[f]["train_auroc"] = new_labels[f], round_figure(sep[i])
             renamed.add(f)
     return sorted(renamed)
 
@@ -734,7 +734,7 @@ def _draft_labels(ctx: LabellingContext, block: list[int], keywords_of: dict, ph
                 "label": ", ".join(kws[i][j][0] for j in picks),
                 "status": "labelled",
                 "first_keyword": kws[i][picks[0]][0],
-                "keywords": [{"keyword": kws[i][j][0], "similarity": round(float(kws[i][j][1]), 4), "train_auroc": _round(pool_sep_np[i, n])} for n, j in enumerate(members)],
+                "keywords": [{"keyword": kws[i][j][0], "similarity": round(float(kws[i][j][1]), 4), "train_auroc": round_figure(pool_sep_np[i, n])} for n, j in enumerate(members)],
                 "examples": {
                     "top": ctx.row_ids[ctx.pos_rows[f][: min(args.top_texts, 10)]].tolist(),
                     "quantile": ctx.row_ids[ctx.pos_rows[f][args.top_texts :]].tolist(),
@@ -760,7 +760,7 @@ def _finish_labels(ctx: LabellingContext, drafts: dict[int, dict], known: dict[s
         pick = 1 if sep[i, 1] > sep[i, 0] else 0
         if pick:
             out[f]["label"] = firsts[f]
-        out[f]["train_auroc"] = _round(sep[i, pick])
+        out[f]["train_auroc"] = round_figure(sep[i, pick])
     return out
 
 
@@ -779,13 +779,13 @@ def summarize_scores(features: dict[int, dict]) -> dict:
     labels = [e["label"] for e in features.values() if e.get("status") == "labelled" and e.get("label")]
     return {
         "n_scored": len(aurocs),
-        "label_auroc_mean": _round(np.mean(aurocs)) if aurocs else None,
-        "label_auroc_median": _round(np.median(aurocs)) if aurocs else None,
-        "label_auroc_share_above_0.8": _round(np.mean(np.asarray(aurocs) >= 0.8)) if aurocs else None,
-        "label_pearson_mean": _round(np.mean(pearsons)) if pearsons else None,
-        "label_pearson_median": _round(np.median(pearsons)) if pearsons else None,
-        "centroid_auroc_mean": _round(np.mean(ceilings)) if ceilings else None,
-        "distinct_label_share": _round(unique_label_share(labels)),
+        "label_auroc_mean": round_figure(np.mean(aurocs)) if aurocs else None,
+        "label_auroc_median": round_figure(np.median(aurocs)) if aurocs else None,
+        "label_auroc_share_above_0.8": round_figure(np.mean(np.asarray(aurocs) >= 0.8)) if aurocs else None,
+        "label_pearson_mean": round_figure(np.mean(pearsons)) if pearsons else None,
+        "label_pearson_median": round_figure(np.median(pearsons)) if pearsons else None,
+        "centroid_auroc_mean": round_figure(np.mean(ceilings)) if ceilings else None,
+        "distinct_label_share": round_figure(unique_label_share(labels)),
     }
 
 
@@ -834,7 +834,7 @@ def score_labels(
         r = _masked_pearson(torch.cat([s_pos[:, 0], s_neg[:, 0]], dim=1), torch.cat([pos_acts, torch.zeros(neg.shape)], dim=1), torch.cat([pos_mask, neg_mask], dim=1)).numpy()
         n_pos, n_neg = pos_mask.sum(1).tolist(), neg_mask.sum(1).tolist()
         for i, f in enumerate(feats):
-            scores[f] = {"auroc": _round(aucs[i, 0]), "pearson": _round(r[i]), "centroid_auroc": _round(aucs[i, 1]), "n_firing": int(n_pos[i]), "n_not_firing": int(n_neg[i])}
+            scores[f] = {"auroc": round_figure(aucs[i, 0]), "pearson": round_figure(r[i]), "centroid_auroc": round_figure(aucs[i, 1]), "n_firing": int(n_pos[i]), "n_not_firing": int(n_neg[i])}
     summary = summarize_scores({f: {"status": "labelled", "label": labels[f], "score": scores.get(f)} for f in labels if labels[f]})
     return scores, summary
 
@@ -891,11 +891,6 @@ def _cap(positions: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarra
     if len(positions) <= cap:
         return positions
     return np.sort(rng.choice(positions, size=cap, replace=False))
-
-
-def _round(value) -> float | None:
-    value = float(value)
-    return None if math.isnan(value) else round(value, 4)
 
 
 def _snippet(text: str, limit: int = 300) -> str:

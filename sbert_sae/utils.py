@@ -104,3 +104,11 @@ def slugify(value: str) -> str:
     """A folder-safe name for a domain value ("Biology & health sciences" -> "biology-health-sciences")."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", value).strip("-").lower()
     return slug or "domain"
+
+
+def round_figure(value, digits: int = 4) -> float | None:
+    """A figure for a JSON file: rounded, and None where it is missing, NaN or infinite."""
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else None
