@@ -17,6 +17,7 @@ from .errors import (
 )
 from .families import Family, FamilyArguments
 from .modeling_sbert_sae import SparseAutoencoder, SparseAutoencoderOutput
+from .search import SearchResult, SteerableIndex
 from .text_encoder import EncodeSettings, TextEncoder
 
 AutoConfig.register(SparseAutoencoderConfig.model_type, SparseAutoencoderConfig, exist_ok=True)
@@ -34,9 +35,11 @@ __all__ = [
     "OutputDirError",
     "ResumeError",
     "SbertSaeError",
+    "SearchResult",
     "SparseAutoencoder",
     "SparseAutoencoderConfig",
     "SparseAutoencoderOutput",
+    "SteerableIndex",
     "TextEncoder",
     "__version__",
 ]

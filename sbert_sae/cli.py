@@ -10,11 +10,12 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from .errors import SbertSaeError
+from .errors import InputError, SbertSaeError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -187,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: RUN_A/compare-<name of RUN_B>)")
     p.add_argument("--min-cosine", type=float, default=0.7, help="cosine a matched pair needs to count as shared (default: 0.7)")
     p.add_argument("--top", type=int, default=20, help="shared pairs to print (default: 20)")
+
+    p = sub.add_parser("search", parents=[common], help="semantic search over a corpus with a query whose SAE features are raised, lowered or clamped")
+    p.add_argument("sae", help="SAE run folder (searches the corpus it was trained on) or Hub repo id (needs --dataset)")
+    p.add_argument("query", help="the query text")
+    _add_data_arguments(p, with_model=False, dataset_help="corpus to search (default: the one the SAE was trained on; other data options apply only with it)")
+    g = p.add_argument_group("steering")
+    target = "a feature id, 'family:ID' (the family that feature heads), or a label query ('features about X'); append '=S' for its own strength"
+    g.add_argument("--up", action="append", default=[], metavar="FEATURE[=S]", help=f"raise a feature: {target} (repeatable)")
+    g.add_argument("--down", action="append", default=[], metavar="FEATURE[=S]", help="lower a feature, same forms (repeatable)")
+    g.add_argument("--clamp", action="append", default=[], metavar="FEATURE=VALUE", help="set a feature's activation to VALUE (repeatable)")
+    g.add_argument("--strength", type=float, default=0.5, help="strength of --up/--down targets without their own, in units of the query's length (default: 0.5)")
+    g.add_argument("--method", choices=("add", "clamp"), default="add", help="add: add/subtract the decoder directions (the paper's); clamp: set the query's activations and decode the change (default: add)")
+    g.add_argument("--top", type=_positive_int, default=10, help="hits to show (default: 10)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sub.add_parser("list", parents=[common], help="print the registry of released SAEs (short name, repo, metrics)")
 
@@ -460,6 +475,78 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _steering_targets(values: list[str], default: float | None, flag: str) -> dict[str, float]:
+    targets: dict[str, float] = {}
+    for value in values:
+        key, sep, strength = value.rpartition("=")
+        if not sep:
+            key, strength = value, None
+        key = key.strip()
+        if not key:
+            raise InputError(f"{flag} {value!r}: name a feature before '='")
+        if strength is None:
+            if default is None:
+                raise InputError(f"{flag} {value!r}: give the activation to set, e.g. {flag} {key}=0.3")
+            targets[key] = default
+            continue
+        try:
+            targets[key] = float(strength)
+        except ValueError:
+            raise InputError(f"{flag} {value!r}: {strength!r} is not a number") from None
+    return targets
+
+
+def cmd_search(args) -> int:
+    from .modeling_sbert_sae import SparseAutoencoder
+    from .search import SteerableIndex
+
+    _disable_library_progress_bars()
+    up = _steering_targets(args.up, args.strength, "--up")
+    down = _steering_targets(args.down, args.strength, "--down")
+    clamp = _steering_targets(args.clamp, None, "--clamp")
+    data = _data_arguments(args) if args.dataset else None
+    show = not args.quiet and not args.json
+    if Path(args.sae).is_dir() and (Path(args.sae) / "training_args.json").exists():
+        index = SteerableIndex.from_run(args.sae, data, device=args.device, show_progress=show)
+    else:
+        if data is None:
+            raise InputError(f"{args.sae} is not a training run folder: pass --dataset, the corpus to search")
+        sae = SparseAutoencoder.from_pretrained(args.sae)
+        index = SteerableIndex.build(sae, data, device=args.device, show_progress=show)
+    result = index.search(args.query, up=up or None, down=down or None, clamp=clamp or None, k=args.top, method=args.method)
+    st = result.steering
+    labels = index.sae.feature_labels
+    if args.json:
+        print(json.dumps({
+            "query": args.query, "method": st.method, "cosine_to_query": st.cosine,
+            "up": st.up, "down": st.down, "clamp": st.clamp, "resolved": st.resolved,
+            "hits": [{"row": h.row, "score": h.score, "steered": h.steered, "text": h.text} for h in result.hits],
+        }, indent=1, ensure_ascii=False))
+        return 0
+    active = index.query_features(args.query, top=6)
+    print("query features: " + "; ".join(f"#{f} {label or '(no label)'} {v:.2f}" for f, v, label in active))
+    if st.features:
+        for role, ids in (("up", st.up), ("down", st.down), ("clamp", st.clamp)):
+            for f, s in ids.items():
+                print(f"{role:>5} #{f} {labels[f] or '(no label)'} {'value' if role == 'clamp' else 'strength'} {s:g}")
+        for name, ids in st.resolved.items():
+            if not name.isdigit() and len(ids) == 1 and not name.startswith("family:"):
+                print(f"      {name!r} read as #{ids[0]} {labels[ids[0]] or ''}")
+        print(f"steered query ({st.method}): cosine {st.cosine:.3f} to the original")
+    width = shutil.get_terminal_size((120, 20)).columns
+    for rank, hit in enumerate(result.hits, 1):
+        firing = " ".join(f"#{f}" for f, a in hit.steered.items() if a > 0)
+        head = f"{rank:>3}. {hit.score:.3f} row {hit.row}" + (f" [fires: {firing}]" if firing else "")
+        text = " ".join((hit.text or "").split())
+        room = max(40, width - len(head) - 2)
+        print(f"{head}  {text[:room - 1] + '…' if len(text) > room else text}")
+    if st.features:
+        for f in st.features:
+            n = sum(hit.steered[f] > 0 for hit in result.hits)
+            print(f"#{f} fires in {n} of {len(result.hits)} hits")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .registry import format_registry, load_registry
 
@@ -467,7 +554,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info, "compare": cmd_compare}
+COMMANDS = {"train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info, "compare": cmd_compare, "search": cmd_search}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,588 @@
+"""Steered semantic search: the nearest texts of a corpus to a query whose SAE features are
+raised, lowered or clamped (O'Neill et al. 2024, "steering").
+
+A query embedding `q` (in the SAE's input space) is moved along decoder directions `d_f`
+(unit length), by strengths in units of the query's length (unit embeddings: the paper's
+`u` and `d`; strength 1 on a direction orthogonal to the query turns it by 45 degrees):
+
+- `method="add"` (the paper's): `q' = q + |q| (sum_up s_f d_f - sum_down s_f d_f)`;
+- `method="clamp"`: the query's code `z` is edited (`z_f <- max(z_f, s_f |q|)` for a raised
+  feature, `z_f <- (1 - min(s_f, 1)) z_f` for a lowered one: strength 1 removes it) and
+  the change is decoded, `q' = q + W_dec^T (z' - z)`, so what the SAE does not
+  reconstruct of the query is kept;
+- `clamp={f: value}` sets feature f's activation to `value` whatever the method.
+
+Features are named by id, by a label query ("features about X": the feature whose label
+is nearest to X by the base model's embedding), or as a whole family (`"family:<parent
+id>"` or a `Family`): a family counts as one direction, its members' mean, so a strength
+means the same for a family as for one feature.
+
+Search is exact (one matrix product over the corpus, chunked) up to
+`EXACT_SEARCH_MAX_ROWS` rows and, above that, approximate with a FAISS HNSW index when
+`faiss` is installed (`pip install sbert-sae[faiss]`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .activations import SparseActivations, encode_corpus
+from .errors import InputError
+from .modeling_sbert_sae import SparseAutoencoder
+
+logger = logging.getLogger(__name__)
+
+EXACT_SEARCH_MAX_ROWS = 2_000_000
+"""Above this many corpus texts, search with a FAISS HNSW index when faiss is installed
+(exact search over 2M x 384 fp32 vectors is 3 GB and ~0.1 s a query on a CPU)."""
+
+LIVE_COUNTS_FROM_CORPUS_MAX_ROWS = 200_000
+"""Up to this many texts, the corpus is encoded to tell which features never fire on it."""
+
+METHODS = ("add", "clamp")
+_FAMILY_KEY = re.compile(r"^family:(\d+)$")
+
+
+@dataclass
+class Hit:
+    """One search result.
+
+    Attributes:
+        row: the text's row id in the dataset.
+        text: the text (None when the index was built without texts).
+        score: cosine between the text's embedding and the (steered) query.
+        steered: activation of each steered feature in this text (0.0 where it does not fire).
+    """
+
+    row: int
+    text: str | None
+    score: float
+    steered: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class SteeredQuery:
+    """A query vector after steering.
+
+    Attributes:
+        original: (d_in,) the query in the SAE's input space.
+        vector: (d_in,) the steered query.
+        cosine: cosine(original, vector): how far steering moved the query.
+        up, down, clamp: the resolved targets, feature id -> strength (clamp: -> activation).
+        method: "add" or "clamp".
+        resolved: how each named target was read: the caller's key -> feature ids.
+    """
+
+    original: torch.Tensor
+    vector: torch.Tensor
+    cosine: float
+    up: dict[int, float]
+    down: dict[int, float]
+    clamp: dict[int, float]
+    method: str
+    resolved: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def features(self) -> list[int]:
+        return list(dict.fromkeys([*self.up, *self.down, *self.clamp]))
+
+
+@dataclass
+class SearchResult:
+    query: str | None
+    hits: list[Hit]
+    steering: SteeredQuery
+
+    @property
+    def cosine(self) -> float:
+        return self.steering.cosine
+
+    def rows(self) -> list[int]:
+        return [h.row for h in self.hits]
+
+
+@dataclass
+class FeatureMatch:
+    feature: int
+    score: float
+    label: str | None
+
+
+class SteerableIndex:
+    """A corpus' embeddings and their SAE codes, searchable with steered queries.
+
+    Build it with `SteerableIndex.build(sae, dataset)` (a dataset name, folder or files,
+    embedded with the SAE's base model through the embedding cache), `from_run(folder)`
+    (the corpus the run was trained on), or directly from `embeddings` (n_texts, d_in)
+    and their `texts`.
+    """
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        embeddings: np.ndarray | torch.Tensor,
+        *,
+        texts: Sequence[str] | None = None,
+        row_ids: np.ndarray | None = None,
+        codes_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        backend: str = "auto",
+        show_progress: bool = False,
+    ):
+        if not isinstance(sae, SparseAutoencoder):
+            raise InputError(f"sae must be a SparseAutoencoder, got {type(sae).__name__}")
+        shape = tuple(embeddings.shape)
+        if len(shape) != 2 or shape[1] != sae.config.d_in:
+            raise InputError(f"embeddings must have shape (n_texts, {sae.config.d_in}), got {shape}")
+        if shape[0] == 0:
+            raise InputError("the corpus is empty (0 embeddings)")
+        if texts is not None and len(texts) != shape[0]:
+            raise InputError(f"{len(texts)} texts for {shape[0]} embeddings: give one text per embedding")
+        if backend not in ("auto", "exact", "faiss"):
+            raise InputError(f"backend must be 'auto', 'exact' or 'faiss', got {backend!r}")
+        self.device = torch.device(device or sae.W_dec.device)
+        self.sae = sae.to(self.device).eval()
+        self.texts = texts
+        self.row_ids = np.arange(shape[0]) if row_ids is None else np.asarray(row_ids)
+        self.codes_dir = Path(codes_dir) if codes_dir is not None else None
+        self.show_progress = show_progress
+        self._embeddings = embeddings
+        self._corpus: torch.Tensor | None = None
+        self._codes: SparseActivations | None = None
+        self._row_position: dict[int, int] | None = None
+        self._label_vectors: torch.Tensor | None = None
+        self._families = None
+        if backend == "auto":
+            backend = "exact" if shape[0] <= EXACT_SEARCH_MAX_ROWS or not _faiss_available() else "faiss"
+        if backend == "faiss" and not _faiss_available():
+            raise InputError("backend='faiss' needs the faiss package: pip install 'sbert-sae[faiss]'")
+        self.backend = backend
+        self._faiss_index = None
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls,
+        sae: SparseAutoencoder,
+        dataset=None,
+        *,
+        texts: Sequence[str] | None = None,
+        embeddings: np.ndarray | torch.Tensor | None = None,
+        text_column: str = "text",
+        split: str = "train",
+        config_name: str | None = None,
+        max_rows: int | None = None,
+        cache_dir: str | None = None,
+        device: str | None = None,
+        backend: str = "auto",
+        show_progress: bool = False,
+    ) -> "SteerableIndex":
+        """An index over `dataset` (Hub id, folder or files; or a `DataArguments`), over
+        `texts` (embedded with the SAE's base model), or over ready `embeddings` (with
+        their `texts`, optional). Codes are computed once and kept beside the cache."""
+        if embeddings is not None:
+            return cls(sae, embeddings, texts=texts, device=device, backend=backend, show_progress=show_progress)
+        if texts is not None:
+            texts = list(texts)
+            if not texts:
+                raise InputError("texts is empty")
+            vectors = sae.embed_texts(texts)
+            return cls(sae, vectors, texts=texts, device=device, backend=backend, show_progress=show_progress)
+        if dataset is None:
+            raise InputError("give a dataset, texts or embeddings to search")
+        from .pipeline import DataArguments
+
+        if isinstance(dataset, DataArguments):
+            data = dataset
+        else:
+            data = DataArguments(dataset=dataset, text_column=text_column, split=split, config_name=config_name, max_rows=max_rows, cache_dir=cache_dir, device=device)
+        return cls._from_data(sae, "the SAE", data, device=device, backend=backend, show_progress=show_progress)
+
+    @classmethod
+    def from_run(
+        cls, sae_path: str | Path, data=None, *, device: str | None = None, backend: str = "auto", show_progress: bool = False
+    ) -> "SteerableIndex":
+        """The index of the corpus the SAE in run folder `sae_path` was trained on (or `data`)."""
+        from .families import corpus_arguments
+
+        data = corpus_arguments(sae_path, data, device=device)
+        sae = SparseAutoencoder.from_pretrained(sae_path)
+        return cls._from_data(sae, sae_path, data, device=device, backend=backend, show_progress=show_progress)
+
+    @classmethod
+    def _from_data(cls, sae, sae_path, data, *, device, backend, show_progress) -> "SteerableIndex":
+        from .pipeline import load_sae_corpus
+
+        data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
+        texts = _DatasetTexts(ds, data.text_column, cache.row_ids)
+        return cls(sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, device=device, backend=backend, show_progress=show_progress)
+
+    def __len__(self) -> int:
+        return int(self._embeddings.shape[0])
+
+    # -------------------------------------------------------- corpus state
+    @property
+    def corpus(self) -> torch.Tensor:
+        """(n_texts, d_in) unit-norm corpus vectors in the SAE's input space, on the device."""
+        if self._corpus is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            parts = []
+            for start in range(0, len(self), 65536):
+                block = self._embeddings[start : start + 65536]
+                block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block, dtype=np.float32))
+                parts.append(F.normalize(block.to(self.device, torch.float32), dim=-1).to(dtype))
+            self._corpus = torch.cat(parts)
+        return self._corpus
+
+    @property
+    def codes(self) -> SparseActivations:
+        """Top-k codes of every corpus text, computed once (and kept beside the embedding
+        cache, keyed by the SAE's encoder weights, when the index has a cache folder)."""
+        if self._codes is None:
+            paths = None
+            if self.codes_dir is not None:
+                stem = self.codes_dir / f"codes-{self.encoder_fingerprint()}"
+                paths = (stem.with_suffix(".values.npy"), stem.with_suffix(".indices.npy"))
+                if all(p.exists() for p in paths):
+                    values, indices = (np.load(p, mmap_mode="r") for p in paths)
+                    if values.shape == (len(self), self.sae.config.k) and indices.shape == values.shape:
+                        self._codes = SparseActivations(values=values, indices=indices, n_latents=self.sae.config.n_latents)
+                        return self._codes
+            embeddings = self._embeddings.detach().float().cpu().numpy() if isinstance(self._embeddings, torch.Tensor) else self._embeddings
+            self._codes = encode_corpus(self.sae, embeddings, show_progress=self.show_progress)
+            if paths is not None:
+                try:
+                    from .utils import atomic_write
+
+                    for path, array in zip(paths, (self._codes.values, self._codes.indices)):
+                        atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
+                except OSError as err:  # a read-only cache still searches, it only recomputes next time
+                    logger.warning("could not keep the corpus codes in %s: %s", self.codes_dir, err)
+        return self._codes
+
+    def encoder_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for tensor in (self.sae.W_enc, self.sae.b_enc, self.sae.b_pre):
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        digest.update(f"k={self.sae.config.k}|normalize={self.sae.config.normalize}".encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def fire_counts(self) -> np.ndarray:
+        """(n_latents,) number of corpus texts each feature fires on."""
+        if not hasattr(self, "_fire_counts"):
+            self._fire_counts = self.codes.fire_counts()
+        return self._fire_counts
+
+    def live_counts(self) -> np.ndarray:
+        """(n_latents,) texts each feature fires on: over this corpus, except that a corpus
+        above `LIVE_COUNTS_FROM_CORPUS_MAX_ROWS` whose codes are not computed yet is judged
+        by the SAE's training texts (its run's feature_density.json) when known, so that it
+        is not encoded whole just to check a steering target."""
+        if self._codes is None and len(self) > LIVE_COUNTS_FROM_CORPUS_MAX_ROWS:
+            source = Path(getattr(self.sae, "name_or_path", "") or "")
+            density = source / "feature_density.json" if str(source) else None
+            if density is not None and density.is_file():
+                from .utils import read_json
+
+                counts = np.asarray(read_json(density).get("fire_counts", []))
+                if counts.shape == (self.sae.config.n_latents,):
+                    return counts
+        return self.fire_counts
+
+    def text_of(self, positions: Sequence[int]) -> list[str | None]:
+        if self.texts is None:
+            return [None] * len(positions)
+        if isinstance(self.texts, _DatasetTexts):
+            return self.texts.get(list(positions))
+        return [self.texts[int(p)] for p in positions]
+
+    # ------------------------------------------------------------- features
+    def _check_feature(self, feature, role: str) -> int:
+        n = self.sae.config.n_latents
+        if isinstance(feature, (bool, np.bool_)) or not isinstance(feature, (int, np.integer)):
+            raise InputError(f"{role} feature {feature!r} is not a feature id (an integer in 0..{n - 1})")
+        if not 0 <= int(feature) < n:
+            raise InputError(f"{role} feature {int(feature)} does not exist: this SAE has features 0..{n - 1}")
+        return int(feature)
+
+    def features_about(self, query: str, top: int = 10) -> list[FeatureMatch]:
+        """Labelled features whose label is nearest to `query` (cosine of the base model's
+        embeddings), best first; features whose label or keywords contain the query's
+        words come first."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError(f"a label query must be a non-empty string, got {query!r}")
+        labels = self.sae.feature_labels
+        labelled = [f for f, label in enumerate(labels) if label]
+        if not labelled:
+            raise InputError("this SAE has no feature labels to search: run `sbert-sae label` on it first")
+        if self._label_vectors is None:
+            self._label_vectors = F.normalize(self.sae.embed_texts([labels[f] for f in labelled]).float(), dim=-1).cpu()
+        q = F.normalize(self.sae.embed_texts([query]).float(), dim=-1).cpu()[0]
+        scores = (self._label_vectors @ q).numpy()
+        words = query.lower().split()
+        data = getattr(self.sae, "label_data", None) or {}
+        features = data.get("features", {})
+
+        def literal(f: int) -> bool:
+            entry = features.get(f, {})
+            haystack = " ".join([labels[f] or "", *(k.get("keyword", "") for k in entry.get("keywords", []) if isinstance(k, dict))]).lower()
+            return all(w in haystack for w in words)
+
+        order = np.argsort(-scores)
+        ranked = sorted(order[: max(top * 20, 200)], key=lambda j: (not literal(labelled[j]), -scores[j]))
+        return [FeatureMatch(labelled[j], float(scores[j]), labels[labelled[j]]) for j in ranked[:top]]
+
+    def family_members(self, parent: int) -> list[int]:
+        from .families import Family
+
+        if isinstance(parent, Family):
+            return [parent.parent, *parent.children]
+        if self._families is None:
+            from .families import FAMILIES_FILE, parse_families
+            from .modeling_sbert_sae import _read_optional_json
+
+            source = getattr(self.sae, "name_or_path", "") or ""
+            data = _read_optional_json(source, FAMILIES_FILE, {}) if source else None
+            if data is None:
+                raise InputError("this SAE has no families.json: run `sbert-sae families` on it, or pass a Family")
+            self._families = {fam.parent: fam for fam in parse_families(data, source=f"{source}/{FAMILIES_FILE}")}
+        if parent not in self._families:
+            raise InputError(f"feature {parent} heads no family; family parents include {sorted(self._families)[:10]}")
+        fam = self._families[parent]
+        return [fam.parent, *fam.children]
+
+    def resolve(self, targets, role: str) -> tuple[dict[int, float], dict[str, list[int]]]:
+        """Feature id -> strength for the caller's targets: a mapping of id, label query,
+        "family:<parent>" or Family to strength, or a list of them (strength 1)."""
+        from .families import Family
+
+        if targets is None:
+            return {}, {}
+        if isinstance(targets, (str, int, Family)):
+            targets = [targets]
+        if not isinstance(targets, Mapping):
+            targets = {t: 1.0 for t in targets}
+        out: dict[int, float] = {}
+        resolved: dict[str, list[int]] = {}
+        for key, strength in targets.items():
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not np.isfinite(strength):
+                raise InputError(f"{role} strength for {key!r} must be a finite number, got {strength!r}")
+            if isinstance(key, Family):
+                members = self.family_members(key)
+                name = f"family:{key.parent}"
+            elif isinstance(key, str) and _FAMILY_KEY.match(key.strip()):
+                members = self.family_members(int(_FAMILY_KEY.match(key.strip()).group(1)))
+                name = key.strip()
+            elif isinstance(key, str) and key.strip().isdigit():
+                members = [self._check_feature(int(key.strip()), role)]
+                name = key.strip()
+            elif isinstance(key, str):
+                match = self.features_about(key, top=1)[0]
+                members, name = [match.feature], key
+                logger.debug("%s %r -> feature %d %r", role, key, match.feature, match.label)
+            else:
+                members = [self._check_feature(key, role)]
+                name = str(int(key))
+            resolved[name] = members
+            share = float(strength) / len(members)
+            for f in members:
+                out[f] = out.get(f, 0.0) + share
+        return out, resolved
+
+    # ------------------------------------------------------------ steering
+    @torch.no_grad()
+    def query_vector(self, query: str | torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(d_in,) the query in the SAE's input space: a text is embedded with the base model."""
+        if isinstance(query, str):
+            if not query.strip():
+                raise InputError("the query is empty")
+            x = self.sae.embed_texts([query])
+        elif isinstance(query, (torch.Tensor, np.ndarray)):
+            x = torch.as_tensor(query, dtype=torch.float32).reshape(1, -1) if query.ndim == 1 else torch.as_tensor(query)
+            if x.shape[0] != 1:
+                raise InputError(f"search takes one query, got {x.shape[0]} rows")
+        else:
+            raise InputError(f"the query must be a text or an embedding, got {type(query).__name__}")
+        return self.sae.prepare_input(x.to(self.device).float())[0].float()
+
+    @torch.no_grad()
+    def query_features(self, query, top: int | None = None) -> list[tuple[int, float, str | None]]:
+        """The query's active features (feature, activation, label), strongest first."""
+        values, indices = self.sae.encode_topk(self.query_vector(query)[None])
+        labels = self.sae.feature_labels
+        pairs = [(int(i), float(v)) for v, i in zip(values[0].tolist(), indices[0].tolist()) if v > 0]
+        pairs.sort(key=lambda p: -p[1])
+        return [(f, v, labels[f]) for f, v in pairs[:top]]
+
+    @torch.no_grad()
+    def steer(self, query, up=None, down=None, clamp=None, method: str = "add") -> SteeredQuery:
+        """The steered query vector; see the module docstring for the two methods."""
+        if method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}, got {method!r}")
+        q = self.query_vector(query)
+        up_ids, up_names = self.resolve(up, "up")
+        down_ids, down_names = self.resolve(down, "down")
+        clamp_ids, clamp_names = self.resolve(clamp, "clamp")
+        for role, ids in (("up", up_ids), ("down", down_ids)):
+            for f, s in ids.items():
+                if s < 0:
+                    raise InputError(f"{role} strength for feature {f} is {s}: strengths are >= 0 (lower a feature with down=)")
+        both = set(up_ids) & set(down_ids)
+        if both:
+            raise InputError(f"features {sorted(both)} are both raised and lowered")
+        steered = [*up_ids, *down_ids, *clamp_ids]
+        if steered:
+            counts = self.live_counts()
+            dead = [f for f in steered if counts[f] == 0]
+            if dead:
+                raise InputError(
+                    f"feature(s) {dead} never fire on this corpus of {len(self)} texts (dead): steering along them "
+                    "moves the query toward no text"
+                )
+        values, indices = self.sae.encode_topk(q[None])
+        z = dict(zip(indices[0].tolist(), values[0].tolist()))
+        scale = float(q.norm())
+        delta: dict[int, float] = {}
+        if method == "add":
+            delta.update({f: s * scale for f, s in up_ids.items()})
+            delta.update({f: -s * scale for f, s in down_ids.items()})
+        else:
+            delta.update({f: max(z.get(f, 0.0), s * scale) - z.get(f, 0.0) for f, s in up_ids.items()})
+            delta.update({f: -min(s, 1.0) * z.get(f, 0.0) for f, s in down_ids.items()})
+        for f, value in clamp_ids.items():
+            if value < 0:
+                raise InputError(f"clamp value for feature {f} is {value}: activations are >= 0")
+            delta[f] = value - z.get(f, 0.0)
+        vector = q.clone()
+        if delta:
+            ids = torch.tensor(list(delta), device=self.device)
+            amounts = torch.tensor(list(delta.values()), device=self.device, dtype=torch.float32)
+            vector += amounts @ self.sae.W_dec[ids].float()
+        cosine = float(F.cosine_similarity(q, vector, dim=0))
+        return SteeredQuery(q, vector, cosine, up_ids, down_ids, clamp_ids, method, {**up_names, **down_names, **clamp_names})
+
+    # -------------------------------------------------------------- search
+    @torch.no_grad()
+    def nearest(self, vector: torch.Tensor, k: int = 10, exclude: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Corpus positions and cosines of the `k` texts nearest to `vector` (d_in,)."""
+        exclude = set(int(e) for e in exclude)
+        want = min(len(self), k + len(exclude))
+        v = F.normalize(vector.float(), dim=0)
+        if self.backend == "faiss":
+            index = self._faiss()
+            scores, pos = index.search(v.cpu().numpy()[None].astype(np.float32), want)
+            pos, scores = pos[0], scores[0]
+            keep = pos >= 0
+            pos, scores = pos[keep], scores[keep]
+        else:
+            corpus = self.corpus
+            scores = (corpus @ v.to(corpus.dtype)).float()
+            top = torch.topk(scores, want)
+            pos, scores = top.indices.cpu().numpy(), top.values.cpu().numpy()
+        keep = np.array([p not in exclude for p in pos], dtype=bool)
+        return pos[keep][:k], scores[keep][:k]
+
+    def _faiss(self):
+        if self._faiss_index is None:
+            import faiss
+
+            dim = self.sae.config.d_in
+            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            for start in range(0, len(self), 65536):
+                block = self._embeddings[start : start + 65536]
+                block = block.detach().float().cpu().numpy() if isinstance(block, torch.Tensor) else np.asarray(block, dtype=np.float32)
+                block = self.sae.prepare_input(torch.from_numpy(np.ascontiguousarray(block)), check_finite=False).float().cpu().numpy()
+                index.add(block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12))
+            index.hnsw.efSearch = 128
+            self._faiss_index = index
+        return self._faiss_index
+
+    def position_of(self, row: int) -> int | None:
+        if self._row_position is None:
+            self._row_position = {int(r): i for i, r in enumerate(self.row_ids)}
+        return self._row_position.get(int(row))
+
+    @torch.no_grad()
+    def search(
+        self,
+        query,
+        up=None,
+        down=None,
+        clamp=None,
+        k: int = 10,
+        method: str = "add",
+        exclude_rows: Iterable[int] = (),
+    ) -> SearchResult:
+        """The `k` corpus texts nearest to the steered query, best first; each hit carries
+        the activations of the steered features in it."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+        steering = self.steer(query, up=up, down=down, clamp=clamp, method=method)
+        exclude = [p for p in (self.position_of(r) for r in exclude_rows) if p is not None]
+        pos, scores = self.nearest(steering.vector, k=k, exclude=exclude)
+        firing = self.feature_activations(pos, steering.features)
+        texts = self.text_of(pos.tolist())
+        hits = [
+            Hit(int(self.row_ids[p]), t, float(s), {f: float(firing[j, c]) for c, f in enumerate(steering.features)})
+            for j, (p, s, t) in enumerate(zip(pos, scores, texts))
+        ]
+        return SearchResult(query if isinstance(query, str) else None, hits, steering)
+
+    def feature_activations(self, positions: np.ndarray, features: Sequence[int]) -> np.ndarray:
+        """(len(positions), len(features)) activations of `features` in the corpus texts at `positions`."""
+        out = np.zeros((len(positions), len(features)), dtype=np.float32)
+        if not len(features) or not len(positions):
+            return out
+        if self._codes is not None:
+            values = np.asarray(self._codes.values[np.asarray(positions)])
+            indices = np.asarray(self._codes.indices[np.asarray(positions)])
+        else:  # a few hits: encode them rather than the whole corpus
+            block = self._embeddings[np.asarray(positions)] if not isinstance(self._embeddings, torch.Tensor) else self._embeddings[torch.as_tensor(positions)]
+            x = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block, dtype=np.float32))
+            v, i = self.sae.encode_topk(x.to(self.device).float())
+            values, indices = v.float().cpu().numpy(), i.cpu().numpy()
+        for c, f in enumerate(features):
+            out[:, c] = np.where(indices == f, values, 0.0).sum(axis=1)
+        return out
+
+
+class _DatasetTexts:
+    """Texts of a datasets.Dataset read on demand (the Arrow table stays memory-mapped)."""
+
+    def __init__(self, ds, column: str, row_ids: np.ndarray):
+        self.ds, self.column, self.row_ids = ds, column, row_ids
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def get(self, positions: list[int]) -> list[str]:
+        if not positions:
+            return []
+        return self.ds.select([int(self.row_ids[p]) for p in positions])[self.column]
+
+    def __getitem__(self, position: int) -> str:
+        return self.get([int(position)])[0]
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save on a name would add ".npy" to it
+        np.save(f, array)
+
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
