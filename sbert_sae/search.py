@@ -362,19 +362,22 @@ class SteerableIndex:
         return [fam.parent, *fam.children]
 
     def resolve(self, targets, role: str) -> tuple[dict[int, float], dict[str, list[int]]]:
-        """Feature id -> strength for the caller's targets: a mapping of id, label query,
-        "family:<parent>" or Family to strength, or a list of them (strength 1)."""
+        """Feature id -> strength for the caller's targets: a mapping of id, label query or
+        "family:<parent>" to strength, a list of (target, strength) pairs (targets may be
+        `Family` objects there), or a list of targets (strength 1)."""
         from .families import Family
 
         if targets is None:
             return {}, {}
-        if isinstance(targets, (str, int, Family)):
+        if isinstance(targets, (str, int, np.integer, Family)):
             targets = [targets]
-        if not isinstance(targets, Mapping):
-            targets = {t: 1.0 for t in targets}
+        if isinstance(targets, Mapping):
+            pairs = list(targets.items())
+        else:  # targets, or (target, strength) pairs (a Family is not hashable: it cannot key a dict)
+            pairs = [t if isinstance(t, tuple) and len(t) == 2 else (t, 1.0) for t in targets]
         out: dict[int, float] = {}
         resolved: dict[str, list[int]] = {}
-        for key, strength in targets.items():
+        for key, strength in pairs:
             if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not np.isfinite(strength):
                 raise InputError(f"{role} strength for {key!r} must be a finite number, got {strength!r}")
             if isinstance(key, Family):

@@ -1,0 +1,170 @@
+"""Steered semantic search on a small SAE trained and labelled on real Wikipedia text."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sbert_sae import Family, InputError, SparseAutoencoder, SteerableIndex
+from sbert_sae.cli import main
+
+
+@pytest.fixture(scope="module")
+def index(labelled_run):
+    return SteerableIndex.from_run(labelled_run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def corpus_texts(index):
+    return index.text_of(range(len(index)))
+
+
+def test_unsteered_search_is_exact_cosine_search(index, corpus_texts):
+    query = corpus_texts[17]
+    result = index.search(query, k=5)
+    assert result.hits[0].row == index.row_ids[17] and result.hits[0].text == query
+    assert result.cosine == pytest.approx(1.0)
+    # The same ranking as a brute-force cosine over the cached embeddings.
+    emb = torch.from_numpy(np.array(index._embeddings, dtype=np.float32))
+    q = index.query_vector(query)
+    brute = F.cosine_similarity(emb, q[None], dim=1)
+    assert [h.row for h in result.hits] == index.row_ids[torch.topk(brute, 5).indices.numpy()].tolist()
+    assert [h.score for h in result.hits] == pytest.approx(torch.topk(brute, 5).values.tolist(), abs=1e-5)
+    assert result.hits[0].score >= result.hits[-1].score
+    # Excluding the query's own row gives the next five.
+    rest = index.search(query, k=5, exclude_rows=[result.hits[0].row])
+    assert [h.row for h in rest.hits][:4] == [h.row for h in result.hits][1:]
+
+
+def _share(result, feature: int) -> float:
+    return float(np.mean([h.steered[feature] > 0 for h in result.hits]))
+
+
+@pytest.mark.parametrize("method", ["add", "clamp"])
+def test_raising_a_feature_raises_its_firing_share_in_the_hits(index, corpus_texts, method):
+    """Over many (query, feature) pairs where the feature fires in none of the query's own
+    hits, steering toward it (strength 1) makes it fire in more than half of them."""
+    counts = index.fire_counts
+    rng = np.random.default_rng(0)
+    before, after, cosines = [], [], []
+    for position in rng.choice(len(index), 12, replace=False):
+        query = corpus_texts[position]
+        plain = index.search(query, k=10)
+        fired = set()
+        for hit in plain.hits:
+            fired |= {int(f) for f in np.asarray(index.codes.indices[index.position_of(hit.row)])}
+        candidates = [f for f in range(index.sae.config.n_latents) if f not in fired and 10 <= counts[f] <= 60]
+        feature = int(rng.choice(candidates))
+        steered = index.search(query, up={feature: 1.0}, k=10, method=method)
+        before.append(float(np.mean([index.feature_activations([index.position_of(h.row)], [feature])[0, 0] > 0 for h in plain.hits])))
+        after.append(_share(steered, feature))
+        cosines.append(steered.cosine)
+    assert np.mean(before) == 0.0
+    assert np.mean(after) > 0.5, after
+    assert all(c < 1.0 for c in cosines)
+
+
+def test_lowering_an_active_feature_lowers_its_share(index, corpus_texts):
+    counts = index.fire_counts
+    plain_share, lowered_share = [], []
+    for position in range(0, 200, 10):
+        query = corpus_texts[position]
+        active = [f for f, _, _ in index.query_features(query) if counts[f] < len(index) * 0.5]
+        plain = index.search(query, down={active[0]: 0.0}, k=10)  # strength 0: the plain query
+        lowered = index.search(query, down={active[0]: 1.0}, k=10)
+        plain_share.append(_share(plain, active[0]))
+        lowered_share.append(_share(lowered, active[0]))
+    assert plain.cosine == pytest.approx(1.0)
+    assert np.mean(lowered_share) < 0.5 * np.mean(plain_share), (plain_share, lowered_share)
+
+
+def test_steering_moves_the_query_along_decoder_directions(index, corpus_texts):
+    query = corpus_texts[3]
+    q = index.query_vector(query)
+    w = index.sae.W_dec.detach()
+    added = index.steer(query, up={5: 0.4}, down={7: 0.2}, method="add")
+    assert torch.allclose(added.vector, q + q.norm() * (0.4 * w[5] - 0.2 * w[7]), atol=1e-5)
+    assert added.cosine == pytest.approx(float(F.cosine_similarity(q, added.vector, dim=0)))
+    # clamp: the change of the query's code, decoded; a lowered active feature is removed.
+    values, indices = index.sae.encode_topk(q[None])
+    z = dict(zip(indices[0].tolist(), values[0].tolist()))
+    active = max(z, key=z.get)
+    clamped = index.steer(query, down={active: 1.0}, clamp={11: 0.3}, method="clamp")
+    expected = q - z[active] * w[active] + (0.3 - z.get(11, 0.0)) * w[11]
+    assert torch.allclose(clamped.vector, expected, atol=1e-5)
+
+
+def test_targets_by_label_query_and_by_family(index):
+    labels = index.sae.feature_labels
+    feature = next(f for f, label in enumerate(labels) if label and index.fire_counts[f] > 0)
+    match = index.features_about(labels[feature], top=3)
+    assert match[0].feature == feature or labels[match[0].feature] == labels[feature]
+    steered = index.steer("a query", up={labels[feature]: 0.5})
+    assert steered.resolved[labels[feature]] == [match[0].feature]
+    # A family is one direction: its members' mean, at the family's strength.
+    family = Family(parent=feature, children=[(feature + 1) % 64, (feature + 2) % 64], under=[feature, feature], depth=[1, 1])
+    ids, resolved = index.resolve([(family, 0.6)], "up")
+    assert resolved == {f"family:{feature}": [feature, (feature + 1) % 64, (feature + 2) % 64]}
+    assert ids == pytest.approx({f: 0.2 for f in resolved[f"family:{feature}"]})
+    with pytest.raises(InputError, match="no families.json"):
+        index.resolve({"family:3": 1.0}, "up")
+
+
+def test_bad_targets_are_refused_with_the_value_named(index, labelled_run):
+    with pytest.raises(InputError, match="feature 64 does not exist: this SAE has features 0..63"):
+        index.search("q", up={64: 1.0})
+    with pytest.raises(InputError, match="strength for 3 must be a finite number"):
+        index.search("q", up={3: float("nan")})
+    with pytest.raises(InputError, match="both raised and lowered"):
+        index.search("q", up={3: 1.0}, down={3: 1.0})
+    with pytest.raises(InputError, match="method must be one of"):
+        index.search("q", method="multiply")
+    with pytest.raises(InputError, match="k must be a positive integer"):
+        index.search("q", k=0)
+    with pytest.raises(InputError, match="the query is empty"):
+        index.search("   ")
+    # A feature that fires on none of the searched texts cannot be steered toward.
+    sae = SparseAutoencoder.from_pretrained(labelled_run)
+    few = SteerableIndex.build(sae, texts=index.text_of(range(4)))
+    dead = int(np.flatnonzero(few.fire_counts == 0)[0])
+    with pytest.raises(InputError, match=rf"feature\(s\) \[{dead}\] never fire on this corpus of 4 texts"):
+        few.search("q", up={dead: 1.0})
+
+
+def test_faiss_backend_finds_the_exact_neighbours(index, corpus_texts):
+    pytest.importorskip("faiss")
+    approx = SteerableIndex(index.sae, index._embeddings, texts=corpus_texts, row_ids=index.row_ids, backend="faiss")
+    recall = []
+    for position in range(0, 240, 24):
+        exact = index.search(corpus_texts[position], up={9: 0.5}, k=10).rows()
+        found = approx.search(corpus_texts[position], up={9: 0.5}, k=10).rows()
+        recall.append(len(set(exact) & set(found)) / 10)
+    assert np.mean(recall) >= 0.95
+
+
+def test_codes_are_kept_beside_the_cache_and_reused(labelled_run, index):
+    codes = index.codes
+    files = sorted(p.name for p in index.codes_dir.glob("codes-*.npy"))
+    assert files == [f"codes-{index.encoder_fingerprint()}.indices.npy", f"codes-{index.encoder_fingerprint()}.values.npy"]
+    again = SteerableIndex.from_run(labelled_run, device="cpu")
+    assert isinstance(again.codes.values, np.memmap)  # read back, not recomputed
+    assert np.array_equal(again.codes.indices, codes.indices) and np.array_equal(again.codes.values, codes.values)
+
+
+def test_search_command(labelled_run, capsys, index):
+    feature = int(np.argmax(index.fire_counts))
+    assert main(["search", str(labelled_run), "cells and proteins", "--up", f"{feature}=0.8", "--top", "4", "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["hits"]) == 4 and out["up"] == {str(feature): 0.8} and out["cosine_to_query"] < 1
+    assert all(set(h["steered"]) == {str(feature)} for h in out["hits"])
+    assert main(["search", str(labelled_run), "cells and proteins", "--down", str(feature), "--top", "3", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert f"down #{feature}" in text and "strength 0.5" in text and text.count(" row ") == 3
+    assert main(["search", str(labelled_run), "q", "--up", "5=x", "-q"]) == 2
+    assert "--up '5=x': 'x' is not a number" in capsys.readouterr().err
+    assert main(["search", str(labelled_run), "q", "--clamp", "5", "-q"]) == 2
+    assert "give the activation to set" in capsys.readouterr().err
