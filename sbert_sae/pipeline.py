@@ -174,29 +174,31 @@ def run_training(
     else:
         groups.append(("all", cache.row_ids, out_dir))
 
-    if main:
-        for _, _, folder in groups:
-            check_output_dir(folder, overwrite, resume)
-    accelerator.wait_for_everyone()
-
-    results = []
-    for name, rows, folder in groups:
+    for name, rows, _ in groups:
         if len(rows) < 3:
             logger.warning("domain %r has only %d texts: skipped", name, len(rows))
-            continue
+    groups = [group for group in groups if len(group[1]) >= 3]
+
+    results = []
+    with contextlib.ExitStack() as locks:
         if main:
-            folder.mkdir(parents=True, exist_ok=True)
-        domain_args = train_args
-        if data.per_domain:
-            # Each domain's SAE starts from its own random decoder: with one seed for all, the
-            # SAEs of different domains share their initial directions and look alike to `compare`.
-            domain_args = dataclasses.replace(train_args, seed=train_args.seed + zlib.crc32(name.encode()) % 100_003)
-        with run_lock(folder) if main else contextlib.nullcontext():
+            for _, _, folder in groups:
+                # Locked before it is looked at: a second run (even with --overwrite) must not
+                # touch the files of a run that is still writing them.
+                locks.enter_context(run_lock(folder))
+                check_output_dir(folder, overwrite, resume)
+        accelerator.wait_for_everyone()
+        for name, rows, folder in groups:
+            domain_args = train_args
+            if data.per_domain:
+                # Each domain's SAE starts from its own random decoder: with one seed for all, the
+                # SAEs of different domains share their initial directions and look alike to `compare`.
+                domain_args = dataclasses.replace(train_args, seed=train_args.seed + zlib.crc32(name.encode()) % 100_003)
             result = _train_one(name, rows, folder, cache, data, sae_args, domain_args, accelerator, resume)
-        if result is not None:
-            results.append(result)
-    if main and data.per_domain:
-        write_domain_table(out_dir, results)
+            if result is not None:
+                results.append(result)
+        if main and data.per_domain:
+            write_domain_table(out_dir, results)
     return results
 
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from .configuration_sbert_sae import SparseAutoencoderConfig
-from .errors import ConfigError, InputError, ResumeError
+from .errors import ConfigError, InputError, OutputDirError, ResumeError, SbertSaeError
 from .modeling_sbert_sae import SparseAutoencoder
-from .utils import append_jsonl, read_json, write_json
+from .utils import append_jsonl, atomic_write, fsync_directory, fsync_folder, is_disk_full, pause_point, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -221,22 +221,41 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(out_dir: Path, sae: SparseAutoencoder, optimizer, state: dict, tensors: dict[str, torch.Tensor], keep: int) -> Path:
+    """Write a checkpoint into a hidden temp folder, flush it to the disk, then rename it into
+    place: a run killed (or out of disk) mid-write leaves the previous checkpoints as they were.
+    A failed write raises `OutputDirError` saying which checkpoint is intact."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['global_step']:09d}"
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, tmp / "model.safetensors")
-    opt_tensors, groups = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={"groups": json.dumps(groups)})
-    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp / "trainer.safetensors")
-    write_json(tmp / "state.json", state)  # written last: its presence marks a complete checkpoint
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    previous = [p for p in list_checkpoints(out_dir) if p != final]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, tmp / "model.safetensors")
+        pause_point("checkpoint", state["global_step"])
+        opt_tensors, groups = _optimizer_tensors(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={"groups": json.dumps(groups)})
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp / "trainer.safetensors")
+        write_json(tmp / "state.json", state)  # written last: its presence marks a complete checkpoint
+        fsync_folder(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_directory(root)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space the half-written one took
+        kept = (
+            f"the previous checkpoint {previous[-1].name} is intact"
+            if previous
+            else "no earlier checkpoint exists, so --resume will start from the beginning"
+        )
+        if is_disk_full(err):
+            raise OutputDirError(f"disk full while writing checkpoint {final}: {kept}; free space and rerun with --resume") from err
+        raise OutputDirError(f"cannot write checkpoint {final} ({err}): {kept}; rerun with --resume once it can be written") from err
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -252,6 +271,37 @@ def load_checkpoint(path: Path):
         opt = {k: f.get_tensor(k) for k in f.keys()}
     trainer_tensors = load_file(path / "trainer.safetensors")
     return model, opt, groups, trainer_tensors, read_json(path / "state.json")
+
+
+def _restore_checkpoint(path: Path, sae: SparseAutoencoder, optimizer, signature: dict, out_dir: Path) -> tuple[dict, dict]:
+    """Load the checkpoint at `path` into `sae` and `optimizer`; its state and trainer tensors.
+    ResumeError when it belongs to a run with other settings."""
+    model_state, opt_state, groups, trainer_tensors, state = load_checkpoint(path)
+    if state["signature"] != signature:
+        changed = _diff(state["signature"], signature)
+        raise ResumeError(f"cannot resume {out_dir}: the run's settings changed ({changed}); use --overwrite to start again")
+    sae.load_state_dict(model_state)
+    _load_optimizer(optimizer, opt_state, groups)
+    for name in ("samples_since_fired", "epoch_fires"):
+        if trainer_tensors[name].shape != (sae.config.n_latents,):
+            raise ValueError(f"{name} has shape {tuple(trainer_tensors[name].shape)}")
+    return state, trainer_tensors
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Keep the learning curve's records up to `step` (where a resumed run continues) and drop
+    a last line cut by a kill: the resumed run's log then reads as one run's."""
+    if not log_path.exists():
+        return
+    kept = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
 
 
 def run_signature(config: SparseAutoencoderConfig, args: TrainingArguments, data_id: str) -> dict:
@@ -363,29 +413,38 @@ def train(
     start_step = 0
     dead_features = torch.zeros(0, dtype=torch.long, device=dev)
 
+    log_path = out_dir / "train_log.jsonl"
     checkpoints = list_checkpoints(out_dir) if resume else []
-    if resume and checkpoints:
-        model_state, opt_state, groups, trainer_tensors, state = load_checkpoint(checkpoints[-1])
-        if state["signature"] != signature:
-            changed = _diff(state["signature"], signature)
-            raise ResumeError(f"cannot resume {out_dir}: the run's settings changed ({changed}); use --overwrite to start again")
-        sae.load_state_dict(model_state)
-        _load_optimizer(optimizer, opt_state, groups)
+    restored = None
+    for path in reversed(checkpoints):
+        try:
+            restored = _restore_checkpoint(path, sae, optimizer, signature, out_dir)
+            break
+        except SbertSaeError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged checkpoint, whatever its damage: try the one before
+            if main:
+                logger.warning("checkpoint %s cannot be read (%s: %s): trying the one before it", path, type(err).__name__, err)
+    if checkpoints and restored is None:
+        raise ResumeError(f"cannot resume {out_dir}: none of its {len(checkpoints)} checkpoints can be read; use --overwrite to start again")
+    if restored is not None:
+        state, trainer_tensors = restored
         samples_since_fired = trainer_tensors["samples_since_fired"].to(dev)
         epoch_fires = trainer_tensors["epoch_fires"].to(dev)
         start_step = int(state["global_step"])
         dead_features = trainer_tensors.get("dead_features", dead_features).to(dev)
         if main:
-            logger.info("resuming from %s (step %d of %d)", checkpoints[-1], start_step, total_steps)
+            logger.info("resuming from %s (step %d of %d)", path, start_step, total_steps)
     elif resume and main:
         logger.info("no checkpoint in %s: starting from the beginning", out_dir)
+    if resume and main:
+        _truncate_log(log_path, start_step)
 
     model, optimizer = accelerator.prepare(sae, optimizer)
     unwrapped: SparseAutoencoder = accelerator.unwrap_model(model)
     if accelerator.log_with and start_step == 0:
         accelerator.init_trackers("sbert-sae", config={**{k: str(v) for k, v in args.to_dict().items()}, **config.to_diff_dict()})
 
-    log_path = out_dir / "train_log.jsonl"
     history: list[dict] = []
     bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not (args.show_progress and main))
     t0 = time.perf_counter()
@@ -483,6 +542,7 @@ def train(
                     args.keep_checkpoints,
                 )
                 last_checkpoint = time.monotonic()
+        pause_point("step", step)
     bar.close()
     seconds = time.perf_counter() - t0
     if accelerator.log_with:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,6 +31,58 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Flush every file in `folder`, then the folder itself, to the disk (before it is renamed
+    into place: a power cut must not leave a complete-looking folder of empty files)."""
+    folder = Path(folder)
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_directory(folder)
+
+
+def fsync_directory(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (new names, renames) to the disk, where the OS allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` says the disk (or the quota) is full: an OSError, or safetensors' own
+    error, which carries the OS error only in its message ("... (os error 28)")."""
+    codes = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    if isinstance(err, OSError) and err.errno in codes:
+        return True
+    text = str(err)
+    return "No space left on device" in text or any(f"(os error {code})" in text for code in codes)
+
+
+# Test hook, tiny on purpose: SBERT_SAE_TEST_PAUSE="POINT:N:FLAG_FILE" makes the process write
+# FLAG_FILE (its pid) and sleep when it reaches POINT for the N-th time ("step" N of training,
+# the "checkpoint" of step N half-written, labelling "block" N saved), so that
+# tests/test_reliability.py can SIGKILL a real run exactly there. Unset, it is one lookup.
+TEST_PAUSE_ENV = "SBERT_SAE_TEST_PAUSE"
+
+
+def pause_point(point: str, n: int) -> None:
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec:
+        return
+    want, count, flag = spec.split(":", 2)
+    if want == point and int(count) == n:
+        Path(flag).write_text(str(os.getpid()))
+        time.sleep(3600)
 
 
 def _json_default(value: Any):
