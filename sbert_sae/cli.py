@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keywords", type=_positive_int, default=label_defaults.keywords, help=f"keywords KeyBERT keeps per feature, the shortlist labels are made from (default: {label_defaults.keywords})")
     g.add_argument("--max-label-keywords", type=_positive_int, default=label_defaults.max_label_keywords, help=f"keywords in a label at most (default: {label_defaults.max_label_keywords})")
     g.add_argument("--label-heldout-fraction", type=_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
+    g.add_argument("--block-size", type=_positive_int, default=label_defaults.block_size, help=f"features labelled between two saves of the work so far, which a killed run resumes from (default: {label_defaults.block_size})")
     g.add_argument("--seed", type=int, default=label_defaults.seed)
 
     from .families import FamilyArguments
@@ -302,6 +303,7 @@ def cmd_label(args) -> int:
         keywords=args.keywords,
         max_label_keywords=args.max_label_keywords,
         heldout_fraction=args.label_heldout_fraction,
+        block_size=args.block_size,
         seed=args.seed,
     )
     started = time.perf_counter()

@@ -27,7 +27,7 @@ from .embeddings import EmbeddingCache, embed_dataset
 from .errors import DatasetError, OutputDirError, ResumeError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
 from .trainer import TrainingArguments, data_identity, list_checkpoints, make_accelerator, train
-from .utils import atomic_write, run_lock, slugify, write_json
+from .utils import atomic_write, pause_point, run_lock, slugify, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +346,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
 
     sae_path = Path(sae_path)
     label_args = label_args or LabelArguments()
+    label_args.validate()  # before any work
     sae = SparseAutoencoder.from_pretrained(sae_path)
     data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
     texts = ds.select_columns([data.text_column]).select(cache.row_ids)[data.text_column]
@@ -361,8 +362,13 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
         else:
             logger.info("%s is from other settings or data: starting again", partial_path)
 
+    blocks_saved = 0
+
     def save_partial(features: dict[int, dict]) -> None:
+        nonlocal blocks_saved
         write_json(partial_path, {"run_id": run_id, "features": {str(f): e for f, e in features.items()}})
+        blocks_saved += 1
+        pause_point("block", blocks_saved)
 
     with run_lock(sae_path):
         result = label_features(

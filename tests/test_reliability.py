@@ -237,3 +237,43 @@ def test_a_real_full_disk_during_a_checkpoint_keeps_the_previous_one(wiki_small,
         assert_same_model(out, uninterrupted)
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_killed_labelling_resumes_without_redoing_finished_features(labelled_run, wiki_small, tmp_path, caplog, monkeypatch):
+    """`sbert-sae label` killed with SIGKILL after its second block of 16 features was saved:
+    the rerun takes those 32 from feature_labels.partial.json, asks KeyBERT about the other 32
+    only, and ends with the labels of an uninterrupted run."""
+    import keybert
+
+    saes = {}
+    for name in ("whole", "killed"):
+        saes[name] = tmp_path / name
+        saes[name].mkdir()
+        for file in ("config.json", "model.safetensors", "training_args.json"):
+            shutil.copy(labelled_run / file, saes[name] / file)
+    label = ["--dataset", wiki_small, "--top-texts", "10", "--block-size", "16", "-q"]
+    assert run_cli("label", saes["whole"], *label) == 0
+
+    child = Child(["label", saes["killed"], *label], tmp_path / "label.log", pause="block:2")
+    child.wait_until_paused()
+    child.kill()
+    partial = json.loads((saes["killed"] / "feature_labels.partial.json").read_text())
+    assert sorted(map(int, partial["features"])) == list(range(32))
+    assert not (saes["killed"] / "feature_labels.json").exists()
+
+    asked: list[str] = []
+    real_extract = keybert.KeyBERT.extract_keywords
+
+    def recording(self, docs, *args, **kwargs):
+        asked.extend(docs)
+        return real_extract(self, docs, *args, **kwargs)
+
+    monkeypatch.setattr(keybert.KeyBERT, "extract_keywords", recording)
+    caplog.set_level(logging.INFO, logger="sbert_sae")
+    assert run_cli("label", saes["killed"], *label) == 0
+    assert "resuming labelling: 32 features already done" in caplog.text
+    assert asked and min(map(int, asked)) >= 32
+    whole = json.loads((saes["whole"] / "feature_labels.json").read_text())["features"]
+    resumed = json.loads((saes["killed"] / "feature_labels.json").read_text())["features"]
+    assert resumed == whole
+    assert not (saes["killed"] / "feature_labels.partial.json").exists()
