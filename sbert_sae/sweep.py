@@ -1,0 +1,272 @@
+"""Scaling sweeps: a grid of SAE sizes (n features) and sparsities (k) trained on one cached
+embedding set, with power laws fitted to held-out FVU (O'Neill et al. 2024, Figure 2).
+
+For each k, `FVU = a * n ** -b` is fitted by least squares in log space, and likewise
+`FVU = a * C ** -b` against training compute C. C counts the multiply-adds of the dense
+encoder and the sparse decoder, forward and backward (6 FLOPs per multiply-add and
+sample): `C = samples * 6 * d_in * (n + k)`.
+
+Every grid point is an ordinary run folder (`<out>/n<n>-k<k>/`); a sweep run again skips
+the points already finished and resumes interrupted ones (`--resume`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .utils import atomic_write, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+SWEEP_TABLE = "sweep.md"
+SCALING_PLOT = "scaling.png"
+MEMORY_HEADROOM = 0.9
+"""Share of the free memory a grid point may plan to use."""
+
+
+@dataclass
+class PowerLaw:
+    """`y = a * x ** -exponent`, fitted on `n_points` points (r2 in log space)."""
+
+    a: float
+    exponent: float
+    r2: float
+    n_points: int
+
+    def __call__(self, x):
+        return self.a * np.asarray(x, dtype=float) ** -self.exponent
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    fits_n: dict[int, PowerLaw] = field(default_factory=dict)
+    fits_compute: dict[int, PowerLaw] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def fit_power_law(x, y) -> PowerLaw | None:
+    """Least-squares fit of log y = log a - b log x; None with fewer than 2 distinct x."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = (x > 0) & (y > 0) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(np.unique(x)) < 2:
+        return None
+    lx, ly = np.log(x), np.log(y)
+    slope, intercept = np.polyfit(lx, ly, 1)
+    pred = intercept + slope * lx
+    ss_res, ss_tot = float(((ly - pred) ** 2).sum()), float(((ly - ly.mean()) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return PowerLaw(a=float(math.exp(intercept)), exponent=float(-slope), r2=r2, n_points=int(len(x)))
+
+
+def training_flops(samples: int, d_in: int, n: int, k: int) -> float:
+    return float(samples) * 6.0 * d_in * (n + k)
+
+
+def estimate_training_bytes(n: int, k: int, d_in: int, batch_size: int, n_texts: int, embeddings_on_device: bool) -> int:
+    """A high estimate of the memory one training run needs: fp32 weights, gradients and
+    Adam's two moments (4 copies of the 2*n*d_in + n + d_in parameters), the batch's
+    pre-activations, their gradient and AuxK's copy (3 x batch x n floats), and the
+    embeddings when they are moved to the device."""
+    params = 2 * n * d_in + n + d_in
+    weights = 4 * params * 4
+    activations = 3 * batch_size * n * 4 + 4 * batch_size * (d_in + 2 * k) * 4
+    data = n_texts * d_in * 4 if embeddings_on_device else 0
+    return int(weights + activations + data)
+
+
+def free_memory_bytes(device: str | None) -> tuple[int, str]:
+    """Free memory on the device training will use, and its name."""
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free), f"{torch.cuda.get_device_name(dev)} ({dev})"
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].strip().split()[0]) * 1024, "CPU memory"
+    except (OSError, KeyError, ValueError):
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "CPU memory"
+
+
+def check_grid(ns: list[int], ks: list[int]) -> list[tuple[int, int]]:
+    if not ns or not ks:
+        raise InputError("the grid is empty: give at least one n and one k")
+    for name, values in (("n", ns), ("k", ks)):
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} values must be positive integers, got {v!r}")
+        if len(set(values)) != len(values):
+            raise InputError(f"{name} values repeat: {values}")
+    grid = [(n, k) for n in sorted(ns) for k in sorted(ks)]
+    bad = [(n, k) for n, k in grid if k > n]
+    if bad:
+        raise InputError(f"k must not exceed n: {', '.join(f'n={n} k={k}' for n, k in bad)}")
+    return grid
+
+
+def check_memory(grid, d_in: int, batch_size: int, n_texts: int, device: str | None, free: int | None = None) -> None:
+    """Refuse, before any training, a grid with a point that would not fit in memory."""
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if free is None:
+        free, where = free_memory_bytes(device)
+    else:
+        where = str(dev)
+    on_device = dev.type == "cuda"
+    too_big = []
+    for n, k in grid:
+        need = estimate_training_bytes(n, k, d_in, batch_size, n_texts, on_device)
+        if need > MEMORY_HEADROOM * free:
+            too_big.append(f"n={n} k={k} needs ~{need / 1e9:.1f} GB")
+    if too_big:
+        raise ConfigError(
+            f"the grid does not fit in {where}: {'; '.join(too_big)} with batch {batch_size}, "
+            f"but {free / 1e9:.1f} GB is free (at most {MEMORY_HEADROOM:.0%} of it is planned for): "
+            "drop those points or lower --batch-size"
+        )
+
+
+def run_sweep(
+    data,
+    ns: list[int],
+    ks: list[int],
+    train_args,
+    out_dir: str | Path,
+    sae_args=None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> SweepResult:
+    """Train every (n, k) of the grid on `data` (embedded once) into `out_dir/n<n>-k<k>/`,
+    then fit and plot the scaling laws and write `sweep.json`, `sweep.md` and `scaling.png`."""
+    from .pipeline import SaeArguments, load_and_embed, run_training
+
+    out_dir = Path(out_dir)
+    grid = check_grid(list(ns), list(ks))
+    sae_args = sae_args or SaeArguments()
+    train_args.validate()
+    if data.per_domain or data.domain is not None:
+        raise InputError("a sweep trains on one corpus: leave out --per-domain and --domain")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file, not a folder")
+    _, cache = load_and_embed(data, show_progress=show_progress)
+    check_memory(grid, cache.dim, train_args.batch_size, len(cache.row_ids), data.device)
+
+    result = SweepResult(rows=[])
+    for n, k in grid:
+        folder = out_dir / f"n{n}-k{k}"
+        metrics_path = folder / "metrics.json"
+        if metrics_path.exists() and not overwrite:
+            logger.info("n=%d k=%d: already trained in %s", n, k, folder)
+            result.skipped.append(folder.name)
+        else:
+            logger.info("n=%d k=%d -> %s", n, k, folder)
+            point = dataclasses.replace(sae_args, n_latents=n, k=k, k_aux=None if sae_args.k_aux is None else min(sae_args.k_aux, n))
+            run_training(data, point, train_args, folder, overwrite=overwrite, resume=resume and (folder / "checkpoints").exists())
+        metrics = read_json(metrics_path)
+        samples = int(metrics.get("n_train", 0)) * train_args.epochs
+        result.rows.append(
+            {
+                "n": n,
+                "k": k,
+                "folder": folder.name,
+                "heldout_fvu": metrics.get("heldout_fvu"),
+                "train_fvu": metrics.get("train_fvu"),
+                "heldout_cosine": metrics.get("heldout_cosine"),
+                "dead_fraction": metrics.get("dead_fraction"),
+                "steps": metrics.get("steps"),
+                "train_samples": samples,
+                "train_flops": training_flops(samples, cache.dim, n, k),
+                "train_seconds": metrics.get("train_seconds"),
+            }
+        )
+    for k in sorted(set(ks)):
+        rows = [r for r in result.rows if r["k"] == k]
+        fit = fit_power_law([r["n"] for r in rows], [r["heldout_fvu"] for r in rows])
+        if fit is not None:
+            result.fits_n[k] = fit
+        fit = fit_power_law([r["train_flops"] for r in rows], [r["heldout_fvu"] for r in rows])
+        if fit is not None:
+            result.fits_compute[k] = fit
+    write_sweep(result, out_dir, data, train_args)
+    return result
+
+
+def sweep_document(result: SweepResult, data=None, train_args=None) -> dict:
+    return {
+        "rows": result.rows,
+        "fit_fvu_vs_n": {str(k): dataclasses.asdict(f) for k, f in result.fits_n.items()},
+        "fit_fvu_vs_compute": {str(k): dataclasses.asdict(f) for k, f in result.fits_compute.items()},
+        "compute": "train_flops = samples * 6 * d_in * (n + k)",
+        "dataset": None if data is None else (data.dataset if isinstance(data.dataset, str) else list(data.dataset)),
+        "model": None if data is None else data.model,
+        "training": None if train_args is None else train_args.to_dict(),
+    }
+
+
+def write_sweep(result: SweepResult, out_dir: Path, data=None, train_args=None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / SWEEP_FILE, sweep_document(result, data, train_args))
+    lines = ["| n | k | held-out FVU | train FVU | dead | steps | train FLOPs | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result.rows:
+        lines.append(
+            f"| {r['n']} | {r['k']} | {r['heldout_fvu']:.4f} | {r['train_fvu']:.4f} | {r['dead_fraction']:.1%} | {r['steps']} | {r['train_flops']:.2e} | {r['train_seconds']:.1f} |"
+        )
+    lines += ["", "| k | FVU ~ n^-b: b | a | r2 | FVU ~ C^-b: b | r2 |", "| --- | --- | --- | --- | --- | --- |"]
+    for k, fit in sorted(result.fits_n.items()):
+        fc = result.fits_compute.get(k)
+        lines.append(f"| {k} | {fit.exponent:.3f} | {fit.a:.3g} | {fit.r2:.3f} | {'' if fc is None else f'{fc.exponent:.3f}'} | {'' if fc is None else f'{fc.r2:.3f}'} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write(out_dir / SWEEP_TABLE, lambda tmp: Path(tmp).write_text(text))
+    plot_scaling(result, out_dir / SCALING_PLOT)
+
+
+def plot_scaling(result: SweepResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    ks = sorted({r["k"] for r in result.rows})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, k in enumerate(ks):
+        rows = sorted((r for r in result.rows if r["k"] == k), key=lambda r: r["n"])
+        color = colors[j % len(colors)]
+        for ax, key, fits in ((axes[0], "n", result.fits_n), (axes[1], "train_flops", result.fits_compute)):
+            x = np.array([r[key] for r in rows], dtype=float)
+            y = np.array([r["heldout_fvu"] for r in rows], dtype=float)
+            fit = fits.get(k)
+            label = f"k={k}" + ("" if fit is None else f": FVU ∝ {'n' if key == 'n' else 'C'}^-{fit.exponent:.2f}")
+            ax.plot(x, y, "o", color=color, label=label)
+            if fit is not None:
+                xs = np.geomspace(x.min(), x.max(), 50)
+                ax.plot(xs, fit(xs), "-", color=color, alpha=0.7)
+    for ax, xlabel in ((axes[0], "features n"), (axes[1], "training compute C (FLOPs)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out FVU")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_title("Held-out FVU against SAE size")
+    axes[1].set_title("Held-out FVU against training compute")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

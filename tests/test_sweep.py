@@ -1,0 +1,81 @@
+"""Scaling sweeps: the power-law fit, the grid and memory checks, and a real sweep by the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sbert_sae import ConfigError, InputError
+from sbert_sae.cli import main
+from sbert_sae.sweep import check_grid, check_memory, estimate_training_bytes, fit_power_law, training_flops
+
+
+def test_power_law_fit_recovers_a_known_law():
+    n = np.array([1536, 3072, 6144, 12288])
+    fit = fit_power_law(n, 2.5 * n**-0.31)
+    assert fit.exponent == pytest.approx(0.31) and fit.a == pytest.approx(2.5) and fit.r2 == pytest.approx(1.0)
+    noisy = fit_power_law(n, 2.5 * n**-0.31 * np.array([1.02, 0.97, 1.01, 0.99]))
+    assert 0.25 < noisy.exponent < 0.37 and noisy.r2 < 1.0
+    assert fit_power_law([3072, 3072], [0.3, 0.2]) is None  # one size: nothing to fit
+
+
+def test_grid_is_checked():
+    assert check_grid([64, 32], [8, 4]) == [(32, 4), (32, 8), (64, 4), (64, 8)]
+    with pytest.raises(InputError, match="k must not exceed n: n=32 k=64"):
+        check_grid([32, 128], [64])
+    with pytest.raises(InputError, match="n values repeat"):
+        check_grid([32, 32], [4])
+    with pytest.raises(InputError, match="grid is empty"):
+        check_grid([], [4])
+
+
+def test_a_grid_too_large_for_memory_is_refused_up_front():
+    need = estimate_training_bytes(98304, 64, 384, 4096, 10_000, embeddings_on_device=False)
+    # Weights, gradients and Adam's moments alone are 16 bytes a parameter.
+    assert need > 16 * 2 * 98304 * 384
+    check_memory([(1536, 16)], 384, 4096, 10_000, "cpu", free=8 * 10**9)
+    with pytest.raises(ConfigError, match=r"n=98304 k=64 needs ~\d+\.\d GB with batch 4096, but 2\.0 GB is free") as err:
+        check_memory([(1536, 16), (98304, 64)], 384, 4096, 10_000, "cpu", free=2 * 10**9)
+    assert "n=1536" not in str(err.value)
+    assert training_flops(1000, 384, 1536, 16) == 1000 * 6 * 384 * (1536 + 16)
+
+
+def test_sweep_command_trains_the_grid_and_fits_it(wiki_small, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--dataset", str(wiki_small), "--n", "32,96", "--k", "4,8", "--epochs", "3", "--batch-size", "32", "--out", str(out), "-q", "--report-to", "none"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "sweep.json").read_text())
+    assert [(r["n"], r["k"]) for r in doc["rows"]] == [(32, 4), (32, 8), (96, 4), (96, 8)]
+    assert sorted(p.name for p in out.iterdir()) == ["n32-k4", "n32-k8", "n96-k4", "n96-k8", "scaling.png", "sweep.json", "sweep.md"]
+    for row in doc["rows"]:
+        metrics = json.loads((out / row["folder"] / "metrics.json").read_text())
+        assert row["heldout_fvu"] == metrics["heldout_fvu"]
+        assert json.loads((out / row["folder"] / "config.json").read_text())["n_latents"] == row["n"]
+    for k in ("4", "8"):
+        fit = doc["fit_fvu_vs_n"][k]
+        rows = [r for r in doc["rows"] if str(r["k"]) == k]
+        # Two sizes: the fitted law goes through both points.
+        assert fit["a"] * rows[0]["n"] ** -fit["exponent"] == pytest.approx(rows[0]["heldout_fvu"], rel=1e-6)
+        assert f"k={k}: FVU = " in printed
+    assert (out / "scaling.png").stat().st_size > 10_000
+    # Run again: every point is reused, nothing retrained.
+    before = {p: (out / p / "model.safetensors").stat().st_mtime_ns for p in ("n32-k4", "n96-k8")}
+    assert main(args) == 0
+    assert "already trained, reused: n32-k4, n32-k8, n96-k4, n96-k8" in capsys.readouterr().out
+    assert before == {p: (out / p / "model.safetensors").stat().st_mtime_ns for p in before}
+
+
+def test_sweep_refuses_bad_grids_in_one_line(wiki_small, tmp_path, capsys):
+    base = ["sweep", "--dataset", str(wiki_small), "--out", str(tmp_path / "s"), "-q", "--report-to", "none"]
+    assert main([*base, "--n", "32", "--k", "64"]) == 2
+    assert "k must not exceed n: n=32 k=64" in capsys.readouterr().err
+    assert main([*base, "--n", "4000000000", "--k", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "the grid does not fit in CPU memory: n=4000000000 k=8 needs ~" in err and err.count("\n") == 1
+    assert not (tmp_path / "s" / "n4000000000-k8").exists()
+    with pytest.raises(SystemExit):
+        main([*base, "--n", "32,x", "--k", "4"])
+    assert "expected comma-separated positive integers, got 'x'" in capsys.readouterr().err
