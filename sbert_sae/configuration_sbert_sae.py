@@ -71,3 +71,9 @@ class SparseAutoencoderConfig(PretrainedConfig):
             raise ConfigError(f"normalize must be one of {NORMALIZE_CHOICES}, got {self.normalize!r}")
         if self.base_model is not None and not isinstance(self.base_model, str):
             raise ConfigError(f"base_model must be a string (Hub id or path), got {self.base_model!r}")
+        if self.base_model_revision is not None and not isinstance(self.base_model_revision, str):
+            raise ConfigError(f"base_model_revision must be a string, got {self.base_model_revision!r}")
+        if self.base_model_kwargs is not None and not (
+            isinstance(self.base_model_kwargs, dict) and all(isinstance(key, str) for key in self.base_model_kwargs)
+        ):
+            raise ConfigError(f"base_model_kwargs must be an object of encode settings, got {self.base_model_kwargs!r}")

@@ -89,8 +89,65 @@ def _read_optional_json(name_or_path: str, filename: str, hub_kwargs: dict):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{filename} of {name_or_path!r} is not valid JSON: {err}") from err
+    except (OSError, ValueError, RecursionError) as err:
+        raise ModelLoadError(f"{filename} of {name_or_path!r} is not valid JSON: {type(err).__name__}: {err}") from err
+
+
+# The pickle formats PyTorch and others write: unpickling can run any code, so they are never read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+WEIGHTS_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _weights_file(name_or_path: str, hub_kwargs: dict) -> str:
+    """The path of `model.safetensors` in a folder or (downloaded from) a Hub repo."""
+    folder = os.path.join(name_or_path, hub_kwargs.get("subfolder") or "")
+    if os.path.isdir(folder):
+        path = os.path.join(folder, "model.safetensors")
+        if os.path.isfile(path):
+            return path
+        pickles = sorted(f for f in os.listdir(folder) if f.endswith(PICKLE_SUFFIXES))
+        only = f": it holds only {', '.join(pickles)}, pickle files that sbert-sae never loads (unpickling can run code)" if pickles else ""
+        raise ModelLoadError(f"{name_or_path!r} has no model.safetensors{only}")
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import EntryNotFoundError
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    try:
+        return hf_hub_download(name_or_path, "model.safetensors", **kwargs)
+    except EntryNotFoundError:
+        try:
+            files = list_repo_files(name_or_path, revision=kwargs.get("revision"), token=kwargs.get("token"))
+        except Exception:  # noqa: BLE001 - only to say what the repo holds
+            files = []
+        pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        only = f": it holds only {', '.join(pickles)}, pickle files that sbert-sae never loads (unpickling can run code)" if pickles else ""
+        raise ModelLoadError(f"{name_or_path!r} has no model.safetensors{only}") from None
+    except Exception as err:  # noqa: BLE001 - network, auth, offline: one message naming the repo
+        raise ModelLoadError(f"cannot download model.safetensors of {name_or_path!r}: {type(err).__name__}: {err}") from err
+
+
+def _check_weights_file(path: str, config: SparseAutoencoderConfig, name: str) -> None:
+    """Read only the header of `model.safetensors` (nothing is allocated) and refuse a file that is
+    damaged, or whose tensors are not the four of an SAE of the config's sizes."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"model.safetensors of {name!r} is damaged or not a safetensors file: {err}") from err
+    n, d = config.n_latents, config.d_in
+    expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_pre": (d,)}
+    if header.keys() != expected.keys():
+        raise ModelLoadError(
+            f"model.safetensors of {name!r} holds tensors {sorted(header)}, not an SAE's {sorted(expected)}"
+        )
+    wrong = [f"{key} is {list(header[key][0])}, not {list(shape)}" for key, shape in expected.items() if header[key][0] != shape]
+    if wrong:
+        raise ModelLoadError(f"model.safetensors of {name!r} disagrees with its config.json (n_latents={n}, d_in={d}): {'; '.join(wrong)}")
+    bad = [f"{key} is {dtype}" for key, (_, dtype) in header.items() if dtype not in WEIGHTS_DTYPES]
+    if bad:
+        raise ModelLoadError(f"model.safetensors of {name!r} holds non-float weights: {', '.join(bad)}")
 
 
 class SparseAutoencoderPreTrainedModel(PreTrainedModel):
@@ -364,13 +421,23 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
         try:
             config_dict, _ = SparseAutoencoderConfig.get_config_dict(name, **hub_kwargs)
-        except (OSError, ValueError, json.JSONDecodeError) as err:
-            raise ModelLoadError(f"cannot read config.json of {name!r}: {err}") from err
-        if config_dict.get("model_type") != SparseAutoencoderConfig.model_type:
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as err:
+            raise ModelLoadError(f"cannot read config.json of {name!r}: {type(err).__name__}: {err}") from err
+        if not isinstance(config_dict, dict) or config_dict.get("model_type") != SparseAutoencoderConfig.model_type:
+            found = config_dict.get("model_type") if isinstance(config_dict, dict) else f"<a JSON {type(config_dict).__name__}>"
             raise ModelLoadError(
-                f"{name!r} is not an sbert-sae SAE: its config.json has model_type={config_dict.get('model_type')!r}, "
+                f"{name!r} is not an sbert-sae SAE: its config.json has model_type={found!r}, "
                 f"expected {SparseAutoencoderConfig.model_type!r}"
             )
+        try:
+            config = SparseAutoencoderConfig.from_dict(config_dict)
+        except ConfigError as err:
+            raise ConfigError(f"config.json of {name!r} is impossible: {err}") from err
+        except (TypeError, ValueError) as err:
+            raise ModelLoadError(f"config.json of {name!r} is malformed: {type(err).__name__}: {err}") from err
+        # The weights' header is checked against the config before the model is built: a config
+        # claiming 10^12 features must not allocate them, a damaged file must name itself.
+        _check_weights_file(_weights_file(name, hub_kwargs), config, name)
         try:
             model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
         except ConfigError:
@@ -380,6 +447,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise ModelLoadError(f"weights of {name!r} do not match its config: {problems}")
+        not_finite = [key for key, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+        if not_finite:
+            raise ModelLoadError(f"model.safetensors of {name!r} holds NaN or inf in {', '.join(not_finite)}")
         model.load_extras(name, **hub_kwargs)
         return (model, info) if want_info else model
 
@@ -431,8 +501,14 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
         labels = _read_optional_json(name_or_path, LABELS_FILE, hub_kwargs)
         self.label_data = parse_feature_labels(labels, self.config.n_latents, source=f"{name_or_path}/{LABELS_FILE}") if labels is not None else None
-        self.metrics = _read_optional_json(name_or_path, "metrics.json", hub_kwargs) or {}
-        self.activations_link = _read_optional_json(name_or_path, "activations.json", hub_kwargs)
+        metrics = _read_optional_json(name_or_path, "metrics.json", hub_kwargs)
+        if metrics is not None and not isinstance(metrics, dict):
+            raise ModelLoadError(f"metrics.json of {name_or_path!r} is malformed: expected a JSON object, got a {type(metrics).__name__}")
+        self.metrics = metrics or {}
+        link = _read_optional_json(name_or_path, "activations.json", hub_kwargs)
+        if link is not None and not (isinstance(link, dict) and isinstance(link.get("repo_id"), str)):
+            raise ModelLoadError(f"activations.json of {name_or_path!r} is malformed: expected an object with a 'repo_id' string")
+        self.activations_link = link
 
     def load_activations(self, split: str = "train", **kwargs):
         """The corpus' sparse activations (a `datasets.Dataset`: id, text, domain, indices,

@@ -277,3 +277,158 @@ def test_killed_labelling_resumes_without_redoing_finished_features(labelled_run
     resumed = json.loads((saes["killed"] / "feature_labels.json").read_text())["features"]
     assert resumed == whole
     assert not (saes["killed"] / "feature_labels.partial.json").exists()
+
+
+# ------------------------------------------------------------------ hostile files
+class Tripwire:
+    """Unpickling this creates the file `marker`: a test that finds no marker knows nothing was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _safetensors_parts(folder: Path) -> tuple[dict, bytes]:
+    raw = (folder / "model.safetensors").read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def _with_header(folder: Path, change) -> None:
+    """Rewrite model.safetensors with its header changed by `change` and the same data bytes."""
+    header, data = _safetensors_parts(folder)
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (folder / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _truncate(folder: Path, keep: float) -> None:
+    raw = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(raw[: int(len(raw) * keep)])
+
+
+def _nan_in_decoder(folder: Path) -> None:
+    header, data = _safetensors_parts(folder)
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    at = len(raw) - len(data) + header["W_dec"]["data_offsets"][0]
+    raw[at : at + 4] = b"\x00\x00\xc0\x7f"  # a float32 NaN
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+
+
+def _only(folder: Path, name: str, marker: Path) -> None:
+    import pickle
+
+    (folder / "model.safetensors").unlink()
+    (folder / name).write_bytes(pickle.dumps({"W_enc": Tripwire(marker)}))
+
+
+HOSTILE_FOLDERS = {
+    # name: (how the folder is spoiled, error type, fragments of the message)
+    "weights emptied": (lambda f, m: (f / "model.safetensors").write_bytes(b""), "ModelLoadError", ["model.safetensors", "damaged", "header too small"]),
+    "weights cut in the header": (lambda f, m: _truncate(f, 0.01), "ModelLoadError", ["model.safetensors", "damaged"]),
+    "weights cut in the data": (lambda f, m: _truncate(f, 0.5), "ModelLoadError", ["model.safetensors", "damaged", "not fully covered"]),
+    "header length of 2^62": (lambda f, m: (f / "model.safetensors").write_bytes((1 << 62).to_bytes(8, "little") + (f / "model.safetensors").read_bytes()[8:]), "ModelLoadError", ["model.safetensors", "header too large"]),
+    "header offsets overlapping": (lambda f, m: _with_header(f, lambda h: h["W_dec"].update(data_offsets=h["W_enc"]["data_offsets"])), "ModelLoadError", ["model.safetensors", "invalid offset"]),
+    "header offsets past the end": (lambda f, m: _with_header(f, lambda h: h["b_pre"].update(data_offsets=[0, 10**12])), "ModelLoadError", ["model.safetensors", "damaged"]),
+    "header shape swapped": (lambda f, m: _with_header(f, lambda h: h["W_dec"].update(shape=[16, 64])), "ModelLoadError", ["model.safetensors", "W_dec is [16, 64], not [64, 16]"]),
+    "header dtype int64": (lambda f, m: _with_header(f, lambda h: h["W_dec"].update(dtype="I64", shape=[64, 8])), "ModelLoadError", ["model.safetensors", "W_dec is [64, 8]"]),
+    "header dtype int32": (lambda f, m: _with_header(f, lambda h: h["W_dec"].update(dtype="I32")), "ModelLoadError", ["model.safetensors", "non-float", "W_dec is I32"]),
+    "a tensor renamed": (lambda f, m: _with_header(f, lambda h: h.update(evil=h.pop("b_pre"))), "ModelLoadError", ["model.safetensors", "'evil'", "not an SAE's"]),
+    "NaN in the decoder": (lambda f, m: _nan_in_decoder(f), "ModelLoadError", ["model.safetensors", "NaN or inf in W_dec"]),
+    "a pickle named model.safetensors": (lambda f, m: (f / "model.safetensors").write_bytes(__import__("pickle").dumps(Tripwire(m))), "ModelLoadError", ["model.safetensors", "damaged"]),
+    "weights a folder": (lambda f, m: ((f / "model.safetensors").unlink(), (f / "model.safetensors").mkdir()), "ModelLoadError", ["has no model.safetensors"]),
+    "weights a link to /dev/zero": (lambda f, m: ((f / "model.safetensors").unlink(), (f / "model.safetensors").symlink_to("/dev/zero")), "ModelLoadError", ["has no model.safetensors"]),
+    "only pytorch_model.bin": (lambda f, m: _only(f, "pytorch_model.bin", m), "ModelLoadError", ["has no model.safetensors", "only pytorch_model.bin", "never loads"]),
+    "only model.pt": (lambda f, m: _only(f, "model.pt", m), "ModelLoadError", ["has no model.safetensors", "only model.pt"]),
+    "only sae.ckpt": (lambda f, m: _only(f, "sae.ckpt", m), "ModelLoadError", ["only sae.ckpt"]),
+    "config n_latents 10^12": (lambda f, m: _config(f, n_latents=10**12), "ModelLoadError", ["model.safetensors", "disagrees with its config.json", "n_latents=1000000000000"]),
+    "config n_latents 2^70": (lambda f, m: _config(f, n_latents=2**70), "ModelLoadError", ["disagrees with its config.json"]),
+    "config d_in disagreeing": (lambda f, m: _config(f, d_in=32), "ModelLoadError", ["disagrees with its config.json (n_latents=64, d_in=32)", "b_pre is [16], not [32]"]),
+    "config k > n_latents": (lambda f, m: _config(f, k=100), "ConfigError", ["config.json", "k=100 is larger than n_latents=64"]),
+    "config negative d_in": (lambda f, m: _config(f, d_in=-16), "ConfigError", ["config.json", "d_in must be a positive integer, got -16"]),
+    "config k a string": (lambda f, m: _config(f, k="4"), "ConfigError", ["config.json", "k must be a positive integer, got '4'"]),
+    "config k NaN": (lambda f, m: (f / "config.json").write_text((f / "config.json").read_text().replace('"k": 4', '"k": NaN')), "ConfigError", ["config.json", "got nan"]),
+    "config normalize unknown": (lambda f, m: _config(f, normalize="zscore"), "ConfigError", ["config.json", "'zscore'"]),
+    "config base_model_kwargs a string": (lambda f, m: _config(f, base_model_kwargs="x"), "ConfigError", ["config.json", "base_model_kwargs", "'x'"]),
+    "config a JSON list": (lambda f, m: (f / "config.json").write_text("[1, 2]"), "ModelLoadError", ["config.json", "not an sbert-sae SAE"]),
+    "config not JSON": (lambda f, m: (f / "config.json").write_text("{nope"), "ModelLoadError", ["config.json", "not a valid JSON"]),
+    "config nested 100000 deep": (lambda f, m: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000), "ModelLoadError", ["config.json", "RecursionError"]),
+    "config without model_type": (lambda f, m: _config(f, model_type=None), "ModelLoadError", ["config.json", "model_type=None"]),
+    "labels truncated": (lambda f, m: (f / "feature_labels.json").write_text('{"features": {"1": {"label": "a'), "ModelLoadError", ["feature_labels.json", "not valid JSON"]),
+    "labels a list": (lambda f, m: (f / "feature_labels.json").write_text("[]"), "ModelLoadError", ["feature_labels.json", "malformed"]),
+    "labels id not a number": (lambda f, m: (f / "feature_labels.json").write_text('{"features": {"x": {}}}'), "ModelLoadError", ["feature_labels.json", "feature id 'x' is not an integer"]),
+    "labels id out of range": (lambda f, m: (f / "feature_labels.json").write_text('{"features": {"-1": {}}}'), "ModelLoadError", ["feature_labels.json", "feature id -1 is outside 0..63"]),
+    "labels label not a string": (lambda f, m: (f / "feature_labels.json").write_text('{"features": {"1": {"label": ["a"]}}}'), "ModelLoadError", ["feature_labels.json", "label of feature 1 is list"]),
+    "labels not UTF-8": (lambda f, m: (f / "feature_labels.json").write_bytes(b"\xff\xfe\x00garbage"), "ModelLoadError", ["feature_labels.json", "UnicodeDecodeError"]),
+    "labels nested 100000 deep": (lambda f, m: (f / "feature_labels.json").write_text('{"features": ' + "[" * 100_000 + "]" * 100_000 + "}"), "ModelLoadError", ["feature_labels.json", "RecursionError"]),
+    "labels a folder": (lambda f, m: (f / "feature_labels.json").mkdir(), "ModelLoadError", ["feature_labels.json", "IsADirectoryError"]),
+    "metrics a list": (lambda f, m: (f / "metrics.json").write_text("[1]"), "ModelLoadError", ["metrics.json", "expected a JSON object, got a list"]),
+    "activations link without repo": (lambda f, m: (f / "activations.json").write_text('{"revision": "main"}'), "ModelLoadError", ["activations.json", "'repo_id'"]),
+}
+
+
+@pytest.fixture
+def sae_folder(tmp_path) -> Path:
+    from sbert_sae import SparseAutoencoderConfig
+
+    torch.manual_seed(0)
+    folder = tmp_path / "sae"
+    SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=64, k=4)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FOLDERS))
+def test_a_hostile_folder_is_refused_naming_the_file_and_the_problem(case, sae_folder, tmp_path):
+    import sbert_sae
+
+    spoil, error, fragments = HOSTILE_FOLDERS[case]
+    marker = tmp_path / "unpickled"
+    spoil(sae_folder, marker)
+    with pytest.raises(getattr(sbert_sae, error)) as caught:
+        SparseAutoencoder.from_pretrained(sae_folder)
+    for fragment in fragments:
+        assert fragment in str(caught.value), (fragment, str(caught.value))
+    assert not marker.exists()  # nothing was unpickled
+
+
+def test_pickles_and_remote_code_beside_good_weights_are_never_run(sae_folder, tmp_path):
+    """Tripwire pickles next to the safetensors, and a config pointing at code in the folder, with
+    trust_remote_code=True: the SAE loads from the safetensors and neither runs."""
+    import pickle
+
+    marker = tmp_path / "ran"
+    for name in ("pytorch_model.bin", "model.pt", "training_args.bin"):
+        (sae_folder / name).write_bytes(pickle.dumps(Tripwire(marker)))
+    (sae_folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Evil: pass\n")
+    _config(sae_folder, auto_map={"AutoConfig": "evil.Evil", "AutoModel": "evil.Evil"})
+    sae = SparseAutoencoder.from_pretrained(sae_folder, trust_remote_code=True)
+    assert isinstance(sae, SparseAutoencoder) and sae.config.n_latents == 64
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["weights cut in the data", "header shape swapped", "only pytorch_model.bin", "labels id out of range"])
+def test_a_hostile_hub_repo_is_refused(case, hub, sae_folder, tmp_path):
+    import sbert_sae
+    from huggingface_hub import HfApi
+
+    spoil, error, fragments = HOSTILE_FOLDERS[case]
+    marker = tmp_path / "unpickled"
+    spoil(sae_folder, marker)
+    repo = f"org/hostile-{case.replace(' ', '-')}"
+    HfApi().create_repo(repo)
+    HfApi().upload_folder(folder_path=str(sae_folder), repo_id=repo)
+    with pytest.raises(getattr(sbert_sae, error)) as caught:
+        SparseAutoencoder.from_pretrained(repo)
+    assert repo in str(caught.value)
+    for fragment in fragments:
+        assert fragment in str(caught.value), (fragment, str(caught.value))
+    assert not marker.exists()
