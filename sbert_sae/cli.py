@@ -1,0 +1,653 @@
+"""The `sbert-sae` command line: `train`, `embed`, `label`, `families`, `push`, `info`, ...
+
+Every expected failure prints one line (`sbert-sae: error: ...`) and exits non-zero;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError, SbertSaeError
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {part!r} in {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value} in {text!r}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _ngram_range(text: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = text.partition("-")
+        value = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH word counts such as 1-3, got {text!r}") from None
+    if not 1 <= value[0] <= value[1] <= 6:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH <= 6, got {text!r}")
+    return value
+
+
+def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dataset_help: str | None = None) -> None:
+    from .base_model import DEFAULT_MODEL
+
+    g = p.add_argument_group("data")
+    if dataset_help is None:
+        g.add_argument("--dataset", required=True, nargs="+", help="Hub id, save_to_disk folder, data folder, or parquet/jsonl/csv/txt file(s)")
+    else:
+        g.add_argument("--dataset", default=None, nargs="+", help=dataset_help)
+    g.add_argument("--text-column", default="text", help="column holding the texts (default: text)")
+    g.add_argument("--config-name", default=None, help="configuration (subset) of a Hub dataset")
+    g.add_argument("--split", default="train", help="split to use (default: train)")
+    g.add_argument("--dataset-revision", default=None, help="revision of a Hub dataset")
+    g.add_argument("--max-rows", type=_positive_int, default=None, help="use only the first N rows")
+    g.add_argument("--strict-text", action="store_true", help="refuse rows whose text is missing, not a string or empty (default: skip and count them)")
+    g = p.add_argument_group("embedding")
+    if with_model:
+        g.add_argument("--model", default=DEFAULT_MODEL, help=f"sentence-transformers model, Hub id or folder (default: {DEFAULT_MODEL})")
+        g.add_argument("--model-revision", default=None, help="revision of the model on the Hub")
+    g.add_argument("--embed-batch-size", type=_positive_int, default=None, help="most texts per forward pass when embedding (default: as many as 65536 padded tokens on a GPU, 2048 on a CPU, allow)")
+    g.add_argument("--embed-precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="embedding precision (default: fp16 on a GPU, else fp32)")
+    g.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE or ~/.cache/sbert-sae)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+
+
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The SAE's loss and the training settings `train` and `sweep` share."""
+    from .trainer import LR_SCHEDULES, MIXED_PRECISION, TrainingArguments
+
+    defaults = TrainingArguments()
+    g = p.add_argument_group("SAE loss")
+    g.add_argument("--k-aux", type=_positive_int, default=None, help="dead features in the AuxK loss (default: 2k)")
+    g.add_argument("--auxk-coef", type=float, default=1 / 32, help="weight of the AuxK loss (default: 1/32)")
+    g.add_argument("--dead-threshold", type=_positive_int, default=None, help="samples without firing before a feature counts as dead (default: one epoch)")
+    g.add_argument("--normalize", choices=("l2", "none"), default="l2", help="rescale inputs to unit length (default: l2)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help=f"passes over the training texts (default: {defaults.epochs})")
+    g.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help=f"global batch size (default: {defaults.batch_size})")
+    g.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default: {defaults.lr})")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule, help=f"decay after warm-up (default: {defaults.lr_schedule})")
+    g.add_argument("--warmup-fraction", type=_fraction, default=defaults.warmup_fraction, help=f"share of steps warming up (default: {defaults.warmup_fraction})")
+    g.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help=f"gradient norm clip, 0 disables (default: {defaults.grad_clip})")
+    g.add_argument("--heldout-fraction", type=_fraction, default=0.05, help="share of texts held out for the metrics (default: 0.05)")
+    g.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, split and data order (default: 0)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision, help="default: bf16 on a GPU that has it, else fp32")
+    g.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help=f"steps between checkpoints, 0 for none (default: {defaults.checkpoint_every})")
+    g.add_argument("--checkpoint-min-seconds", type=float, default=defaults.checkpoint_min_seconds, help=f"skip a checkpoint when the last is younger than this, 0 for never (default: {defaults.checkpoint_min_seconds:g})")
+    g.add_argument("--log-every", type=_positive_int, default=defaults.log_every, help=f"steps between log records (default: {defaults.log_every})")
+    g.add_argument("--report-to", default=defaults.report_to, help="trackers: auto (tensorboard/trackio if installed), none, or a comma list")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug and --quiet are accepted before or after the command name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars, warnings only")
+    parser = argparse.ArgumentParser(
+        prog="sbert-sae", description="Sparse autoencoders on sentence embeddings, with features named without an LLM.", parents=[common]
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", parents=[common], help="embed a dataset (cached) and train a top-k SAE on it")
+    _add_data_arguments(p)
+    g = p.add_argument_group("domains")
+    g.add_argument("--domain-column", default=None, help="column naming each text's knowledge domain")
+    g.add_argument("--domain", default=None, help="train on this domain only")
+    g.add_argument("--per-domain", action="store_true", help="train one SAE per domain into sub-folders, plus a comparison table")
+    g = p.add_argument_group("SAE")
+    g.add_argument("--n-latents", type=_positive_int, default=6144, help="number of features (default: 6144)")
+    g.add_argument("-k", "--k", type=_positive_int, default=32, help="active features per text (default: 32)")
+    _add_training_arguments(p)
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="publish the trained SAE (and its card) to this Hub model repo; with --per-domain, REPO_ID-<domain> per domain")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
+
+    p = sub.add_parser("sweep", parents=[common], help="train a grid of SAE sizes and sparsities on one cached embedding set; fit FVU power laws in n and compute")
+    _add_data_arguments(p)
+    g = p.add_argument_group("grid")
+    g.add_argument("--n", dest="n_grid", type=_int_list, required=True, metavar="N1,N2,...", help="numbers of features, e.g. 1536,3072,6144,12288")
+    g.add_argument("--k", dest="k_grid", type=_int_list, required=True, metavar="K1,K2,...", help="active features per text, e.g. 16,32,64")
+    _add_training_arguments(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="folder for the grid's runs (n<N>-k<K>/), sweep.json, sweep.md and scaling.png")
+    g.add_argument("--overwrite", action="store_true", help="retrain grid points already trained in --out")
+    g.add_argument("--resume", action="store_true", help="continue interrupted grid points from their last checkpoint")
+
+    p = sub.add_parser("embed", parents=[common], help="embed a dataset's text column into the cache and print where it is")
+    _add_data_arguments(p)
+
+    from .labels import LabelArguments
+
+    label_defaults = LabelArguments()
+    p = sub.add_parser("label", parents=[common], help="name every feature with KeyBERT (no LLM) and score each name on held-out texts")
+    p.add_argument("sae", help="SAE folder (feature_labels.json is written there)")
+    _add_data_arguments(p, with_model=False)
+    g = p.add_argument_group("labelling")
+    g.add_argument("--top-texts", type=_positive_int, default=label_defaults.top_texts, help=f"strongest firing texts per feature (default: {label_defaults.top_texts})")
+    g.add_argument("--quantile-texts", type=int, default=label_defaults.quantile_texts, help=f"more firing texts across activation quantiles (default: {label_defaults.quantile_texts})")
+    g.add_argument("--negatives", type=_positive_int, default=label_defaults.negatives, help=f"non-firing texts each candidate label is judged on, half the hardest (default: {label_defaults.negatives})")
+    g.add_argument("--ngram", type=_ngram_range, default=label_defaults.ngram_range, help="candidate n-gram lengths, e.g. 1-3 (default: 1-3)")
+    g.add_argument("--min-df", type=_positive_int, default=label_defaults.min_df, help=f"corpus texts an n-gram must occur in to be a candidate (default: {label_defaults.min_df})")
+    g.add_argument("--candidates", type=_positive_int, default=label_defaults.candidates, help=f"lexical candidates per feature given to KeyBERT (default: {label_defaults.candidates})")
+    g.add_argument("--keywords", type=_positive_int, default=label_defaults.keywords, help=f"keywords KeyBERT keeps per feature, the shortlist labels are made from (default: {label_defaults.keywords})")
+    g.add_argument("--max-label-keywords", type=_positive_int, default=label_defaults.max_label_keywords, help=f"keywords in a label at most (default: {label_defaults.max_label_keywords})")
+    g.add_argument("--label-heldout-fraction", type=_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
+    g.add_argument("--seed", type=int, default=label_defaults.seed)
+
+    from .families import FamilyArguments
+
+    fam_defaults = FamilyArguments()
+    p = sub.add_parser("families", parents=[common], help="group features into families (co-occurrence spanning tree, O'Neill et al. 2024); write families.json and plots")
+    p.add_argument("sae", help="SAE run folder (families.json, families_cooccurrence.png and family_graph.png are written there)")
+    _add_data_arguments(p, with_model=False, dataset_help="corpus to count co-occurrences on (default: the one the SAE was trained on; other data options apply only with it)")
+    g = p.add_argument_group("families")
+    g.add_argument("--threshold", type=float, default=fam_defaults.threshold, help=f"smallest C_norm = C[i,j]/(C[i,i]+1) that makes an edge (default: {fam_defaults.threshold})")
+    g.add_argument("--min-out-degree", type=_positive_int, default=fam_defaults.min_out_degree, help=f"children in the tree a root needs to head a family (default: {fam_defaults.min_out_degree})")
+    g.add_argument("--min-children", type=_positive_int, default=fam_defaults.min_children, help=f"members besides the parent a family needs to be kept (default: {fam_defaults.min_children})")
+    g.add_argument("--removal-rounds", type=int, default=fam_defaults.removal_rounds, help=f"times the roots are removed and the tree rebuilt (default: {fam_defaults.removal_rounds})")
+    g.add_argument("--max-jaccard", type=float, default=fam_defaults.max_jaccard, help=f"of two families whose children overlap more, keep the larger (default: {fam_defaults.max_jaccard})")
+    g.add_argument("--max-density", type=float, default=fam_defaults.max_density, help=f"leave out features firing on more than this share of texts (default: {fam_defaults.max_density})")
+    g.add_argument("--no-descend", action="store_true", help="only roots head families, not qualifying children inside them")
+    g.add_argument("--permutations", type=_positive_int, default=fam_defaults.permutations, help=f"random permutations the block ratio is compared with (default: {fam_defaults.permutations})")
+    g.add_argument("--plot-family", type=int, default=None, metavar="FEATURE", help="draw the family this feature heads (default: the largest)")
+    g.add_argument("--top", type=int, default=10, help="families to print (default: 10)")
+    g.add_argument("--seed", type=int, default=fam_defaults.seed)
+
+    p = sub.add_parser("push", parents=[common], help="publish an SAE folder (weights, config, labels, metrics, plots, model card) to a Hub model repo")
+    p.add_argument("sae", help="SAE folder (a trained run)")
+    p.add_argument("repo_id", help="Hub model repo, e.g. org/minilm-wiki-sae (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    p.add_argument("--license", dest="license_name", default=None, help="license id for the model card, e.g. apache-2.0")
+    p.add_argument("--commit-message", default="Upload sbert-sae SAE")
+    p.add_argument("--format", choices=("sbert-sae", "sentence-transformers"), default="sbert-sae", help="sentence-transformers: publish a SparseEncoder (base model + this SAE's encoder) that SparseEncoder(REPO_ID) loads without sbert-sae; use its own repo")
+    p.add_argument("--activations", action="store_true", help="also push the corpus' sparse activations as a dataset repo")
+    p.add_argument("--activations-repo", default=None, help="dataset repo for them (default: REPO_ID-activations)")
+    p.add_argument("--dataset", default=None, help="corpus to encode for --activations (default: the one the SAE was trained on)")
+    p.add_argument("--text-column", default=None, help="its text column (default: the training run's)")
+
+    p = sub.add_parser("release", parents=[common], help="train, label and publish the SAE a recipe describes (hub/recipes/*.yaml), then register it")
+    p.add_argument("recipe", help="a recipe YAML file")
+    p.add_argument("--out", required=True, help="folder for the run")
+    p.add_argument("--no-push", action="store_true", help="train and label only")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+    p = sub.add_parser("compare", parents=[common], help="match two SAEs' features one to one by decoder cosine (e.g. two domains); write comparison.json and a histogram")
+    p.add_argument("run_a", metavar="RUN_A", help="SAE folder A")
+    p.add_argument("run_b", metavar="RUN_B", help="SAE folder B (same base model and d_in)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_A/compare-<name of RUN_B>)")
+    p.add_argument("--min-cosine", type=float, default=0.7, help="cosine a matched pair needs to count as shared (default: 0.7)")
+    p.add_argument("--top", type=int, default=20, help="shared pairs to print (default: 20)")
+
+    p = sub.add_parser("search", parents=[common], help="semantic search over a corpus with a query whose SAE features are raised, lowered or clamped")
+    p.add_argument("sae", help="SAE run folder (searches the corpus it was trained on) or Hub repo id (needs --dataset)")
+    p.add_argument("query", help="the query text")
+    _add_data_arguments(p, with_model=False, dataset_help="corpus to search (default: the one the SAE was trained on; other data options apply only with it)")
+    g = p.add_argument_group("steering")
+    target = "a feature id, 'family:ID' (the family that feature heads), or a label query ('features about X'); append '=S' for its own strength"
+    g.add_argument("--up", action="append", default=[], metavar="FEATURE[=S]", help=f"raise a feature: {target} (repeatable)")
+    g.add_argument("--down", action="append", default=[], metavar="FEATURE[=S]", help="lower a feature, same forms (repeatable)")
+    g.add_argument("--clamp", action="append", default=[], metavar="FEATURE=VALUE", help="set a feature's activation to VALUE (repeatable)")
+    g.add_argument("--strength", type=float, default=0.5, help="strength of --up/--down targets without their own, in units of the query's length (default: 0.5)")
+    g.add_argument("--method", choices=("add", "clamp"), default="add", help="add: add/subtract the decoder directions (the paper's); clamp: set the query's activations and decode the change (default: add)")
+    g.add_argument("--top", type=_positive_int, default=10, help="hits to show (default: 10)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    sub.add_parser("list", parents=[common], help="print the registry of released SAEs (short name, repo, metrics)")
+
+    p = sub.add_parser("info", parents=[common], help="print the config and metrics of a trained SAE")
+    p.add_argument("sae", help="SAE folder or Hub repo id")
+    return parser
+
+
+def _data_arguments(args):
+    from .base_model import DEFAULT_MODEL
+    from .pipeline import DataArguments
+
+    return DataArguments(
+        dataset=args.dataset[0] if len(args.dataset) == 1 else args.dataset,
+        text_column=args.text_column,
+        config_name=args.config_name,
+        split=args.split,
+        revision=args.dataset_revision,
+        domain_column=getattr(args, "domain_column", None),
+        domain=getattr(args, "domain", None),
+        per_domain=getattr(args, "per_domain", False),
+        heldout_fraction=getattr(args, "heldout_fraction", 0.05),
+        on_bad_text="error" if args.strict_text else "skip",
+        max_rows=args.max_rows,
+        model=getattr(args, "model", DEFAULT_MODEL),
+        model_revision=getattr(args, "model_revision", None),
+        embed_batch_size=args.embed_batch_size,
+        embed_precision=args.embed_precision,
+        cache_dir=args.cache_dir,
+        device=args.device,
+    )
+
+
+def _training_and_sae_arguments(args, n_latents: int, k: int):
+    from .pipeline import SaeArguments
+    from .trainer import TrainingArguments
+
+    train_args = TrainingArguments(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        warmup_fraction=args.warmup_fraction,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_min_seconds=args.checkpoint_min_seconds,
+        log_every=args.log_every,
+        report_to=args.report_to,
+        show_progress=not args.quiet,
+    )
+    sae_args = SaeArguments(
+        n_latents=n_latents,
+        k=k,
+        k_aux=args.k_aux,
+        auxk_coef=args.auxk_coef,
+        dead_threshold=args.dead_threshold,
+        normalize=args.normalize,
+    )
+    return train_args, sae_args
+
+
+def cmd_train(args) -> int:
+    from .pipeline import run_training
+
+    train_args, sae_args = _training_and_sae_arguments(args, args.n_latents, args.k)
+    results = run_training(_data_arguments(args), sae_args, train_args, args.out, overwrite=args.overwrite, resume=args.resume)
+    for r in results:
+        m = r.metrics
+        print(
+            f"[{r.name}] {r.out_dir}: held-out FVU {m.get('heldout_fvu', float('nan')):.4f}, "
+            f"cosine {m.get('heldout_cosine', float('nan')):.4f}, L0 {m.get('heldout_l0', float('nan')):.1f}, "
+            f"dead {m['dead_fraction']:.1%}, dense {m['dense_fraction']:.1%}, "
+            f"neighbour overlap@10 {m.get('neighbour_overlap_at_10', float('nan')):.3f} "
+            f"({m['n_train']} train / {m['n_heldout']} held-out texts, {m['train_seconds']:.0f}s)"
+        )
+    if results:
+        out = Path(args.out)
+        print(f"results: {out}/ (model.safetensors, config.json, metrics.json, density.png, training_args.json)")
+        if len(results) > 1:
+            print(f"domain comparison: {out / 'domains.md'}")
+    if args.push_to_hub:
+        from .hub import push_sae
+        from .utils import slugify
+
+        for r in results:
+            repo_id = args.push_to_hub if len(results) == 1 else f"{args.push_to_hub}-{slugify(r.name)}"
+            sha = push_sae(r.out_dir, repo_id)
+            print(f"pushed {r.out_dir} to {repo_id} (commit {sha})")
+    return 0
+
+
+def cmd_label(args) -> int:
+    from .labels import LabelArguments
+    from .pipeline import run_labelling
+
+    label_args = LabelArguments(
+        top_texts=args.top_texts,
+        quantile_texts=args.quantile_texts,
+        negatives=args.negatives,
+        ngram_range=args.ngram,
+        min_df=args.min_df,
+        candidates=args.candidates,
+        keywords=args.keywords,
+        max_label_keywords=args.max_label_keywords,
+        heldout_fraction=args.label_heldout_fraction,
+        seed=args.seed,
+    )
+    started = time.perf_counter()
+    summary = run_labelling(args.sae, _data_arguments(args), label_args, show_progress=not args.quiet)
+    seconds = time.perf_counter() - started
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(
+        f"labelled {summary['n_labelled']} of {summary['n_features']} features ({summary['n_dead']} dead, {summary['n_unlabelled']} unlabelled); "
+        f"held-out AUROC mean {fmt(summary['label_auroc_mean'])}, median {fmt(summary['label_auroc_median'])}, "
+        f"share >= 0.8 {fmt(summary['label_auroc_share_above_0.8'])}; Pearson r mean {fmt(summary['label_pearson_mean'])}; "
+        f"unique labels {fmt(summary['distinct_label_share'])}; {seconds:.0f}s"
+    )
+    print(f"labels: {Path(args.sae) / 'feature_labels.json'}")
+    return 0
+
+
+def cmd_families(args) -> int:
+    from .families import COOCCURRENCE_PLOT, FAMILIES_FILE, GRAPH_PLOT, FamilyArguments, corpus_arguments, run_families
+
+    fam_args = FamilyArguments(
+        threshold=args.threshold,
+        min_out_degree=args.min_out_degree,
+        min_children=args.min_children,
+        removal_rounds=args.removal_rounds,
+        max_jaccard=args.max_jaccard,
+        max_density=args.max_density,
+        descend=not args.no_descend,
+        permutations=args.permutations,
+        seed=args.seed,
+    )
+    fam_args.validate()
+    started = time.perf_counter()
+    overrides = {"cache_dir": args.cache_dir, "device": args.device, "embed_batch_size": args.embed_batch_size}
+    data = corpus_arguments(args.sae, _data_arguments(args) if args.dataset else None, **overrides)
+    result = run_families(args.sae, data, fam_args, show_progress=not args.quiet, plot_family=args.plot_family)
+    seconds = time.perf_counter() - started
+    s, out = result.summary, Path(args.sae)
+    if not result.families:
+        print(
+            f"no families found among {s['n_eligible_features']} features over {s['n_texts']} texts: no feature heads "
+            f">= {fam_args.min_out_degree} sparser features with C_norm >= {fam_args.threshold} in the spanning tree and "
+            f">= {fam_args.min_children} members in all (try a lower --threshold or a larger corpus); {seconds:.0f}s"
+        )
+        print(f"wrote an empty {out / FAMILIES_FILE}")
+        return 0
+    print(
+        f"{s['n_families']} families among {s['n_eligible_features']} features ({s['n_texts']} texts): {s['n_features_in_families']} features in families; "
+        f"children per family {s['children_min']}-{s['children_max']}, median {s['children_median']:g}, mean {s['children_mean']:g}; "
+        f"found in trees {', '.join(str(n) for n in s['families_per_round'])}"
+    )
+    ratio = "n/a" if s["block_ratio"] is None else f"{s['block_ratio']:.2f}"
+    permuted = "n/a" if s["permuted_block_ratio_mean"] is None else f"{s['permuted_block_ratio_mean']:.2f} ± {s['permuted_block_ratio_std']:.2f} (max {s['permuted_block_ratio_max']:.2f})"
+    print(f"block ratio (mean C_norm inside families / outside): {ratio}; with permuted feature ids: {permuted} over {s['n_permutations']} permutations")
+    print("largest families:")
+    for fam in result.families[: max(0, args.top)]:
+        children = "; ".join(label or f"#{c}" for c, label in list(zip(fam.children, fam.labels[1:]))[:4])
+        print(f"  #{fam.parent} ({len(fam.children)} children) {fam.label or '(no labels)'}")
+        print(f"      children: {children}{'; ...' if len(fam.children) > 4 else ''}")
+    print(f"families: {out / FAMILIES_FILE}; plots: {out / COOCCURRENCE_PLOT}, {out / GRAPH_PLOT} (family of #{s['plotted_family']}); {seconds:.0f}s")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .pipeline import load_and_embed
+
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: each process embeds its share
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    _, cache = load_and_embed(_data_arguments(args), accelerator=state, show_progress=not args.quiet)
+    if state is not None and not state.is_main_process:
+        return 0
+    skipped = cache.meta.get("skipped") or {}
+    print(f"{cache.embeddings.shape[0]} embeddings of dim {cache.dim} in {cache.path}" + (f" (skipped rows: {skipped})" if skipped else ""))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import SparseAutoencoder
+
+    sae = SparseAutoencoder.from_pretrained(args.sae)
+    print(sae.config.to_json_string(use_diff=True).strip())
+    metrics = Path(args.sae) / "metrics.json"
+    if metrics.exists():
+        data = json.loads(metrics.read_text())
+        data.pop("descriptions", None)
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+def _disable_library_progress_bars() -> None:
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_push(args) -> int:
+    import dataclasses
+
+    from .hub import publish, push_sparse_encoder, training_data_arguments
+    from .pipeline import DataArguments
+
+    if args.format == "sentence-transformers":
+        sha = push_sparse_encoder(args.sae, args.repo_id, private=args.private or None, revision=args.revision)
+        print(f"pushed {args.sae} as a SparseEncoder to {args.repo_id} (commit {sha})")
+        print(f'load it with: SparseEncoder("{args.repo_id}")  (sentence-transformers only)')
+        return 0
+
+    data = None
+    if args.activations and args.dataset:
+        data = DataArguments(dataset=args.dataset, text_column=args.text_column or "text")
+    elif args.activations and args.text_column:
+        data = dataclasses.replace(training_data_arguments(args.sae), text_column=args.text_column)
+    result = publish(
+        args.sae,
+        args.repo_id,
+        activations=args.activations,
+        activations_repo=args.activations_repo,
+        data=data,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        license_name=args.license_name,
+        show_progress=not args.quiet,
+    )
+    if "activations_repo" in result:
+        print(f"pushed the corpus' activations to the dataset {result['activations_repo']} (commit {result['activations_sha']})")
+    print(f"pushed {args.sae} to {args.repo_id} (commit {result['sha']})")
+    print(f'load it with: SparseAutoencoder.from_pretrained("{args.repo_id}")')
+    return 0
+
+
+def cmd_release(args) -> int:
+    from .registry import release
+
+    outcome = release(args.recipe, args.out, push=not args.no_push, overwrite=args.overwrite, show_progress=not args.quiet)
+    m = outcome["metrics"]
+    print(f"{outcome['name']}: {outcome['out_dir']} held-out FVU {m.get('heldout_fvu', float('nan')):.4f}, label AUROC {m.get('label_auroc_mean') or float('nan'):.4f}")
+    if "sha" in outcome:
+        print(f"published to {outcome['repo_id']} (commit {outcome['sha']}) and registered as {outcome['name']!r}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import COMPARISON_FILE, COMPARISON_PLOT, run_comparison
+
+    started = time.perf_counter()
+    result, out = run_comparison(args.run_a, args.run_b, args.out, min_cosine=args.min_cosine)
+    s = result.summary()
+    med, rmed = s["matched_cosine"].get("median", float("nan")), s["random_cosine"].get("median", float("nan"))
+    rmax = s["random_cosine"].get("max", float("nan"))
+    print(
+        f"{s['n_live_a']} live features in A ({s['n_features_a']}), {s['n_live_b']} in B ({s['n_features_b']}); {s['n_matched']} matched one to one ({s['method']}): "
+        f"{s['n_shared']} shared at cosine >= {args.min_cosine:g}, {s['n_only_a']} in A only, {s['n_only_b']} in B only"
+    )
+    print(f"matched cosine median {med:.3f} vs {rmed:.3f} against random unit directions (random max {rmax:.3f}, {s['random_above_min_cosine']} random above {args.min_cosine:g})")
+    if result.shared:
+        la, lb = result.labels_a, result.labels_b
+        print("top shared pairs (A -> B):")
+        for i, j, c in result.shared[: max(0, args.top)]:
+            print(f"  {c:.3f}  #{i} {la[i] or '(no label)'}  <->  #{j} {lb[j] or '(no label)'}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"comparison: {out / COMPARISON_FILE}; plot: {out / COMPARISON_PLOT}; {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def _steering_targets(values: list[str], default: float | None, flag: str) -> dict[str, float]:
+    targets: dict[str, float] = {}
+    for value in values:
+        key, sep, strength = value.rpartition("=")
+        if not sep:
+            key, strength = value, None
+        key = key.strip()
+        if not key:
+            raise InputError(f"{flag} {value!r}: name a feature before '='")
+        if strength is None:
+            if default is None:
+                raise InputError(f"{flag} {value!r}: give the activation to set, e.g. {flag} {key}=0.3")
+            targets[key] = default
+            continue
+        try:
+            targets[key] = float(strength)
+        except ValueError:
+            raise InputError(f"{flag} {value!r}: {strength!r} is not a number") from None
+    return targets
+
+
+def cmd_search(args) -> int:
+    from .modeling_sbert_sae import SparseAutoencoder
+    from .search import SteerableIndex
+
+    _disable_library_progress_bars()
+    up = _steering_targets(args.up, args.strength, "--up")
+    down = _steering_targets(args.down, args.strength, "--down")
+    clamp = _steering_targets(args.clamp, None, "--clamp")
+    data = _data_arguments(args) if args.dataset else None
+    show = not args.quiet and not args.json
+    if Path(args.sae).is_dir() and (Path(args.sae) / "training_args.json").exists():
+        index = SteerableIndex.from_run(args.sae, data, device=args.device, show_progress=show)
+    else:
+        if data is None:
+            raise InputError(f"{args.sae} is not a training run folder: pass --dataset, the corpus to search")
+        sae = SparseAutoencoder.from_pretrained(args.sae)
+        index = SteerableIndex.build(sae, data, device=args.device, show_progress=show)
+    result = index.search(args.query, up=up or None, down=down or None, clamp=clamp or None, k=args.top, method=args.method)
+    st = result.steering
+    labels = index.sae.feature_labels
+    if args.json:
+        print(json.dumps({
+            "query": args.query, "method": st.method, "cosine_to_query": st.cosine,
+            "up": st.up, "down": st.down, "clamp": st.clamp, "resolved": st.resolved,
+            "hits": [{"row": h.row, "score": h.score, "steered": h.steered, "text": h.text} for h in result.hits],
+        }, indent=1, ensure_ascii=False))
+        return 0
+    active = index.query_features(args.query, top=6)
+    print("query features: " + "; ".join(f"#{f} {label or '(no label)'} {v:.2f}" for f, v, label in active))
+    if st.features:
+        for role, ids in (("up", st.up), ("down", st.down), ("clamp", st.clamp)):
+            for f, s in ids.items():
+                print(f"{role:>5} #{f} {labels[f] or '(no label)'} {'value' if role == 'clamp' else 'strength'} {s:g}")
+        for name, ids in st.resolved.items():
+            if not name.isdigit() and len(ids) == 1 and not name.startswith("family:"):
+                print(f"      {name!r} read as #{ids[0]} {labels[ids[0]] or ''}")
+        print(f"steered query ({st.method}): cosine {st.cosine:.3f} to the original")
+    width = shutil.get_terminal_size((120, 20)).columns
+    for rank, hit in enumerate(result.hits, 1):
+        firing = " ".join(f"#{f}" for f, a in hit.steered.items() if a > 0)
+        head = f"{rank:>3}. {hit.score:.3f} row {hit.row}" + (f" [fires: {firing}]" if firing else "")
+        text = " ".join((hit.text or "").split())
+        room = max(40, width - len(head) - 2)
+        print(f"{head}  {text[:room - 1] + '…' if len(text) > room else text}")
+    if st.features:
+        for f in st.features:
+            n = sum(hit.steered[f] > 0 for hit in result.hits)
+            print(f"#{f} fires in {n} of {len(result.hits)} hits")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import SCALING_PLOT, SWEEP_FILE, SWEEP_TABLE, run_sweep
+
+    train_args, sae_args = _training_and_sae_arguments(args, max(args.n_grid), min(args.k_grid))
+    started = time.perf_counter()
+    out = Path(args.out)
+    result = run_sweep(_data_arguments(args), args.n_grid, args.k_grid, train_args, out, sae_args, overwrite=args.overwrite, resume=args.resume, show_progress=not args.quiet)
+    print("     n    k  held-out FVU  train FVU   dead  train FLOPs")
+    for r in result.rows:
+        print(f"{r['n']:>6} {r['k']:>4}  {r['heldout_fvu']:.4f}        {r['train_fvu']:.4f}     {r['dead_fraction']:5.1%}  {r['train_flops']:.2e}")
+    for k, fit in sorted(result.fits_n.items()):
+        fc = result.fits_compute.get(k)
+        compute = "" if fc is None else f"; against compute: FVU = {fc.a:.3g} * C^-{fc.exponent:.3f} (r2 {fc.r2:.3f})"
+        print(f"k={k}: FVU = {fit.a:.3g} * n^-{fit.exponent:.3f} (r2 {fit.r2:.3f}, {fit.n_points} sizes){compute}")
+    if not result.fits_n:
+        print("no power law fitted: give at least two values of --n")
+    if result.skipped:
+        print(f"already trained, reused: {', '.join(result.skipped)}")
+    print(f"sweep: {out / SWEEP_FILE}, {out / SWEEP_TABLE}; plot: {out / SCALING_PLOT}; {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .registry import format_registry, load_registry
+
+    print(format_registry(load_registry()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info, "compare": cmd_compare, "search": cmd_search, "sweep": cmd_sweep}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    args.quiet = getattr(args, "quiet", False)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.debug:
+        for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets", "accelerate", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.quiet:
+        _disable_library_progress_bars()
+    try:
+        return COMMANDS[args.command](args)
+    except SbertSaeError as err:
+        if args.debug:
+            raise
+        print(f"sbert-sae: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sbert-sae: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback, unless --debug
+        if args.debug:
+            raise
+        print(f"sbert-sae: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
