@@ -168,3 +168,28 @@ def test_search_command(labelled_run, capsys, index):
     assert "--up '5=x': 'x' is not a number" in capsys.readouterr().err
     assert main(["search", str(labelled_run), "q", "--clamp", "5", "-q"]) == 2
     assert "give the activation to set" in capsys.readouterr().err
+
+
+def test_steering_evaluation_against_rewriting(index, tmp_path):
+    from sbert_sae.steering_eval import comparison_table, draw_triples, evaluate_steering, plot_steering, success_at_cosine
+
+    triples = draw_triples(index, 12, seed=1, density=(0.02, 0.3))
+    assert len(triples) == 12
+    for t in triples:
+        own = np.asarray(index.codes.indices[t.position])[np.asarray(index.codes.values[t.position]) > 0]
+        assert t.down in own and t.up not in own and index.sae.feature_labels[t.up]
+    points = evaluate_steering(index, triples, strengths=(0.3, 1.0), repeats=(1, 5))
+    by = {(p.method, p.strength): p for p in points}
+    assert set(by) == {("none", 0.0), ("add", 0.3), ("add", 1.0), ("clamp", 0.3), ("clamp", 1.0), ("rewrite", 1.0), ("rewrite", 5.0)}
+    assert by[("none", 0.0)].cosine == 1.0 and by[("none", 0.0)].up_share == 0.0  # up features fire in no unsteered hit
+    assert by[("add", 1.0)].cosine < by[("add", 0.3)].cosine < 1.0
+    assert by[("add", 1.0)].success > 0.3 and by[("add", 1.0)].down_share < by[("none", 0.0)].down_share
+    assert by[("rewrite", 5.0)].cosine < by[("rewrite", 1.0)].cosine < 1.0
+    # Interpolation at a cosine between two settings lies between their successes.
+    mid = (by[("add", 0.3)].cosine + by[("add", 1.0)].cosine) / 2
+    assert by[("add", 0.3)].success <= success_at_cosine(points, "add", mid) <= by[("add", 1.0)].success
+    assert success_at_cosine(points, "add", 0.0) is None
+    table = comparison_table(points)
+    assert [row["label_repeats"] for row in table] == [1, 5] and all("clamp_success" in row for row in table)
+    plot_steering(points, tmp_path / "steering.png")
+    assert (tmp_path / "steering.png").stat().st_size > 10_000
