@@ -242,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", parents=[common], help="print the config and metrics of a trained SAE")
     p.add_argument("sae", help="SAE folder or Hub repo id")
+
+    p = sub.add_parser("explore", parents=[common], help="open the explorer web app of an SAE: features, texts, steered search, overview")
+    p.add_argument("sae", help="SAE folder, Hub repo id or registry short name")
+    p.add_argument("--dataset", default=None, help="corpus to show texts from (default: the one the SAE was trained on, else its published activations)")
+    p.add_argument("--text-column", default=None, help="the corpus' text column (default: the training run's, else text)")
+    p.add_argument("--revision", default=None, help="revision of a Hub repo")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_positive_int, default=None, help="port (default: 7860, or the next free one)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE or ~/.cache/sbert-sae)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     return parser
 
 
@@ -611,6 +623,27 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_explore(args) -> int:
+    try:
+        from .explorer import serve
+    except ImportError as err:
+        raise SbertSaeError(f"sbert-sae explore needs gradio ({err}): pip install 'sbert-sae[explore]'") from err
+    print(f"opening {args.sae} (the corpus opens in the background)")
+    serve(
+        args.sae,
+        dataset=args.dataset,
+        text_column=args.text_column,
+        revision=args.revision,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        open_browser=not args.no_browser,
+        device=args.device,
+        cache_dir=args.cache_dir,
+    )
+    return 0
+
+
 def cmd_list(args) -> int:
     from .registry import format_registry, load_registry
 
@@ -618,7 +651,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info, "compare": cmd_compare, "search": cmd_search, "sweep": cmd_sweep}
+COMMANDS = {"train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info, "explore": cmd_explore, "compare": cmd_compare, "search": cmd_search, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,683 @@
+"""What the explorer shows, computed on demand: an SAE with its labels, metrics and families,
+and its corpus, opened lazily.
+
+Opening reads only the SAE and its JSON files, so a large corpus opens in seconds. The
+corpus (dataset + cached embeddings, memory-mapped) is opened in the background; a
+feature's strongest texts are then found on their own (one matrix-vector product over the
+embeddings ranks the candidates, and only the best are encoded to check that the feature is
+in their top-k). What needs every text's code (a feature's activation histogram, the
+features that fire with it) waits for the corpus' sparse activations, encoded once in the
+background and kept on disk beside the embedding cache, so the next start reads them.
+
+Nothing here imports gradio: the app (`explorer.py`) only renders what this returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .activations import SparseActivations
+from .errors import DatasetError, InputError, ModelLoadError, SbertSaeError
+from .families import FAMILIES_FILE, Family, parse_families
+from .modeling_sbert_sae import SparseAutoencoder, _read_optional_json
+
+logger = logging.getLogger(__name__)
+
+NOT_LABELLED = "not labelled: run `sbert-sae label` on this SAE"
+
+
+@dataclass
+class TopText:
+    """One corpus text a feature fires on."""
+
+    position: int
+    """Position in the corpus (the embedding cache's order)."""
+    row: int
+    """The text's row id in the dataset."""
+    activation: float
+    text: str
+
+
+@dataclass
+class TextInspection:
+    """A text's sparse code and how well the SAE rebuilds it."""
+
+    text: str
+    features: list[dict]
+    """Active features, strongest first: feature, activation, label."""
+    cosine: float
+    """cos(x, x_hat) in the SAE's input space."""
+    relative_error: float
+    """||x - x_hat||^2 / ||x||^2: one text's normalised MSE (an FVU needs many texts)."""
+    l0: int
+
+
+@dataclass
+class CorpusStatus:
+    state: str
+    """"none", "loading", "ready" or "failed"."""
+    message: str
+    n_texts: int | None = None
+
+
+class Corpus:
+    """Texts and embeddings of the SAE's corpus, with its sparse codes computed once.
+
+    Attributes:
+        name: the dataset it came from.
+        row_ids: (n,) dataset row id of each position.
+        texts_of: positions -> texts.
+        embeddings: (n, d_in) float32 (memory-mapped), or None when the corpus came with
+            precomputed codes only (a Hub activations dataset).
+        index: the `SteerableIndex` over it (None until one can be made; see
+            `Explorer.search_index`). Its codes, kept beside the embedding cache, are the
+            codes every page reads, so `sbert-sae search` and the explorer share them.
+    """
+
+    def __init__(self, name: str, row_ids: np.ndarray, texts_of, embeddings: np.ndarray | None = None, *, index=None, activations: SparseActivations | None = None):
+        self.name = name
+        self.row_ids = np.asarray(row_ids)
+        self.texts_of = texts_of
+        self.embeddings = embeddings
+        self.index = index
+        self._activations = activations
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    @property
+    def activations_ready(self) -> bool:
+        return self._activations is not None
+
+    def start_activations(self) -> None:
+        """Encode every text's top-k code in a background thread (read from disk if an earlier
+        run kept them), unless that is done or under way."""
+        with self._lock:
+            if self._activations is not None or self.index is None or (self._thread is not None and self._thread.is_alive()):
+                return
+            self._error = None
+            self._thread = threading.Thread(target=self._encode_all, name="sbert-sae-codes", daemon=True)
+            self._thread.start()
+
+    def _encode_all(self) -> None:
+        try:
+            started = time.perf_counter()
+            self._activations = self.index.codes
+            logger.info("codes of %d texts ready in %.1fs", len(self), time.perf_counter() - started)
+            if any(self.index.sae.feature_labels):
+                # The first label search embeds every label: do it now, not on a user's click.
+                self.index.features_about("warm up", top=1)
+        except BaseException as err:
+            logger.exception("encoding the corpus failed")
+            self._error = err
+
+    def activations(self, timeout: float | None = None, progress=None) -> SparseActivations | None:
+        """The corpus' sparse codes, waiting up to `timeout` seconds (None: until done);
+        None when not done by then. `progress(seconds_waited)` is called while waiting."""
+        if self._activations is not None:
+            return self._activations
+        self.start_activations()
+        started = time.monotonic()
+        while self._activations is None:
+            if self._error is not None:
+                raise DatasetError(f"encoding the corpus {self.name} failed: {self._error}") from self._error
+            if timeout is not None and time.monotonic() - started >= timeout:
+                return None
+            if progress is not None:
+                progress(time.monotonic() - started)
+            time.sleep(0.1)
+        return self._activations
+
+    @lru_cache(maxsize=4096)  # noqa: B019 - one Corpus per app; features are looked at again and again
+    def firing(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, activations) of the texts `feature` fires on, strongest first (needs the codes)."""
+        acts = self._activations
+        if acts is None:
+            raise DatasetError("the corpus' codes are not computed yet")
+        hit = (np.asarray(acts.indices) == feature) & (np.asarray(acts.values) > 0)
+        positions = np.nonzero(hit.any(axis=1))[0]
+        values = np.asarray(acts.values)[positions][hit[positions]]
+        order = np.argsort(-values, kind="stable")
+        return positions[order], values[order]
+
+
+# ----------------------------------------------------------------- the explorer
+class Explorer:
+    """An SAE and what is known about it, for the app: labels, metrics, families, decoder
+    neighbours, texts' codes, and (lazily) its corpus.
+
+    Use `Explorer.open(folder_or_repo)`; every method takes plain ids and returns plain data.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, source: str, *, families: list[Family] | None = None, files: dict | None = None, data=None, data_given: bool = False):
+        self.sae = sae.eval()
+        self.source = source
+        self.families = families or []
+        self.files = files or {}
+        self._data = data
+        self._data_given = data_given
+        self._cache_dir = getattr(data, "cache_dir", None)
+        self.labels = sae.feature_labels
+        self.label_data = sae.label_data
+        self.entries = (self.label_data or {}).get("features", {})
+        self.n = sae.config.n_latents
+        density = self.files.get("feature_density.json") or {}
+        self.train_counts = np.asarray(density["fire_counts"], dtype=np.int64) if "fire_counts" in density else None
+        self.train_texts = density.get("n_texts")
+        self._corpus: Corpus | None = None
+        self._corpus_error: BaseException | None = None
+        self._corpus_lock = threading.Lock()
+        self._corpus_thread: threading.Thread | None = None
+        with torch.no_grad():
+            self._directions = F.normalize(sae.W_dec.detach().float(), dim=1)
+        self._haystack = [self._search_text(f) for f in range(self.n)]
+        self._families_of: dict[int, list[int]] = {}
+        for i, fam in enumerate(self.families):
+            for f in fam.features:
+                self._families_of.setdefault(f, []).append(i)
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, source: str | Path, *, dataset: str | None = None, text_column: str | None = None, device: str | None = None, cache_dir: str | None = None, revision: str | None = None) -> Explorer:
+        """The explorer of an SAE folder or Hub repo (or registry short name).
+
+        The corpus is, in order: `dataset` (with `text_column`, default the run's), else the
+        dataset the SAE was trained on (its `training_args.json`) when it can be opened here,
+        else the activations dataset it was published with; else there is none and the app
+        shows what the labels hold.
+        """
+        from .base_model import pick_device
+
+        source = str(source)
+        path = Path(source)
+        if (source.startswith((".", "/")) or path.exists()) and not path.is_dir():
+            raise ModelLoadError(f"{source} is not a folder: pass an SAE folder (config.json, model.safetensors) or a Hub repo id")
+        kwargs = {"revision": revision} if revision else {}
+        sae = SparseAutoencoder.from_pretrained(source, **kwargs)
+        sae = sae.to(pick_device(device))
+        name = getattr(sae, "name_or_path", source) or source
+        hub_kwargs = {k: v for k, v in kwargs.items()}
+        files = {}
+        for fname in ("feature_density.json", "training_args.json", FAMILIES_FILE):
+            try:
+                files[fname] = _read_optional_json(name, fname, hub_kwargs)
+            except (OSError, ValueError) as err:
+                logger.warning("cannot read %s of %s: %s", fname, source, err)
+                files[fname] = None
+        families = parse_families(files[FAMILIES_FILE], source=f"{source}/{FAMILIES_FILE}") if files.get(FAMILIES_FILE) else []
+        data = _corpus_arguments(files.get("training_args.json"), dataset, text_column, cache_dir, device)
+        explorer = cls(sae, source, families=families, files=files, data=data, data_given=dataset is not None)
+        explorer.name_or_path = name
+        return explorer
+
+    # ---------------------------------------------------------------- corpus
+    def start_corpus(self) -> None:
+        """Open the corpus in a background thread (the app calls this once it is up)."""
+        with self._corpus_lock:
+            if self._corpus is not None or (self._corpus_thread is not None and self._corpus_thread.is_alive()):
+                return
+            self._corpus_error = None
+            self._corpus_thread = threading.Thread(target=self._open_corpus, name="sbert-sae-corpus", daemon=True)
+            self._corpus_thread.start()
+
+    def _open_corpus(self) -> None:
+        try:
+            self._corpus = self._load_corpus()
+            if self._corpus is not None:
+                self._corpus.start_activations()
+        except BaseException as err:  # noqa: BLE001 - shown by corpus_status
+            logger.warning("cannot open the corpus of %s: %s", self.source, err)
+            self._corpus_error = err
+
+    def _load_corpus(self) -> Corpus | None:
+        link = getattr(self.sae, "activations_link", None)
+        if self._data is not None:
+            try:
+                return self._load_dataset_corpus(self._data)
+            except (SbertSaeError, OSError, ValueError) as err:
+                # The dataset a published SAE was trained on may be a path on its author's
+                # machine; the activations it was published with hold the same texts.
+                if self._data_given or not (link and link.get("repo_id")):
+                    raise
+                logger.info("cannot open %s (%s): reading the published activations instead", self._data.dataset, err)
+        if link and link.get("repo_id"):
+            return self._load_published_corpus(link)
+        return None
+
+    def _load_dataset_corpus(self, data) -> Corpus:
+        from .pipeline import load_sae_corpus
+        from .search import SteerableIndex
+
+        data, ds, cache = load_sae_corpus(self.sae, self.source, data, show_progress=False)
+        texts = _Texts(ds, data.text_column, cache.row_ids)
+        index = SteerableIndex(self.sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path)
+        name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
+        return Corpus(name, cache.row_ids, texts.get, cache.embeddings, index=index)
+
+    def _load_published_corpus(self, link: dict) -> Corpus:
+        """The corpus of a Hub activations dataset (`sbert-sae push --activations`): its texts
+        and their codes, so nothing needs embedding until a search."""
+        ds = self.sae.load_activations()
+        acts = SparseActivations(
+            values=_padded_lists(ds.data.column("values"), self.sae.config.k, np.float32),
+            indices=_padded_lists(ds.data.column("indices"), self.sae.config.k, np.int32),
+            n_latents=self.n,
+        )
+        row_ids = np.asarray(ds["id"], dtype=np.int64) if "id" in ds.column_names else np.arange(len(ds))
+        texts = _Texts(ds, "text", np.arange(len(ds)))
+        return Corpus(link["repo_id"], row_ids, texts.get, None, activations=acts)
+
+    def corpus(self, timeout: float | None = None) -> Corpus | None:
+        """The corpus, waiting up to `timeout` seconds for it to open (None: until it has)."""
+        self.start_corpus()
+        if self._corpus_thread is not None:
+            self._corpus_thread.join(timeout)
+        if self._corpus_error is not None:
+            raise DatasetError(f"cannot open the corpus of {self.source}: {self._corpus_error}") from self._corpus_error
+        return self._corpus
+
+    def search_index(self):
+        """The `SteerableIndex` over the corpus: the corpus' own, else (a corpus of published
+        codes, without embeddings) one made by embedding its texts once through the cache."""
+        corpus = self.corpus()
+        if corpus is None:
+            raise DatasetError("no corpus to search: this SAE names no dataset that can be opened here (pass --dataset)")
+        with self._corpus_lock:
+            if corpus.index is None:
+                from .pipeline import DataArguments
+                from .search import SteerableIndex
+
+                data = DataArguments(dataset=corpus.name, text_column="text", cache_dir=self._cache_dir)
+                corpus.index = SteerableIndex.build(self.sae, data)
+        return corpus.index
+
+    def corpus_status(self) -> CorpusStatus:
+        if self._corpus_error is not None:
+            return CorpusStatus("failed", f"the corpus could not be opened: {self._corpus_error}")
+        corpus = self._corpus
+        if corpus is None:
+            if self._corpus_thread is not None and self._corpus_thread.is_alive():
+                return CorpusStatus("loading", "opening the corpus…")
+            if self._data is None and not getattr(self.sae, "activations_link", None):
+                return CorpusStatus("none", "no corpus: this SAE names no dataset that can be opened here (pass --dataset)")
+            return CorpusStatus("loading", "the corpus is not opened yet")
+        if corpus.activations_ready:
+            return CorpusStatus("ready", f"{len(corpus):,} texts of {corpus.name}", len(corpus))
+        return CorpusStatus("loading", f"{len(corpus):,} texts of {corpus.name}; encoding their codes (once: they are kept on disk)…", len(corpus))
+
+    # ---------------------------------------------------------------- summary
+    @property
+    def labelled(self) -> bool:
+        return bool(self.entries)
+
+    def title(self) -> str:
+        c = self.sae.config
+        base = (c.base_model or "unknown base model").split("/")[-1]
+        return f"{base} SAE · {c.n_latents:,} features · k={c.k}"
+
+    def summary(self) -> dict:
+        """Headline facts for the overview."""
+        c = self.sae.config
+        summary = (self.label_data or {}).get("summary", {})
+        return {
+            "source": self.source,
+            "base_model": c.base_model,
+            "n_latents": c.n_latents,
+            "k": c.k,
+            "d_in": c.d_in,
+            "normalize": c.normalize,
+            "labelled": self.labelled,
+            "n_labelled": summary.get("n_labelled", sum(1 for label in self.labels if label)),
+            "n_families": len(self.families),
+            "label_dataset": (self.label_data or {}).get("dataset"),
+        }
+
+    def metrics(self) -> list[tuple[str, object, str]]:
+        """(name, value, description) of every figure in metrics.json."""
+        metrics = dict(self.sae.metrics or {})
+        descriptions = metrics.pop("descriptions", {}) or {}
+        return [(k, v, descriptions.get(k, "")) for k, v in metrics.items() if not isinstance(v, (dict, list))]
+
+    def fire_counts(self) -> tuple[np.ndarray, int] | None:
+        """(n_latents,) texts each feature fired on in training and how many texts that was,
+        from feature_density.json, else from the labels' densities."""
+        if self.train_counts is not None and self.train_texts:
+            return self.train_counts, int(self.train_texts)
+        if self.labelled:
+            n_texts = (self.label_data.get("summary") or {}).get("n_texts")
+            if n_texts:
+                counts = np.array([int(self.entries.get(f, {}).get("n_firing") or 0) for f in range(self.n)])
+                return counts, int(n_texts)
+        return None
+
+    def plot(self, name: str) -> str | None:
+        """Local path of a plot saved beside the SAE (density.png, family_graph.png, ...), or None."""
+        folder = Path(self.source)
+        if folder.is_dir():
+            path = folder / name
+            return str(path) if path.exists() else None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(self.name_or_path, name)
+        except Exception:  # noqa: BLE001 - a plot that is not published is simply not shown
+            return None
+
+    # ---------------------------------------------------------------- features
+    def check_feature(self, feature) -> int:
+        if isinstance(feature, str) and re.fullmatch(r"\s*#?\d+\s*", feature):
+            feature = int(feature.strip().lstrip("#"))
+        if isinstance(feature, float) and feature.is_integer():
+            feature = int(feature)
+        if isinstance(feature, np.integer):
+            feature = int(feature)
+        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < self.n:
+            raise InputError(f"unknown feature {feature!r}: features are numbered 0..{self.n - 1}")
+        return feature
+
+    def label(self, feature: int) -> str | None:
+        return self.labels[feature]
+
+    def display_label(self, feature: int) -> str:
+        """The label, or why there is none."""
+        label = self.labels[feature]
+        if label:
+            return label
+        if not self.labelled:
+            return "(not labelled)"
+        status = self.entries.get(feature, {}).get("status")
+        return f"({status})" if status and status != "labelled" else "(no label)"
+
+    def _search_text(self, f: int) -> str:
+        entry = self.entries.get(f, {})
+        words = [entry.get("label") or ""] + [k.get("keyword", "") for k in entry.get("keywords") or [] if isinstance(k, dict)]
+        return " | ".join(w.lower() for w in words if w)
+
+    def auroc(self, feature: int) -> float | None:
+        return ((self.entries.get(feature, {}).get("score") or {}).get("auroc"))
+
+    def density(self, feature: int) -> float | None:
+        entry = self.entries.get(feature, {})
+        if entry.get("density") is not None:
+            return float(entry["density"])
+        if self.train_counts is not None and self.train_texts:
+            return float(self.train_counts[feature] / self.train_texts)
+        return None
+
+    def search_features(self, query: str, limit: int = 50) -> list[dict]:
+        """Features whose label or keywords match `query` (words, or a feature id such as 812 or
+        #812), best first: the label equal to the query, then containing it, then a keyword
+        containing it, then all its words somewhere; ties by held-out label AUROC. An empty
+        query lists the best-scored features."""
+        q = " ".join((query or "").lower().split())
+        found: list[tuple[tuple, int, str]] = []
+        if re.fullmatch(r"#?\d+", q):
+            f = int(q.lstrip("#"))
+            if 0 <= f < self.n:
+                found.append(((9, 0.0), f, "id"))
+        elif not q:
+            scored = [f for f in range(self.n) if self.auroc(f) is not None and self.labels[f]]
+            scored.sort(key=lambda f: -(self.auroc(f) or 0))
+            return [self._row(f, "best scored") for f in scored[:limit]]
+        else:
+            words = q.split()
+            for f, hay in enumerate(self._haystack):
+                if not hay or not all(w in hay for w in words):
+                    continue
+                label = (self.labels[f] or "").lower()
+                keywords = hay.split(" | ")[1:] if self.labels[f] else hay.split(" | ")
+                parts = [p.strip() for p in label.split(",")]
+                if q == label or q in parts:
+                    rank, why = 4, "label"
+                elif q in label:
+                    rank, why = 3, "label"
+                elif q in keywords:
+                    rank, why = 2, "keyword"
+                elif any(q in k for k in keywords):
+                    rank, why = 1.5, "keyword"
+                else:
+                    rank, why = 1, "words"
+                found.append(((rank, self.auroc(f) or 0.0), f, why))
+        found.sort(key=lambda t: (-t[0][0], -t[0][1], t[1]))
+        return [self._row(f, why) for _, f, why in found[:limit]]
+
+    def _row(self, f: int, match: str) -> dict:
+        return {"feature": f, "label": self.display_label(f), "density": self.density(f), "auroc": self.auroc(f), "match": match}
+
+    def feature(self, feature) -> dict:
+        """A feature's card: label, status, keywords with scores, held-out score, density."""
+        f = self.check_feature(feature)
+        entry = self.entries.get(f, {})
+        counts = self.fire_counts()
+        out = {
+            "feature": f,
+            "label": self.labels[f],
+            "display_label": self.display_label(f),
+            "status": entry.get("status") or ("labelled" if entry.get("label") else (NOT_LABELLED if not self.labelled else "no label")),
+            "reason": entry.get("reason"),
+            "keywords": [k for k in entry.get("keywords") or [] if isinstance(k, dict)],
+            "score": entry.get("score") or {},
+            "train_auroc": entry.get("train_auroc"),
+            "density": self.density(f),
+            "n_firing": entry.get("n_firing"),
+            "train_count": None if self.train_counts is None else int(self.train_counts[f]),
+            "train_texts": self.train_texts,
+            "stored_top_texts": entry.get("top_texts") or [],
+            "stored_top_rows": (entry.get("examples") or {}).get("top") or [],
+        }
+        if counts is not None and out["n_firing"] is None:
+            out["n_firing"] = int(counts[0][f])
+        return out
+
+    def keywords_of(self, feature: int, top: int = 12) -> list[str]:
+        return [k["keyword"] for k in self.feature(feature)["keywords"][:top] if k.get("keyword")]
+
+    def neighbours(self, feature, top: int = 10) -> list[dict]:
+        """The features whose decoder directions are nearest (cosine), nearest first."""
+        f = self.check_feature(feature)
+        cos = self._directions @ self._directions[f]
+        cos[f] = -2.0
+        best = torch.topk(cos, min(top, self.n - 1)).indices.tolist()
+        return [{"feature": g, "label": self.display_label(g), "cosine": float(cos[g])} for g in best]
+
+    def families_of(self, feature) -> list[Family]:
+        f = self.check_feature(feature)
+        return [self.families[i] for i in self._families_of.get(f, [])]
+
+    def top_texts(self, feature, n: int = 10) -> list[TopText]:
+        """The `n` texts of the corpus the feature fires on most strongly, strongest first
+        (empty without a corpus). Exact: from the corpus' activations when they are done,
+        else by ranking the texts on the feature's pre-activation (one product with its
+        encoder row) and encoding only the best candidates, whose top-k decides whether it fires."""
+        f = self.check_feature(feature)
+        corpus = self.corpus()
+        if corpus is None:
+            return []
+        if corpus.activations_ready or corpus.embeddings is None:
+            corpus.activations()
+            positions, values = corpus.firing(f)
+            positions, values = positions[:n], values[:n]
+        else:
+            positions, values = self._strongest_by_scan(corpus, f, n)
+        texts = corpus.texts_of(positions) if len(positions) else []
+        return [TopText(int(p), int(corpus.row_ids[p]), float(v), t) for p, v, t in zip(positions, values, texts)]
+
+    @torch.no_grad()
+    def _strongest_by_scan(self, corpus: Corpus, f: int, n: int, chunk: int = 65536, batch: int = 512, max_candidates: int = 32768):
+        sae, emb = self.sae, corpus.embeddings
+        w = sae.W_enc[f].detach().float()
+        pre = np.empty(len(emb), dtype=np.float32)
+        for start in range(0, len(emb), chunk):
+            x = sae.prepare_input(torch.from_numpy(np.array(emb[start : start + chunk], dtype=np.float32)), check_finite=False)
+            pre[start : start + len(x)] = ((x - sae.b_pre) @ w + sae.b_enc[f]).cpu().numpy()
+        candidates = np.argsort(-pre, kind="stable")[: min(max_candidates, int((pre > 0).sum()))]
+        found_pos, found_val = [], []
+        for start in range(0, len(candidates), batch):
+            rows = np.sort(candidates[start : start + batch])
+            x = torch.from_numpy(np.array(emb[rows], dtype=np.float32)).to(sae.W_dec.device)
+            values, indices = sae.encode_topk(x)
+            hit = (indices == f) & (values > 0)
+            r, c = hit.nonzero(as_tuple=True)
+            found_pos += rows[r.cpu().numpy()].tolist()
+            found_val += values[r, c].float().cpu().tolist()
+            if len(found_pos) >= n:
+                break
+        order = np.argsort(-np.asarray(found_val, dtype=np.float32), kind="stable")[:n]
+        return np.asarray(found_pos, dtype=np.int64)[order], np.asarray(found_val, dtype=np.float32)[order]
+
+    def activation_histogram(self, feature, timeout: float | None = None, progress=None, bins: int = 30) -> dict | None:
+        """Activations of the feature over every corpus text it fires on, binned: counts, edges,
+        n_firing, n_texts. None without a corpus, or when its activations are not done in `timeout`."""
+        f = self.check_feature(feature)
+        corpus = self.corpus()
+        if corpus is None or corpus.activations(timeout=timeout, progress=progress) is None:
+            return None
+        _, values = corpus.firing(f)
+        counts, edges = np.histogram(values, bins=bins) if len(values) else (np.zeros(0, dtype=np.int64), np.zeros(0))
+        return {"counts": counts, "edges": edges, "values": values, "n_firing": len(values), "n_texts": len(corpus)}
+
+    def cooccurring(self, feature, top: int = 10, timeout: float | None = None, progress=None) -> list[dict] | None:
+        """The features that fire most often on the texts this one fires on: count of shared texts,
+        P(other | this), P(this | other); None without a corpus or before its activations are done."""
+        f = self.check_feature(feature)
+        corpus = self.corpus()
+        if corpus is None:
+            return None
+        acts = corpus.activations(timeout=timeout, progress=progress)
+        if acts is None:
+            return None
+        positions, _ = corpus.firing(f)
+        if not len(positions):
+            return []
+        idx = np.asarray(acts.indices[np.sort(positions)])
+        on = np.asarray(acts.values[np.sort(positions)]) > 0
+        together = np.bincount(idx[on].astype(np.int64), minlength=self.n)
+        together[f] = 0
+        best = [int(g) for g in np.argsort(-together, kind="stable")[:top] if together[g] > 0]
+        return [
+            {
+                "feature": g,
+                "label": self.display_label(g),
+                "together": int(together[g]),
+                "p_other_given_this": float(together[g] / len(positions)),
+                "p_this_given_other": float(together[g] / max(1, len(corpus.firing(g)[0]))),
+            }
+            for g in best
+        ]
+
+    # ---------------------------------------------------------------- texts
+    @torch.no_grad()
+    def inspect(self, text: str) -> TextInspection:
+        """A text's active features (with labels) and the quality of its reconstruction."""
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("the text is empty: type or paste a text to inspect")
+        x = self.sae.prepare_input(self.sae.embed_texts([text]).to(self.sae.W_dec.device))
+        values, indices = self.sae.encode_topk(x)
+        x_hat = self.sae.decode_topk(values, indices)
+        order = torch.argsort(values[0], descending=True)
+        features = [
+            {"feature": int(indices[0, i]), "activation": float(values[0, i]), "label": self.display_label(int(indices[0, i]))}
+            for i in order.tolist()
+            if values[0, i] > 0
+        ]
+        cosine = float(F.cosine_similarity(x, x_hat, dim=1)[0])
+        error = float((x - x_hat).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12))
+        return TextInspection(text=text, features=features, cosine=cosine, relative_error=error, l0=len(features))
+
+
+class _Texts:
+    """Texts of a datasets.Dataset by corpus position, read on demand (the Arrow table stays
+    memory-mapped); a sequence, as `SteerableIndex` takes."""
+
+    def __init__(self, ds, column: str, row_ids: np.ndarray):
+        self.column = ds.select_columns([column])
+        self.name = column
+        self.row_ids = row_ids
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def get(self, positions) -> list[str]:
+        rows = self.row_ids[np.asarray(positions, dtype=np.int64)]
+        return list(self.column.select(rows)[self.name]) if len(rows) else []
+
+    def __getitem__(self, position: int) -> str:
+        return self.get([int(position)])[0]
+
+
+def _padded_lists(column, width: int, dtype) -> np.ndarray:
+    """An Arrow column of lists (at most `width` long) as a (rows, width) array, zero-padded."""
+    lists = column.combine_chunks()
+    offsets = np.asarray(lists.offsets, dtype=np.int64)
+    flat = np.asarray(lists.flatten(), dtype=dtype)
+    lengths = np.minimum(np.diff(offsets), width)
+    out = np.zeros((len(lengths), width), dtype=dtype)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = flat[np.repeat(offsets[:-1], lengths) + cols]
+    return out
+
+
+def keyword_spans(text: str, keywords: list[str]) -> list[tuple[int, int, str]]:
+    """Non-overlapping (start, end, keyword) spans of `text` where a keyword occurs as whole
+    words, case-insensitive; longer keywords win over the shorter ones inside them."""
+    taken = np.zeros(len(text) + 1, dtype=bool)
+    spans = []
+    for kw in sorted({k.strip() for k in keywords if k and k.strip()}, key=len, reverse=True):
+        pattern = r"(?<!\w)" + r"\s+".join(re.escape(part) for part in kw.split()) + r"(?!\w)"
+        for m in re.finditer(pattern, text, flags=re.IGNORECASE):
+            if not taken[m.start() : m.end()].any():
+                taken[m.start() : m.end()] = True
+                spans.append((m.start(), m.end(), kw))
+    return sorted(spans)
+
+
+def _corpus_arguments(training_args: dict | None, dataset: str | None, text_column: str | None, cache_dir: str | None, device: str | None):
+    """The DataArguments of the corpus to open, or None when there is none to open here."""
+    from .pipeline import DataArguments
+
+    if dataset is None:
+        if not training_args or not training_args.get("data"):
+            return None
+        known = {f.name for f in dataclasses.fields(DataArguments)}
+        data = DataArguments(**{k: v for k, v in training_args["data"].items() if k in known})
+        data = dataclasses.replace(data, domain=None, per_domain=False)
+        if not _openable(data.dataset):
+            logger.info("the training dataset %r cannot be opened here", data.dataset)
+            return None
+    else:
+        base = DataArguments(dataset=dataset)
+        if training_args and training_args.get("data", {}).get("text_column") and text_column is None:
+            text_column = training_args["data"]["text_column"]
+        data = dataclasses.replace(base, text_column=text_column or base.text_column)
+    overrides = {"cache_dir": cache_dir, "device": device}
+    if text_column:
+        overrides["text_column"] = text_column
+    return dataclasses.replace(data, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _openable(dataset) -> bool:
+    """A local dataset that exists, or what looks like a Hub dataset id."""
+    names = [dataset] if isinstance(dataset, str) else list(dataset or [])
+    if not names:
+        return False
+    for name in names:
+        if Path(name).exists():
+            continue
+        if name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).suffix:
+            return False
+    return True
