@@ -1,0 +1,277 @@
+"""The explorer web app, driven end to end in headless Chromium: a small SAE trained and
+labelled on real Wikipedia text, served on 127.0.0.1, clicked through as a person would.
+What the page shows is checked against the same figures computed with the public API.
+Screenshots go to tests/artifacts/explorer/."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from sbert_sae import InputError, SparseAutoencoder
+from sbert_sae.cli import main
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts" / "explorer"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 60_000
+
+
+def _browser_or_skip():
+    """Playwright's sync API, with Debian's Chromium. In CI a missing browser fails the test."""
+    missing = []
+    if not CHROMIUM.exists():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing.append("the playwright package (pip install -e '.[test]')")
+    if missing:
+        message = "the explorer's browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def run(labelled_run, tmp_path_factory):
+    """The labelled test SAE (n=64, k=4, 240 Wikipedia texts) with its families."""
+    folder = tmp_path_factory.mktemp("explore") / "sae"
+    shutil.copytree(labelled_run, folder)
+    assert main(["families", str(folder), "--permutations", "2", "--min-children", "2", "--min-out-degree", "2", "-q"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(run, wiki_small):
+    """Every corpus text with its code, from the public API (independent of the app)."""
+    from datasets import load_from_disk
+
+    texts = load_from_disk(str(wiki_small))["text"]
+    sae = SparseAutoencoder.from_pretrained(run)
+    codes = sae.encode_texts(texts)
+    return sae, texts, codes
+
+
+@pytest.fixture(scope="module")
+def app(run):
+    pytest.importorskip("gradio")
+    from sbert_sae.explorer import build_app, launch
+    from sbert_sae.explorer_data import Explorer
+
+    explorer = Explorer.open(run)
+    demo = build_app(explorer)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _, url, _ = launch(demo, host="127.0.0.1", port=port, block=False, quiet=True)
+    yield explorer, url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app, tmp_path_factory):
+    sync_playwright = _browser_or_skip()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1440, "height": 1000},
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        page.goto(app[1])
+        page.wait_for_selector("#sae-tabs")
+        yield page
+        context.close()
+
+
+def _best_labelled(sae: SparseAutoencoder, codes: torch.Tensor) -> int:
+    """The labelled feature with the best held-out label score among those firing on 3+ texts."""
+    firing = (codes > 0).sum(0)
+    entries = sae.label_data["features"]
+    candidates = [f for f, e in entries.items() if e.get("label") and firing[f] >= 3 and (e.get("score") or {}).get("auroc") is not None]
+    return max(candidates, key=lambda f: (entries[f]["score"]["auroc"], -f))
+
+
+def test_the_app_opens_without_encoding_the_corpus(run):
+    """Opening reads the SAE and its files only; the corpus opens when asked for."""
+    from sbert_sae.explorer_data import Explorer
+
+    explorer = Explorer.open(run)
+    assert explorer._corpus is None and explorer.corpus_status().state == "loading"
+    assert explorer.feature(0)["feature"] == 0
+    with pytest.raises(InputError, match="unknown feature 64"):
+        explorer.feature(64)
+    corpus = explorer.corpus()
+    assert len(corpus) == 240 and corpus.activations(timeout=60) is not None
+
+
+def test_feature_search_and_feature_page(page, corpus):
+    from playwright.sync_api import expect
+
+    sae, texts, codes = corpus
+    f = _best_labelled(sae, codes)
+    label = sae.feature_labels[f]
+    word = max(label.split(", ")[0].split(), key=len)
+
+    page.get_by_role("tab", name="Features").click()
+    page.locator("#feature-query textarea").fill(word)
+    page.locator("#feature-find").click()
+    link = page.locator(f'#feature-results a.feat[data-feature="{f}"]')
+    expect(link).to_contain_text(label)
+    link.click()
+
+    expect(page.locator("#feature-label")).to_have_text(label)
+    # the strongest texts are the corpus' texts with the highest activation, in order
+    column = codes[:, f]
+    n_firing = int((column > 0).sum())
+    expect(page.locator("#feature-histogram")).to_contain_text(f"fires on {n_firing} of {len(texts)} texts")
+    shown = page.locator("#feature-top-texts .sae-text")
+    expect(shown).to_have_count(min(10, n_firing))
+    activation_of = {t: float(a) for t, a in zip(texts, column.tolist())}
+    shown_acts = []
+    for i in range(min(3, n_firing)):
+        body = shown.nth(i).locator(".body").inner_text()
+        act = float(shown.nth(i).locator(".meta").inner_text().split()[0])
+        assert body in activation_of, body[:80]
+        assert activation_of[body] == pytest.approx(act, abs=2e-3)
+        shown_acts.append(act)
+    assert shown_acts == sorted(shown_acts, reverse=True)
+    assert shown_acts[0] == pytest.approx(float(column.max()), abs=2e-3)
+    # the label's keywords are marked in the texts that contain them
+    keywords = [k["keyword"].lower() for k in sae.describe(f)["keywords"][:12]]
+    marks = [m.lower() for m in page.locator("#feature-top-texts mark.kw").all_inner_texts()]
+    assert all(any(re.fullmatch(r"\s*".join(map(re.escape, k.split())), m) for k in keywords) for m in marks)
+
+    # nearest by decoder cosine, as computed from W_dec
+    directions = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
+    cos = directions @ directions[f]
+    cos[f] = -2
+    nearest = int(cos.argmax())
+    first = page.locator("#feature-neighbours a.feat").first
+    expect(first).to_have_attribute("data-feature", str(nearest))
+    expect(page.locator("#feature-cooccurring table")).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "1-feature-page.png"), full_page=True)
+
+    # a click on a neighbour opens its page
+    first.click()
+    expect(page.locator("#feature-header [data-current-feature]")).to_have_attribute("data-current-feature", str(nearest))
+    nearest_label = sae.feature_labels[nearest] or ""
+    if nearest_label:
+        expect(page.locator("#feature-label")).to_have_text(nearest_label)
+
+
+def test_text_inspection_shows_its_active_features(page, corpus):
+    from playwright.sync_api import expect
+
+    sae, texts, _ = corpus
+    text = "The cell membrane separates the interior of a cell from its environment and controls what enters it."
+    expected = sae.explain(text)
+    assert expected
+
+    page.get_by_role("tab", name="Texts").click()
+    page.locator("#text-input textarea").fill(text)
+    page.locator("#text-inspect").click()
+    rows = page.locator("#text-features table.active-features tr:has(a.feat)")
+    expect(rows).to_have_count(len(expected))
+    for i, item in enumerate(expected):
+        row = rows.nth(i)
+        expect(row.locator("a.feat")).to_have_attribute("data-feature", str(item["feature"]))
+        if item["label"]:
+            expect(row).to_contain_text(item["label"])
+        assert float(row.locator("td.num").inner_text()) == pytest.approx(item["activation"], abs=2e-3)
+    with torch.no_grad():
+        x = sae.prepare_input(sae.embed_texts([text]))
+        x_hat = sae.decode_topk(*sae.encode_topk(x))
+        cosine = float(torch.nn.functional.cosine_similarity(x, x_hat)[0])
+    expect(page.locator("#text-summary")).to_contain_text(f"cos(x, x̂) {cosine:.3f}")
+    page.screenshot(path=str(ARTIFACTS / "2-text-inspection.png"), full_page=True)
+
+    # a feature of the text opens its page
+    rows.first.locator("a.feat").click()
+    expect(page.locator("#feature-header [data-current-feature]")).to_have_attribute("data-current-feature", str(expected[0]["feature"]))
+
+
+def test_steered_search_changes_the_results(page, run, corpus):
+    from playwright.sync_api import expect
+
+    from sbert_sae.search import SteerableIndex
+
+    sae, texts, _ = corpus
+    index = SteerableIndex.from_run(run)
+    query = "a painting in a museum"
+    plain = index.search(query, k=10)
+    # steer toward a feature found by its label, as a user would: the first match of a word
+    target = next(f for f, label in enumerate(sae.feature_labels) if label and f not in {q for q, _, _ in index.query_features(query)})
+    word = max(sae.feature_labels[target].split(", ")[0].split(), key=len)
+    chosen = index.features_about(word, top=1)[0]
+    steered = index.search(query, up={chosen.feature: 2.0}, k=10)
+    assert steered.rows() != plain.rows()
+
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#search-query textarea").fill(query)
+    page.locator("#search-go").click()
+    before = page.locator("#search-before .sae-hit")
+    expect(before).to_have_count(10)
+    assert [int(r) for r in before.evaluate_all("els => els.map(e => e.dataset.row)")] == plain.rows()
+    query_sliders = page.locator(".steer-slider:visible")
+    expect(query_sliders).to_have_count(len(index.query_features(query)))
+
+    page.locator("#steer-about textarea").fill(word)
+    page.locator("#steer-find").click()
+    expect(page.locator("#steer-choice input")).to_have_value(f"#{chosen.feature} {chosen.label}")
+    page.locator("#steer-add").click()
+    slider = page.locator(".steer-slider", has_text=f"#{chosen.feature} ")
+    expect(slider).to_be_visible()
+    number = slider.locator('input[type="number"]')
+    number.fill("2")
+    number.press("Enter")
+    page.locator("#steer-apply").click()
+    expect(page.locator("#steer-outcome")).to_contain_text(f"cos(steered query, query) = {steered.cosine:.3f}")
+    after = page.locator("#search-after .sae-hit")
+    expect(after).to_have_count(10)
+    shown = [int(r) for r in after.evaluate_all("els => els.map(e => e.dataset.row)")]
+    assert shown == steered.rows() and shown != plain.rows()
+    new = sum(r not in plain.rows() for r in shown)
+    expect(page.locator("#steer-outcome")).to_contain_text(f"{new} of 10 results are new")
+    expect(page.locator("#search-after .sae-hit .new")).to_have_count(new)
+    page.screenshot(path=str(ARTIFACTS / "3-steered-search.png"), full_page=True)
+
+
+def test_overview_shows_metrics_and_families(page, run, corpus):
+    from playwright.sync_api import expect
+
+    sae, _, _ = corpus
+    page.get_by_role("tab", name="Overview").click()
+    metrics = page.locator("#overview-metrics table.metrics")
+    expect(metrics).to_contain_text("heldout_fvu")
+    expect(metrics).to_contain_text(f"{sae.metrics['heldout_fvu']:,.4f}")
+    families = sae.feature_families()
+    table = page.locator("#overview-families")
+    if families:
+        expect(table.locator("table.families tr:has(a.feat)")).to_have_count(len(families))
+        expect(table).to_contain_text(families[0].label or "")
+    else:
+        expect(table).to_contain_text("no families")
+    expect(page.locator("#overview-density img")).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "4-overview.png"), full_page=True)
