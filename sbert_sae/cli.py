@@ -21,6 +21,17 @@ EXIT_USAGE = 2
 EXIT_ERROR = 1
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like the package's own (the usage is for --help)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -125,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars, warnings only")
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="sbert-sae", description="Sparse autoencoders on sentence embeddings, with features named without an LLM.", parents=[common]
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -177,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keywords", type=_positive_int, default=label_defaults.keywords, help=f"keywords KeyBERT keeps per feature, the shortlist labels are made from (default: {label_defaults.keywords})")
     g.add_argument("--max-label-keywords", type=_positive_int, default=label_defaults.max_label_keywords, help=f"keywords in a label at most (default: {label_defaults.max_label_keywords})")
     g.add_argument("--label-heldout-fraction", type=_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
+    g.add_argument("--block-size", type=_positive_int, default=label_defaults.block_size, help=f"features labelled between two saves of the work so far, which a killed run resumes from (default: {label_defaults.block_size})")
     g.add_argument("--seed", type=int, default=label_defaults.seed)
 
     from .families import FamilyArguments
@@ -356,6 +368,7 @@ def cmd_label(args) -> int:
         keywords=args.keywords,
         max_label_keywords=args.max_label_keywords,
         heldout_fraction=args.label_heldout_fraction,
+        block_size=args.block_size,
         seed=args.seed,
     )
     started = time.perf_counter()
@@ -674,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     except SbertSaeError as err:
         if args.debug:
             raise
-        print(f"sbert-sae: error: {err}", file=sys.stderr)
+        print(f"sbert-sae: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sbert-sae: interrupted", file=sys.stderr)
@@ -682,5 +695,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - one line, not a traceback, unless --debug
         if args.debug:
             raise
-        print(f"sbert-sae: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"sbert-sae: error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_ERROR
