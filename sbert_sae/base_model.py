@@ -27,10 +27,35 @@ BUNDLED_MODELS = {
 }
 
 
-def pick_device(device: str | None = None) -> str:
-    """`device` if given, else the best available accelerator, else the CPU."""
-    if device:
+def check_device(device: str) -> str:
+    """`device` if this machine can run on it; ConfigError naming it otherwise."""
+    import torch
+
+    from .errors import ConfigError
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a device name (use cpu, cuda, cuda:N or mps)") from None
+    if parsed.type == "cpu":
         return device
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise ConfigError(f"device {device!r} is not available: this machine has {count} CUDA GPU(s)")
+        return device
+    if parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ConfigError(f"device {device!r} is not available on this machine")
+        return device
+    raise ConfigError(f"device {device!r} cannot run sbert-sae (use cpu, cuda, cuda:N or mps)")
+
+
+def pick_device(device: str | None = None) -> str:
+    """`device` if given (ConfigError when this machine has no such device), else the best
+    available accelerator, else the CPU."""
+    if device:
+        return check_device(device)
     import torch
 
     if torch.cuda.is_available():

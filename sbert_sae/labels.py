@@ -119,6 +119,8 @@ class LabelArguments:
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         if not 0 < self.merge_threshold <= 1:
             raise ConfigError(f"merge_threshold must be in (0, 1], got {self.merge_threshold!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:  # numpy seeds are >= 0
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
 
 
 # ------------------------------------------------------------------ n-grams

@@ -69,6 +69,9 @@ def fraction_of_variance_unexplained(x_hat: torch.Tensor, x: torch.Tensor) -> to
     return residual / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _read_optional_json(name_or_path: str, filename: str, hub_kwargs: dict):
     """A JSON file beside the weights (folder or Hub repo), or None when it is not there."""
     import os
@@ -171,10 +174,14 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     def __init__(self, config: SparseAutoencoderConfig):
         super().__init__(config)
         n, d = config.n_latents, config.d_in
-        self.W_enc = nn.Parameter(torch.empty(n, d))
-        self.b_enc = nn.Parameter(torch.zeros(n))
-        self.W_dec = nn.Parameter(torch.empty(n, d))
-        self.b_pre = nn.Parameter(torch.zeros(d))
+        try:
+            self.W_enc = nn.Parameter(torch.empty(n, d))
+            self.b_enc = nn.Parameter(torch.zeros(n))
+            self.W_dec = nn.Parameter(torch.empty(n, d))
+            self.b_pre = nn.Parameter(torch.zeros(d))
+        except (RuntimeError, MemoryError, OverflowError) as err:
+            gib = 4 * (2 * n * d + n + d) / 2**30
+            raise ConfigError(f"an SAE of n_latents={n} and d_in={d} needs {gib:,.1f} GiB for its weights, more than can be allocated: {err}") from err
         self._base_model = None
         self.label_data: dict | None = None
         self.metrics: dict = {}
@@ -208,8 +215,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             raise InputError(
                 f"embeddings must have shape (batch, {self.config.d_in}), got {tuple(embeddings.shape)}"
             )
-        if not embeddings.is_floating_point():
-            raise InputError(f"embeddings must be a floating-point tensor, got dtype {embeddings.dtype}")
+        if embeddings.dtype not in FLOAT_DTYPES:
+            raise InputError(f"embeddings must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {embeddings.dtype}")
+        if embeddings.device.type == "meta":
+            raise InputError("embeddings are on the meta device: they hold no values")
         if embeddings.shape[0] == 0:
             raise InputError("embeddings is an empty batch (0 rows)")
         if check_finite and not torch.isfinite(embeddings).all():
@@ -246,8 +255,25 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     # ---------------------------------------------------------------- decode
     def decode_topk(self, values: torch.Tensor, indices: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """Reconstruction (batch, d_in) from a sparse code (values, indices) of shape (batch, k)."""
+        if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
+            raise InputError(f"values and indices must be torch.Tensors, got {type(values).__name__} and {type(indices).__name__}")
         if values.shape != indices.shape or values.dim() != 2:
             raise InputError(f"values and indices must both be (batch, k), got {tuple(values.shape)} and {tuple(indices.shape)}")
+        if values.dtype not in FLOAT_DTYPES:
+            raise InputError(f"values must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {values.dtype}")
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise InputError(f"indices must be an int32 or int64 tensor, got dtype {indices.dtype}")
+        if "meta" in (values.device.type, indices.device.type):
+            raise InputError("values and indices must hold values, not be on the meta device")
+        if indices.numel() and not bool(((indices >= 0) & (indices < self.config.n_latents)).all()):
+            bad = indices[(indices < 0) | (indices >= self.config.n_latents)][:5].tolist()
+            raise InputError(f"indices must be feature ids in 0..{self.config.n_latents - 1}, got {bad}")
+        if not bool(torch.isfinite(values).all()):
+            raise InputError("values contain NaN or inf")
+        return self._decode_topk(values.to(self.W_dec.device), indices.to(self.W_dec.device).long(), add_bias)
+
+    def _decode_topk(self, values: torch.Tensor, indices: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """`decode_topk` without its checks, which read values on the host (and stall a GPU)."""
         if self.decoder_impl == "dense" or (self.decoder_impl == "auto" and values.is_cuda):
             # On a GPU a dense product with the scattered code runs on the tensor cores and
             # beats the gather-and-add of embedding_bag (and its atomic backward).
@@ -259,9 +285,17 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Reconstruction (batch, d_in) from a dense code (batch, n_latents)."""
+        if not isinstance(latents, torch.Tensor):
+            raise InputError(f"latents must be a torch.Tensor of shape (batch, {self.config.n_latents}), got {type(latents).__name__}")
         if latents.dim() != 2 or latents.shape[1] != self.config.n_latents:
             raise InputError(f"latents must have shape (batch, {self.config.n_latents}), got {tuple(latents.shape)}")
-        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_pre
+        if latents.dtype not in FLOAT_DTYPES:
+            raise InputError(f"latents must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {latents.dtype}")
+        if latents.device.type == "meta":
+            raise InputError("latents are on the meta device: they hold no values")
+        if not bool(torch.isfinite(latents).all()):
+            raise InputError("latents contain NaN or inf")
+        return latents.to(device=self.W_dec.device, dtype=self.W_dec.dtype) @ self.W_dec + self.b_pre
 
     # --------------------------------------------------------------- forward
     def forward(
@@ -282,20 +316,30 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 passes: turning a mask into ids reads it on the host, which stalls a GPU).
         """
         x = self.prepare_input(embeddings, check_finite=check_finite)
+        if dead_mask is not None and (not isinstance(dead_mask, torch.Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (self.config.n_latents,)):
+            got = f"{dead_mask.dtype} {tuple(dead_mask.shape)}" if isinstance(dead_mask, torch.Tensor) else type(dead_mask).__name__
+            raise InputError(f"dead_mask must be a bool tensor of shape ({self.config.n_latents},), got {got}")
+        if dead_features is not None:
+            if not isinstance(dead_features, torch.Tensor) or dead_features.dtype not in (torch.int32, torch.int64) or dead_features.dim() != 1:
+                got = f"{dead_features.dtype} {tuple(dead_features.shape)}" if isinstance(dead_features, torch.Tensor) else type(dead_features).__name__
+                raise InputError(f"dead_features must be a 1-D tensor of feature ids, got {got}")
+            # The range is read on the host: only where inputs are checked (not by the trainer).
+            if check_finite and len(dead_features) and not bool(((dead_features >= 0) & (dead_features < self.config.n_latents)).all()):
+                raise InputError(f"dead_features must be feature ids in 0..{self.config.n_latents - 1}, got {dead_features[:5].tolist()}...")
         pre = self.pre_activations(x)
         values, indices = self._topk(pre, self.config.k)
-        x_hat = self.decode_topk(values, indices)
+        x_hat = self._decode_topk(values, indices)
         fvu = fraction_of_variance_unexplained(x_hat, x)
 
         auxk_loss = fvu.new_zeros(())
         if dead_features is None and dead_mask is not None:
-            dead_features = dead_mask.nonzero().flatten()
+            dead_features = dead_mask.to(x.device).nonzero().flatten()
         if dead_features is not None and len(dead_features):
             # The top-k runs over the dead features' columns only: a few percent of the work.
             k_aux = min(self.config.k_aux, len(dead_features))
-            aux_values, positions = self._topk(pre.index_select(1, dead_features), k_aux)
+            aux_values, positions = self._topk(pre.index_select(1, dead_features.to(x.device)), k_aux)
             residual = (x - x_hat).detach()
-            residual_hat = self.decode_topk(aux_values, dead_features[positions], add_bias=False)
+            residual_hat = self._decode_topk(aux_values, dead_features.to(x.device)[positions], add_bias=False)
             auxk_loss = torch.nan_to_num(fraction_of_variance_unexplained(residual_hat, residual), 0.0)
         loss = fvu + self.config.auxk_coef * auxk_loss
         return SparseAutoencoderOutput(
@@ -347,6 +391,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"texts[{i}] is {type(t).__name__}, not a string")
+            if not t.strip():
+                raise InputError(f"texts[{i}] is empty ({t!r}): it has nothing to embed")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise InputError(f"texts[{i}] is not valid Unicode ({err.reason} at position {err.start}: {t[err.start:err.end]!r})") from None
         if not texts:
             raise InputError("texts is empty")
         model = self.base_sentence_transformer()
@@ -545,6 +595,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if isinstance(text, str):
             x = self.embed_texts([text])
         elif isinstance(text, torch.Tensor):
+            if text.dim() not in (1, 2):
+                raise InputError(f"explain takes one embedding of shape ({self.config.d_in},) or (1, {self.config.d_in}), got {tuple(text.shape)}")
             x = text.reshape(1, -1) if text.dim() == 1 else text
             if x.shape[0] != 1:
                 raise InputError(f"explain takes one text or one embedding, got {x.shape[0]} rows")

@@ -193,7 +193,7 @@ def run_training(
             if data.per_domain:
                 # Each domain's SAE starts from its own random decoder: with one seed for all, the
                 # SAEs of different domains share their initial directions and look alike to `compare`.
-                domain_args = dataclasses.replace(train_args, seed=train_args.seed + zlib.crc32(name.encode()) % 100_003)
+                domain_args = dataclasses.replace(train_args, seed=(train_args.seed + zlib.crc32(name.encode()) % 100_003) % 2**32)
             result = _train_one(name, rows, folder, cache, data, sae_args, domain_args, accelerator, resume)
             if result is not None:
                 results.append(result)

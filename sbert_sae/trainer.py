@@ -104,6 +104,15 @@ class TrainingArguments:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if not all(0 <= b < 1 for b in self.adam_betas) or len(self.adam_betas) != 2:
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:  # numpy's range
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.report_to not in ("auto", "none"):
+            from accelerate.utils import LoggerType
+
+            known = sorted(t.value for t in LoggerType)
+            unknown = [t for t in (t.strip() for t in str(self.report_to).split(",")) if t not in known]
+            if unknown:
+                raise ConfigError(f"report_to names unknown trackers {unknown}: use auto, none, or a comma list of {known}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -340,7 +349,9 @@ def make_accelerator(args: TrainingArguments, out_dir: str | Path, device: str |
     """An `Accelerator` for `args`: the device (or the best one), mixed precision, trackers."""
     from accelerate import Accelerator
 
-    probe = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .base_model import check_device
+
+    probe = torch.device(check_device(device)) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Accelerator(
         mixed_precision=resolve_mixed_precision(args.mixed_precision, probe),
         cpu=probe.type == "cpu",
@@ -568,7 +579,7 @@ def heldout_fvu(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096)
     inputs, reconstructions = [], []
     for start in range(0, len(x), batch_size):
         prepared = sae.prepare_input(x[start : start + batch_size], check_finite=False)
-        reconstructions.append(sae.decode_topk(*sae._topk(sae.pre_activations(prepared), sae.config.k)))
+        reconstructions.append(sae._decode_topk(*sae._topk(sae.pre_activations(prepared), sae.config.k)))
         inputs.append(prepared)
     sae.train(was_training)
     return float(fraction_of_variance_unexplained(torch.cat(reconstructions), torch.cat(inputs)))

@@ -432,3 +432,356 @@ def test_a_hostile_hub_repo_is_refused(case, hub, sae_folder, tmp_path):
     for fragment in fragments:
         assert fragment in str(caught.value), (fragment, str(caught.value))
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ hostile inputs (hypothesis)
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import math  # noqa: E402
+
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sbert_sae import ConfigError, InputError, SbertSaeError, SparseAutoencoderConfig  # noqa: E402
+
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ_MODEL = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+ANY_VALUE = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=6),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.one_of(st.text(max_size=3), st.integers()), st.integers(), max_size=2),
+)
+CONFIG_FIELDS = ("d_in", "n_latents", "k", "k_aux", "auxk_coef", "dead_threshold", "normalize", "base_model", "base_model_revision", "base_model_kwargs")
+
+
+def names_value(message: str, value) -> bool:
+    return repr(value) in message or str(value) in message
+
+
+@FUZZ
+@given(field=st.sampled_from(CONFIG_FIELDS), value=ANY_VALUE)
+def test_fuzzed_config_values_build_a_valid_config_or_are_named(field, value):
+    try:
+        config = SparseAutoencoderConfig(**{field: value})
+    except ConfigError as err:
+        assert field in str(err) and names_value(str(err), value), str(err)
+        return
+    for name in ("d_in", "n_latents", "k", "k_aux"):
+        size = getattr(config, name)
+        assert isinstance(size, int) and not isinstance(size, bool) and size >= 1
+    assert config.k <= config.n_latents
+    assert isinstance(config.auxk_coef, (int, float)) and math.isfinite(config.auxk_coef) and config.auxk_coef >= 0
+    assert config.normalize in ("l2", "none")
+
+
+@pytest.fixture(scope="module")
+def fuzz_sae() -> SparseAutoencoder:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=64, k=4))
+    sae.init_b_pre_from_data(torch.randn(32, 16))
+    return sae
+
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn]
+SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-45, 3e38, -3e38, 65504.0, float("nan"), float("inf"), float("-inf")])
+
+
+@st.composite
+def tensors(draw, width: int):
+    """Tensors of any rank, shape, dtype and contents, on the CPU or the meta device, and non-tensors."""
+    kind = draw(st.sampled_from(["tensor"] * 8 + ["numpy", "list", "none", "string"]))
+    shape = tuple(draw(st.lists(st.sampled_from([0, 1, 2, 3, width - 1, width, width + 1]), min_size=0, max_size=3)))
+    if kind == "numpy":
+        import numpy as np
+
+        return np.zeros(shape, dtype=np.float32)
+    if kind in ("list", "none", "string"):
+        return {"list": [[0.0] * width], "none": None, "string": "embedding"}[kind]
+    dtype = draw(st.sampled_from(DTYPES))
+    if draw(st.integers(0, 9)) == 0:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16)))) * draw(st.sampled_from([1.0, 1e-30, 1e30]))
+    if x.numel() and draw(st.booleans()):
+        x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(SPECIAL)
+    if dtype.is_complex:
+        return x.to(dtype)
+    return x.to(dtype) if dtype.is_floating_point else x.clamp(-100, 100).nan_to_num(0).to(dtype)
+
+
+def embedding_problems(x, width: int) -> list[str]:
+    """What an embedding batch's error must name (empty: the batch is valid)."""
+    if not isinstance(x, torch.Tensor):
+        return [type(x).__name__]
+    problems = []
+    if x.dim() != 2 or x.shape[1] != width:
+        problems.append(str(tuple(x.shape)))
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        problems.append(str(x.dtype))
+    if x.device.type == "meta":
+        problems.append("meta")
+    elif not problems and x.shape[0] == 0:
+        problems.append("empty")
+    elif not problems and not torch.isfinite(x).all():
+        problems.append("NaN or inf")
+    return problems
+
+
+@FUZZ
+@given(x=tensors(16), method=st.sampled_from(["encode", "encode_topk", "forward", "explain"]))
+def test_fuzzed_embeddings_are_encoded_or_refused_naming_the_problem(fuzz_sae, x, method):
+    assume(not (method == "explain" and isinstance(x, str)))  # texts: test_fuzzed_texts_...
+    problems = embedding_problems(x, 16)
+    if method == "explain" and isinstance(x, torch.Tensor):  # one embedding, as a vector or one row
+        if x.dim() == 1:
+            problems = embedding_problems(x.reshape(1, -1), 16)
+        elif x.dim() == 2 and x.shape[0] != 1:
+            problems = [f"got {x.shape[0]} rows"]
+    try:
+        with torch.no_grad():
+            out = getattr(fuzz_sae, method)(x) if method != "forward" else fuzz_sae(x)
+    except InputError as err:
+        assert problems and any(p in str(err) for p in problems), (problems, str(err))
+        return
+    except SbertSaeError as err:  # pragma: no cover - reported as a failure below
+        raise AssertionError(f"{type(err).__name__} for an input: {err}") from err
+    if method == "explain" and not isinstance(x, torch.Tensor):
+        raise AssertionError(f"explain accepted a {type(x).__name__}")
+    assert not problems, f"accepted an input with {problems}"
+    n = x.reshape(-1, 16).shape[0]
+    if method == "encode":
+        assert out.shape == (n, 64) and torch.isfinite(out).all() and ((out != 0).sum(1) <= 4).all()
+    elif method == "encode_topk":
+        assert out[0].shape == out[1].shape == (n, 4) and (out[0] >= 0).all()
+    elif method == "forward":
+        assert out.reconstruction.shape == (n, 16) and torch.isfinite(out.loss)
+    else:
+        assert len(out) <= 4 and all(0 <= row["feature"] < 64 and row["activation"] > 0 for row in out)
+
+
+@st.composite
+def sparse_codes(draw):
+    """(values, indices) pairs: mostly of one shape, with ids in and out of range, any dtypes."""
+    shape = draw(st.sampled_from([(0, 4), (2, 4), (3, 4), (2, 1), (4,), (2, 4, 1), ()]))
+    values = draw(tensors(4)) if draw(st.integers(0, 4)) == 0 else torch.rand(shape).to(draw(st.sampled_from(DTYPES[:4] + DTYPES[6:7])))
+    if isinstance(values, torch.Tensor) and values.numel() and values.is_floating_point() and draw(st.booleans()):
+        values.view(-1)[0] = draw(SPECIAL)
+    kind = draw(st.sampled_from(["ids"] * 6 + ["float", "list"]))
+    if kind != "ids":
+        return values, (torch.zeros(shape) if kind == "float" else [[0, 1, 2, 3]])
+    ids = torch.randint(0, 64, shape)
+    if ids.numel() and draw(st.booleans()):
+        ids.view(-1)[draw(st.integers(0, ids.numel() - 1))] = draw(st.sampled_from([-1, 64, 65, -(2**31), 2**31 - 1, 2**40]))
+    return values, ids.to(draw(st.sampled_from([torch.int64, torch.int64, torch.int32, torch.int16])))
+
+
+@FUZZ
+@given(code=sparse_codes())
+def test_fuzzed_sparse_codes_are_decoded_or_refused_naming_the_problem(fuzz_sae, code):
+    values, indices = code
+    problems = []
+    if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
+        problems.append(type(values if not isinstance(values, torch.Tensor) else indices).__name__)
+    else:
+        if values.shape != indices.shape or values.dim() != 2:
+            problems.append(str(tuple(values.shape)))
+        if values.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            problems.append(str(values.dtype))
+        if indices.dtype not in (torch.int32, torch.int64):
+            problems.append(str(indices.dtype))
+        if values.device.type == "meta":
+            problems.append("meta")
+        elif not problems and indices.numel() and not ((indices >= 0) & (indices < 64)).all():
+            problems.append("feature ids in 0..63")
+        elif not problems and not torch.isfinite(values).all():
+            problems.append("NaN or inf")
+    try:
+        out = fuzz_sae.decode_topk(values, indices)
+    except InputError as err:
+        assert problems and any(p in str(err) for p in problems), (problems, str(err))
+        return
+    assert not problems, f"accepted a code with {problems}"
+    assert out.shape == (values.shape[0], 16)
+
+
+@FUZZ
+@given(latents=tensors(64))
+def test_fuzzed_dense_codes_are_decoded_or_refused_naming_the_problem(fuzz_sae, latents):
+    problems = embedding_problems(latents, 64)
+    if problems == ["empty"]:
+        problems = []  # decoding no rows gives no rows
+    try:
+        out = fuzz_sae.decode(latents)
+    except InputError as err:
+        assert problems and any(p in str(err) for p in problems), (problems, str(err))
+        return
+    assert not problems, f"accepted latents with {problems}"
+    assert out.shape == (latents.shape[0], 16)
+
+
+TEXTS = st.lists(st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=40), min_size=0, max_size=4)
+
+
+@pytest.fixture(scope="module")
+def text_sae(minilm) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=256, k=8, base_model="sentence-transformers/all-MiniLM-L6-v2"))
+    sae._base_model = minilm  # the real model, loaded once for the session
+    return sae
+
+
+@FUZZ_MODEL
+@given(texts=TEXTS, method=st.sampled_from(["encode_texts", "explain"]))
+def test_fuzzed_texts_are_encoded_or_refused_naming_the_text(text_sae, texts, method):
+    def problem(i, t):
+        if not t.strip():
+            return f"texts[{i}] is empty"
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"texts[{i}] is not valid Unicode"
+        return None
+
+    if method == "explain":
+        texts = texts[:1] or [""]
+    problems = [p for p in (problem(i, t) for i, t in enumerate(texts)) if p] or (["texts is empty"] if not texts else [])
+    try:
+        out = text_sae.encode_texts(texts) if method == "encode_texts" else text_sae.explain(texts[0])
+    except InputError as err:
+        assert problems and str(err).startswith(problems[0]), (problems, str(err))
+        return
+    assert not problems, f"accepted {texts!r}"
+    if method == "encode_texts":
+        assert out.shape == (len(texts), 256) and torch.isfinite(out).all() and ((out > 0).sum(1) <= 8).all()
+    else:
+        assert all(0 <= row["feature"] < 256 for row in out)
+
+
+# --------------------------------------------------------------- fuzzed command lines
+def _int(text):
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _float(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _in(choices):
+    return lambda v: v in choices
+
+
+def _positive(v):
+    return _int(v) is not None and _int(v) >= 1
+
+
+def _trackers(v):
+    from accelerate.utils import LoggerType
+
+    return v in ("auto", "none") or all(t.strip() in {t.value for t in LoggerType} for t in v.split(","))
+
+
+# option -> whether a value is valid (Python's int()/float() decide what a number is)
+TRAIN_OPTIONS = {
+    "--k": lambda v: _positive(v) and _int(v) <= 6144,
+    "--n-latents": lambda v: _positive(v) and _int(v) >= 32,
+    "--k-aux": _positive,
+    "--auxk-coef": lambda v: _float(v) is not None and math.isfinite(_float(v)) and _float(v) >= 0,
+    "--dead-threshold": _positive,
+    "--epochs": _positive,
+    "--batch-size": _positive,
+    "--lr": lambda v: _float(v) is not None and math.isfinite(_float(v)) and _float(v) > 0,
+    "--warmup-fraction": lambda v: _float(v) is not None and 0 <= _float(v) < 1,
+    "--grad-clip": lambda v: _float(v) is not None and math.isfinite(_float(v)) and _float(v) >= 0,
+    "--heldout-fraction": lambda v: _float(v) is not None and 0 <= _float(v) < 1,
+    "--seed": lambda v: _int(v) is not None and 0 <= _int(v) < 2**32,
+    "--checkpoint-every": lambda v: _int(v) is not None and _int(v) >= 0,
+    "--checkpoint-min-seconds": lambda v: _float(v) is not None and math.isfinite(_float(v)) and _float(v) >= 0,
+    "--log-every": _positive,
+    "--max-rows": _positive,
+    "--embed-batch-size": _positive,
+    "--device": lambda v: v == "cpu" or (v.startswith("cuda") and torch.cuda.is_available() and v in ("cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count())))),
+    "--report-to": _trackers,
+    "--mixed-precision": _in(("auto", "no", "bf16", "fp16")),
+    "--normalize": _in(("l2", "none")),
+    "--lr-schedule": _in(("constant", "linear", "cosine")),
+    "--embed-precision": _in(("auto", "fp32", "fp16", "bf16")),
+}
+LABEL_OPTIONS = {
+    "--top-texts": _positive,
+    "--quantile-texts": lambda v: _int(v) is not None and _int(v) >= 0,
+    "--negatives": _positive,
+    "--min-df": _positive,
+    "--candidates": _positive,
+    "--keywords": _positive,
+    "--max-label-keywords": _positive,
+    "--block-size": _positive,
+    "--label-heldout-fraction": lambda v: _float(v) is not None and 0 < _float(v) < 1,
+    "--seed": lambda v: _int(v) is not None and _int(v) >= 0,
+    "--ngram": lambda v: (lambda lo, hi: lo is not None and hi is not None and 1 <= lo <= hi <= 6)(_int(v.partition("-")[0]), _int(v.partition("-")[2] or v.partition("-")[0])),
+}
+OPTION_VALUES = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["0", "-0", "1", "-1", "0.5", "1e400", "-1e400", "nan", "inf", "1e3", "1_000", "١٢", " 7 ", "", " ", "\n", "0x10", "cpu", "cuda",
+                     "cuda:7", "meta", "foo", "auto", "none", "tensorboard", "wandb,x", "l2", "bf16", "fp8", "cosine", "1-3", "3-1", "0-2", "2-9", "1-"]),
+    st.text(max_size=8),
+)
+
+
+def _run_main(argv: list[str]) -> tuple[int, list[str]]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:  # argparse's refusals
+            code = exit.code
+    return code, err.getvalue().splitlines()
+
+
+def _assert_one_line_naming(code, lines, option, value, valid, target):
+    assert code == 2 and len(lines) == 1, (code, lines)
+    line = lines[0]
+    if valid:
+        assert target in line, f"{option}={value!r} is valid, yet: {line}"
+        return
+    assert target not in line, f"{option}={value!r} is invalid, yet reached: {line}"
+    names = {option, option.lstrip("-"), option.lstrip("-").replace("-", "_")}
+    assert any(name in line for name in names), line
+    shown = {value, repr(value), value.strip()}
+    for parse in (_int, _float):
+        if parse(value) is not None:
+            shown |= {str(parse(value)), repr(parse(value))}
+    if option == "--report-to":
+        shown |= {repr(t.strip()) for t in value.split(",")}
+    assert any(s and s in line for s in shown) or (value == "" and "''" in line), f"{value!r} not named in: {line}"
+
+
+@pytest.fixture(scope="module")
+def nowhere(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz") / "no-such-dataset"
+
+
+@FUZZ
+@given(option=st.sampled_from(sorted(TRAIN_OPTIONS)), value=OPTION_VALUES)
+def test_fuzzed_train_arguments_give_one_line_naming_the_value(nowhere, option, value):
+    """A bad value is named in one line before any work; a good one gets as far as the
+    (missing) dataset, which is then what the line names."""
+    code, lines = _run_main(["train", "--dataset", str(nowhere), "--out", str(nowhere.parent / "out"), "-q", f"{option}={value}"])
+    _assert_one_line_naming(code, lines, option, value, TRAIN_OPTIONS[option](value), "no-such-dataset")
+
+
+@FUZZ
+@given(option=st.sampled_from(sorted(LABEL_OPTIONS)), value=OPTION_VALUES)
+def test_fuzzed_label_arguments_give_one_line_naming_the_value(nowhere, option, value):
+    code, lines = _run_main(["label", str(nowhere.parent / "no-such-sae"), "--dataset", str(nowhere), "-q", f"{option}={value}"])
+    _assert_one_line_naming(code, lines, option, value, LABEL_OPTIONS[option](value), "no-such-sae")
