@@ -275,3 +275,79 @@ def test_overview_shows_metrics_and_families(page, run, corpus):
         expect(table).to_contain_text("no families")
     expect(page.locator("#overview-density img")).to_be_visible()
     page.screenshot(path=str(ARTIFACTS / "4-overview.png"), full_page=True)
+
+
+def test_a_link_opens_a_feature_page_directly(page, app, corpus):
+    from playwright.sync_api import expect
+
+    sae, _, codes = corpus
+    f = _best_labelled(sae, codes)
+    page.goto(f"{app[1]}?feature={f}")
+    expect(page.locator("#feature-header [data-current-feature]")).to_have_attribute("data-current-feature", str(f))
+    expect(page.locator("#feature-label")).to_have_text(sae.feature_labels[f])
+
+
+# ------------------------------------------------------------ without a browser
+def test_an_unlabelled_sae_opens_and_says_so(run, tmp_path):
+    pytest.importorskip("gradio")
+    from sbert_sae.explorer import Pages, build_app
+    from sbert_sae.explorer_data import NOT_LABELLED, Explorer
+
+    folder = tmp_path / "unlabelled"
+    shutil.copytree(run, folder)
+    (folder / "feature_labels.json").unlink()
+    (folder / "families.json").unlink()
+    explorer = Explorer.open(folder)
+    assert not explorer.labelled and explorer.feature(3)["status"] == NOT_LABELLED
+    pages = Pages(explorer)
+    assert "not labelled" in pages.search_results("") and "not labelled" in pages.feature_header(3)
+    assert [r["feature"] for r in explorer.search_features("#3")] == [3]
+    assert "sbert-sae families" in pages.family(3)
+    build_app(explorer).close()
+    with pytest.raises(Exception, match="missing"):
+        Explorer.open(tmp_path / "missing")
+
+
+def test_explorer_of_a_hub_repo_reads_its_published_activations(hub, run, wiki_small, corpus, tmp_path):
+    """An SAE trained on another machine (its training dataset is not here), published with
+    its activations: the explorer shows texts and codes from the activations dataset, and
+    searches it once embedded."""
+    import json
+
+    from sbert_sae.explorer_data import Explorer
+
+    sae, texts, codes = corpus
+    folder = tmp_path / "elsewhere"
+    shutil.copytree(run, folder)
+    args = json.loads((folder / "training_args.json").read_text())
+    args["data"]["dataset"] = "/home/someone/data/wiki"
+    (folder / "training_args.json").write_text(json.dumps(args))
+    assert main(["push", str(folder), "org/explore-sae", "--activations", "--dataset", str(wiki_small), "-q"]) == 0
+
+    explorer = Explorer.open("org/explore-sae")
+    assert explorer.labels == sae.feature_labels
+    corpus = explorer.corpus()
+    assert corpus.name == "org/explore-sae-activations" and corpus.embeddings is None and len(corpus) == len(texts)
+    f = _best_labelled(sae, codes)
+    top = explorer.top_texts(f, 3)
+    expected = codes[:, f].topk(3)
+    assert [t.text for t in top] == [texts[i] for i in expected.indices.tolist()]
+    assert [t.activation for t in top] == pytest.approx(expected.values.tolist(), abs=1e-4)
+    assert explorer.activation_histogram(f)["n_firing"] == int((codes[:, f] > 0).sum())
+    hits = explorer.search_index().search(texts[0], k=3).hits
+    assert hits[0].text == texts[0]
+
+
+def test_the_space_app_serves_the_sae_named_by_its_variable(run, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    import runpy
+
+    space = Path(__file__).resolve().parents[1] / "hub" / "space"
+    monkeypatch.setenv("SBERT_SAE_REPO", str(run))
+    app = runpy.run_path(str(space / "app.py"), run_name="space")  # not __main__: built, not served
+    assert isinstance(app["demo"], gr.Blocks) and app["explorer"].source == str(run)
+    app["demo"].close()
+    metadata = (space / "README.md").read_text().split("---")[1]
+    sdk_version = re.search(r"^sdk_version: (\S+)$", metadata, re.M).group(1)
+    assert f"gradio=={sdk_version}" in (space / "requirements.txt").read_text().splitlines()
+    assert re.search(r"^app_file: app\.py$", metadata, re.M) and re.search(r"^sdk: gradio$", metadata, re.M)
