@@ -47,6 +47,9 @@ element.addEventListener('click', (event) => {
 });
 """
 
+# After a click opens a feature, its page starts at its header, wherever the click was.
+SCROLL_TO_FEATURE_JS = "() => { const h = document.getElementById('feature-header'); if (h) h.scrollIntoView({block: 'start'}); }"
+
 CSS = """
 .gradio-container {max-width: 1480px !important; margin: 0 auto;}
 .sae-header {display: flex; align-items: baseline; gap: 1rem; flex-wrap: wrap; padding: 0.25rem 0 0.5rem;}
@@ -66,7 +69,7 @@ CSS = """
 .sae-chip.good {border-color: #2e9d5b;} .sae-chip.bad {border-color: #b9413c;}
 .sae-note {color: var(--body-text-color-subdued); font-size: 0.85rem; margin: 0.3rem 0;}
 table.sae-table {width: 100%; border-collapse: collapse; font-size: 0.87rem; border: none !important; margin: 0 !important;}
-table.sae-table th, table.sae-table td {border-left: none !important; border-right: none !important; border-top: none !important;}
+table.sae-table tr, table.sae-table th, table.sae-table td {border-left: none !important; border-right: none !important; border-top: none !important;}
 table.sae-table th {text-align: left; font-weight: 600; color: var(--body-text-color-subdued); border-bottom: 1px solid var(--border-color-primary); padding: 0.3rem 0.4rem;}
 table.sae-table td {border-bottom: 1px solid var(--border-color-primary); padding: 0.3rem 0.4rem; vertical-align: top;}
 table.sae-table td.num {text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap;}
@@ -104,10 +107,12 @@ def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def feature_link(f: int, label: str | None = None) -> str:
-    """A link to feature f's page: its id, then its label."""
+def feature_link(f: int, label: str | None = None, title: str | None = None) -> str:
+    """A link to feature f's page: its id, then its label (or only the id, with the label
+    as `title`, shown on hover)."""
     text = f'<span class="fid">#{f}</span>' + (_e(label) if label else "")
-    return f'<a class="feat" href="?feature={f}" data-feature="{f}">{text}</a>'
+    hover = f' title="{_e(title)}"' if title else ""
+    return f'<a class="feat" href="?feature={f}" data-feature="{f}"{hover}>{text}</a>'
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -253,7 +258,7 @@ class Pages:
         top = max((k.get("train_auroc") or 0) for k in d["keywords"]) or 1
         rows = "".join(
             f'<tr><td>{"<b>" if k["keyword"] in in_label else ""}{_e(k["keyword"])}{"</b>" if k["keyword"] in in_label else ""}</td>'
-            f'<td class="num">{_fmt(k.get("similarity"))}</td><td class="num">{_fmt(k.get("train_auroc"))} {_bar(k.get("train_auroc") or 0, top, 5)}</td></tr>'
+            f'<td class="num">{_fmt(k.get("similarity"))}</td><td class="num">{_fmt(k.get("train_auroc"))} {_bar(k.get("train_auroc") or 0, top, 3.5)}</td></tr>'
             for k in d["keywords"]
         )
         table = (
@@ -403,7 +408,7 @@ class Pages:
             return _card("Families", _empty("no families.json: run `sbert-sae families` on this SAE"))
         rows = "".join(
             f'<tr><td>{feature_link(fam.parent, self.x.display_label(fam.parent))}</td><td>{_e(fam.label or "–")}</td><td class="num">{len(fam.children)}</td>'
-            f'<td>{", ".join(feature_link(c, None) for c in fam.children[:8])}{" …" if len(fam.children) > 8 else ""}</td></tr>'
+            f'<td>{" ".join(feature_link(c, None, self.x.display_label(c)) for c in fam.children[:8])}{" …" if len(fam.children) > 8 else ""}</td></tr>'
             for fam in self.x.families
         )
         return _card(
@@ -526,8 +531,8 @@ def build_app(explorer: Explorer):
                         inspect_button = gr.Button("Inspect", variant="primary", elem_id="text-inspect")
                         if examples:
                             gr.Examples(examples, inputs=text, label="Texts from the corpus")
-                        text_summary = gr.HTML("", elem_id="text-summary", js_on_load=None)
                     with gr.Column(scale=3):
+                        text_summary = gr.HTML("", elem_id="text-summary", js_on_load=None)
                         text_features = gr.HTML(_empty("The text's active features will show here."), elem_id="text-features", js_on_load=FEATURE_LINKS_JS)
             with gr.Tab("Search", id=SEARCH_TAB, elem_id="tab-search"):
                 steering.build()
@@ -548,7 +553,9 @@ def build_app(explorer: Explorer):
         figure_outputs = [histogram, cooccurring]
 
         def wire(event):
-            event(on_link, None, feature_outputs).then(feature_corpus_figures, current, figure_outputs)
+            opened = event(on_link, None, feature_outputs)
+            opened.then(None, js=SCROLL_TO_FEATURE_JS)
+            opened.then(feature_corpus_figures, current, figure_outputs)
 
         for linked in (results, neighbours, cooccurring, family, text_features, families_html, *steering.linked):
             wire(linked.click)

@@ -35,6 +35,8 @@ from .modeling_sbert_sae import SparseAutoencoder, _read_optional_json
 logger = logging.getLogger(__name__)
 
 NOT_LABELLED = "not labelled: run `sbert-sae label` on this SAE"
+MIN_SCORE_TEXTS = 5
+"""Held-out firing texts a label's score needs to rank among the best-scored features."""
 
 
 @dataclass
@@ -410,6 +412,9 @@ class Explorer:
     def auroc(self, feature: int) -> float | None:
         return ((self.entries.get(feature, {}).get("score") or {}).get("auroc"))
 
+    def _score_texts(self, feature: int) -> int:
+        return int((self.entries.get(feature, {}).get("score") or {}).get("n_firing") or 0)
+
     def density(self, feature: int) -> float | None:
         entry = self.entries.get(feature, {})
         if entry.get("density") is not None:
@@ -430,8 +435,9 @@ class Explorer:
             if 0 <= f < self.n:
                 found.append(((9, 0.0), f, "id"))
         elif not q:
+            # An AUROC over a handful of firing texts is luck: those come after the rest.
             scored = [f for f in range(self.n) if self.auroc(f) is not None and self.labels[f]]
-            scored.sort(key=lambda f: -(self.auroc(f) or 0))
+            scored.sort(key=lambda f: (self._score_texts(f) < MIN_SCORE_TEXTS, -(self.auroc(f) or 0), f))
             return [self._row(f, "best scored") for f in scored[:limit]]
         else:
             words = q.split()
