@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -155,20 +157,52 @@ def test_console_script_and_module_entry_point(tmp_path):
     assert bad.returncode == 2 and "expected a positive integer, got '0'" in bad.stderr
 
 
-def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path):
-    """Data-parallel training over 2 CPU processes (gloo) reaches the quality of one process."""
+def _mpirun_env(tmp_path) -> dict:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    env = {**os.environ, "MPIRUN_HOSTFILE": str(hostfile)}
+    if os.geteuid() == 0:  # Open MPI refuses root unless told
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+@pytest.mark.parametrize("launcher", ["--cpu", "--multi_gpu"])
+def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path, launcher):
+    """Data-parallel training over 2 CPU processes (gloo) reaches the quality of one process.
+
+    accelerate's `--cpu` launcher starts several processes through mpirun only (with
+    `--mpirun_hostfile`; accelerate/commands/launch.py's simple_launcher runs one `Popen`
+    otherwise), so that form needs Open MPI (.ci/run installs it). `--multi_gpu` starts them
+    with torchrun, which on a machine without GPUs runs CPU processes over gloo: no MPI needed.
+    """
+    launch = [sys.executable, "-m", "accelerate.commands.launch", launcher, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = dict(os.environ)
+    if launcher == "--cpu":
+        if shutil.which("mpirun") is None:
+            pytest.skip("accelerate launch --cpu starts several processes through mpirun only: Open MPI is not installed")
+        env = _mpirun_env(tmp_path)
+        launch += ["--mpirun_hostfile", env["MPIRUN_HOSTFILE"]]
     args = ["train", "--dataset", str(wiki_small), *SMALL, "--epochs", "8", "--seed", "1"]
     assert run_cli(*args, "--out", tmp_path / "one") == 0
-    # On a machine without GPUs, accelerate's multi-process launcher (torchrun) runs 2 CPU
-    # processes over gloo; its `--cpu` launcher would need mpirun for more than one.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sbert_sae"]
-    result = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([*launch, "-m", "sbert_sae", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert json.loads((tmp_path / "two" / "training_args.json").read_text())["num_processes"] == 2
     assert abs(two["heldout_fvu"] - one["heldout_fvu"]) / one["heldout_fvu"] < 0.02
     assert result.stdout.count("results:") == 1  # only the main process reports and writes
+
+
+def test_accelerate_launch_cpu_without_mpi_says_it_runs_one_process(wiki_small, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` without a hostfile starts one process: the run
+    says so in one line and still trains (as one process)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = ["train", "--dataset", str(wiki_small), *SMALL, "--epochs", "1"]
+    result = subprocess.run([*launch, "-m", "sbert_sae", *args, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if "accelerate launch --cpu started this one process only" in line]
+    assert len(warnings) == 1 and "--mpirun_hostfile" in warnings[0] and "--multi_gpu" in warnings[0]
+    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["num_processes"] == 1
 
 
 def test_trainer_refuses_nan_embeddings_naming_the_rows(tmp_path):
