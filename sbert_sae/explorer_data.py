@@ -197,10 +197,10 @@ class Explorer:
     def open(cls, source: str | Path, *, dataset: str | None = None, text_column: str | None = None, device: str | None = None, cache_dir: str | None = None, revision: str | None = None) -> Explorer:
         """The explorer of an SAE folder or Hub repo (or registry short name).
 
-        The corpus is, in order: `dataset` (with `text_column`, default the run's), else the
-        dataset the SAE was trained on (its `training_args.json`) when it can be opened here,
-        else the activations dataset it was published with; else there is none and the app
-        shows what the labels hold.
+        The corpus is, in order: `dataset` (with `text_column`, default the run's); for a Hub
+        repo, the activations dataset it was published with; the dataset the SAE was trained
+        on (its `training_args.json`) when it can be opened here; else there is none and the
+        app shows what the labels hold.
         """
         from .base_model import pick_device
 
@@ -247,6 +247,11 @@ class Explorer:
 
     def _load_corpus(self) -> Corpus | None:
         link = getattr(self.sae, "activations_link", None)
+        published = bool(link and link.get("repo_id"))
+        if published and not self._data_given and not Path(self.source).is_dir():
+            # A Hub SAE's training_args name its author's dataset, often a local path that
+            # could name another dataset here: the texts it was published with are the ones.
+            return self._load_published_corpus(link)
         if self._data is not None:
             try:
                 return self._load_dataset_corpus(self._data)

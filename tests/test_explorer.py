@@ -126,6 +126,23 @@ def test_the_app_opens_without_encoding_the_corpus(run):
     assert len(corpus) == 240 and corpus.activations(timeout=60) is not None
 
 
+def test_strongest_texts_before_the_codes_are_ready_are_exact(run, corpus):
+    """Before the corpus' codes are computed (minutes for millions of texts), a feature's
+    strongest texts come from ranking the texts by its encoder row and encoding only the
+    best candidates: the same texts and activations as from the codes."""
+    from sbert_sae.explorer_data import Explorer
+
+    sae, texts, codes = corpus
+    explorer = Explorer.open(run)
+    corpus_ = explorer.corpus()
+    corpus_.activations(timeout=60)
+    for f in range(sae.config.n_latents):
+        positions, values = explorer._strongest_by_scan(corpus_, f, 5)
+        want_positions, want_values = corpus_.firing(f)
+        assert positions.tolist() == want_positions[:5].tolist(), f
+        assert values.tolist() == pytest.approx(want_values[:5].tolist(), abs=1e-5), f
+
+
 def test_feature_search_and_feature_page(page, corpus):
     from playwright.sync_api import expect
 
