@@ -70,6 +70,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _open_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
 def _ngram_range(text: str) -> tuple[int, int]:
     try:
         lo, _, hi = text.partition("-")
@@ -187,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--candidates", type=_positive_int, default=label_defaults.candidates, help=f"lexical candidates per feature given to KeyBERT (default: {label_defaults.candidates})")
     g.add_argument("--keywords", type=_positive_int, default=label_defaults.keywords, help=f"keywords KeyBERT keeps per feature, the shortlist labels are made from (default: {label_defaults.keywords})")
     g.add_argument("--max-label-keywords", type=_positive_int, default=label_defaults.max_label_keywords, help=f"keywords in a label at most (default: {label_defaults.max_label_keywords})")
-    g.add_argument("--label-heldout-fraction", type=_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
+    g.add_argument("--label-heldout-fraction", type=_open_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
     g.add_argument("--block-size", type=_positive_int, default=label_defaults.block_size, help=f"features labelled between two saves of the work so far, which a killed run resumes from (default: {label_defaults.block_size})")
     g.add_argument("--seed", type=int, default=label_defaults.seed)
 

@@ -785,3 +785,8 @@ def test_fuzzed_train_arguments_give_one_line_naming_the_value(nowhere, option, 
 def test_fuzzed_label_arguments_give_one_line_naming_the_value(nowhere, option, value):
     code, lines = _run_main(["label", str(nowhere.parent / "no-such-sae"), "--dataset", str(nowhere), "-q", f"{option}={value}"])
     _assert_one_line_naming(code, lines, option, value, LABEL_OPTIONS[option](value), "no-such-sae")
+
+
+def test_an_sae_too_large_to_allocate_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"n_latents=1099511627776 and d_in=1099511627776 needs .* GiB"):
+        SparseAutoencoder(SparseAutoencoderConfig(d_in=2**40, n_latents=2**40, k=1))
