@@ -637,7 +637,9 @@ def cmd_sweep(args) -> int:
     for k, fit in sorted(result.fits_n.items()):
         fc = result.fits_compute.get(k)
         compute = "" if fc is None else f"; against compute: FVU = {fc.a:.3g} * C^-{fc.exponent:.3f} (r2 {fc.r2:.3f})"
-        print(f"k={k}: FVU = {fit.a:.3g} * n^-{fit.exponent:.3f} (r2 {fit.r2:.3f}, {fit.n_points} sizes){compute}")
+        ft = result.fits_train_n.get(k)
+        train = "" if ft is None else f"; training FVU ~ n^-{ft.exponent:.3f}"
+        print(f"k={k}: held-out FVU = {fit.a:.3g} * n^-{fit.exponent:.3f} (r2 {fit.r2:.3f}, {fit.n_points} sizes){compute}{train}")
     if not result.fits_n:
         print("no power law fitted: give at least two values of --n")
     if result.skipped:

@@ -50,6 +50,7 @@ class SweepResult:
     rows: list[dict]
     fits_n: dict[int, PowerLaw] = field(default_factory=dict)
     fits_compute: dict[int, PowerLaw] = field(default_factory=dict)
+    fits_train_n: dict[int, PowerLaw] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
 
@@ -204,6 +205,11 @@ def run_sweep(
         fit = fit_power_law([r["train_flops"] for r in rows], [r["heldout_fvu"] for r in rows])
         if fit is not None:
             result.fits_compute[k] = fit
+        # On a small corpus the held-out FVU flattens while the training FVU keeps falling:
+        # the gap says the sweep is limited by data, not by n.
+        fit = fit_power_law([r["n"] for r in rows], [r["train_fvu"] for r in rows])
+        if fit is not None:
+            result.fits_train_n[k] = fit
     write_sweep(result, out_dir, data, train_args)
     return result
 
@@ -213,6 +219,7 @@ def sweep_document(result: SweepResult, data=None, train_args=None) -> dict:
         "rows": result.rows,
         "fit_fvu_vs_n": {str(k): dataclasses.asdict(f) for k, f in result.fits_n.items()},
         "fit_fvu_vs_compute": {str(k): dataclasses.asdict(f) for k, f in result.fits_compute.items()},
+        "fit_train_fvu_vs_n": {str(k): dataclasses.asdict(f) for k, f in result.fits_train_n.items()},
         "compute": "train_flops = samples * 6 * d_in * (n + k)",
         "dataset": None if data is None else (data.dataset if isinstance(data.dataset, str) else list(data.dataset)),
         "model": None if data is None else data.model,
@@ -228,10 +235,13 @@ def write_sweep(result: SweepResult, out_dir: Path, data=None, train_args=None) 
         lines.append(
             f"| {r['n']} | {r['k']} | {r['heldout_fvu']:.4f} | {r['train_fvu']:.4f} | {r['dead_fraction']:.1%} | {r['steps']} | {r['train_flops']:.2e} | {r['train_seconds']:.1f} |"
         )
-    lines += ["", "| k | FVU ~ n^-b: b | a | r2 | FVU ~ C^-b: b | r2 |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| k | held-out FVU ~ n^-b: b | a | r2 | held-out FVU ~ C^-b: b | r2 | train FVU ~ n^-b: b | r2 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k, fit in sorted(result.fits_n.items()):
-        fc = result.fits_compute.get(k)
-        lines.append(f"| {k} | {fit.exponent:.3f} | {fit.a:.3g} | {fit.r2:.3f} | {'' if fc is None else f'{fc.exponent:.3f}'} | {'' if fc is None else f'{fc.r2:.3f}'} |")
+        fc, ft = result.fits_compute.get(k), result.fits_train_n.get(k)
+        cells = [f"{fit.exponent:.3f}", f"{fit.a:.3g}", f"{fit.r2:.3f}"]
+        cells += ["", ""] if fc is None else [f"{fc.exponent:.3f}", f"{fc.r2:.3f}"]
+        cells += ["", ""] if ft is None else [f"{ft.exponent:.3f}", f"{ft.r2:.3f}"]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write(out_dir / SWEEP_TABLE, lambda tmp: Path(tmp).write_text(text))
     plot_scaling(result, out_dir / SCALING_PLOT)
@@ -242,6 +252,7 @@ def plot_scaling(result: SweepResult, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     ks = sorted({r["k"] for r in result.rows})
@@ -258,14 +269,23 @@ def plot_scaling(result: SweepResult, path: Path) -> None:
             if fit is not None:
                 xs = np.geomspace(x.min(), x.max(), 50)
                 ax.plot(xs, fit(xs), "-", color=color, alpha=0.7)
+            if key == "n":
+                train = np.array([r["train_fvu"] for r in rows], dtype=float)
+                tfit = result.fits_train_n.get(k)
+                ax.plot(x, train, "o", mfc="none", color=color, label=f"k={k} train" + ("" if tfit is None else f": n^-{tfit.exponent:.2f}"))
+                if tfit is not None:
+                    ax.plot(xs, tfit(xs), ":", color=color, alpha=0.7)
     for ax, xlabel in ((axes[0], "features n"), (axes[1], "training compute C (FLOPs)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out FVU")
+        ax.set_ylabel("FVU (filled: held-out, hollow: training)" if xlabel.startswith("features") else "held-out FVU")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    axes[0].set_title("Held-out FVU against SAE size")
+    sizes = sorted({r["n"] for r in result.rows})
+    axes[0].set_xticks(sizes, [str(n) for n in sizes])
+    axes[0].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axes[0].set_title("FVU against SAE size")
     axes[1].set_title("Held-out FVU against training compute")
     fig.tight_layout()
     fig.savefig(path, dpi=130)

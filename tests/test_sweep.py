@@ -59,7 +59,7 @@ def test_sweep_command_trains_the_grid_and_fits_it(wiki_small, tmp_path, capsys)
         rows = [r for r in doc["rows"] if str(r["k"]) == k]
         # Two sizes: the fitted law goes through both points.
         assert fit["a"] * rows[0]["n"] ** -fit["exponent"] == pytest.approx(rows[0]["heldout_fvu"], rel=1e-6)
-        assert f"k={k}: FVU = " in printed
+        assert f"k={k}: held-out FVU = " in printed
     assert (out / "scaling.png").stat().st_size > 10_000
     # Run again: every point is reused, nothing retrained.
     before = {p: (out / p / "model.safetensors").stat().st_mtime_ns for p in ("n32-k4", "n96-k8")}
