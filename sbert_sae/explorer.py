@@ -490,7 +490,7 @@ def build_app(explorer: Explorer):
         return (gr.Tabs(),) + (gr.skip(),) * 8
 
     examples = _example_texts(explorer)
-    with gr.Blocks(title=f"sbert-sae explorer: {explorer.source}") as demo:
+    with gr.Blocks(title=f"sbert-sae explorer: {explorer.source}", analytics_enabled=False) as demo:
         gr.HTML(pages.header(), elem_id="sae-header", js_on_load=None)
         status = gr.HTML(pages.status(), elem_id="sae-status", js_on_load=None)
         timer = gr.Timer(1.5)
@@ -753,7 +753,7 @@ class Steering:
 def launch(demo, host: str | None = "127.0.0.1", port: int | None = None, share: bool = False, open_browser: bool = False, block: bool = True, quiet: bool = False):
     """Serve the app (`host` None: Gradio's default, which a Space sets by environment);
     returns (app, local_url, share_url) when `block` is False."""
-    theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
+    theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")  # its fonts are served by the app itself
     return demo.launch(
         server_name=host,
         server_port=port,

@@ -30,6 +30,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 60_000
+OUTSIDE: list[str] = []
+"""Requests the page made to anywhere but the app (refused)."""
 
 
 def _browser_or_skip():
@@ -98,6 +100,8 @@ def page(app, tmp_path_factory):
             viewport={"width": 1440, "height": 1000},
         )
         context.set_default_timeout(TIMEOUT_MS)
+        # The app must work offline: any request for another host is refused and recorded.
+        context.route(re.compile(r"^(?!(http://127\.0\.0\.1[:/]|data:|blob:)).*"), lambda route: (OUTSIDE.append(route.request.url), route.abort()))
         page = context.new_page()
         page.goto(app[1])
         page.wait_for_selector("#sae-tabs")
@@ -302,6 +306,11 @@ def test_a_link_opens_a_feature_page_directly(page, app, corpus):
     page.goto(f"{app[1]}?feature={f}")
     expect(page.locator("#feature-header [data-current-feature]")).to_have_attribute("data-current-feature", str(f))
     expect(page.locator("#feature-label")).to_have_text(sae.feature_labels[f])
+
+
+def test_the_page_requests_nothing_from_outside(page):
+    """Every page above loaded fonts, scripts and data from the app alone."""
+    assert OUTSIDE == []
 
 
 # ------------------------------------------------------------ without a browser
