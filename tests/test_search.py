@@ -114,6 +114,20 @@ def test_targets_by_label_query_and_by_family(index):
         index.resolve({"family:3": 1.0}, "up")
 
 
+def test_label_vectors_are_kept_for_the_next_index(index, labelled_run):
+    import os
+    from pathlib import Path
+
+    index.features_about("cells")
+    kept = list((Path(os.environ["SBERT_SAE_CACHE"]) / "label-vectors").glob("*.npy"))
+    assert len(kept) == 1
+    again = SteerableIndex.from_run(labelled_run, device="cpu")
+    calls = []
+    again.sae.embed_texts = lambda texts, **kw: calls.append(list(texts)) or index.sae.embed_texts(texts, **kw)
+    assert [m.feature for m in again.features_about("cells", top=5)] == [m.feature for m in index.features_about("cells", top=5)]
+    assert calls == [["cells"]]  # only the query was embedded: the labels' vectors were read back
+
+
 def test_bad_targets_are_refused_with_the_value_named(index, labelled_run):
     with pytest.raises(InputError, match="feature 64 does not exist: this SAE has features 0..63"):
         index.search("q", up={64: 1.0})
