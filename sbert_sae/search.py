@@ -538,7 +538,7 @@ class SteerableIndex:
             index.hnsw.efConstruction = 80
             for start in range(0, len(self), 65536):
                 block = self._embeddings[start : start + 65536]
-                block = block.detach().float().cpu().numpy() if isinstance(block, torch.Tensor) else np.asarray(block, dtype=np.float32)
+                block = block.detach().float().cpu().numpy() if isinstance(block, torch.Tensor) else np.array(block, dtype=np.float32)
                 block = self.sae.prepare_input(torch.from_numpy(np.ascontiguousarray(block)), check_finite=False).float().cpu().numpy()
                 index.add(block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12))
             index.hnsw.efSearch = 128
