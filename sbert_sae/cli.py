@@ -695,6 +695,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         _disable_library_progress_bars()
     try:
+        if args.command in ("train", "embed", "sweep"):
+            from .launch import relaunch_for_cpu_launcher
+
+            code = relaunch_for_cpu_launcher(list(sys.argv[1:] if argv is None else argv))
+            if code is not None:
+                return code
         return COMMANDS[args.command](args)
     except SbertSaeError as err:
         if args.debug:

@@ -345,25 +345,9 @@ def _trackers(args: TrainingArguments) -> list[str]:
     return [name for name in ("tensorboard", "trackio") if importlib.util.find_spec(name) is not None]
 
 
-def warn_if_one_cpu_process_was_launched() -> None:
-    """`accelerate launch --cpu --num_processes N` without `--mpirun_hostfile` starts one process
-    (its CPU launcher spawns several through mpirun only) yet sets MASTER_PORT: say so, once."""
-    import os
-
-    env = os.environ
-    world = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-    if env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and env.get("MASTER_PORT") and not any(env.get(k) for k in world):
-        logger.warning(
-            "accelerate launch --cpu started this one process only: its --cpu launcher starts several through mpirun "
-            "(add --mpirun_hostfile FILE); without MPI use accelerate launch --multi_gpu --num_processes N (torchrun, gloo on CPUs)"
-        )
-
-
 def make_accelerator(args: TrainingArguments, out_dir: str | Path, device: str | None = None):
     """An `Accelerator` for `args`: the device (or the best one), mixed precision, trackers."""
     from accelerate import Accelerator
-
-    warn_if_one_cpu_process_was_launched()
 
     from .base_model import check_device
 

@@ -166,20 +166,23 @@ def _mpirun_env(tmp_path) -> dict:
     return env
 
 
-@pytest.mark.parametrize("launcher", ["--cpu", "--multi_gpu"])
+@pytest.mark.parametrize("launcher", ["--cpu", "--cpu with mpirun", "--multi_gpu"])
 def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path, launcher):
     """Data-parallel training over 2 CPU processes (gloo) reaches the quality of one process.
 
     accelerate's `--cpu` launcher starts several processes through mpirun only (with
     `--mpirun_hostfile`; accelerate/commands/launch.py's simple_launcher runs one `Popen`
-    otherwise), so that form needs Open MPI (.ci/run installs it). `--multi_gpu` starts them
-    with torchrun, which on a machine without GPUs runs CPU processes over gloo: no MPI needed.
+    otherwise): without a hostfile sbert-sae reads `--num_processes` from the launcher and
+    starts the processes itself with torchrun (sbert_sae/launch.py). With a hostfile it
+    needs Open MPI (.ci/run installs it). `--multi_gpu` starts them with torchrun, which on
+    a machine without GPUs runs CPU processes over gloo.
     """
-    launch = [sys.executable, "-m", "accelerate.commands.launch", launcher, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    flag = launcher.split()[0]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", flag, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = dict(os.environ)
-    if launcher == "--cpu":
+    if launcher == "--cpu with mpirun":
         if shutil.which("mpirun") is None:
-            pytest.skip("accelerate launch --cpu starts several processes through mpirun only: Open MPI is not installed")
+            pytest.skip("accelerate launch --cpu --mpirun_hostfile needs Open MPI, which is not installed")
         env = _mpirun_env(tmp_path)
         launch += ["--mpirun_hostfile", env["MPIRUN_HOSTFILE"]]
     args = ["train", "--dataset", str(wiki_small), *SMALL, "--epochs", "8", "--seed", "1"]
@@ -193,16 +196,23 @@ def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path, launc
     assert result.stdout.count("results:") == 1  # only the main process reports and writes
 
 
-def test_accelerate_launch_cpu_without_mpi_says_it_runs_one_process(wiki_small, tmp_path):
-    """`accelerate launch --cpu --num_processes 2` without a hostfile starts one process: the run
-    says so in one line and still trains (as one process)."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    args = ["train", "--dataset", str(wiki_small), *SMALL, "--epochs", "1"]
-    result = subprocess.run([*launch, "-m", "sbert_sae", *args, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    warnings = [line for line in result.stderr.splitlines() if "accelerate launch --cpu started this one process only" in line]
-    assert len(warnings) == 1 and "--mpirun_hostfile" in warnings[0] and "--multi_gpu" in warnings[0]
-    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["num_processes"] == 1
+def test_cpu_launcher_arguments_are_read_from_the_parent_command_line(tmp_path):
+    from sbert_sae.launch import launcher_arguments, requested_processes, started_alone_by_cpu_launcher
+
+    assert started_alone_by_cpu_launcher({"ACCELERATE_USE_CPU": "True", "MASTER_PORT": "29500"})
+    assert not started_alone_by_cpu_launcher({"ACCELERATE_USE_CPU": "True", "MASTER_PORT": "29500", "WORLD_SIZE": "2"})
+    assert not started_alone_by_cpu_launcher({"ACCELERATE_USE_CPU": "False", "MASTER_PORT": "29500"})
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "launch", "--cpu", "--num_processes", "3", "-m", "sbert_sae", "train"])
+    try:
+        assert launcher_arguments(child.pid) is None  # "launch" only counts after an accelerate program
+    finally:
+        child.kill()
+    assert requested_processes(["--cpu", "--num_processes", "3", "-m", "sbert_sae", "train", "--out", "x"]) == (3, 1)
+    assert requested_processes(["--cpu", "--num_processes", "4", "--num_machines", "2", "script.py"]) == (4, 2)
+    assert requested_processes(["--cpu", "--config_file", str(tmp_path / "none.yaml"), "script.py"]) == (1, 1)
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\nnum_machines: 1\nuse_cpu: true\n")
+    assert requested_processes(["--config_file", str(config), "script.py"]) == (2, 1)
 
 
 def test_trainer_refuses_nan_embeddings_naming_the_rows(tmp_path):
