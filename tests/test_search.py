@@ -207,3 +207,15 @@ def test_steering_evaluation_against_rewriting(index, tmp_path):
     assert [row["label_repeats"] for row in table] == [1, 5] and all("clamp_success" in row for row in table)
     plot_steering(points, tmp_path / "steering.png")
     assert (tmp_path / "steering.png").stat().st_size > 10_000
+
+
+def test_search_command_on_a_bare_sae_folder_needs_a_dataset(labelled_run, wiki_small, tmp_path, capsys):
+    """An SAE folder without a training run (as saved by save_pretrained, or a Hub repo)
+    searches the corpus given with --dataset, embedded with its base model."""
+    bare = tmp_path / "bare"
+    SparseAutoencoder.from_pretrained(labelled_run).save_pretrained(bare)
+    assert main(["search", str(bare), "a painting", "-q"]) == 2
+    assert f"{bare} is not a training run folder: pass --dataset" in capsys.readouterr().err
+    assert main(["search", str(bare), "a painting", "--dataset", str(wiki_small), "--top", "3", "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["hits"]) == 3 and all(h["text"] for h in out["hits"])
