@@ -31,6 +31,7 @@ from .activations import SparseActivations
 from .errors import DatasetError, InputError, ModelLoadError, SbertSaeError
 from .families import FAMILIES_FILE, Family, parse_families
 from .modeling_sbert_sae import SparseAutoencoder, _read_optional_json
+from .search import DatasetTexts, SteerableIndex
 
 logger = logging.getLogger(__name__)
 
@@ -267,10 +268,9 @@ class Explorer:
 
     def _load_dataset_corpus(self, data) -> Corpus:
         from .pipeline import load_sae_corpus
-        from .search import SteerableIndex
 
         data, ds, cache = load_sae_corpus(self.sae, self.source, data, show_progress=False)
-        texts = _Texts(ds, data.text_column, cache.row_ids)
+        texts = DatasetTexts(ds, data.text_column, cache.row_ids)
         index = SteerableIndex(self.sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path)
         name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
         return Corpus(name, cache.row_ids, texts.get, cache.embeddings, index=index)
@@ -285,7 +285,7 @@ class Explorer:
             n_latents=self.n,
         )
         row_ids = np.asarray(ds["id"], dtype=np.int64) if "id" in ds.column_names else np.arange(len(ds))
-        texts = _Texts(ds, "text", np.arange(len(ds)))
+        texts = DatasetTexts(ds, "text", np.arange(len(ds)))
         return Corpus(link["repo_id"], row_ids, texts.get, None, activations=acts)
 
     def corpus(self, timeout: float | None = None) -> Corpus | None:
@@ -306,7 +306,6 @@ class Explorer:
         with self._corpus_lock:
             if corpus.index is None:
                 from .pipeline import DataArguments
-                from .search import SteerableIndex
 
                 data = DataArguments(dataset=corpus.name, text_column="text", cache_dir=self._cache_dir)
                 corpus.index = SteerableIndex.build(self.sae, data)
@@ -608,26 +607,6 @@ class Explorer:
         cosine = float(F.cosine_similarity(x, x_hat, dim=1)[0])
         error = float((x - x_hat).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12))
         return TextInspection(text=text, features=features, cosine=cosine, relative_error=error, l0=len(features))
-
-
-class _Texts:
-    """Texts of a datasets.Dataset by corpus position, read on demand (the Arrow table stays
-    memory-mapped); a sequence, as `SteerableIndex` takes."""
-
-    def __init__(self, ds, column: str, row_ids: np.ndarray):
-        self.column = ds.select_columns([column])
-        self.name = column
-        self.row_ids = row_ids
-
-    def __len__(self) -> int:
-        return len(self.row_ids)
-
-    def get(self, positions) -> list[str]:
-        rows = self.row_ids[np.asarray(positions, dtype=np.int64)]
-        return list(self.column.select(rows)[self.name]) if len(rows) else []
-
-    def __getitem__(self, position: int) -> str:
-        return self.get([int(position)])[0]
 
 
 def _padded_lists(column, width: int, dtype) -> np.ndarray:

@@ -162,6 +162,8 @@ class SteerableIndex:
         self._row_position: dict[int, int] | None = None
         self._label_vectors: torch.Tensor | None = None
         self._families = None
+        self._fire_counts: np.ndarray | None = None
+        self._fingerprint: str | None = None
         if backend == "auto":
             backend = "exact" if shape[0] <= EXACT_SEARCH_MAX_ROWS or not _faiss_available() else "faiss"
         if backend == "faiss" and not _faiss_available():
@@ -224,24 +226,36 @@ class SteerableIndex:
         from .pipeline import load_sae_corpus
 
         data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
-        texts = _DatasetTexts(ds, data.text_column, cache.row_ids)
+        texts = DatasetTexts(ds, data.text_column, cache.row_ids)
         return cls(sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, device=device, backend=backend, show_progress=show_progress)
 
     def __len__(self) -> int:
         return int(self._embeddings.shape[0])
 
     # -------------------------------------------------------- corpus state
+    def vectors(self, positions) -> torch.Tensor:
+        """(len(positions), d_in) the corpus texts at `positions` (a slice or indices) in the
+        SAE's input space, float32 on the device."""
+        if not isinstance(positions, slice):
+            positions = np.asarray(positions)
+            if isinstance(self._embeddings, torch.Tensor):
+                positions = torch.as_tensor(positions)
+        block = self._embeddings[positions]
+        # A copy: the memory map is read-only, and torch wants writable arrays.
+        x = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block, dtype=np.float32))
+        return self.sae.prepare_input(x.to(self.device, torch.float32), check_finite=False).float()
+
+    def _blocks(self, size: int = 65536):
+        """The whole corpus as `vectors`, `size` rows at a time."""
+        for start in range(0, len(self), size):
+            yield self.vectors(slice(start, start + size))
+
     @property
     def corpus(self) -> torch.Tensor:
         """(n_texts, d_in) unit-norm corpus vectors in the SAE's input space, on the device."""
         if self._corpus is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-            parts = []
-            for start in range(0, len(self), 65536):
-                block = self._embeddings[start : start + 65536]
-                block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block, dtype=np.float32))
-                parts.append(F.normalize(block.to(self.device, torch.float32), dim=-1).to(dtype))
-            self._corpus = torch.cat(parts)
+            self._corpus = torch.cat([F.normalize(block, dim=-1).to(dtype) for block in self._blocks()])
         return self._corpus
 
     @property
@@ -277,7 +291,7 @@ class SteerableIndex:
 
     def encoder_fingerprint(self) -> str:
         """A digest of what the codes depend on: the encoder's weights, k and the input norm."""
-        if getattr(self, "_fingerprint", None):
+        if self._fingerprint is not None:
             return self._fingerprint
         digest = hashlib.sha256()
         for tensor in (self.sae.W_enc, self.sae.b_enc, self.sae.b_pre):
@@ -289,7 +303,7 @@ class SteerableIndex:
     @property
     def fire_counts(self) -> np.ndarray:
         """(n_latents,) number of corpus texts each feature fires on."""
-        if not hasattr(self, "_fire_counts"):
+        if self._fire_counts is None:
             self._fire_counts = self.codes.fire_counts()
         return self._fire_counts
 
@@ -312,7 +326,7 @@ class SteerableIndex:
     def text_of(self, positions: Sequence[int]) -> list[str | None]:
         if self.texts is None:
             return [None] * len(positions)
-        if isinstance(self.texts, _DatasetTexts):
+        if isinstance(self.texts, DatasetTexts):
             return self.texts.get(list(positions))
         return [self.texts[int(p)] for p in positions]
 
@@ -536,11 +550,8 @@ class SteerableIndex:
             dim = self.sae.config.d_in
             index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = 80
-            for start in range(0, len(self), 65536):
-                block = self._embeddings[start : start + 65536]
-                block = block.detach().float().cpu().numpy() if isinstance(block, torch.Tensor) else np.array(block, dtype=np.float32)
-                block = self.sae.prepare_input(torch.from_numpy(np.ascontiguousarray(block)), check_finite=False).float().cpu().numpy()
-                index.add(block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12))
+            for block in self._blocks():
+                index.add(F.normalize(block, dim=-1).cpu().numpy())
             index.hnsw.efSearch = 128
             self._faiss_index = index
         return self._faiss_index
@@ -585,28 +596,28 @@ class SteerableIndex:
             values = np.asarray(self._codes.values[np.asarray(positions)])
             indices = np.asarray(self._codes.indices[np.asarray(positions)])
         else:  # a few hits: encode them rather than the whole corpus
-            block = self._embeddings[np.asarray(positions)] if not isinstance(self._embeddings, torch.Tensor) else self._embeddings[torch.as_tensor(positions)]
-            x = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block, dtype=np.float32))
-            v, i = self.sae.encode_topk(x.to(self.device).float())
+            v, i = self.sae.encode_topk(self.vectors(positions))
             values, indices = v.float().cpu().numpy(), i.cpu().numpy()
         for c, f in enumerate(features):
             out[:, c] = np.where(indices == f, values, 0.0).sum(axis=1)
         return out
 
 
-class _DatasetTexts:
-    """Texts of a datasets.Dataset read on demand (the Arrow table stays memory-mapped)."""
+class DatasetTexts:
+    """Texts of a datasets.Dataset by corpus position, read on demand (the Arrow table stays
+    memory-mapped): `row_ids[position]` is the dataset row of a corpus position."""
 
     def __init__(self, ds, column: str, row_ids: np.ndarray):
-        self.ds, self.column, self.row_ids = ds, column, row_ids
+        self.column = ds.select_columns([column])
+        self.name = column
+        self.row_ids = row_ids
 
     def __len__(self) -> int:
         return len(self.row_ids)
 
-    def get(self, positions: list[int]) -> list[str]:
-        if not positions:
-            return []
-        return self.ds.select([int(self.row_ids[p]) for p in positions])[self.column]
+    def get(self, positions) -> list[str]:
+        rows = self.row_ids[np.asarray(positions, dtype=np.int64)]
+        return list(self.column.select(rows)[self.name]) if len(rows) else []
 
     def __getitem__(self, position: int) -> str:
         return self.get([int(position)])[0]

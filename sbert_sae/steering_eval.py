@@ -72,8 +72,7 @@ def draw_triples(
         if len(triples) == n:
             break
         position = int(position)
-        vector = torch.from_numpy(np.array(index._embeddings[position : position + 1], dtype=np.float32))
-        hits, _ = index.nearest(index.sae.prepare_input(vector.to(index.device))[0], k=k, exclude=[position])
+        hits, _ = index.nearest(index.vectors([position])[0], k=k, exclude=[position])
         own = set(np.asarray(index.codes.indices[position])[np.asarray(index.codes.values[position]) > 0].tolist())
         in_hits = np.asarray(index.codes.indices[hits])[np.asarray(index.codes.values[hits]) > 0]
         hit_counts = np.bincount(in_hits, minlength=index.sae.config.n_latents)
@@ -117,8 +116,7 @@ def evaluate_steering(
         raise InputError("no triples to evaluate")
     labels = index.sae.feature_labels
     texts = index.text_of([t.position for t in triples])
-    vectors = torch.from_numpy(np.array(index._embeddings[[t.position for t in triples]], dtype=np.float32))
-    queries = index.sae.prepare_input(vectors.to(index.device)).float()
+    queries = index.vectors([t.position for t in triples])
     rows: dict[tuple[str, float], list] = {}
     for t, q in tqdm(list(zip(triples, queries)), desc="steering", unit="triple", disable=not show_progress):
         hits, _ = index.nearest(q, k=k, exclude=[t.position])
