@@ -26,7 +26,9 @@ from sbert_sae.families import (
     find_families,
     load_families,
     normalized_cooccurrence,
+    permuted_block_ratios,
 )
+from sbert_sae.families import _ratios, _values_at
 
 
 # ------------------------------------------------------------ a tree known by hand
@@ -179,6 +181,41 @@ def test_families_are_blocks_of_the_cooccurrence_matrix(real):
     expected = sub[inside].mean() / sub[among & ~inside].mean()
     assert s["block_ratio"] == pytest.approx(expected, rel=1e-3)
     assert block_ratio(normalized_cooccurrence(result.cooccurrence), result.families) == pytest.approx(expected)
+
+
+def test_block_ratios_match_a_dense_computation_for_any_assignment():
+    """`_ratios` reads the sparse matrix at within-block pairs only (a binary search per pair)
+    and sums the rest with one product: it must equal the ratio from the dense matrix, for
+    several assignments at once, with empty rows and rows longer than the search's steps."""
+    rng = np.random.default_rng(3)
+    n = 300
+    dense = rng.random((n, n)) * (rng.random((n, n)) < 0.3)
+    dense[:40] = 0  # empty rows
+    dense[41, :] = rng.random(n)  # a full row
+    np.fill_diagonal(dense, 0)
+    norm = sp.csr_matrix(dense)
+    rows, cols = rng.integers(0, n, 5000), rng.integers(0, n, 5000)
+    assert np.array_equal(_values_at(norm, rows, cols), dense[rows, cols])
+    blocks = np.full((n, 6), -1)
+    for column in range(6):
+        chosen = rng.choice(n, 120, replace=False)
+        blocks[chosen, column] = rng.integers(0, 9, 120)
+    expected = []
+    for column in blocks.T:
+        same = (column[:, None] == column[None, :]) & (column[:, None] >= 0) & ~np.eye(n, dtype=bool)
+        among = (column[:, None] >= 0) & (column[None, :] >= 0) & ~np.eye(n, dtype=bool)
+        expected.append(dense[same].mean() / dense[among & ~same].mean())
+    assert _ratios(norm, blocks) == pytest.approx(expected, rel=1e-12)
+    assert _ratios(norm, np.full((n, 1), -1)) == [None]  # no blocks at all
+
+
+def test_permuted_ratios_keep_the_block_sizes(real):
+    sae, acts, firing, result = real
+    norm = normalized_cooccurrence(result.cooccurrence)
+    eligible = np.ones(norm.shape[0], dtype=bool)
+    ratios = permuted_block_ratios(norm, result.families, eligible, permutations=5, seed=1)
+    assert len(ratios) == 5 and len(set(ratios)) == 5  # five different draws
+    assert ratios == permuted_block_ratios(norm, result.families, eligible, permutations=5, seed=1)  # seeded
 
 
 def test_real_families_carry_their_members_labels(real):
