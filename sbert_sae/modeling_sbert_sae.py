@@ -514,7 +514,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if getattr(self, "label_data", None) is not None:
             data = self.label_data
-            write_json(os.path.join(save_directory, LABELS_FILE), {**data, "features": {str(f): e for f, e in sorted(data["features"].items())}})
+            write_json(os.path.join(save_directory, LABELS_FILE), {**data, "features": {str(f): e for f, e in sorted(data["features"].items())}}, depth=2)
         if getattr(self, "metrics", None):
             write_json(os.path.join(save_directory, "metrics.json"), self.metrics)
         if push:

@@ -366,7 +366,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
 
     def save_partial(features: dict[int, dict]) -> None:
         nonlocal blocks_saved
-        write_json(partial_path, {"run_id": run_id, "features": {str(f): e for f, e in features.items()}})
+        write_json(partial_path, {"run_id": run_id, "features": {str(f): e for f, e in features.items()}}, depth=2)
         blocks_saved += 1
         pause_point("block", blocks_saved)
 
@@ -375,7 +375,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
             sae, texts, cache.embeddings, model, label_args, row_ids=cache.row_ids, show_progress=show_progress, done=done, on_block=save_partial
         )
         dataset_name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
-        write_json(sae_path / LABELS_FILE, feature_labels_document(result, sae, dataset=dataset_name))
+        write_json(sae_path / LABELS_FILE, feature_labels_document(result, sae, dataset=dataset_name), depth=2)  # a feature a line
         metrics_path = sae_path / "metrics.json"
         metrics = read_json(metrics_path) if metrics_path.exists() else {}
         metrics.update({k: v for k, v in result.summary.items() if k.startswith(("label_", "n_labelled", "distinct_label", "centroid_"))})

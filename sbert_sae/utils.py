@@ -103,9 +103,37 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as indented JSON atomically (NaN/inf become null: JSON has neither)."""
-    text = json.dumps(_finite(data), indent=2, default=_json_default, sort_keys=False) + "\n"
+def dumps_json(data: Any, depth: int = 3) -> str:
+    """`data` as JSON text (NaN/inf become null: JSON has neither), indented down to `depth`
+    levels of nesting, each value below that on one line, as is a list of plain values.
+
+    json's own indented output runs in pure Python, 20x slower than its compact encoder in C:
+    a labels file of 6,144 features took 2.5 s to write, and labelling saves its work after
+    every block. Here only the shallow levels are walked in Python, and each deeper value
+    (one feature's keywords, a list of numbers) is written by the C encoder."""
+    return _dumps(data, depth, 0)
+
+
+def _dumps(value: Any, depth: int, level: int) -> str:
+    if level < depth and isinstance(value, (dict, list, tuple)) and len(value) and (isinstance(value, dict) or any(isinstance(v, (dict, list, tuple)) for v in value)):
+        pad, inner = "  " * level, "  " * (level + 1)
+        if isinstance(value, dict):
+            items = [f"{inner}{_compact({key: None})[1:-7]}: {_dumps(item, depth, level + 1)}" for key, item in value.items()]
+            return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+        return "[\n" + ",\n".join(f"{inner}{_dumps(item, depth, level + 1)}" for item in value) + f"\n{pad}]"
+    return _compact(value)
+
+
+def _compact(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(", ", ": "), allow_nan=False, default=_json_default)
+    except ValueError:  # a NaN or an infinity somewhere: walk the value to null them
+        return json.dumps(_finite(value), separators=(", ", ": "), default=_json_default)
+
+
+def write_json(path: str | os.PathLike, data: Any, depth: int = 3) -> None:
+    """Write `data` as JSON atomically (`dumps_json`)."""
+    text = dumps_json(data, depth) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 

@@ -1,0 +1,46 @@
+"""The JSON writer every result file goes through."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sbert_sae.utils import dumps_json, read_json, write_json
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=25)
+
+
+def _nulled(value):
+    """What JSON can hold of `value`: NaN and infinities as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nulled(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nulled(v) for v in value]
+    return value
+
+
+def _not_json(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values, st.integers(0, 5))
+def test_any_value_at_any_depth_reads_back_with_non_finite_floats_as_null(value, depth):
+    text = dumps_json(value, depth)
+    assert json.loads(text, parse_constant=_not_json) == _nulled(value)
+
+
+def test_shallow_levels_are_indented_and_deeper_values_lie_on_one_line(tmp_path):
+    data = {"summary": {"n": 2, "range": [1, 3]}, "features": {"0": {"label": "music", "keywords": [{"k": "music", "s": 0.5}]}, "1": {"label": None, "score": float("nan")}}}
+    write_json(tmp_path / "a.json", data, depth=2)
+    lines = (tmp_path / "a.json").read_text().splitlines()
+    assert lines[0] == "{" and '    "n": 2,' in lines and '    "range": [1, 3]' in lines
+    assert '    "0": {"label": "music", "keywords": [{"k": "music", "s": 0.5}]},' in lines  # a feature a line
+    assert '    "1": {"label": null, "score": null}' in lines
+    assert read_json(tmp_path / "a.json")["features"]["1"] == {"label": None, "score": None}
