@@ -10,7 +10,7 @@ import torch
 
 from sbert_sae import ConfigError, DatasetError, ModelLoadError, SparseAutoencoder, SparseAutoencoderConfig
 from sbert_sae.cli import main
-from sbert_sae.labels import LabelArguments, label_features, ngram_analyzer, prepare_labelling, score_labels
+from sbert_sae.labels import LabelArguments, document_terms, label_features, ngram_analyzer, prepare_labelling, score_labels
 
 TOPICS = ("Mathematics", "Arts", "Biology and health sciences")
 
@@ -118,6 +118,23 @@ def test_ngrams_are_real_and_never_glued():
     assert "theory relativity" not in grams  # never glued across a removed stop word
     assert "of relativity" not in grams and "the theory" not in grams
     assert "1905" not in grams
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_document_terms_equal_sklearns_count_vectorizer(wiki_rows, processes):
+    """The corpus' n-gram matrix, analysed in one process or in forked workers, is exactly
+    what sklearn's CountVectorizer makes of the same analyzer (same terms, same order)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    texts = [r["text"] for r in wiki_rows[:1500]] + ["", "42"]  # texts without any n-gram too
+    matrix, terms = document_terms(texts, (1, 3), min_df=3, processes=processes)
+    reference = CountVectorizer(analyzer=ngram_analyzer((1, 3)), min_df=3, binary=True, dtype=np.float32)
+    expected = reference.fit_transform(texts)
+    assert list(terms) == list(reference.get_feature_names_out()) and len(terms) > 4000
+    assert matrix.shape == expected.shape and matrix.dtype == np.float32
+    assert (matrix != expected).nnz == 0
+    with pytest.raises(DatasetError, match="no candidate keyword occurs in 3 or more texts"):
+        document_terms(["alpha beta", "gamma delta", "alpha gamma"], (1, 1), min_df=3, processes=processes)
 
 
 def test_bad_inputs(planted, corpus, minilm):
