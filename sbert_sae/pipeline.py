@@ -339,6 +339,8 @@ def load_sae_corpus(sae, sae_path, data: DataArguments, show_progress: bool = Tr
 def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_progress: bool = True) -> dict:
     """Label every feature of the SAE at `sae_path` on a dataset; write `feature_labels.json` and
     add the label scores to `metrics.json`. Returns the labelling summary."""
+    import torch
+
     from .base_model import load_sentence_transformer
     from .labels import LABELS_FILE, LabelArguments, feature_labels_document, label_features
     from .modeling_sbert_sae import SparseAutoencoder
@@ -351,6 +353,8 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
     data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
     texts = ds.select_columns([data.text_column]).select(cache.row_ids)[data.text_column]
     model = load_sentence_transformer(data.model, revision=data.model_revision, device=data.device)
+    # The corpus is encoded by the SAE once (every text, every feature): on the GPU where there is one.
+    sae = sae.to(data.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     partial_path = sae_path / "feature_labels.partial.json"
     run_id = _labelling_id(sae_path, cache, label_args)
     done = {}
