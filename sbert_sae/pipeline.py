@@ -147,8 +147,12 @@ def run_training(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    loaded: tuple | None = None,
 ) -> list[RunResult]:
-    """Train one SAE (or one per domain) and write each to its output folder."""
+    """Train one SAE (or one per domain) and write each to its output folder.
+
+    `loaded`: the `(dataset, cache)` of `load_and_embed(data)` when the caller has them (a
+    sweep trains many SAEs on one corpus), else they are loaded here."""
     out_dir = Path(out_dir)
     train_args.validate()
     SparseAutoencoderConfig(**dataclasses.asdict(sae_args), d_in=1)  # refuse impossible sizes before any work
@@ -161,7 +165,7 @@ def run_training(
     main = accelerator.is_main_process
     show = train_args.show_progress and main
 
-    ds, cache = load_and_embed(data, accelerator, show_progress=show)
+    ds, cache = loaded if loaded is not None else load_and_embed(data, accelerator, show_progress=show)
     groups: list[tuple[str, np.ndarray, Path]] = []
     if data.domain_column and (data.per_domain or data.domain is not None):
         by_domain = domain_row_ids(ds, data.domain_column, cache.row_ids)

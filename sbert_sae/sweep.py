@@ -166,7 +166,8 @@ def run_sweep(
         raise InputError("a sweep trains on one corpus: leave out --per-domain and --domain")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file, not a folder")
-    _, cache = load_and_embed(data, show_progress=show_progress)
+    loaded = load_and_embed(data, show_progress=show_progress)  # once for every point of the grid
+    cache = loaded[1]
     check_memory(grid, cache.dim, train_args.batch_size, len(cache.row_ids), data.device)
 
     result = SweepResult(rows=[])
@@ -179,7 +180,7 @@ def run_sweep(
         else:
             logger.info("n=%d k=%d -> %s", n, k, folder)
             point = dataclasses.replace(sae_args, n_latents=n, k=k, k_aux=None if sae_args.k_aux is None else min(sae_args.k_aux, n))
-            run_training(data, point, train_args, folder, overwrite=overwrite, resume=resume and (folder / "checkpoints").exists())
+            run_training(data, point, train_args, folder, overwrite=overwrite, resume=resume and (folder / "checkpoints").exists(), loaded=loaded)
         metrics = read_json(metrics_path)
         samples = int(metrics.get("n_train", 0)) * train_args.epochs
         result.rows.append(

@@ -42,10 +42,16 @@ def test_a_grid_too_large_for_memory_is_refused_up_front():
     assert training_flops(1000, 384, 1536, 16) == 1000 * 6 * 384 * (1536 + 16)
 
 
-def test_sweep_command_trains_the_grid_and_fits_it(wiki_small, tmp_path, capsys):
+def test_sweep_command_trains_the_grid_and_fits_it(wiki_small, tmp_path, capsys, monkeypatch):
+    import sbert_sae.pipeline as pipeline
+
+    loads = []
+    real_load = pipeline.load_and_embed
+    monkeypatch.setattr(pipeline, "load_and_embed", lambda *a, **kw: loads.append(1) or real_load(*a, **kw))
     out = tmp_path / "sweep"
     args = ["sweep", "--dataset", str(wiki_small), "--n", "32,96", "--k", "4,8", "--epochs", "3", "--batch-size", "32", "--out", str(out), "-q", "--report-to", "none"]
     assert main(args) == 0
+    assert len(loads) == 1  # the corpus is read once for the four points
     printed = capsys.readouterr().out
     doc = json.loads((out / "sweep.json").read_text())
     assert [(r["n"], r["k"]) for r in doc["rows"]] == [(32, 4), (32, 8), (96, 4), (96, 8)]
