@@ -487,7 +487,7 @@ def _ratios(norm: sp.csr_matrix, blocks: np.ndarray) -> list[float | None]:
     norm = norm.tocsr()
     norm.sum_duplicates()  # sorted column indices, for `_values_at`
     members = (blocks >= 0).astype(np.float64)
-    among_sums = np.einsum("ij,ij->j", members, np.asarray(norm @ members))  # diagonal is 0
+    among_sums = np.einsum("ij,ij->j", members, np.asarray(norm @ members)) - norm.diagonal() @ members  # pairs of distinct features
     out = []
     for column, among_sum in zip(blocks.T, among_sums):
         sizes = np.bincount(column[column >= 0])
