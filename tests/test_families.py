@@ -98,7 +98,7 @@ def test_deduplicate_keeps_the_larger_of_overlapping_families():
 
 def test_cooccurrence_from_sparse_codes_matches_the_dense_firing_matrix():
     rng = np.random.default_rng(0)
-    n_texts, k, n = 3000, 6, 50
+    n_texts, k, n = 3000, 6, 1200  # more features than one block of _gram's rows
     indices = np.stack([rng.choice(n, k, replace=False) for _ in range(n_texts)]).astype(np.int32)
     values = rng.random((n_texts, k)).astype(np.float32)
     values[rng.random((n_texts, k)) < 0.2] = 0  # selected by top-k but not firing
@@ -109,6 +109,8 @@ def test_cooccurrence_from_sparse_codes_matches_the_dense_firing_matrix():
     for method in ("scipy", "dense", "merge"):
         got = cooccurrence(acts, chunk_rows=700, method=method)
         assert got.shape == (n, n) and np.array_equal(got.toarray(), expected), method
+        assert got.dtype == np.int64 and got.has_sorted_indices, method
+        assert all((np.diff(got.indices[a:b]) > 0).all() for a, b in zip(got.indptr[:-1], got.indptr[1:])), method
     norm = normalized_cooccurrence(got).toarray()
     np.fill_diagonal(expected, 0)
     assert norm == pytest.approx(expected / (firing.sum(0) + 1)[:, None])
@@ -215,7 +217,7 @@ def test_permuted_ratios_keep_the_block_sizes(real):
     eligible = np.ones(norm.shape[0], dtype=bool)
     ratios = permuted_block_ratios(norm, result.families, eligible, permutations=5, seed=1)
     assert len(ratios) == 5 and len(set(ratios)) == 5  # five different draws
-    assert ratios == permuted_block_ratios(norm, result.families, eligible, permutations=5, seed=1)  # seeded
+    assert ratios == pytest.approx(permuted_block_ratios(norm, result.families, eligible, permutations=5, seed=1), rel=1e-12)  # seeded
 
 
 def test_real_families_carry_their_members_labels(real):
