@@ -261,8 +261,14 @@ def cooccurrence(
         keys_seen = flat.nonzero().squeeze(1)
         counts_seen = flat[keys_seen].to(torch.int64)
         del flat
+    # The keys come sorted (nonzero and unique sort them): rows and columns in order, so the
+    # CSR arrays are read off them, without scipy's sort of ~10^8 (row, column) pairs.
     keys_np, counts_np = keys_seen.cpu().numpy(), counts_seen.cpu().numpy()
-    return sp.csr_matrix((counts_np, (keys_np // n, keys_np % n)), shape=(n, n))
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys_np // n, minlength=n), out=indptr[1:])
+    out = sp.csr_matrix((counts_np, (keys_np % n).astype(np.int32), indptr), shape=(n, n))
+    out.has_sorted_indices = True
+    return out
 
 
 def _gram(a: sp.csr_matrix, block: int = 512) -> sp.csr_matrix:
