@@ -47,7 +47,11 @@ class SparseActivations:
         feats = indices[active].astype(np.int64)
         row_of = np.broadcast_to(base[:, None], values.shape)[active]
         acts = values[active]
-        order = np.lexsort((-acts, feats))  # by feature, strongest first
+        # By feature, strongest first, ties in row order: one stable sort of a 64-bit key, the
+        # feature above the inverted activation's bits (a positive float's bits grow with it).
+        # torch's stable CPU sort: 0.5 s for 14M entries, against 5.9 s for np.lexsort.
+        key = (feats << 32) | (np.uint32(0xFFFFFFFF) - acts.astype(np.float32).view(np.uint32)).astype(np.int64)
+        order = torch.argsort(torch.from_numpy(key), stable=True).numpy()
         feats, row_of, acts = feats[order], row_of[order], acts[order]
         ptr = np.zeros(self.n_latents + 1, dtype=np.int64)
         np.cumsum(np.bincount(feats, minlength=self.n_latents), out=ptr[1:])

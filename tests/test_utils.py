@@ -1,13 +1,16 @@
-"""The JSON writer every result file goes through."""
+"""The JSON writer every result file goes through, and the feature -> texts index of a corpus' codes."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sbert_sae.activations import SparseActivations
 from sbert_sae.utils import dumps_json, read_json, write_json
 
 _scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
@@ -44,3 +47,19 @@ def test_shallow_levels_are_indented_and_deeper_values_lie_on_one_line(tmp_path)
     assert '    "0": {"label": "music", "keywords": [{"k": "music", "s": 0.5}]},' in lines  # a feature a line
     assert '    "1": {"label": null, "score": null}' in lines
     assert read_json(tmp_path / "a.json")["features"]["1"] == {"label": None, "score": None}
+
+
+def test_by_feature_lists_each_features_texts_strongest_first_ties_in_row_order():
+    rng = np.random.default_rng(0)
+    n_texts, k, n = 5000, 8, 300
+    indices = np.stack([rng.choice(n, k, replace=False) for _ in range(n_texts)]).astype(np.int32)
+    values = (rng.integers(0, 6, (n_texts, k)) * 0.25).astype(np.float32)  # many ties, and zeros
+    acts = SparseActivations(values, indices, n)
+    rows = np.sort(rng.choice(n_texts, 3000, replace=False))
+    for subset in (None, rows):
+        index = acts.by_feature(subset)
+        positions = np.arange(n_texts) if subset is None else subset
+        for f in range(n):
+            r, c = np.nonzero((indices[positions] == f) & (values[positions] > 0))
+            expected = sorted(zip(-values[positions][r, c], positions[r]))  # strongest, then lower row
+            assert list(zip(-index.acts_of(f), index.rows_of(f))) == expected
