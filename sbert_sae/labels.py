@@ -288,20 +288,24 @@ def hard_negatives(
     pool: np.ndarray,
     m: int,
     chunk: int = 256,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """(n_latents, m) positions of the pool texts nearest each centroid on which its feature does not fire (-1 = none)."""
+    """(n_latents, m) positions of the pool texts nearest each centroid on which its feature
+    does not fire (-1 = none); the similarities and their top-m on `device` (default: CPU)."""
     out = np.full((len(centroids), m), -1, dtype=np.int64)
     if len(pool) == 0:
         return out
-    pool_emb = emb[torch.from_numpy(pool)]
+    device = torch.device(device or "cpu")
+    pool_emb = emb[torch.from_numpy(pool)].to(device)
+    centroids = centroids.to(device)
     m_eff = min(m, len(pool))
     for f0 in range(0, len(centroids), chunk):
         f1 = min(f0 + chunk, len(centroids))
         sims = centroids[f0:f1] @ pool_emb.T
-        sims.masked_fill_(_firing_mask(acts, pool, f0, f1), float("-inf"))
+        sims.masked_fill_(_firing_mask(acts, pool, f0, f1).to(device), float("-inf"))
         top = sims.topk(m_eff, dim=1)
-        picked = pool[top.indices.numpy()]
-        picked[~torch.isfinite(top.values).numpy()] = -1
+        picked = pool[top.indices.cpu().numpy()]
+        picked[~torch.isfinite(top.values).cpu().numpy()] = -1
         out[f0:f1, :m_eff] = picked
     return out
 
@@ -435,8 +439,11 @@ def prepare_labelling(
     rng = np.random.default_rng(args.seed)
     train_pool = _cap(train_pos, args.negative_pool, rng)
     held_pool = _cap(held_pos, args.negative_pool, rng)
-    hard_train = hard_negatives(emb, centroids, acts, train_pool, max(1, args.negatives // 2))
-    hard_held = hard_negatives(emb, centroids, acts, held_pool, max(1, args.score_texts // 2))
+    # On the SAE's device: 2 x n_latents x 50k similarities and their top-k (9.5 s of labelling
+    # 220k texts with n=9216 on 2 CPU cores).
+    device = sae.W_dec.device
+    hard_train = hard_negatives(emb, centroids, acts, train_pool, max(1, args.negatives // 2), device=device)
+    hard_held = hard_negatives(emb, centroids, acts, held_pool, max(1, args.score_texts // 2), device=device)
     return LabellingContext(
         args=args,
         texts=list(texts),
