@@ -7,12 +7,17 @@ labelling, families and the explorer read.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .modeling_sbert_sae import SparseAutoencoder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,3 +104,55 @@ def encode_corpus(
         indices[start : start + len(x)] = i.cpu().numpy()
     sae.train(was_training)
     return SparseActivations(values=values, indices=indices, n_latents=sae.config.n_latents)
+
+
+def encoder_fingerprint(sae: SparseAutoencoder) -> str:
+    """A digest of what an SAE's codes depend on: the encoder's weights, k and the input norm."""
+    digest = hashlib.sha256()
+    for tensor in (sae.W_enc, sae.b_enc, sae.b_pre):
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digest.update(f"k={sae.config.k}|normalize={sae.config.normalize}".encode())
+    return digest.hexdigest()[:16]
+
+
+def codes_paths(sae: SparseAutoencoder, folder: str | Path, fingerprint: str | None = None) -> tuple[Path, Path]:
+    """Where the codes (values, indices) of the corpus embedded in `folder` are kept for `sae`."""
+    stem = Path(folder) / f"codes-{fingerprint or encoder_fingerprint(sae)}"
+    return stem.with_suffix(".values.npy"), stem.with_suffix(".indices.npy")
+
+
+def corpus_codes(
+    sae: SparseAutoencoder,
+    embeddings: np.ndarray,
+    folder: str | Path | None = None,
+    show_progress: bool = False,
+    fingerprint: str | None = None,
+) -> SparseActivations:
+    """`encode_corpus`, kept in `folder` (the corpus' embedding cache) and read back from there
+    (memory-mapped) by every later caller with the same encoder: labelling, families, search
+    and the explorer encode a corpus once between them (16 s each for 220k texts, n=9216, on
+    2 CPU cores). Without `folder`, or where it cannot be written, the codes are computed."""
+    paths = None if folder is None else codes_paths(sae, folder, fingerprint)
+    if paths is not None and all(p.exists() for p in paths):
+        try:
+            values, indices = (np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        except (OSError, ValueError) as err:  # damaged: computed again and replaced below
+            logger.warning("could not read the corpus codes in %s (%s): computing them again", folder, err)
+        else:
+            if values.shape == (len(embeddings), sae.config.k) and indices.shape == values.shape:
+                return SparseActivations(values=values, indices=indices, n_latents=sae.config.n_latents)
+    codes = encode_corpus(sae, embeddings, show_progress=show_progress)
+    if paths is not None:
+        from .utils import atomic_write
+
+        try:
+            for path, array in zip(paths, (codes.values, codes.indices)):
+                atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
+        except OSError as err:  # a read-only cache still works, it only recomputes next time
+            logger.warning("could not keep the corpus codes in %s: %s", folder, err)
+    return codes
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save on a name would add ".npy" to it
+        np.save(f, array)

@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .activations import SparseActivations, encode_corpus
+from .activations import SparseActivations, corpus_codes, encode_corpus
 from .errors import ConfigError, InputError, ModelLoadError
 from .modeling_sbert_sae import SparseAutoencoder
 from .utils import round_figure
@@ -759,7 +759,7 @@ def run_families(
     data, _, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
     device = data.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sae = sae.to(device)
-    acts = encode_corpus(sae, cache.embeddings, show_progress=show_progress)
+    acts = corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress)
     result = compute_families(acts, args, getattr(sae, "label_data", None), device=device, show_progress=show_progress)
     chosen = pick_family(result.families)
     if plot_family is not None:

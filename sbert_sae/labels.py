@@ -408,8 +408,10 @@ def prepare_labelling(
     embeddings: np.ndarray,
     args: LabelArguments | None = None,
     row_ids: np.ndarray | None = None,
+    codes: SparseActivations | None = None,
 ) -> LabellingContext:
-    """Encode the corpus once and gather each feature's examples (see `LabellingContext`)."""
+    """Encode the corpus once (unless its `codes` are given) and gather each feature's
+    examples (see `LabellingContext`)."""
     args = args or LabelArguments()
     args.validate()
     n_texts = len(texts)
@@ -420,7 +422,9 @@ def prepare_labelling(
     if n_texts < 4:
         raise DatasetError(f"need at least 4 texts to label and score features, got {n_texts}")
     t0 = time.perf_counter()
-    acts = encode_corpus(sae, embeddings)
+    if codes is not None and (len(codes) != n_texts or codes.n_latents != sae.config.n_latents):
+        raise ConfigError(f"codes of {len(codes)} texts and {codes.n_latents} features do not fit {n_texts} texts and an SAE of {sae.config.n_latents}")
+    acts = encode_corpus(sae, embeddings) if codes is None else codes
     n_feat = sae.config.n_latents
     train_pos, held_pos = split_heldout(np.arange(n_texts), args.heldout_fraction, args.seed)
     train_fi, held_fi = acts.by_feature(train_pos), acts.by_feature(held_pos)
@@ -478,6 +482,7 @@ def label_features(
     context: LabellingContext | None = None,
     done: dict[int, dict] | None = None,
     on_block=None,
+    codes: SparseActivations | None = None,
 ) -> LabelResult:
     """Label and score every feature of `sae` on a corpus.
 
@@ -490,12 +495,13 @@ def label_features(
         done: entries of features labelled by an earlier, interrupted run: kept, not redone.
         on_block: called with all entries so far after every `args.block_size` features, so
             that a caller can save them (a killed run then loses one block at most).
+        codes: the corpus' top-k codes by `sae`, when already computed (`corpus_codes`).
     """
     import sklearn
     from keybert import KeyBERT
     from tqdm.auto import tqdm
 
-    ctx = context or prepare_labelling(sae, texts, embeddings, args, row_ids)
+    ctx = context or prepare_labelling(sae, texts, embeddings, args, row_ids, codes=codes)
     args = ctx.args
     timings = dict(ctx.timings)
     clock = time.perf_counter()

@@ -345,6 +345,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
     add the label scores to `metrics.json`. Returns the labelling summary."""
     import torch
 
+    from .activations import corpus_codes
     from .base_model import load_sentence_transformer
     from .labels import LABELS_FILE, LabelArguments, feature_labels_document, label_features
     from .modeling_sbert_sae import SparseAutoencoder
@@ -380,7 +381,8 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
 
     with run_lock(sae_path):
         result = label_features(
-            sae, texts, cache.embeddings, model, label_args, row_ids=cache.row_ids, show_progress=show_progress, done=done, on_block=save_partial
+            sae, texts, cache.embeddings, model, label_args, row_ids=cache.row_ids, show_progress=show_progress, done=done, on_block=save_partial,
+            codes=corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress),
         )
         dataset_name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
         write_json(sae_path / LABELS_FILE, feature_labels_document(result, sae, dataset=dataset_name), depth=2)  # a feature a line

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .activations import SparseActivations, encode_corpus
+from .activations import SparseActivations, _save_npy, codes_paths, corpus_codes, encoder_fingerprint
 from .errors import InputError
 from .modeling_sbert_sae import SparseAutoencoder
 
@@ -263,41 +263,18 @@ class SteerableIndex:
         """Top-k codes of every corpus text, computed once (and kept beside the embedding
         cache, keyed by the SAE's encoder weights, when the index has a cache folder)."""
         if self._codes is None:
-            paths = self.codes_paths()
-            if paths is not None:
-                if all(p.exists() for p in paths):
-                    values, indices = (np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
-                    if values.shape == (len(self), self.sae.config.k) and indices.shape == values.shape:
-                        self._codes = SparseActivations(values=values, indices=indices, n_latents=self.sae.config.n_latents)
-                        return self._codes
             embeddings = self._embeddings.detach().float().cpu().numpy() if isinstance(self._embeddings, torch.Tensor) else self._embeddings
-            self._codes = encode_corpus(self.sae, embeddings, show_progress=self.show_progress)
-            if paths is not None:
-                try:
-                    from .utils import atomic_write
-
-                    for path, array in zip(paths, (self._codes.values, self._codes.indices)):
-                        atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
-                except OSError as err:  # a read-only cache still searches, it only recomputes next time
-                    logger.warning("could not keep the corpus codes in %s: %s", self.codes_dir, err)
+            self._codes = corpus_codes(self.sae, embeddings, self.codes_dir, show_progress=self.show_progress, fingerprint=self.encoder_fingerprint())
         return self._codes
 
     def codes_paths(self) -> tuple[Path, Path] | None:
         """Where the corpus codes (values, indices) are kept, or None without a cache folder."""
-        if self.codes_dir is None:
-            return None
-        stem = self.codes_dir / f"codes-{self.encoder_fingerprint()}"
-        return stem.with_suffix(".values.npy"), stem.with_suffix(".indices.npy")
+        return None if self.codes_dir is None else codes_paths(self.sae, self.codes_dir, self.encoder_fingerprint())
 
     def encoder_fingerprint(self) -> str:
         """A digest of what the codes depend on: the encoder's weights, k and the input norm."""
-        if self._fingerprint is not None:
-            return self._fingerprint
-        digest = hashlib.sha256()
-        for tensor in (self.sae.W_enc, self.sae.b_enc, self.sae.b_pre):
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        digest.update(f"k={self.sae.config.k}|normalize={self.sae.config.normalize}".encode())
-        self._fingerprint = digest.hexdigest()[:16]
+        if self._fingerprint is None:
+            self._fingerprint = encoder_fingerprint(self.sae)
         return self._fingerprint
 
     @property
@@ -621,11 +598,6 @@ class DatasetTexts:
 
     def __getitem__(self, position: int) -> str:
         return self.get([int(position)])[0]
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # np.save on a name would add ".npy" to it
-        np.save(f, array)
 
 
 def _faiss_available() -> bool:

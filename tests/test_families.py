@@ -254,7 +254,13 @@ def run_copy(labelled_run, tmp_path):
     return folder
 
 
-def test_families_command_writes_files_and_a_summary(run_copy, real, capsys):
+def test_families_command_writes_files_and_a_summary(run_copy, real, capsys, monkeypatch):
+    import sbert_sae.activations as activations
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the corpus codes kept by `sbert-sae label` should be read, not computed again")
+
+    monkeypatch.setattr(activations, "encode_corpus", no_encoding)
     assert main(["families", str(run_copy), "-q"]) == 0  # the corpus of training_args.json
     out = capsys.readouterr().out
     doc = json.loads((run_copy / "families.json").read_text())

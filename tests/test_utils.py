@@ -63,3 +63,40 @@ def test_by_feature_lists_each_features_texts_strongest_first_ties_in_row_order(
             r, c = np.nonzero((indices[positions] == f) & (values[positions] > 0))
             expected = sorted(zip(-values[positions][r, c], positions[r]))  # strongest, then lower row
             assert list(zip(-index.acts_of(f), index.rows_of(f))) == expected
+
+
+def test_corpus_codes_are_kept_beside_the_cache_and_read_back(tmp_path, caplog):
+    import torch
+
+    from sbert_sae import SparseAutoencoder, SparseAutoencoderConfig
+    from sbert_sae.activations import codes_paths, corpus_codes, encode_corpus
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=64, k=4))
+    embeddings = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    expected = encode_corpus(sae, embeddings)
+    first = corpus_codes(sae, embeddings, tmp_path)
+    values_path, indices_path = codes_paths(sae, tmp_path)
+    assert values_path.exists() and indices_path.exists()
+    again = corpus_codes(sae, embeddings, tmp_path)
+    assert isinstance(again.values, np.memmap)  # read back, not recomputed
+    for codes in (first, again):
+        assert np.array_equal(codes.values, expected.values) and np.array_equal(codes.indices, expected.indices)
+    # Another encoder (other weights) has codes of its own.
+    original = sae.b_enc.detach().clone()
+    with torch.no_grad():
+        sae.b_enc += 0.1
+    assert codes_paths(sae, tmp_path)[0] != values_path
+    assert not isinstance(corpus_codes(sae, embeddings, tmp_path).values, np.memmap)
+    with torch.no_grad():
+        sae.b_enc.copy_(original)
+    assert codes_paths(sae, tmp_path)[0] == values_path
+    # A damaged file, or codes of another corpus' length, are computed again and replaced.
+    values_path.write_bytes(b"not an array")
+    with caplog.at_level("WARNING"):
+        mended = corpus_codes(sae, embeddings, tmp_path)
+    assert "could not read the corpus codes" in caplog.text
+    assert np.array_equal(mended.values, expected.values)
+    assert isinstance(corpus_codes(sae, embeddings, tmp_path).values, np.memmap)
+    shorter = corpus_codes(sae, embeddings[:100], tmp_path)
+    assert len(shorter) == 100 and np.array_equal(shorter.indices, expected.indices[:100])
