@@ -147,12 +147,13 @@ def corpus_codes(
 
         try:
             for path, array in zip(paths, (codes.values, codes.indices)):
-                atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
+                atomic_write(path, lambda tmp, a=array: save_npy(tmp, a))
         except OSError as err:  # a read-only cache still works, it only recomputes next time
             logger.warning("could not keep the corpus codes in %s: %s", folder, err)
     return codes
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
+def save_npy(path: str, array: np.ndarray) -> None:
+    """`array` as a .npy file at exactly `path` (for `atomic_write`)."""
     with open(path, "wb") as f:  # np.save on a name would add ".npy" to it
         np.save(f, array)

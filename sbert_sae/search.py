@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .activations import SparseActivations, _save_npy, codes_paths, corpus_codes, encoder_fingerprint
+from .activations import SparseActivations, save_npy, codes_paths, corpus_codes, encoder_fingerprint
 from .errors import InputError
 from .modeling_sbert_sae import SparseAutoencoder
 
@@ -362,7 +362,7 @@ class SteerableIndex:
                 pass  # unreadable: embed again and replace it
         vectors = F.normalize(self.sae.embed_texts(labels).float(), dim=-1).cpu()
         try:
-            atomic_write(path, lambda tmp: _save_npy(tmp, vectors.numpy()))
+            atomic_write(path, lambda tmp: save_npy(tmp, vectors.numpy()))
         except OSError as err:
             logger.warning("could not keep the label vectors in %s: %s", path.parent, err)
         return vectors
