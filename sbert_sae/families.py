@@ -39,7 +39,7 @@ import torch
 from .activations import SparseActivations, corpus_codes, encode_corpus
 from .errors import ConfigError, InputError, ModelLoadError
 from .modeling_sbert_sae import SparseAutoencoder
-from .utils import round_figure
+from .utils import round_figure, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,6 @@ def cooccurrence(
 
 def _gram(a: sp.csr_matrix, block: int = 512) -> sp.csr_matrix:
     """`a^T a` (n, n) with sorted indices, its rows computed in blocks by a thread pool."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     at = a.T.tocsr()
@@ -283,8 +282,7 @@ def _gram(a: sp.csr_matrix, block: int = 512) -> sp.csr_matrix:
         product.sort_indices()
         return product
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, min(8, cores))) as pool:
+    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
         parts = list(pool.map(rows, range(0, at.shape[0], block)))
     out = sp.vstack(parts, format="csr")
     out.has_sorted_indices = True  # each block's rows are sorted, and vstack keeps them

@@ -44,7 +44,7 @@ from .data import split_heldout
 from .errors import ConfigError, DatasetError
 from .modeling_sbert_sae import SparseAutoencoder
 from .text_encoder import EncodeSettings, TextEncoder
-from .utils import round_figure
+from .utils import round_figure, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,6 @@ def document_terms(texts: list[str], ngram_range: tuple[int, int], min_df: int, 
     analysed in parallel and only their distinct n-grams come back to be merged.
     """
     import multiprocessing
-    import os
     import sys
     import warnings
 
@@ -173,8 +172,7 @@ def document_terms(texts: list[str], ngram_range: tuple[int, int], min_df: int, 
 
     n_texts = len(texts)
     if processes is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        processes = min(8, cores) if n_texts >= PARALLEL_TERMS_MIN_TEXTS and sys.platform == "linux" else 1
+        processes = usable_cores() if n_texts >= PARALLEL_TERMS_MIN_TEXTS and sys.platform == "linux" else 1
     processes = max(1, min(processes, n_texts))
     bounds = np.linspace(0, n_texts, processes * 4 + 1 if processes > 1 else 2).astype(int)
     starts = [int(a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

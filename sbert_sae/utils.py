@@ -103,6 +103,12 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def usable_cores(at_most: int = 8) -> int:
+    """CPU cores this process may run on (its affinity where the OS tells it), at most `at_most`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(at_most, cores))
+
+
 def dumps_json(data: Any, depth: int = 3) -> str:
     """`data` as JSON text (NaN/inf become null: JSON has neither), indented down to `depth`
     levels of nesting, each value below that on one line, as is a list of plain values.
@@ -118,6 +124,7 @@ def _dumps(value: Any, depth: int, level: int) -> str:
     if level < depth and isinstance(value, (dict, list, tuple)) and len(value) and (isinstance(value, dict) or any(isinstance(v, (dict, list, tuple)) for v in value)):
         pad, inner = "  " * level, "  " * (level + 1)
         if isinstance(value, dict):
+            # Each key as json writes it (an int key becomes "1"): the text between "{" and ": null}".
             items = [f"{inner}{_compact({key: None})[1:-7]}: {_dumps(item, depth, level + 1)}" for key, item in value.items()]
             return "{\n" + ",\n".join(items) + f"\n{pad}}}"
         return "[\n" + ",\n".join(f"{inner}{_dumps(item, depth, level + 1)}" for item in value) + f"\n{pad}]"
