@@ -104,3 +104,23 @@ def labelled_run(wiki_small, tmp_path_factory):
     assert main(["train", "--dataset", str(wiki_small), "--out", str(out), "--n-latents", "64", "-k", "4", "--epochs", "5", "--batch-size", "32", "-q", "--report-to", "none"]) == 0
     assert main(["label", str(out), "--dataset", str(wiki_small), "-q", "--top-texts", "10"]) == 0
     return out
+
+
+@pytest.fixture
+def keybert_documents(monkeypatch):
+    """Call it to start recording the documents (feature ids) KeyBERT is asked to label from
+    then on; it returns the list they are added to."""
+    import keybert
+
+    def start() -> list[str]:
+        asked: list[str] = []
+        real_extract = keybert.KeyBERT.extract_keywords
+
+        def recording(self, docs, *args, **kwargs):
+            asked.extend(docs)
+            return real_extract(self, docs, *args, **kwargs)
+
+        monkeypatch.setattr(keybert.KeyBERT, "extract_keywords", recording)
+        return asked
+
+    return start

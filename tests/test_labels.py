@@ -185,9 +185,7 @@ def test_malformed_labels_file_is_refused(labelled_run, tmp_path):
         SparseAutoencoder.from_pretrained(broken)
 
 
-def test_a_killed_labelling_resumes_without_redoing_finished_features(labelled_run, wiki_small, monkeypatch):
-    import keybert
-
+def test_a_killed_labelling_resumes_without_redoing_finished_features(labelled_run, wiki_small, monkeypatch, keybert_documents):
     from sbert_sae import labels as labels_module
     from sbert_sae.pipeline import DataArguments, run_labelling
 
@@ -209,14 +207,7 @@ def test_a_killed_labelling_resumes_without_redoing_finished_features(labelled_r
     assert sorted(int(f) for f in partial["features"]) == list(range(32))
 
     monkeypatch.setattr(labels_module, "score_labels", real_score)
-    seen: list[str] = []
-    real_extract = keybert.KeyBERT.extract_keywords
-
-    def recording(self, docs, *a, **k):
-        seen.extend(docs)
-        return real_extract(self, docs, *a, **k)
-
-    monkeypatch.setattr(keybert.KeyBERT, "extract_keywords", recording)
+    seen = keybert_documents()
     summary = run_labelling(labelled_run, data, args, show_progress=False)
     assert seen and all(int(doc) >= 32 for doc in seen)  # finished features were not labelled again
     assert not (labelled_run / "feature_labels.partial.json").exists()

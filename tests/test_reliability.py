@@ -239,12 +239,10 @@ def test_a_real_full_disk_during_a_checkpoint_keeps_the_previous_one(wiki_small,
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
-def test_killed_labelling_resumes_without_redoing_finished_features(labelled_run, wiki_small, tmp_path, caplog, monkeypatch):
+def test_killed_labelling_resumes_without_redoing_finished_features(labelled_run, wiki_small, tmp_path, caplog, monkeypatch, keybert_documents):
     """`sbert-sae label` killed with SIGKILL after its second block of 16 features was saved:
     the rerun takes those 32 from feature_labels.partial.json, asks KeyBERT about the other 32
     only, and ends with the labels of an uninterrupted run."""
-    import keybert
-
     saes = {}
     for name in ("whole", "killed"):
         saes[name] = tmp_path / name
@@ -261,14 +259,7 @@ def test_killed_labelling_resumes_without_redoing_finished_features(labelled_run
     assert sorted(map(int, partial["features"])) == list(range(32))
     assert not (saes["killed"] / "feature_labels.json").exists()
 
-    asked: list[str] = []
-    real_extract = keybert.KeyBERT.extract_keywords
-
-    def recording(self, docs, *args, **kwargs):
-        asked.extend(docs)
-        return real_extract(self, docs, *args, **kwargs)
-
-    monkeypatch.setattr(keybert.KeyBERT, "extract_keywords", recording)
+    asked = keybert_documents()
     caplog.set_level(logging.INFO, logger="sbert_sae")
     assert run_cli("label", saes["killed"], *label) == 0
     assert "resuming labelling: 32 features already done" in caplog.text
