@@ -38,7 +38,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 DEAD_CHECK_EVERY = 16
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "checkpoint_min_seconds", "keep_checkpoints", "report_to", "show_progress", "eval_max_rows"}
+RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "checkpoint_min_seconds", "keep_checkpoints", "report_to", "show_progress", "eval_max_rows", "cuda_graphs"}
 
 
 @dataclass
@@ -78,6 +78,10 @@ class TrainingArguments:
     """Accelerate trackers: auto (tensorboard/trackio when installed), none, or a comma list."""
     show_progress: bool = True
     """Show a progress bar."""
+    cuda_graphs: bool = True
+    """On one GPU, with the training rows resident and bf16 or fp32, replay each full batch's
+    forward, backward and gradient work as a captured CUDA graph (one per AuxK width): the
+    host's Python then no longer paces the GPU. Same arithmetic as the eager step."""
 
     def validate(self) -> None:
         def positive(name: str, value, allow_zero: bool = False) -> None:
@@ -324,6 +328,129 @@ def data_identity(cache_key: str, train_positions: np.ndarray) -> str:
     return cache_key + ":" + hashlib.sha256(np.asarray(train_positions, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------- steps
+@dataclass
+class FiringStats:
+    """What the trainer tracks on the device across steps (updated in place: a captured graph
+    writes into these very tensors)."""
+
+    samples_since_fired: torch.Tensor
+    epoch_fires: torch.Tensor
+    running_fvu: torch.Tensor
+    running_l0: torch.Tensor
+
+    @torch.no_grad()
+    def record(self, out, batch_rows: int, local_rows: int, reduce=None) -> None:
+        fired = torch.zeros_like(self.epoch_fires)
+        active = out.latent_values > 0
+        fired.scatter_add_(0, out.latent_indices.flatten(), active.flatten().long())
+        if reduce is not None:
+            fired = reduce(fired)
+        self.samples_since_fired += batch_rows
+        self.samples_since_fired.masked_fill_(fired > 0, 0)
+        self.epoch_fires += fired
+        self.running_fvu += out.fvu.detach().float()
+        self.running_l0 += active.sum() / max(1, local_rows)
+
+
+def auxk_width(n_dead: int, n_latents: int, smallest: int = 256) -> int:
+    """Length of the padded dead-feature list of a captured step: a power of two (so that few
+    graphs are captured as the dead count moves), 0 when none is dead."""
+    if n_dead == 0:
+        return 0
+    return min(n_latents, max(smallest, 1 << (n_dead - 1).bit_length()))
+
+
+class GraphedSteps:
+    """The gradient work of a training step (forward, backward, gradient projection, clipping,
+    firing statistics), replayed from a CUDA graph for full batches.
+
+    The gradients land in persistent `.grad` tensors that the optimiser reads (it steps
+    eagerly: one fused kernel). One graph is captured per AuxK width (`auxk_width` of the dead
+    count), all in one memory pool. With `capture=False` (any device) the same body runs
+    eagerly: what a partial batch runs, and what the tests compare with the plain loop.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, stats: FiringStats, batch_size: int, autocast_dtype: torch.dtype | None, grad_clip: float, capture: bool = True):
+        self.sae, self.stats = sae, stats
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        self.grad_clip = grad_clip
+        self.capture = capture
+        self.params = list(sae.parameters())
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        device = sae.W_dec.device
+        self.x = torch.zeros(batch_size, sae.config.d_in, device=device) if capture else None
+        self.graphs: dict[int, tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.dead_buffers: dict[int, torch.Tensor] = {}
+        self.width = 0
+
+    def set_dead(self, dead_features: torch.Tensor) -> None:
+        """The dead features' ids (read on the host every few steps), padded with -1 to their
+        `auxk_width`, in that width's buffer (which its graph reads)."""
+        width = auxk_width(len(dead_features), self.sae.config.n_latents)
+        if width and width not in self.dead_buffers:
+            self.dead_buffers[width] = torch.empty(width, dtype=torch.long, device=dead_features.device)
+        if width:
+            buffer = self.dead_buffers[width]
+            buffer.fill_(-1)
+            buffer[: len(dead_features)] = dead_features
+        self.width = width
+
+    def body(self, x: torch.Tensor, dead: torch.Tensor | None, batch_rows: int, record: bool = True):
+        """One step's gradient work; its output (loss, fvu, ...) for the log."""
+        sae = self.sae
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None, cache_enabled=False):
+            # The class' forward, not the instance's: Accelerate wraps the latter in its own
+            # autocast and an fp32 conversion of the outputs.
+            out = type(sae).forward(sae, x, dead_features=dead, check_finite=False)
+        grads = torch.autograd.grad(out.loss, self.params)
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                p.grad.copy_(g)
+        sae.remove_gradient_parallel_to_decoder()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if record:
+            self.stats.record(out, batch_rows, len(x))
+        return out
+
+    def run(self, data: torch.Tensor, index: torch.Tensor, batch_rows: int):
+        """The step on rows `data[index]`: replayed for a full batch, else run eagerly."""
+        dead = self.dead_buffers[self.width] if self.width else None
+        if not self.capture or len(index) != self.batch_size:
+            return self.body(data[index], dead, batch_rows)
+        torch.index_select(data, 0, index, out=self.x)
+        if self.width not in self.graphs:
+            self.graphs[self.width] = self._capture(dead, batch_rows)
+        graph, out = self.graphs[self.width]
+        graph.replay()
+        return out
+
+    def _capture(self, dead: torch.Tensor | None, batch_rows: int):
+        # Lazy initialisations (cuBLAS workspaces, autograd) happen on a side stream first, as
+        # capture requires; these runs record nothing and their gradients are overwritten.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.body(self.x, dead, batch_rows, record=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.body(self.x, dead, batch_rows)
+        logger.debug("captured the training step for AuxK width %d", 0 if dead is None else len(dead))
+        return graph, out
+
+
+def _use_graphed_steps(args: TrainingArguments, device: torch.device, world: int, resident: bool, precision: str) -> bool:
+    """Captured steps need one process (no gradient all-reduce between the graph and the
+    optimiser), rows on the GPU, and no fp16 loss scaling (which reads the scale on the host)."""
+    return args.cuda_graphs and device.type == "cuda" and world == 1 and resident and precision in ("no", "bf16")
+
+
 # ---------------------------------------------------------------------- train
 @dataclass
 class TrainResult:
@@ -453,6 +580,13 @@ def train(
 
     model, optimizer = accelerator.prepare(sae, optimizer)
     unwrapped: SparseAutoencoder = accelerator.unwrap_model(model)
+    stats = FiringStats(samples_since_fired, epoch_fires, torch.zeros((), device=dev), torch.zeros((), device=dev))
+    precision = accelerator.mixed_precision
+    graphed = None
+    if _use_graphed_steps(args, dev, world, feed.data is not None, precision):
+        autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        graphed = GraphedSteps(unwrapped, stats, args.batch_size, autocast_dtype, args.grad_clip, capture=dev.type == "cuda")
+        graphed.set_dead(dead_features)
     if accelerator.log_with and start_step == 0:
         accelerator.init_trackers("sbert-sae", config={**{k: str(v) for k, v in args.to_dict().items()}, **config.to_diff_dict()})
 
@@ -462,9 +596,7 @@ def train(
     samples_done = 0
     step = start_step
     last_dead_epoch = float("nan")
-    # Running sums stay on the device: reading them forces a sync, so only at log time.
-    running_fvu = torch.zeros((), device=dev)
-    running_l0 = torch.zeros((), device=dev)
+    # Running sums (in `stats`) stay on the device: reading them forces a sync, so only at log time.
     running_steps = 0
     model.train()
     order_epoch, order = -1, None
@@ -480,35 +612,30 @@ def train(
         global_batch = order[start : start + args.batch_size]
         batch_rows = len(global_batch)
         local = global_batch[rank::world]
-        x = feed.batch(local)
 
         if step % DEAD_CHECK_EVERY == 0:
             dead_features = (samples_since_fired >= config.dead_threshold).nonzero().flatten()
+            if graphed is not None:
+                graphed.set_dead(dead_features)
         lr = learning_rate(step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with accelerator.autocast():
-            out = model(x, dead_features=dead_features, check_finite=False)
-        accelerator.backward(out.loss)
-        unwrapped.remove_gradient_parallel_to_decoder()
-        if args.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if graphed is not None:
+            out = graphed.run(feed.data, local, batch_rows)
+            optimizer.step()
+        else:
+            x = feed.batch(local)
+            with accelerator.autocast():
+                out = model(x, dead_features=dead_features, check_finite=False)
+            accelerator.backward(out.loss)
+            unwrapped.remove_gradient_parallel_to_decoder()
+            if args.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.record(out, batch_rows, len(local), reduce=(lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None)
         unwrapped.set_decoder_norm_to_unit()
-
-        with torch.no_grad():
-            fired = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
-            active = out.latent_values > 0
-            fired.scatter_add_(0, out.latent_indices.flatten(), active.flatten().long())
-            if world > 1:
-                fired = accelerator.reduce(fired, reduction="sum")
-            samples_since_fired += batch_rows
-            samples_since_fired.masked_fill_(fired > 0, 0)
-            epoch_fires += fired
-            running_fvu += out.fvu.detach().float()
-            running_l0 += active.sum() / max(1, len(local))
-            running_steps += 1
+        running_steps += 1
         samples_done += batch_rows
         step += 1
 
@@ -518,13 +645,13 @@ def train(
                 "step": step,
                 "epoch": step / steps_per_epoch,
                 "lr": lr,
-                "fvu": float(running_fvu) / running_steps,
-                "l0": float(running_l0) / running_steps,
+                "fvu": float(stats.running_fvu) / running_steps,
+                "l0": float(stats.running_l0) / running_steps,
                 "auxk_loss": float(out.auxk_loss.detach()),
                 "dead_fraction": float((samples_since_fired >= config.dead_threshold).float().mean()),
             }
-            running_fvu.zero_()
-            running_l0.zero_()
+            stats.running_fvu.zero_()
+            stats.running_l0.zero_()
             running_steps = 0
             if end_of_epoch:
                 last_dead_epoch = float((epoch_fires == 0).float().mean())

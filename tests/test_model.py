@@ -155,21 +155,31 @@ def test_auxk_loss_is_positive_with_dead_latents():
     assert torch.allclose(out.loss, out.fvu + sae.config.auxk_coef * out.auxk_loss)
 
 
+@pytest.mark.parametrize("decoder_impl", ["sparse", "dense"])
 @pytest.mark.parametrize("n_dead", [0, 3, 40])
-def test_auxk_over_dead_ids_equals_auxk_over_the_mask(n_dead):
-    """The trainer passes dead feature ids (top-k over their columns only); loss and gradients
-    equal those of the dead mask, with fewer or more dead features than k_aux."""
+def test_auxk_over_dead_ids_equals_auxk_over_the_mask(n_dead, decoder_impl):
+    """The trainer passes dead feature ids (top-k and decoding over their columns only), padded
+    with -1 to a fixed length in a captured step; loss and gradients equal those of the dead
+    mask, with fewer or more dead features than k_aux, whichever way the code is decoded."""
     results = []
-    for form in ("mask", "ids"):
+    for form in ("mask", "ids", "padded ids"):
         sae = make_sae(n=64, k=2)
+        sae.decoder_impl = decoder_impl
         dead = torch.zeros(64, dtype=torch.bool)
         dead[torch.randperm(64, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
-        kwargs = {"dead_mask": dead} if form == "mask" else {"dead_features": dead.nonzero().flatten()}
+        ids = dead.nonzero().flatten()
+        if form == "mask":
+            kwargs = {"dead_mask": dead}
+        elif form == "ids":
+            kwargs = {"dead_features": ids}
+        else:  # padding first, so that a mask that misses it would pick it
+            kwargs = {"dead_features": torch.cat([torch.full((64 - n_dead,), -1), ids]) if n_dead else ids}
         out = sae(data(32), **kwargs)
         out.loss.backward()
-        results.append((out.loss.detach(), out.auxk_loss.detach(), sae.W_dec.grad.clone(), sae.W_enc.grad.clone()))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        results.append((out.loss.detach(), out.auxk_loss.detach(), sae.W_dec.grad.clone(), sae.W_enc.grad.clone(), sae.b_enc.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (float(results[0][1]) > 0) == (n_dead > 0)
 
 

@@ -269,3 +269,42 @@ def test_streaming_from_the_memory_map_trains_the_same_model(tmp_path):
         models.append(result.sae.state_dict())
     for name in models[0]:
         assert torch.equal(models[0][name], models[1][name]), name
+
+
+def test_graphed_step_body_trains_the_model_the_plain_loop_trains(tmp_path, monkeypatch):
+    """On a GPU full batches replay a captured graph of `GraphedSteps.body`; run eagerly here
+    (no capture on a CPU), that body trains the plain loop's model: gradients, projection,
+    clipping, AuxK over padded dead ids, firing statistics and logs alike (equal up to the
+    order in which AuxK's top-k returns its columns, hence rounding)."""
+    import sbert_sae.trainer as trainer
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 3, size=16)).astype(np.float32)
+    # A short dead threshold, so that AuxK runs (over padded ids in the graphed body).
+    args = TrainingArguments(epochs=4, batch_size=32, report_to="none", show_progress=False, checkpoint_every=0, log_every=3, grad_clip=0.05)
+    results = []
+    for graphed in (False, True):
+        monkeypatch.setattr(trainer, "_use_graphed_steps", lambda *a, graphed=graphed: graphed)
+        config = SparseAutoencoderConfig(d_in=16, n_latents=64, k=4, dead_threshold=64)
+        results.append(train(config, args, x, np.arange(20, 300), np.arange(20), tmp_path / str(graphed)))
+    plain, graphed_run = results
+    assert any(r["auxk_loss"] > 0 for r in plain.history), "no feature died: AuxK was not exercised"
+    for name, tensor in plain.sae.state_dict().items():
+        torch.testing.assert_close(tensor, graphed_run.sae.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert len(plain.history) == len(graphed_run.history) > 10
+    for a, b in zip(plain.history, graphed_run.history):
+        assert a.keys() == b.keys()
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_auxk_width_is_a_power_of_two_that_holds_the_dead():
+    from sbert_sae.trainer import auxk_width
+
+    assert auxk_width(0, 6144) == 0
+    assert auxk_width(1, 6144) == 256
+    assert auxk_width(257, 6144) == 512
+    assert auxk_width(4096, 6144) == 4096
+    assert auxk_width(4097, 6144) == 6144
+    assert all(auxk_width(n, 1000) >= n for n in range(1001))
