@@ -67,7 +67,8 @@ def run_once(args, max_texts: int | None, work: Path) -> dict:
     stages["label"]["features_per_second"] = round(args.n / stages["label"]["seconds"], 1)
     families = stage("families", lambda: run_families(out, data, FamilyArguments(), show_progress=False))
     stages["families"]["inside_compute_families"] = families.summary.get("seconds")
-    print(json.dumps({"label_parts": stages["label"]["parts"], "families_compute_seconds": stages["families"]["inside_compute_families"]}), flush=True)
+    stages["families"]["parts"] = families.summary.get("seconds_parts")
+    print(json.dumps({"label_parts": stages["label"]["parts"], "families_compute_seconds": stages["families"]["inside_compute_families"], "families_parts": stages["families"]["parts"]}), flush=True)
     metrics = read_json(out / "metrics.json")
     total = sum(s["seconds"] for s in stages.values())
     result = {

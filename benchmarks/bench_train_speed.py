@@ -71,18 +71,36 @@ def naive_rate(x: torch.Tensor, n: int, k: int, batch: int, steps: int = 60, war
     return steps * batch / (time.perf_counter() - t0)
 
 
-def ours(embeddings: np.ndarray, train_pos, held_pos, n: int, k: int, batch: int, epochs: int, lr: float, precision: str, device: str) -> dict:
+def ours(
+    embeddings: np.ndarray, train_pos, held_pos, n: int, k: int, batch: int, epochs: int, lr: float, precision: str, device: str,
+    schedule: str = "cosine", cuda_graphs: bool = True,
+) -> dict:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # each run picks its own mixed precision
     config = SparseAutoencoderConfig(d_in=embeddings.shape[1], n_latents=n, k=k)
     args = TrainingArguments(
-        epochs=epochs, batch_size=batch, lr=lr, report_to="none", show_progress=False, checkpoint_every=0, log_every=50, mixed_precision=precision
+        epochs=epochs, batch_size=batch, lr=lr, lr_schedule=schedule, report_to="none", show_progress=False, checkpoint_every=0,
+        log_every=50, mixed_precision=precision, cuda_graphs=cuda_graphs, eval_max_rows=len(held_pos),
     )
     with tempfile.TemporaryDirectory() as out:
         result = train(config, args, embeddings, train_pos, held_pos, out, device=device)
     held = torch.from_numpy(np.ascontiguousarray(embeddings[held_pos])).to(result.sae.device)
-    return {"samples_per_second": result.samples_per_second, "seconds": result.seconds, "heldout_fvu": heldout_fvu(result.sae, held), "steps": result.steps}
+    curve = [r["heldout_fvu"] for r in result.history if "heldout_fvu" in r]  # after each epoch, all held-out rows
+    return {
+        "samples_per_second": result.samples_per_second, "seconds": result.seconds, "heldout_fvu": heldout_fvu(result.sae, held),
+        "steps": result.steps, "lr": lr, "lr_schedule": schedule, "cuda_graphs": cuda_graphs, "heldout_fvu_per_epoch": [round(v, 4) for v in curve],
+    }
+
+
+def seconds_to_reach(run: dict, target: float) -> float | None:
+    """Training seconds until the run's held-out FVU (measured after each epoch) first reaches
+    `target`, at its average rate (None when it never does)."""
+    curve = run["heldout_fvu_per_epoch"]
+    for epoch, value in enumerate(curve, start=1):
+        if value <= target:
+            return run["seconds"] * epoch / len(curve)
+    return None
 
 
 def load_embeddings(args) -> np.ndarray:
@@ -106,7 +124,10 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="6144:32,24576:64,98304:64", help="n_latents:k, comma separated")
     p.add_argument("--batch-size", type=int, default=16384)
     p.add_argument("--epochs", type=int, default=None, help="default: enough for ~4M samples")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of both trainers")
+    p.add_argument("--our-lr", type=float, default=None, help="sbert-sae's own learning rate (default: --lr)")
+    p.add_argument("--our-schedule", default="cosine", help="sbert-sae's learning-rate schedule")
+    p.add_argument("--eager", action="store_true", help="also train sbert-sae without CUDA graphs (GPU)")
     p.add_argument("--heldout", type=int, default=10_000)
     p.add_argument("--no-saelens", action="store_true")
     p.add_argument("--precision-check", default=None, help="n:k:batch:epochs of an SAE trained in fp32 and bf16 (GPU)")
@@ -142,10 +163,17 @@ def main(argv=None) -> int:
         reset_peak(device)
         row["naive_step_samples_per_second"] = round(naive_rate(x_train, n, k, args.batch_size))
         reset_peak(device)
-        mine = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, args.lr, "auto", str(device))
+        our_lr = args.our_lr or args.lr
+        mine = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule)
         row["sbert_sae"] = rounded(mine)
         row["sbert_sae"]["peak_gpu_gb"] = peak_gpu_gb(device)
         row["sbert_sae_vs_naive"] = round(mine["samples_per_second"] / row["naive_step_samples_per_second"], 2)
+        if args.eager and device.type == "cuda":
+            reset_peak(device)
+            eager = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule, cuda_graphs=False)
+            row["sbert_sae_eager"] = rounded(eager)
+            row["sbert_sae_eager"]["peak_gpu_gb"] = peak_gpu_gb(device)
+            row["cuda_graphs_speedup"] = round(mine["samples_per_second"] / eager["samples_per_second"], 2)
         if saelens is not None:
             reset_peak(device)
             try:
@@ -153,6 +181,11 @@ def main(argv=None) -> int:
                 row["saelens"] = rounded(theirs)
                 row["saelens"]["peak_gpu_gb"] = peak_gpu_gb(device)
                 row["sbert_sae_vs_saelens"] = round(mine["samples_per_second"] / theirs["samples_per_second"], 2)
+                # At equal held-out FVU: SAELens' training time against ours until our held-out
+                # FVU first reaches SAELens' final one.
+                reach = seconds_to_reach(mine, theirs["heldout_fvu"])
+                row["sbert_sae_seconds_to_saelens_fvu"] = None if reach is None else round(reach, 3)
+                row["sbert_sae_vs_saelens_at_equal_fvu"] = None if reach is None else round(theirs["seconds"] / reach, 2)
             except Exception as err:  # noqa: BLE001 - the baseline failing must not hide our figures
                 row["saelens"] = {"error": f"{type(err).__name__}: {err}"}
         results["sizes"].append(row)

@@ -606,14 +606,26 @@ def compute_families(
     """Families of the features that fire in `acts`, named from `label_data`, with the block ratio."""
     args = args or FamilyArguments()
     args.validate()
-    started = time.perf_counter()
+    started = clock = time.perf_counter()
+    parts: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        parts[name] = round(now - clock, 2)
+        clock = now
+
     cooc = cooccurrence(acts, args.chunk_rows, args.dense_max_latents, device=device, show_progress=show_progress)
+    lap("cooccurrence")
     families = label_families(find_families(cooc, len(acts), args), label_data)
+    lap("trees")
     counts = np.asarray(cooc.diagonal(), dtype=np.int64)
     eligible = (counts > 0) & (counts <= args.max_density * max(1, len(acts)))
     norm = normalized_cooccurrence(cooc)
     ratio = block_ratio(norm, families)
+    lap("block_ratio")
     permuted = permuted_block_ratios(norm, families, eligible, args.permutations, args.seed) if families else []
+    lap("permutations")
     sizes = [len(f.children) for f in families]
     summary = {
         "n_families": len(families),
@@ -632,6 +644,7 @@ def compute_families(
         "permuted_block_ratio_max": round_figure(max(permuted)) if permuted else None,
         "n_permutations": len(permuted),
         "seconds": round(time.perf_counter() - started, 2),
+        "seconds_parts": parts,
     }
     return FamilyResult(families=families, summary=summary, settings=asdict(args), cooccurrence=cooc, n_texts=len(acts))
 

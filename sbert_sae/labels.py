@@ -592,9 +592,10 @@ def label_features(
             phrase_index = {p: i for i, p in enumerate(phrases)}
             phrase_emb = np.stack([known[p] for p in phrases]) if phrases else np.zeros((0, ctx.emb.shape[1]), dtype=np.float32)
             cand_matrix = _row_matrix([np.array([phrase_index[str(vocab[t])] for t in cand_per_feature[f]], dtype=np.int64) for f in alive], [np.ones(len(cand_per_feature[f]), dtype=np.float32) for f in alive], len(alive), len(phrases))
-            # Finiteness checks of sklearn's cosine_similarity, which KeyBERT calls once per feature,
-            # cost more than the similarities; the embeddings are finite by construction.
-            with sklearn.config_context(assume_finite=True):
+            # The finiteness checks and the parameter validation (signature inspection) of
+            # sklearn's cosine_similarity and normalize, which KeyBERT calls once per feature, cost
+            # more than the similarities; the embeddings are finite by construction.
+            with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
                 keybert_out = (
                     kw_model.extract_keywords(
                         [str(f) for f in alive],
