@@ -131,6 +131,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default: {defaults.lr})")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule, help=f"decay after warm-up (default: {defaults.lr_schedule})")
     g.add_argument("--warmup-fraction", type=_fraction, default=defaults.warmup_fraction, help=f"share of steps warming up (default: {defaults.warmup_fraction})")
+    g.add_argument("--decay-fraction", type=_fraction, default=defaults.decay_fraction, help=f"share of steps of the wsd schedule's final decay (default: {defaults.decay_fraction})")
     g.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help=f"gradient norm clip, 0 disables (default: {defaults.grad_clip})")
     g.add_argument("--heldout-fraction", type=_fraction, default=0.05, help="share of texts held out for the metrics (default: 0.05)")
     g.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, split and data order (default: 0)")
@@ -314,6 +315,7 @@ def _training_and_sae_arguments(args, n_latents: int, k: int):
         lr=args.lr,
         lr_schedule=args.lr_schedule,
         warmup_fraction=args.warmup_fraction,
+        decay_fraction=args.decay_fraction,
         grad_clip=args.grad_clip,
         seed=args.seed,
         mixed_precision=args.mixed_precision,

@@ -31,7 +31,7 @@ from .utils import append_jsonl, atomic_write, fsync_directory, fsync_folder, is
 
 logger = logging.getLogger(__name__)
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
+LR_SCHEDULES = ("constant", "linear", "cosine", "wsd")
 # Which features are dead is read on the host every this many steps (reading it every step
 # would stall the GPU): AuxK reaches a feature at most this many steps after it dies, and
 # its top-k runs over the dead features' columns only.
@@ -52,9 +52,12 @@ class TrainingArguments:
     lr: float = 3e-3
     """Peak Adam learning rate."""
     lr_schedule: str = "cosine"
-    """Decay after warm-up: constant, linear (to 0) or cosine (to 0)."""
+    """Decay after warm-up: constant, linear (to 0), cosine (to 0) or wsd (warm-up, stable,
+    decay: constant, then linear to 0 over the last `decay_fraction` of the steps)."""
     warmup_fraction: float = 0.05
     """Share of the steps spent warming the learning rate up from 0."""
+    decay_fraction: float = 0.2
+    """Share of the steps of the wsd schedule's final decay."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam's beta1, beta2."""
     grad_clip: float = 1.0
@@ -102,6 +105,8 @@ class TrainingArguments:
             raise ConfigError(f"epochs and batch_size must be integers, got {self.epochs!r} and {self.batch_size!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
+        if not 0 <= self.decay_fraction <= 1 - self.warmup_fraction:
+            raise ConfigError(f"decay_fraction must be in [0, 1 - warmup_fraction], got {self.decay_fraction!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -129,6 +134,9 @@ def learning_rate(step: int, total_steps: int, args: TrainingArguments) -> float
         return args.lr * (step + 1) / warmup
     if args.lr_schedule == "constant":
         return args.lr
+    if args.lr_schedule == "wsd":
+        decay = int(args.decay_fraction * total_steps)
+        return args.lr * min(1.0, (total_steps - step) / decay) if decay else args.lr
     progress = (step - warmup) / max(1, total_steps - warmup)
     if args.lr_schedule == "linear":
         return args.lr * max(0.0, 1.0 - progress)
@@ -415,7 +423,9 @@ class GraphedSteps:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         if record:
             self.stats.record(out, batch_rows, len(x))
-        return out
+        # Detached: an output that kept its autograd graph alive would tie the next step's
+        # gradients to the stream this one ran on (a captured step runs on a side stream).
+        return type(out)(**{name: value.detach() for name, value in out.items()})
 
     def run(self, data: torch.Tensor, index: torch.Tensor, batch_rows: int):
         """The step on rows `data[index]`: replayed for a full batch, else run eagerly."""

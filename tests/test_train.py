@@ -308,3 +308,19 @@ def test_auxk_width_is_a_power_of_two_that_holds_the_dead():
     assert auxk_width(4096, 6144) == 4096
     assert auxk_width(4097, 6144) == 6144
     assert all(auxk_width(n, 1000) >= n for n in range(1001))
+
+
+def test_learning_rate_schedules():
+    from sbert_sae import ConfigError
+    from sbert_sae.trainer import TrainingArguments, learning_rate
+
+    total = 100
+    wsd = TrainingArguments(lr=1.0, lr_schedule="wsd", warmup_fraction=0.1, decay_fraction=0.2)
+    rates = [learning_rate(s, total, wsd) for s in range(total)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == 1.0  # warm-up over 10 steps
+    assert all(r == 1.0 for r in rates[10:80])  # stable
+    assert rates[80] == 1.0 and rates[90] == pytest.approx(0.5) and rates[99] == pytest.approx(0.05)  # linear to 0
+    cosine = TrainingArguments(lr=1.0, lr_schedule="cosine", warmup_fraction=0.0)
+    assert learning_rate(0, total, cosine) == 1.0 and learning_rate(50, total, cosine) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        TrainingArguments(lr_schedule="wsd", warmup_fraction=0.5, decay_fraction=0.6).validate()
