@@ -451,7 +451,9 @@ def cmd_embed(args) -> int:
         import torch
         from accelerate import PartialState
 
-        state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+        # The processes only wait for one another (host-side): without --device each takes
+        # its own GPU; with one named, they all embed on it and synchronise through gloo.
+        state = PartialState(cpu=args.device is not None or not torch.cuda.is_available())
     _, cache = load_and_embed(_data_arguments(args), accelerator=state, show_progress=not args.quiet)
     if state is not None and not state.is_main_process:
         return 0
