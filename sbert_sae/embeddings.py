@@ -136,7 +136,14 @@ def embed_dataset(
 
     def barrier() -> None:
         if world > 1:
-            accelerator.wait_for_everyone()
+            import torch.distributed as dist
+
+            if dist.is_initialized() and dist.get_backend() == "gloo":
+                # A host-side barrier: Accelerate's names the GPU of each process's rank, which
+                # processes sharing one GPU (--device) do not have.
+                dist.barrier()
+            else:
+                accelerator.wait_for_everyone()
 
     rows = text_rows or find_text_rows(ds, text_column, on_bad=on_bad_text)
     n = len(rows.row_ids)
