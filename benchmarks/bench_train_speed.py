@@ -128,7 +128,6 @@ def main(argv=None) -> int:
     p.add_argument("--our-lr", type=float, default=None, help="sbert-sae's own learning rate (default: --lr)")
     p.add_argument("--our-schedule", default="cosine", help="sbert-sae's learning-rate schedule")
     p.add_argument("--eager", action="store_true", help="also train sbert-sae without CUDA graphs (GPU)")
-    p.add_argument("--topk", choices=("torch", "two_stage"), default="torch", help="sbert-sae's top-k (SparseAutoencoder.topk_impl)")
     p.add_argument("--heldout", type=int, default=10_000)
     p.add_argument("--no-saelens", action="store_true")
     p.add_argument("--precision-check", default=None, help="n:k:batch:epochs of an SAE trained in fp32 and bf16 (GPU)")
@@ -136,9 +135,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from sbert_sae import SparseAutoencoder
-
-    SparseAutoencoder.topk_impl = args.topk
     embeddings = load_embeddings(args)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(embeddings))
@@ -157,7 +153,7 @@ def main(argv=None) -> int:
         except ImportError as err:
             print(f"SAELens not measured: {err}", flush=True)
 
-    results = {"device": name, "rows": len(train_pos), "batch_size": args.batch_size, "topk": args.topk, "sizes": []}
+    results = {"device": name, "rows": len(train_pos), "batch_size": args.batch_size, "sizes": []}
     # Warm-up: CUDA context, cuBLAS handles and kernels, outside any timing.
     ours(embeddings, train_pos[: 4 * args.batch_size], held_pos, 1024, 16, args.batch_size, 1, args.lr, "auto", str(device))
     for spec in args.sizes.split(","):

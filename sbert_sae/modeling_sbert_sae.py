@@ -72,15 +72,6 @@ def fraction_of_variance_unexplained(x_hat: torch.Tensor, x: torch.Tensor) -> to
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _topk_chunks(n: int, k: int, width: int = 1024) -> int:
-    """How many equal column blocks of about `width` columns a two-stage top-k splits n into (0:
-    none that divides n and keeps each block wider than 4k, so one stage is taken)."""
-    for chunks in range(max(2, n // width), 1, -1):
-        if n % chunks == 0 and n // chunks >= 4 * k:
-            return chunks
-    return 0
-
-
 def _read_optional_json(name_or_path: str, filename: str, hub_kwargs: dict):
     """A JSON file beside the weights (folder or Hub repo), or None when it is not there."""
     import os
@@ -176,10 +167,6 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     whose rows are the features' unit-norm directions, `b_pre` (d_in).
     """
 
-    topk_impl: str = "torch"
-    """How the top k of each row is found: "torch" (one `topk` over all columns) or
-    "two_stage" (top k of column blocks, then of their candidates); the same entries."""
-
     decoder_impl: str = "auto"
     """How `decode_topk` adds up decoder rows: "sparse" (embedding_bag), "dense" (scatter the
     code, one matrix product) or "auto" (dense on a GPU, sparse elsewhere); same result."""
@@ -248,20 +235,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         return F.linear(x - self.b_pre, self.W_enc, self.b_enc)
 
     def _topk(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        chunks = _topk_chunks(pre.shape[-1], k) if self.topk_impl == "two_stage" else 0
-        if chunks < 2:
-            values, indices = pre.topk(k, dim=-1, sorted=False)
-            return F.relu(values), indices
-        # Two stages: the top k of each of `chunks` equal column blocks, then the top k of
-        # those candidates (every overall top-k entry is in its block's top k). Selection is
-        # not differentiable anyway; the values are gathered from `pre`, so gradients match.
-        with torch.no_grad():
-            rows, width = pre.shape[0], pre.shape[-1] // chunks
-            local = pre.detach().view(rows, chunks, width).topk(k, dim=-1, sorted=False).indices
-            candidates = (local + torch.arange(0, chunks * width, width, device=pre.device).view(1, chunks, 1)).view(rows, chunks * k)
-            picked = pre.detach().gather(1, candidates).topk(k, dim=-1, sorted=False).indices
-            indices = candidates.gather(1, picked)
-        return F.relu(pre.gather(1, indices)), indices
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        return F.relu(values), indices
 
     def encode_topk(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse code of (batch, d_in) embeddings: (values, indices), each (batch, k).

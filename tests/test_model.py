@@ -286,23 +286,3 @@ def test_encode_texts_uses_the_base_model(minilm):
     assert torch.allclose(z, expected, atol=1e-5)
     with pytest.raises(InputError, match="texts\\[1\\] is int"):
         sae.encode_texts(["ok", 3])
-
-
-@pytest.mark.parametrize("n, k", [(6144, 32), (300, 8), (97, 4)])
-def test_two_stage_topk_picks_the_same_entries_with_the_same_gradients(n, k):
-    """Top k of column blocks, then of their candidates: the same code as one top-k over all
-    columns (ties aside: random floats have none), and the same gradients into the encoder."""
-    pre = torch.randn(50, n, generator=torch.Generator().manual_seed(n), requires_grad=True)
-    weights = torch.randn(50, n)
-    codes, grads = [], []
-    for impl in ("torch", "two_stage"):
-        sae = make_sae(n=n, k=k)
-        sae.topk_impl = impl
-        values, indices = sae._topk(pre, k)
-        code = torch.zeros(50, n).scatter(1, indices, values)
-        (grad,) = torch.autograd.grad((code * weights).sum(), pre)
-        codes.append(code)
-        grads.append(grad)
-    assert torch.equal(codes[0], codes[1])
-    assert torch.equal(grads[0], grads[1])
-    assert (codes[0] > 0).sum() > 0
