@@ -391,7 +391,7 @@ class GraphedSteps:
         device = sae.W_dec.device
         self.x = torch.zeros(batch_size, sae.config.d_in, device=device) if capture else None
         self.graphs: dict[int, tuple] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
         self.dead_buffers: dict[int, torch.Tensor] = {}
         self.width = 0
 
@@ -434,7 +434,14 @@ class GraphedSteps:
             return self.body(data[index], dead, batch_rows)
         torch.index_select(data, 0, index, out=self.x)
         if self.width not in self.graphs:
-            self.graphs[self.width] = self._capture(dead, batch_rows)
+            try:
+                self.graphs[self.width] = self._capture(dead, batch_rows)
+            except RuntimeError as err:
+                # A capture records kernels without running them: nothing was trained or
+                # counted, so the run goes on eagerly from this very step.
+                logger.warning("capturing the training step as a CUDA graph failed (%s): training goes on without graphs", err)
+                self.capture = False
+                return self.body(self.x, dead, batch_rows)
         graph, out = self.graphs[self.width]
         graph.replay()
         return out
@@ -448,6 +455,8 @@ class GraphedSteps:
             for _ in range(2):
                 self.body(self.x, dead, batch_rows, record=False)
         torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.body(self.x, dead, batch_rows)

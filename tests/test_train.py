@@ -324,3 +324,36 @@ def test_learning_rate_schedules():
     assert learning_rate(0, total, cosine) == 1.0 and learning_rate(50, total, cosine) == pytest.approx(0.5)
     with pytest.raises(ConfigError, match="decay_fraction"):
         TrainingArguments(lr_schedule="wsd", warmup_fraction=0.5, decay_fraction=0.6).validate()
+
+
+def test_a_failed_graph_capture_falls_back_to_the_eager_step(tmp_path, monkeypatch, caplog):
+    """Where a torch or driver version cannot capture the step, training goes on eagerly,
+    from the step whose capture failed, to the model the plain loop trains."""
+    import sbert_sae.trainer as trainer
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.trainer import GraphedSteps, TrainingArguments, train
+
+    x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    args = TrainingArguments(epochs=2, batch_size=32, report_to="none", show_progress=False, checkpoint_every=0)
+    made = []
+
+    def graphed_steps(*a, **kw):
+        steps = GraphedSteps(*a, **{**kw, "capture": True})
+        made.append(steps)
+        return steps
+
+    def refuse(self, dead, batch_rows):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    runs = []
+    for graphed in (False, True):
+        monkeypatch.setattr(trainer, "_use_graphed_steps", lambda *a, graphed=graphed: graphed)
+        monkeypatch.setattr(trainer, "GraphedSteps", graphed_steps)
+        monkeypatch.setattr(GraphedSteps, "_capture", refuse)
+        config = SparseAutoencoderConfig(d_in=16, n_latents=64, k=4)
+        with caplog.at_level("WARNING", logger="sbert_sae.trainer"):
+            runs.append(train(config, args, x, np.arange(20, 300), np.arange(20), tmp_path / str(graphed)))
+    assert len(made) == 1 and made[0].capture is False
+    assert "training goes on without graphs" in caplog.text
+    for name, tensor in runs[0].sae.state_dict().items():
+        torch.testing.assert_close(tensor, runs[1].sae.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
