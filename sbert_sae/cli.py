@@ -136,6 +136,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heldout-fraction", type=_fraction, default=0.05, help="share of texts held out for the metrics (default: 0.05)")
     g.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, split and data order (default: 0)")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision, help="default: bf16 on a GPU that has it, else fp32")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=defaults.cuda_graphs, help="on one GPU, replay each step from a captured CUDA graph (default: on)")
     g.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help=f"steps between checkpoints, 0 for none (default: {defaults.checkpoint_every})")
     g.add_argument("--checkpoint-min-seconds", type=float, default=defaults.checkpoint_min_seconds, help=f"skip a checkpoint when the last is younger than this, 0 for never (default: {defaults.checkpoint_min_seconds:g})")
     g.add_argument("--log-every", type=_positive_int, default=defaults.log_every, help=f"steps between log records (default: {defaults.log_every})")
@@ -319,6 +320,7 @@ def _training_and_sae_arguments(args, n_latents: int, k: int):
         grad_clip=args.grad_clip,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
+        cuda_graphs=args.cuda_graphs,
         checkpoint_every=args.checkpoint_every,
         checkpoint_min_seconds=args.checkpoint_min_seconds,
         log_every=args.log_every,

@@ -25,7 +25,8 @@ def run_cli(*args: str) -> int:
 @pytest.fixture(scope="module")
 def trained(wiki_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "wiki"
-    assert run_cli("train", "--dataset", wiki_small, "--out", out, *SMALL) == 0
+    # Also the settings that travel from the command line to training_args.json.
+    assert run_cli("train", "--dataset", wiki_small, "--out", out, *SMALL, "--lr-schedule", "wsd", "--decay-fraction", "0.3", "--no-cuda-graphs") == 0
     return out
 
 
@@ -41,6 +42,8 @@ def test_output_folder_holds_a_complete_run(trained):
     assert 0 <= metrics["neighbour_overlap_at_10"] <= 1
     args = json.loads((trained / "training_args.json").read_text())
     assert args["sae"]["n_latents"] == 256 and args["training"]["epochs"] == 4
+    assert args["training"]["lr_schedule"] == "wsd" and args["training"]["decay_fraction"] == 0.3
+    assert args["training"]["cuda_graphs"] is False
     assert args["data"]["text_column"] == "text"
     split = json.loads((trained / "split.json").read_text())
     assert split["n_train"] + split["n_heldout"] == 240
