@@ -446,6 +446,13 @@ class GraphedSteps:
         graph.replay()
         return out
 
+    def release(self) -> None:
+        """Free the graphs, their memory pool and the gradients (a trained model keeps none)."""
+        self.graphs.clear()
+        self.pool = None
+        for p in self.params:
+            p.grad = None
+
     def _capture(self, dead: torch.Tensor | None, batch_rows: int):
         # Lazy initialisations (cuBLAS workspaces, autograd) happen on a side stream first, as
         # capture requires; these runs record nothing and their gradients are overwritten.
@@ -702,6 +709,8 @@ def train(
         pause_point("step", step)
     bar.close()
     seconds = time.perf_counter() - t0
+    if graphed is not None:
+        graphed.release()
     if accelerator.log_with:
         accelerator.end_training()
     unwrapped.eval()

@@ -294,6 +294,7 @@ def test_graphed_step_body_trains_the_model_the_plain_loop_trains(tmp_path, monk
         results.append(train(config, args, x, np.arange(20, 300), np.arange(20), tmp_path / str(graphed)))
     plain, graphed_run = results
     assert any(r["auxk_loss"] > 0 for r in plain.history), "no feature died: AuxK was not exercised"
+    assert all(p.grad is None for p in graphed_run.sae.parameters())  # the persistent gradients are freed
     for name, tensor in plain.sae.state_dict().items():
         torch.testing.assert_close(tensor, graphed_run.sae.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
     assert len(plain.history) == len(graphed_run.history) > 10
