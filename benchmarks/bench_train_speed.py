@@ -73,12 +73,12 @@ def naive_rate(x: torch.Tensor, n: int, k: int, batch: int, steps: int = 60, war
 
 def ours(
     embeddings: np.ndarray, train_pos, held_pos, n: int, k: int, batch: int, epochs: int, lr: float, precision: str, device: str,
-    schedule: str = "cosine", cuda_graphs: bool = True,
+    schedule: str = "cosine", cuda_graphs: bool = True, sae_settings: dict | None = None,
 ) -> dict:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # each run picks its own mixed precision
-    config = SparseAutoencoderConfig(d_in=embeddings.shape[1], n_latents=n, k=k)
+    config = SparseAutoencoderConfig(d_in=embeddings.shape[1], n_latents=n, k=k, **(sae_settings or {}))
     args = TrainingArguments(
         epochs=epochs, batch_size=batch, lr=lr, lr_schedule=schedule, report_to="none", show_progress=False, checkpoint_every=0,
         log_every=50, mixed_precision=precision, cuda_graphs=cuda_graphs, eval_max_rows=len(held_pos),
@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--our-lr", type=float, default=None, help="sbert-sae's own learning rate (default: --lr)")
     p.add_argument("--our-schedule", default="cosine", help="sbert-sae's learning-rate schedule")
     p.add_argument("--eager", action="store_true", help="also train sbert-sae without CUDA graphs (GPU)")
+    p.add_argument("--our-auxk-coef", type=float, default=None, help="sbert-sae's AuxK weight (default: the config's, 1/32; SAELens uses 1)")
+    p.add_argument("--our-k-aux", type=int, default=None, help="sbert-sae's AuxK width (default: 2k; SAELens uses d_in / 2)")
     p.add_argument("--heldout", type=int, default=10_000)
     p.add_argument("--no-saelens", action="store_true")
     p.add_argument("--precision-check", default=None, help="n:k:batch:epochs of an SAE trained in fp32 and bf16 (GPU)")
@@ -153,7 +155,8 @@ def main(argv=None) -> int:
         except ImportError as err:
             print(f"SAELens not measured: {err}", flush=True)
 
-    results = {"device": name, "rows": len(train_pos), "batch_size": args.batch_size, "sizes": []}
+    sae_settings = {key: value for key, value in (("auxk_coef", args.our_auxk_coef), ("k_aux", args.our_k_aux)) if value is not None}
+    results = {"device": name, "rows": len(train_pos), "batch_size": args.batch_size, "sae_settings": sae_settings, "sizes": []}
     # Warm-up: CUDA context, cuBLAS handles and kernels, outside any timing.
     ours(embeddings, train_pos[: 4 * args.batch_size], held_pos, 1024, 16, args.batch_size, 1, args.lr, "auto", str(device))
     for spec in args.sizes.split(","):
@@ -164,13 +167,13 @@ def main(argv=None) -> int:
         row["naive_step_samples_per_second"] = round(naive_rate(x_train, n, k, args.batch_size))
         reset_peak(device)
         our_lr = args.our_lr or args.lr
-        mine = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule)
+        mine = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule, sae_settings=sae_settings)
         row["sbert_sae"] = rounded(mine)
         row["sbert_sae"]["peak_gpu_gb"] = peak_gpu_gb(device)
         row["sbert_sae_vs_naive"] = round(mine["samples_per_second"] / row["naive_step_samples_per_second"], 2)
         if args.eager and device.type == "cuda":
             reset_peak(device)
-            eager = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule, cuda_graphs=False)
+            eager = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule, cuda_graphs=False, sae_settings=sae_settings)
             row["sbert_sae_eager"] = rounded(eager)
             row["sbert_sae_eager"]["peak_gpu_gb"] = peak_gpu_gb(device)
             row["cuda_graphs_speedup"] = round(mine["samples_per_second"] / eager["samples_per_second"], 2)
