@@ -178,9 +178,13 @@ def find_text_rows(ds, text_column: str, on_bad: str = "skip", batch_size: int =
 
 
 def column_values(ds, column: str, row_ids: np.ndarray) -> list:
-    """Values of `column` at `row_ids`, in that order."""
+    """Values of `column` at `row_ids`, in that order, as a list. Read through Arrow: the
+    datasets `Column` that `ds[column]` gives formats one row at a time in Python when
+    iterated (7.4 s against 0.7 s for 220k texts)."""
     require_column(ds, column, "requested")
-    return ds.select_columns([column]).select(row_ids)[column] if len(row_ids) else []
+    if not len(row_ids):
+        return []
+    return ds.select_columns([column]).select(row_ids).with_format("arrow")[column].to_pylist()
 
 
 def domain_row_ids(ds, domain_column: str, row_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .base_model import DEFAULT_MODEL, load_sentence_transformer
-from .data import TextRows, dataset_fingerprint, find_text_rows
+from .data import TextRows, column_values, dataset_fingerprint, find_text_rows
 from .errors import DatasetError, InputError
 from .text_encoder import EncodeSettings, TextEncoder, resolve_precision
 from .utils import read_json, write_json
@@ -177,11 +177,10 @@ def embed_dataset(
 
     from tqdm.auto import tqdm
 
-    column = ds.select_columns([text_column])
     spans = [(a, min(a + chunk_size, b)) for a, b in todo for a in range(a, b, chunk_size)]
 
     def texts_of(span):
-        return column.select(rows.row_ids[span[0] : span[1]])[text_column]
+        return column_values(ds, text_column, rows.row_ids[span[0] : span[1]])
 
     total = sum(b - a for a, b in spans)
     with tqdm(total=total, desc="embedding", unit="text", disable=not (show_progress and rank == 0), smoothing=0.1) as bar:

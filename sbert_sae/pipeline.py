@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__
 from .base_model import DEFAULT_MODEL
 from .configuration_sbert_sae import SparseAutoencoderConfig
-from .data import domain_row_ids, find_text_rows, load_text_dataset, require_column, split_heldout
+from .data import column_values, domain_row_ids, find_text_rows, load_text_dataset, require_column, split_heldout
 from .embeddings import EmbeddingCache, embed_dataset
 from .errors import DatasetError, OutputDirError, ResumeError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
@@ -356,7 +356,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
     label_args.validate()  # before any work
     sae = SparseAutoencoder.from_pretrained(sae_path)
     data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
-    texts = ds.select_columns([data.text_column]).select(cache.row_ids)[data.text_column]
+    texts = column_values(ds, data.text_column, cache.row_ids)
     model = load_sentence_transformer(data.model, revision=data.model_revision, device=data.device)
     # The corpus is encoded by the SAE once (every text, every feature): on the GPU where there is one.
     sae = sae.to(data.device or ("cuda" if torch.cuda.is_available() else "cpu"))

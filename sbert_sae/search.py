@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import SparseActivations, save_npy, codes_paths, corpus_codes, encoder_fingerprint
+from .data import column_values
 from .errors import InputError
 from .modeling_sbert_sae import SparseAutoencoder
 
@@ -585,7 +586,7 @@ class DatasetTexts:
     memory-mapped): `row_ids[position]` is the dataset row of a corpus position."""
 
     def __init__(self, ds, column: str, row_ids: np.ndarray):
-        self.column = ds.select_columns([column])
+        self.ds = ds
         self.name = column
         self.row_ids = row_ids
 
@@ -594,7 +595,7 @@ class DatasetTexts:
 
     def get(self, positions) -> list[str]:
         rows = self.row_ids[np.asarray(positions, dtype=np.int64)]
-        return list(self.column.select(rows)[self.name]) if len(rows) else []
+        return column_values(self.ds, self.name, rows)
 
     def __getitem__(self, position: int) -> str:
         return self.get([int(position)])[0]

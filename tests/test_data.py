@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sbert_sae.data import domain_row_ids, find_text_rows, load_text_dataset, split_heldout
+from sbert_sae.data import column_values, domain_row_ids, find_text_rows, load_text_dataset, split_heldout
 from sbert_sae.errors import DatasetError
 
 ROWS = [
@@ -109,3 +109,22 @@ def test_domains_group_rows(files):
     assert {k: v.tolist() for k, v in groups.items()} == {"Arts": [2], "Biology": [0, 3], "Mathematics": [1]}
     with pytest.raises(DatasetError, match="domain column 'field' not in dataset"):
         domain_row_ids(ds, "field", np.arange(len(ds)))
+
+
+def test_column_values_are_a_list_in_the_order_asked():
+    """Read through Arrow as a plain list (not a datasets Column, which formats row by row when
+    iterated), in the order of the ids, repeats and class labels included."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    ds = Dataset.from_dict(
+        {"text": ["a", "b", None, "d"], "topic": [1, 0, 1, 0]},
+        features=Features({"text": Value("string"), "topic": ClassLabel(names=["arts", "maths"])}),
+    )
+    ids = np.array([3, 0, 2, 3])
+    texts = column_values(ds, "text", ids)
+    assert type(texts) is list and texts == ["d", "a", None, "d"]
+    assert texts == [ds[int(i)]["text"] for i in ids]
+    assert column_values(ds, "topic", ids) == [ds[int(i)]["topic"] for i in ids] == [0, 1, 1, 0]
+    assert column_values(ds, "text", np.array([], dtype=np.int64)) == []
+    with pytest.raises(DatasetError, match="'title'"):
+        column_values(ds, "title", ids)
