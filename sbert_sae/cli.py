@@ -125,6 +125,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--auxk-coef", type=float, default=1 / 32, help="weight of the AuxK loss (default: 1/32)")
     g.add_argument("--dead-threshold", type=_positive_int, default=None, help="samples without firing before a feature counts as dead (default: one epoch)")
     g.add_argument("--normalize", choices=("l2", "none"), default="l2", help="rescale inputs to unit length (default: l2)")
+    g.add_argument("--encoder-init-scale", type=float, default=0.1, help="norm of the encoder's rows at initialisation (default: 0.1)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help=f"passes over the training texts (default: {defaults.epochs})")
     g.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help=f"global batch size (default: {defaults.batch_size})")
@@ -334,6 +335,7 @@ def _training_and_sae_arguments(args, n_latents: int, k: int):
         auxk_coef=args.auxk_coef,
         dead_threshold=args.dead_threshold,
         normalize=args.normalize,
+        encoder_init_scale=args.encoder_init_scale,
     )
     return train_args, sae_args
 

@@ -22,6 +22,11 @@ class SparseAutoencoderConfig(PretrainedConfig):
             dead and enters the AuxK loss; `None` lets the trainer use one epoch.
         normalize: `"l2"` rescales every input to unit length before encoding (the
             geometry of cosine search); `"none"` reads embeddings as they are.
+        encoder_init_scale: norm of the encoder's rows at initialisation (the decoder's rows
+            start at unit norm, the encoder as their transpose times this). Small encoder
+            weights let Adam's first steps reshape them quickly: 0.1 against 1 lowered the
+            held-out FVU from 0.224 to 0.182 (220k texts, n=12288, k=64, lr 3e-3) and from
+            0.361 to 0.331 (10k texts, n=6144, k=32); see `benchmarks/README.md`.
         base_model: Hub id or path of the sentence-transformers model whose embeddings
             the SAE reads, so that `encode_texts` can embed new texts the same way.
         base_model_revision: revision of `base_model`, when one was pinned.
@@ -38,6 +43,7 @@ class SparseAutoencoderConfig(PretrainedConfig):
     auxk_coef: float = 1 / 32
     dead_threshold: int | None = None
     normalize: str = "l2"
+    encoder_init_scale: float = 0.1
     base_model: str | None = None
     base_model_revision: str | None = None
     base_model_kwargs: dict | None = None
@@ -67,6 +73,10 @@ class SparseAutoencoderConfig(PretrainedConfig):
             raise ConfigError(f"auxk_coef must be a finite number >= 0, got {self.auxk_coef!r}")
         if self.dead_threshold is not None:
             positive_int("dead_threshold", self.dead_threshold)
+        if isinstance(self.encoder_init_scale, bool) or not isinstance(self.encoder_init_scale, (int, float)) or not (
+            0 < float(self.encoder_init_scale) < float("inf")
+        ):
+            raise ConfigError(f"encoder_init_scale must be a finite number > 0, got {self.encoder_init_scale!r}")
         if self.normalize not in NORMALIZE_CHOICES:
             raise ConfigError(f"normalize must be one of {NORMALIZE_CHOICES}, got {self.normalize!r}")
         if self.base_model is not None and not isinstance(self.base_model, str):

@@ -192,11 +192,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     def _init_weights(self, module):
         if module is not self:
             return
-        # Random unit-norm decoder rows; the encoder starts as its transpose.
+        # Random unit-norm decoder rows; the encoder starts as their transpose, scaled down
+        # (`encoder_init_scale`): small encoder weights are reshaped quickly by Adam's first steps.
         W = torch.randn(self.config.n_latents, self.config.d_in, device=self.W_dec.device)
         W = W / W.norm(dim=1, keepdim=True)
         self.W_dec.data.copy_(W)
-        self.W_enc.data.copy_(W)
+        self.W_enc.data.copy_(W * self.config.encoder_init_scale)
         self.b_enc.data.zero_()
         self.b_pre.data.zero_()
 

@@ -80,6 +80,7 @@ class SaeArguments:
     auxk_coef: float = 1 / 32
     dead_threshold: int | None = None
     normalize: str = "l2"
+    encoder_init_scale: float = 0.1
 
 
 @dataclass

@@ -30,7 +30,8 @@ def data(rows=256, d=16, seed=1) -> torch.Tensor:
 def test_init_follows_the_recipe():
     sae = make_sae()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-6)
-    assert torch.equal(sae.W_enc, sae.W_dec)
+    assert torch.allclose(sae.W_enc, 0.1 * sae.W_dec)  # the encoder starts small (encoder_init_scale)
+    assert torch.allclose(make_sae(encoder_init_scale=1.0).W_enc, sae.W_dec)
     assert torch.count_nonzero(sae.b_enc) == 0 and torch.count_nonzero(sae.b_pre) == 0
     x = data()
     sae.init_b_pre_from_data(x)
@@ -218,6 +219,7 @@ def test_auto_classes(tmp_path):
         ({"d_in": 0}, "d_in must be a positive integer"),
         ({"normalize": "zscore"}, "normalize must be one of"),
         ({"auxk_coef": float("nan")}, "auxk_coef must be a finite number"),
+        ({"encoder_init_scale": 0}, "encoder_init_scale must be a finite number > 0, got 0"),
     ],
 )
 def test_impossible_configs_are_refused(kwargs, fragment):
