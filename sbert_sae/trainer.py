@@ -4,7 +4,8 @@ One loop, readable top to bottom: shuffled epochs over the training rows, learni
 warm-up and decay, the decoder constraints around each Adam step, AuxK on dead
 features, gradient clipping, mixed precision where the device has it, checkpoints that
 a killed run resumes from, and metrics to a progress bar, a JSON-lines log and
-Accelerate's trackers. Under `accelerate launch` every process reads the same cached
+Accelerate's trackers. On one GPU, full batches replay the step's gradient work from a
+captured CUDA graph (`GraphedSteps`). Under `accelerate launch` every process reads the same cached
 embeddings and takes its share of each global batch; gradients are averaged, so the run
 matches one process with the same global batch size.
 """
