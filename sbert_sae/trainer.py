@@ -376,22 +376,21 @@ class GraphedSteps:
 
     The gradients land in persistent `.grad` tensors that the optimiser reads (it steps
     eagerly: one fused kernel). One graph is captured per AuxK width (`auxk_width` of the dead
-    count), all in one memory pool. With `capture=False` (any device) the same body runs
-    eagerly: what a partial batch runs, and what the tests compare with the plain loop.
+    count) and batch length (full batches, and an epoch's last, shorter one, whose length is
+    the same every epoch), all in one memory pool. With `capture=False` (any device) the same
+    body runs eagerly: what the tests compare with the plain loop.
     """
 
-    def __init__(self, sae: SparseAutoencoder, stats: FiringStats, batch_size: int, autocast_dtype: torch.dtype | None, grad_clip: float, capture: bool = True):
+    def __init__(self, sae: SparseAutoencoder, stats: FiringStats, autocast_dtype: torch.dtype | None, grad_clip: float, capture: bool = True):
         self.sae, self.stats = sae, stats
-        self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
         self.grad_clip = grad_clip
         self.capture = capture
         self.params = list(sae.parameters())
         for p in self.params:
             p.grad = torch.zeros_like(p)
-        device = sae.W_dec.device
-        self.x = torch.zeros(batch_size, sae.config.d_in, device=device) if capture else None
-        self.graphs: dict[int, tuple] = {}
+        self.inputs: dict[int, torch.Tensor] = {}  # a graph's input rows, by batch length
+        self.graphs: dict[tuple[int, int], tuple] = {}  # by (AuxK width, batch length)
         self.pool = None  # the graphs' shared memory pool, made at the first capture
         self.dead_buffers: dict[int, torch.Tensor] = {}
         self.width = 0
@@ -429,46 +428,52 @@ class GraphedSteps:
         return type(out)(**{name: value.detach() for name, value in out.items()})
 
     def run(self, data: torch.Tensor, index: torch.Tensor, batch_rows: int):
-        """The step on rows `data[index]`: replayed for a full batch, else run eagerly."""
+        """The step on rows `data[index]`, replayed from the graph of its AuxK width and length."""
         dead = self.dead_buffers[self.width] if self.width else None
-        if not self.capture or len(index) != self.batch_size:
+        if not self.capture:
             return self.body(data[index], dead, batch_rows)
-        torch.index_select(data, 0, index, out=self.x)
-        if self.width not in self.graphs:
+        rows = len(index)
+        if rows not in self.inputs:
+            self.inputs[rows] = torch.empty(rows, data.shape[1], dtype=data.dtype, device=data.device)
+        x = self.inputs[rows]
+        torch.index_select(data, 0, index, out=x)
+        key = (self.width, rows)
+        if key not in self.graphs:
             try:
-                self.graphs[self.width] = self._capture(dead, batch_rows)
+                self.graphs[key] = self._capture(x, dead, batch_rows)
             except RuntimeError as err:
                 # A capture records kernels without running them: nothing was trained or
                 # counted, so the run goes on eagerly from this very step.
                 logger.warning("capturing the training step as a CUDA graph failed (%s): training goes on without graphs", err)
                 self.capture = False
-                return self.body(self.x, dead, batch_rows)
-        graph, out = self.graphs[self.width]
+                return self.body(x, dead, batch_rows)
+        graph, out = self.graphs[key]
         graph.replay()
         return out
 
     def release(self) -> None:
         """Free the graphs, their memory pool and the gradients (a trained model keeps none)."""
         self.graphs.clear()
+        self.inputs.clear()
         self.pool = None
         for p in self.params:
             p.grad = None
 
-    def _capture(self, dead: torch.Tensor | None, batch_rows: int):
+    def _capture(self, x: torch.Tensor, dead: torch.Tensor | None, batch_rows: int):
         # Lazy initialisations (cuBLAS workspaces, autograd) happen on a side stream first, as
         # capture requires; these runs record nothing and their gradients are overwritten.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.body(self.x, dead, batch_rows, record=False)
+                self.body(x, dead, batch_rows, record=False)
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.body(self.x, dead, batch_rows)
-        logger.debug("captured the training step for AuxK width %d", 0 if dead is None else len(dead))
+            out = self.body(x, dead, batch_rows)
+        logger.debug("captured the training step for AuxK width %d, %d rows", 0 if dead is None else len(dead), len(x))
         return graph, out
 
 
@@ -612,7 +617,7 @@ def train(
     graphed = None
     if _use_graphed_steps(args, dev, world, feed.data is not None, precision):
         autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-        graphed = GraphedSteps(unwrapped, stats, args.batch_size, autocast_dtype, args.grad_clip, capture=dev.type == "cuda")
+        graphed = GraphedSteps(unwrapped, stats, autocast_dtype, args.grad_clip, capture=dev.type == "cuda")
         graphed.set_dead(dead_features)
     if accelerator.log_with and start_step == 0:
         accelerator.init_trackers("sbert-sae", config={**{k: str(v) for k, v in args.to_dict().items()}, **config.to_diff_dict()})

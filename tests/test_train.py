@@ -303,6 +303,50 @@ def test_graphed_step_body_trains_the_model_the_plain_loop_trains(tmp_path, monk
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
 
 
+def test_replayed_steps_read_the_buffers_they_were_captured_with(tmp_path, monkeypatch):
+    """What a CUDA graph does, played on a CPU: a capture records the body on its input and
+    dead-id buffers, and each replay reruns it on whatever those buffers hold then, writing into
+    the outputs the capture returned. With one graph per (AuxK width, batch length) the run
+    trains the plain loop's model, full batches and each epoch's shorter last one alike."""
+    import sbert_sae.trainer as trainer
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.trainer import GraphedSteps, TrainingArguments, train
+
+    class Replay:
+        def __init__(self, steps, x, dead, batch_rows, out):
+            self.run = lambda: steps.body(x, dead, batch_rows)
+            self.out = out
+
+        def replay(self):
+            for name, value in self.run().items():
+                self.out[name].copy_(value)
+
+    captured = []
+
+    def capture(self, x, dead, batch_rows):
+        out = self.body(x, dead, batch_rows, record=False)  # what capture records; it counts nothing
+        captured.append((0 if dead is None else len(dead), len(x)))
+        return Replay(self, x, dead, batch_rows, out), out
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 3, size=16)).astype(np.float32)
+    args = TrainingArguments(epochs=4, batch_size=32, report_to="none", show_progress=False, checkpoint_every=0, log_every=3, grad_clip=0.05)
+    results = []
+    for graphed in (False, True):
+        monkeypatch.setattr(trainer, "_use_graphed_steps", lambda *a, graphed=graphed: graphed)
+        monkeypatch.setattr(trainer, "GraphedSteps", lambda *a, **kw: GraphedSteps(*a, **{**kw, "capture": True}))
+        monkeypatch.setattr(GraphedSteps, "_capture", capture)
+        config = SparseAutoencoderConfig(d_in=16, n_latents=64, k=4, dead_threshold=64)
+        results.append(train(config, args, x, np.arange(20, 300), np.arange(20), tmp_path / str(graphed)))
+    plain, graphed_run = results
+    # 280 rows in batches of 32: eight full ones and a last one of 24, each with and without AuxK.
+    assert sorted(captured) == [(0, 24), (0, 32), (64, 24), (64, 32)]
+    for name, tensor in plain.sae.state_dict().items():
+        torch.testing.assert_close(tensor, graphed_run.sae.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(plain.history, graphed_run.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
 def test_auxk_width_is_a_power_of_two_that_holds_the_dead():
     from sbert_sae.trainer import auxk_width
 
@@ -346,7 +390,7 @@ def test_a_failed_graph_capture_falls_back_to_the_eager_step(tmp_path, monkeypat
         made.append(steps)
         return steps
 
-    def refuse(self, dead, batch_rows):
+    def refuse(self, x, dead, batch_rows):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     runs = []
