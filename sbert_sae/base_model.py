@@ -54,7 +54,7 @@ def check_device(device: str) -> str:
 def pick_device(device: str | None = None) -> str:
     """`device` if given (ConfigError when this machine has no such device), else the best
     available accelerator, else the CPU."""
-    if device:
+    if device is not None:  # an empty name is refused, not read as "the best"
         return check_device(device)
     import torch
 

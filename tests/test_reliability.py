@@ -691,6 +691,9 @@ TRAIN_OPTIONS = {
     "--epochs": _positive,
     "--batch-size": _positive,
     "--lr": lambda v: _float(v) is not None and math.isfinite(_float(v)) and _float(v) > 0,
+    "--decoder-lr-scale": lambda v: _float(v) is not None and math.isfinite(_float(v)) and _float(v) > 0,
+    "--encoder-init-scale": lambda v: _float(v) is not None and math.isfinite(_float(v)) and _float(v) > 0,
+    "--decay-fraction": lambda v: _float(v) is not None and 0 <= _float(v) <= 0.95,  # 1 - the default warm-up
     "--warmup-fraction": lambda v: _float(v) is not None and 0 <= _float(v) < 1,
     "--grad-clip": lambda v: _float(v) is not None and math.isfinite(_float(v)) and _float(v) >= 0,
     "--heldout-fraction": lambda v: _float(v) is not None and 0 <= _float(v) < 1,
@@ -704,7 +707,7 @@ TRAIN_OPTIONS = {
     "--report-to": _trackers,
     "--mixed-precision": _in(("auto", "no", "bf16", "fp16")),
     "--normalize": _in(("l2", "none")),
-    "--lr-schedule": _in(("constant", "linear", "cosine")),
+    "--lr-schedule": _in(("constant", "linear", "cosine", "wsd")),
     "--embed-precision": _in(("auto", "fp32", "fp16", "bf16")),
 }
 LABEL_OPTIONS = {
