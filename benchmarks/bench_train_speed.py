@@ -73,7 +73,7 @@ def naive_rate(x: torch.Tensor, n: int, k: int, batch: int, steps: int = 60, war
 
 def ours(
     embeddings: np.ndarray, train_pos, held_pos, n: int, k: int, batch: int, epochs: int, lr: float, precision: str, device: str,
-    schedule: str = "cosine", cuda_graphs: bool = True, sae_settings: dict | None = None,
+    schedule: str = "cosine", cuda_graphs: bool = True, sae_settings: dict | None = None, training_settings: dict | None = None,
 ) -> dict:
     from accelerate.state import AcceleratorState
 
@@ -81,7 +81,7 @@ def ours(
     config = SparseAutoencoderConfig(d_in=embeddings.shape[1], n_latents=n, k=k, **(sae_settings or {}))
     args = TrainingArguments(
         epochs=epochs, batch_size=batch, lr=lr, lr_schedule=schedule, report_to="none", show_progress=False, checkpoint_every=0,
-        log_every=50, mixed_precision=precision, cuda_graphs=cuda_graphs, eval_max_rows=len(held_pos),
+        log_every=50, mixed_precision=precision, cuda_graphs=cuda_graphs, eval_max_rows=len(held_pos), **(training_settings or {}),
     )
     with tempfile.TemporaryDirectory() as out:
         result = train(config, args, embeddings, train_pos, held_pos, out, device=device)
@@ -89,7 +89,7 @@ def ours(
     curve = [r["heldout_fvu"] for r in result.history if "heldout_fvu" in r]  # after each epoch, all held-out rows
     return {
         "samples_per_second": result.samples_per_second, "seconds": result.seconds, "heldout_fvu": heldout_fvu(result.sae, held),
-        "steps": result.steps, "lr": lr, "lr_schedule": schedule, "cuda_graphs": cuda_graphs, "heldout_fvu_per_epoch": [round(v, 4) for v in curve],
+        "steps": result.steps, "lr": lr, "decoder_lr_scale": args.decoder_lr_scale, "lr_schedule": schedule, "cuda_graphs": cuda_graphs, "heldout_fvu_per_epoch": [round(v, 4) for v in curve],
     }
 
 
@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="default: enough for ~4M samples")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of both trainers")
     p.add_argument("--our-lr", type=float, default=None, help="sbert-sae's own learning rate (default: --lr)")
+    p.add_argument("--our-decoder-lr-scale", type=float, default=None, help="sbert-sae's decoder learning rate as a multiple of its lr (default: the trainer's)")
     p.add_argument("--our-schedule", default="cosine", help="sbert-sae's learning-rate schedule")
     p.add_argument("--eager", action="store_true", help="also train sbert-sae without CUDA graphs (GPU)")
     p.add_argument("--our-auxk-coef", type=float, default=None, help="sbert-sae's AuxK weight (default: the config's, 1/32; SAELens uses 1)")
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
             print(f"SAELens not measured: {err}", flush=True)
 
     sae_settings = {key: value for key, value in (("auxk_coef", args.our_auxk_coef), ("k_aux", args.our_k_aux)) if value is not None}
+    training_settings = {} if args.our_decoder_lr_scale is None else {"decoder_lr_scale": args.our_decoder_lr_scale}
     results = {"device": name, "rows": len(train_pos), "batch_size": args.batch_size, "sae_settings": sae_settings, "sizes": []}
     # Warm-up: CUDA context, cuBLAS handles and kernels, outside any timing.
     ours(embeddings, train_pos[: 4 * args.batch_size], held_pos, 1024, 16, args.batch_size, 1, args.lr, "auto", str(device))
@@ -167,13 +169,13 @@ def main(argv=None) -> int:
         row["naive_step_samples_per_second"] = round(naive_rate(x_train, n, k, args.batch_size))
         reset_peak(device)
         our_lr = args.our_lr or args.lr
-        mine = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule, sae_settings=sae_settings)
+        mine = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule, sae_settings=sae_settings, training_settings=training_settings)
         row["sbert_sae"] = rounded(mine)
         row["sbert_sae"]["peak_gpu_gb"] = peak_gpu_gb(device)
         row["sbert_sae_vs_naive"] = round(mine["samples_per_second"] / row["naive_step_samples_per_second"], 2)
         if args.eager and device.type == "cuda":
             reset_peak(device)
-            eager = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule, cuda_graphs=False, sae_settings=sae_settings)
+            eager = ours(embeddings, train_pos, held_pos, n, k, args.batch_size, epochs, our_lr, "auto", str(device), args.our_schedule, cuda_graphs=False, sae_settings=sae_settings, training_settings=training_settings)
             row["sbert_sae_eager"] = rounded(eager)
             row["sbert_sae_eager"]["peak_gpu_gb"] = peak_gpu_gb(device)
             row["cuda_graphs_speedup"] = round(mine["samples_per_second"] / eager["samples_per_second"], 2)

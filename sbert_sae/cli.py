@@ -130,6 +130,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help=f"passes over the training texts (default: {defaults.epochs})")
     g.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help=f"global batch size (default: {defaults.batch_size})")
     g.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default: {defaults.lr})")
+    g.add_argument("--decoder-lr-scale", type=float, default=defaults.decoder_lr_scale, help=f"the decoder's learning rate as a multiple of --lr (default: {defaults.decoder_lr_scale:g})")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule, help=f"decay after warm-up (default: {defaults.lr_schedule})")
     g.add_argument("--warmup-fraction", type=_fraction, default=defaults.warmup_fraction, help=f"share of steps warming up (default: {defaults.warmup_fraction})")
     g.add_argument("--decay-fraction", type=_fraction, default=defaults.decay_fraction, help=f"share of steps of the wsd schedule's final decay (default: {defaults.decay_fraction})")
@@ -315,6 +316,7 @@ def _training_and_sae_arguments(args, n_latents: int, k: int):
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        decoder_lr_scale=args.decoder_lr_scale,
         lr_schedule=args.lr_schedule,
         warmup_fraction=args.warmup_fraction,
         decay_fraction=args.decay_fraction,

@@ -121,8 +121,9 @@ def _training_summary(args: dict, config: dict) -> str:
     ]
     if training:
         parts.append(
-            f"- optimisation: {training.get('epochs')} epochs, batch {training.get('batch_size')}, Adam lr {training.get('lr')} "
-            f"({training.get('lr_schedule')}, {training.get('warmup_fraction', 0):.0%} warm-up), grad clip {training.get('grad_clip')}, seed {training.get('seed')}"
+            f"- optimisation: {training.get('epochs')} epochs, batch {training.get('batch_size')}, Adam lr {training.get('lr')} ("
+            + (f"decoder's x{training['decoder_lr_scale']:g}, " if training.get("decoder_lr_scale", 1) != 1 else "")
+            + f"{training.get('lr_schedule')}, {training.get('warmup_fraction', 0):.0%} warm-up), grad clip {training.get('grad_clip')}, seed {training.get('seed')}"
         )
     return "\n".join(parts)
 

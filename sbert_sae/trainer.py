@@ -55,6 +55,11 @@ class TrainingArguments:
     lr_schedule: str = "cosine"
     """Decay after warm-up: constant, linear (to 0), cosine (to 0) or wsd (warm-up, stable,
     decay: constant, then linear to 0 over the last `decay_fraction` of the steps)."""
+    decoder_lr_scale: float = 10.0
+    """The decoder's learning rate, as a multiple of `lr`. Adam moves every weight by about
+    the learning rate whatever its size: the decoder's rows have unit norm while the encoder's
+    start at norm `encoder_init_scale` (0.1), so at one rate the decoder's directions would
+    turn ten times more slowly, for their length, than the encoder's."""
     warmup_fraction: float = 0.05
     """Share of the steps spent warming the learning rate up from 0."""
     decay_fraction: float = 0.2
@@ -96,6 +101,7 @@ class TrainingArguments:
         positive("epochs", self.epochs)
         positive("batch_size", self.batch_size)
         positive("lr", self.lr)
+        positive("decoder_lr_scale", self.decoder_lr_scale)
         positive("grad_clip", self.grad_clip, allow_zero=True)
         positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
         positive("checkpoint_min_seconds", self.checkpoint_min_seconds, allow_zero=True)
@@ -142,6 +148,13 @@ def learning_rate(step: int, total_steps: int, args: TrainingArguments) -> float
     if args.lr_schedule == "linear":
         return args.lr * max(0.0, 1.0 - progress)
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def optimizer_groups(sae: SparseAutoencoder, args: TrainingArguments) -> list[dict]:
+    """Adam's parameter groups: the decoder's learning rate is `decoder_lr_scale` times the rest's."""
+    decoder = [sae.W_dec]
+    rest = [p for p in sae.parameters() if p is not sae.W_dec]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": decoder, "lr_scale": float(args.decoder_lr_scale)}]
 
 
 def resolve_mixed_precision(choice: str, device: torch.device) -> str:
@@ -510,7 +523,7 @@ def make_accelerator(args: TrainingArguments, out_dir: str | Path, device: str |
 
     from .base_model import check_device
 
-    probe = torch.device(check_device(device)) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe = torch.device(check_device(device)) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Accelerator(
         mixed_precision=resolve_mixed_precision(args.mixed_precision, probe),
         cpu=probe.type == "cpu",
@@ -577,7 +590,7 @@ def train(
     set_seed(args.seed)
     sae = SparseAutoencoder(config).to(dev)
     sae.init_b_pre_from_data(feed.sample(10_000, args.seed))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr, betas=tuple(args.adam_betas), fused=dev.type == "cuda")
+    optimizer = torch.optim.Adam(optimizer_groups(sae, args), lr=args.lr, betas=tuple(args.adam_betas), fused=dev.type == "cuda")
     samples_since_fired = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
     epoch_fires = torch.zeros(config.n_latents, dtype=torch.long, device=dev)
     start_step = 0
@@ -651,7 +664,7 @@ def train(
                 graphed.set_dead(dead_features)
         lr = learning_rate(step, total_steps, args)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         if graphed is not None:
             out = graphed.run(feed.data, local, batch_rows)
             optimizer.step()

@@ -26,7 +26,7 @@ def run_cli(*args: str) -> int:
 def trained(wiki_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "wiki"
     # Also the settings that travel from the command line to training_args.json.
-    assert run_cli("train", "--dataset", wiki_small, "--out", out, *SMALL, "--lr-schedule", "wsd", "--decay-fraction", "0.3", "--no-cuda-graphs") == 0
+    assert run_cli("train", "--dataset", wiki_small, "--out", out, *SMALL, "--lr-schedule", "wsd", "--decay-fraction", "0.3", "--decoder-lr-scale", "4", "--no-cuda-graphs") == 0
     return out
 
 
@@ -43,7 +43,7 @@ def test_output_folder_holds_a_complete_run(trained):
     args = json.loads((trained / "training_args.json").read_text())
     assert args["sae"]["n_latents"] == 256 and args["training"]["epochs"] == 4
     assert args["training"]["lr_schedule"] == "wsd" and args["training"]["decay_fraction"] == 0.3
-    assert args["training"]["cuda_graphs"] is False
+    assert args["training"]["cuda_graphs"] is False and args["training"]["decoder_lr_scale"] == 4
     assert args["data"]["text_column"] == "text"
     split = json.loads((trained / "split.json").read_text())
     assert split["n_train"] + split["n_heldout"] == 240
@@ -345,6 +345,33 @@ def test_replayed_steps_read_the_buffers_they_were_captured_with(tmp_path, monke
         torch.testing.assert_close(tensor, graphed_run.sae.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
     for a, b in zip(plain.history, graphed_run.history, strict=True):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_the_decoder_steps_at_decoder_lr_scale_times_the_learning_rate(tmp_path, monkeypatch):
+    import sbert_sae.trainer as trainer
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *a, **kw):
+        seen.append([(group["lr"], list(group["params"])) for group in self.param_groups])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    x = np.random.default_rng(0).normal(size=(200, 16)).astype(np.float32)
+    args = TrainingArguments(epochs=2, batch_size=50, lr=1e-3, decoder_lr_scale=5.0, lr_schedule="cosine", warmup_fraction=0.25, report_to="none", show_progress=False, checkpoint_every=0)
+    sae = train(SparseAutoencoderConfig(d_in=16, n_latents=32, k=4), args, x, np.arange(200), np.arange(0), tmp_path).sae
+    assert len(seen) == 8
+    for step_index, groups in enumerate(seen):
+        rate = trainer.learning_rate(step_index, 8, args)
+        for lr, params in groups:
+            decoder = any(p is sae.W_dec for p in params)
+            assert lr == pytest.approx(rate * (5.0 if decoder else 1.0))
+        named = sorted(name for name, p in sae.named_parameters() for _, params in groups if any(p is q for q in params))
+        assert named == sorted(name for name, _ in sae.named_parameters())  # each parameter in one group
+    assert [any(p is sae.W_dec for p in params) for _, params in seen[0]] == [False, True]
 
 
 def test_auxk_width_is_a_power_of_two_that_holds_the_dead():
