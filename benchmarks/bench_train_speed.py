@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     p.add_argument("--embeddings", default=None, help="a (rows, dim) .npy instead of --dataset")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--rows", type=int, default=None, help="train and hold out on this many rows, drawn at random (seed 0) from the embeddings (default: all)")
     p.add_argument("--device", default=None)
     p.add_argument("--sizes", default="6144:32,24576:64,98304:64", help="n_latents:k, comma separated")
     p.add_argument("--batch-size", type=int, default=16384)
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--our-schedule", default="cosine", help="sbert-sae's learning-rate schedule")
     p.add_argument("--eager", action="store_true", help="also train sbert-sae without CUDA graphs (GPU)")
     p.add_argument("--our-auxk-coef", type=float, default=None, help="sbert-sae's AuxK weight (default: the config's, 1/32; SAELens uses 1)")
+    p.add_argument("--our-encoder-init-scale", type=float, default=None, help="norm of sbert-sae's encoder rows at initialisation (default: the config's, 0.1)")
     p.add_argument("--our-k-aux", type=int, default=None, help="sbert-sae's AuxK width (default: 2k; SAELens uses d_in / 2)")
     p.add_argument("--heldout", type=int, default=10_000)
     p.add_argument("--no-saelens", action="store_true")
@@ -139,6 +141,8 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     embeddings = load_embeddings(args)
+    if args.rows is not None and args.rows < len(embeddings):
+        embeddings = np.ascontiguousarray(embeddings[np.sort(np.random.default_rng(0).permutation(len(embeddings))[: args.rows])])
     rng = np.random.default_rng(0)
     order = rng.permutation(len(embeddings))
     held_pos, train_pos = np.sort(order[: args.heldout]), np.sort(order[args.heldout :])
@@ -156,9 +160,9 @@ def main(argv=None) -> int:
         except ImportError as err:
             print(f"SAELens not measured: {err}", flush=True)
 
-    sae_settings = {key: value for key, value in (("auxk_coef", args.our_auxk_coef), ("k_aux", args.our_k_aux)) if value is not None}
+    sae_settings = {key: value for key, value in (("auxk_coef", args.our_auxk_coef), ("k_aux", args.our_k_aux), ("encoder_init_scale", args.our_encoder_init_scale)) if value is not None}
     training_settings = {} if args.our_decoder_lr_scale is None else {"decoder_lr_scale": args.our_decoder_lr_scale}
-    results = {"device": name, "rows": len(train_pos), "batch_size": args.batch_size, "sae_settings": sae_settings, "sizes": []}
+    results = {"device": name, "rows": len(train_pos), "batch_size": args.batch_size, "sae_settings": sae_settings, "training_settings": training_settings, "sizes": []}
     # Warm-up: CUDA context, cuBLAS handles and kernels, outside any timing.
     ours(embeddings, train_pos[: 4 * args.batch_size], held_pos, 1024, 16, args.batch_size, 1, args.lr, "auto", str(device))
     for spec in args.sizes.split(","):
