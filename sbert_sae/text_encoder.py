@@ -91,6 +91,10 @@ class _BackendTokenizer:
         self.extras = {k: v for k, v in reference.items() if not isinstance(v, torch.Tensor)}
         if not {"input_ids", "attention_mask"} <= set(self.keys) or not set(self.keys) <= {"input_ids", "attention_mask", "token_type_ids"}:
             raise ValueError(f"the model's inputs are {self.keys}")
+        # One text is one segment: its type ids come from the tokenizer's post-processing
+        # template, the same for every text. When that template gives zeros, as BERT's does,
+        # they are not read back from each encoding (a Python list per text, under the GIL).
+        self.read_types = "token_type_ids" in self.keys and bool(reference["token_type_ids"].any())
         mine = self.pad(*self.tokenize(probe), np.arange(len(probe)))
         for key in self.keys:
             theirs = reference[key]
@@ -99,26 +103,31 @@ class _BackendTokenizer:
                 raise ValueError(f"{key} differs from the model's own tokenisation")
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Token lengths, all ids concatenated, and the type ids (or None)."""
+        """Token lengths, all ids concatenated, and the type ids likewise (None when they are zeros)."""
         encodings = self.encode_batch([t.strip() for t in texts], add_special_tokens=True)
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
         total = int(lengths.sum())
         ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
         types = None
-        if "token_type_ids" in self.keys:
+        if self.read_types:
             types = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings), dtype=np.int64, count=total)
-        return lengths, np.split(ids, np.cumsum(lengths)[:-1]), types if types is None else np.split(types, np.cumsum(lengths)[:-1])
+        return lengths, ids, types
 
-    def pad(self, lengths: np.ndarray, ids: list[np.ndarray], types, rows: np.ndarray) -> dict:
+    def pad(self, lengths: np.ndarray, ids: np.ndarray, types: np.ndarray | None, rows: np.ndarray) -> dict:
         """Padded tensors for `rows` of a tokenised block."""
-        width = int(lengths[rows].max())
-        mask = np.arange(width)[None, :] < lengths[rows][:, None]
+        row_lengths = lengths[rows]
+        width = int(row_lengths.max())
+        mask = np.arange(width)[None, :] < row_lengths[:, None]
+        # The rows' tokens in the concatenated ids, in row order (what `mask` fills row-major).
+        starts = (np.cumsum(lengths) - lengths)[rows]
+        take = np.repeat(starts - (np.cumsum(row_lengths) - row_lengths), row_lengths) + np.arange(int(row_lengths.sum()))
         input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        input_ids[mask] = np.concatenate([ids[r] for r in rows])
+        input_ids[mask] = ids[take]
         out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
-        if types is not None:
+        if "token_type_ids" in self.keys:
             token_types = np.zeros((len(rows), width), dtype=np.int64)
-            token_types[mask] = np.concatenate([types[r] for r in rows])
+            if types is not None:
+                token_types[mask] = types[take]
             out["token_type_ids"] = torch.from_numpy(token_types)
         return {**{k: out[k] for k in self.keys}, **self.extras}
 

@@ -103,12 +103,33 @@ def test_text_encoder_matches_encode_across_chunks_and_precisions(minilm, wiki_r
     assert cosine.min() > 0.99, cosine.min()
 
 
+def test_fast_tokenisation_pads_any_rows_as_the_model_does(minilm, wiki_rows):
+    """The padded batches, for rows in any order (the encoder takes them longest first), equal
+    the model's own `preprocess` of those texts, type ids included whether read or known zero."""
+    from sbert_sae.text_encoder import _BackendTokenizer
+
+    texts = [r["text"] for r in wiki_rows[:60]] + ["  padded  ", "x", "Crème brûlée " * 80]
+    backend = _BackendTokenizer(minilm, texts[:8])
+    assert backend.read_types is False  # BERT's single-segment type ids are zeros
+    rng = np.random.default_rng(0)
+    for read_types in (False, True):
+        backend.read_types = read_types
+        tokenised = backend.tokenize(texts)
+        assert (tokenised[2] is not None) == read_types
+        for size in (1, 5, 17, len(texts)):
+            rows = rng.permutation(len(texts))[:size]
+            ours = backend.pad(*tokenised, rows)
+            theirs = minilm.preprocess([texts[i] for i in rows])
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                assert torch.equal(ours[key], theirs[key].to(ours[key].dtype)), (key, size)
+
+
 def test_text_encoder_falls_back_to_the_models_own_tokenisation(minilm, wiki_rows, monkeypatch):
     from sbert_sae import text_encoder
 
     def mismatched(self, texts):
         lengths, ids, types = real(self, texts)
-        return lengths, [np.where(i == 102, 103, i) for i in ids], types  # a tokenizer that disagrees
+        return lengths, np.where(ids == 102, 103, ids), types  # a tokenizer that disagrees
 
     real = text_encoder._BackendTokenizer.tokenize
     monkeypatch.setattr(text_encoder._BackendTokenizer, "tokenize", mismatched)
