@@ -274,27 +274,27 @@ def test_streaming_from_the_memory_map_trains_the_same_model(tmp_path):
         assert torch.equal(models[0][name], models[1][name]), name
 
 
-def test_graphed_step_body_trains_the_model_the_plain_loop_trains(tmp_path, monkeypatch):
-    """On a GPU full batches replay a captured graph of `GraphedSteps.body`; run eagerly here
-    (no capture on a CPU), that body trains the plain loop's model: gradients, projection,
-    clipping, AuxK over padded dead ids, firing statistics and logs alike (equal up to the
-    order in which AuxK's top-k returns its columns, hence rounding)."""
+def _train_plain_and_graphed(tmp_path, monkeypatch, graphed_setup=None):
+    """The same small run (AuxK exercised: a short dead threshold) through the plain loop and
+    through `GraphedSteps`; `graphed_setup` patches the latter before it trains."""
     import sbert_sae.trainer as trainer
     from sbert_sae import SparseAutoencoderConfig
     from sbert_sae.trainer import TrainingArguments, train
 
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 3, size=16)).astype(np.float32)
-    # A short dead threshold, so that AuxK runs (over padded ids in the graphed body).
     args = TrainingArguments(epochs=4, batch_size=32, report_to="none", show_progress=False, checkpoint_every=0, log_every=3, grad_clip=0.05)
     results = []
     for graphed in (False, True):
         monkeypatch.setattr(trainer, "_use_graphed_steps", lambda *a, graphed=graphed: graphed)
+        if graphed and graphed_setup is not None:
+            graphed_setup()
         config = SparseAutoencoderConfig(d_in=16, n_latents=64, k=4, dead_threshold=64)
         results.append(train(config, args, x, np.arange(20, 300), np.arange(20), tmp_path / str(graphed)))
-    plain, graphed_run = results
-    assert any(r["auxk_loss"] > 0 for r in plain.history), "no feature died: AuxK was not exercised"
-    assert all(p.grad is None for p in graphed_run.sae.parameters())  # the persistent gradients are freed
+    return results
+
+
+def _assert_same_training(plain, graphed_run):
     for name, tensor in plain.sae.state_dict().items():
         torch.testing.assert_close(tensor, graphed_run.sae.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
     assert len(plain.history) == len(graphed_run.history) > 10
@@ -303,14 +303,24 @@ def test_graphed_step_body_trains_the_model_the_plain_loop_trains(tmp_path, monk
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
 
 
+def test_graphed_step_body_trains_the_model_the_plain_loop_trains(tmp_path, monkeypatch):
+    """On a GPU full batches replay a captured graph of `GraphedSteps.body`; run eagerly here
+    (no capture on a CPU), that body trains the plain loop's model: gradients, projection,
+    clipping, AuxK over padded dead ids, firing statistics and logs alike (equal up to the
+    order in which AuxK's top-k returns its columns, hence rounding)."""
+    plain, graphed_run = _train_plain_and_graphed(tmp_path, monkeypatch)
+    assert any(r["auxk_loss"] > 0 for r in plain.history), "no feature died: AuxK was not exercised"
+    assert all(p.grad is None for p in graphed_run.sae.parameters())  # the persistent gradients are freed
+    _assert_same_training(plain, graphed_run)
+
+
 def test_replayed_steps_read_the_buffers_they_were_captured_with(tmp_path, monkeypatch):
     """What a CUDA graph does, played on a CPU: a capture records the body on its input and
     dead-id buffers, and each replay reruns it on whatever those buffers hold then, writing into
     the outputs the capture returned. With one graph per (AuxK width, batch length) the run
     trains the plain loop's model, full batches and each epoch's shorter last one alike."""
     import sbert_sae.trainer as trainer
-    from sbert_sae import SparseAutoencoderConfig
-    from sbert_sae.trainer import GraphedSteps, TrainingArguments, train
+    from sbert_sae.trainer import GraphedSteps
 
     class Replay:
         def __init__(self, steps, x, dead, batch_rows, out):
@@ -328,23 +338,14 @@ def test_replayed_steps_read_the_buffers_they_were_captured_with(tmp_path, monke
         captured.append((0 if dead is None else len(dead), len(x)))
         return Replay(self, x, dead, batch_rows, out), out
 
-    rng = np.random.default_rng(0)
-    x = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 3, size=16)).astype(np.float32)
-    args = TrainingArguments(epochs=4, batch_size=32, report_to="none", show_progress=False, checkpoint_every=0, log_every=3, grad_clip=0.05)
-    results = []
-    for graphed in (False, True):
-        monkeypatch.setattr(trainer, "_use_graphed_steps", lambda *a, graphed=graphed: graphed)
+    def replayed():
         monkeypatch.setattr(trainer, "GraphedSteps", lambda *a, **kw: GraphedSteps(*a, **{**kw, "capture": True}))
         monkeypatch.setattr(GraphedSteps, "_capture", capture)
-        config = SparseAutoencoderConfig(d_in=16, n_latents=64, k=4, dead_threshold=64)
-        results.append(train(config, args, x, np.arange(20, 300), np.arange(20), tmp_path / str(graphed)))
-    plain, graphed_run = results
+
+    plain, graphed_run = _train_plain_and_graphed(tmp_path, monkeypatch, replayed)
     # 280 rows in batches of 32: eight full ones and a last one of 24, each with and without AuxK.
     assert sorted(captured) == [(0, 24), (0, 32), (64, 24), (64, 32)]
-    for name, tensor in plain.sae.state_dict().items():
-        torch.testing.assert_close(tensor, graphed_run.sae.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
-    for a, b in zip(plain.history, graphed_run.history, strict=True):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    _assert_same_training(plain, graphed_run)
 
 
 def test_the_decoder_steps_at_decoder_lr_scale_times_the_learning_rate(tmp_path, monkeypatch):
