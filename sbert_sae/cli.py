@@ -117,15 +117,16 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     """The SAE's loss and the training settings `train` and `sweep` share."""
+    from .pipeline import SaeArguments
     from .trainer import LR_SCHEDULES, MIXED_PRECISION, TrainingArguments
 
-    defaults = TrainingArguments()
+    defaults, sae_defaults = TrainingArguments(), SaeArguments()
     g = p.add_argument_group("SAE loss")
     g.add_argument("--k-aux", type=_positive_int, default=None, help="dead features in the AuxK loss (default: 2k)")
-    g.add_argument("--auxk-coef", type=float, default=1 / 32, help="weight of the AuxK loss (default: 1/32)")
+    g.add_argument("--auxk-coef", type=float, default=sae_defaults.auxk_coef, help="weight of the AuxK loss (default: 1/32)")
     g.add_argument("--dead-threshold", type=_positive_int, default=None, help="samples without firing before a feature counts as dead (default: one epoch)")
-    g.add_argument("--normalize", choices=("l2", "none"), default="l2", help="rescale inputs to unit length (default: l2)")
-    g.add_argument("--encoder-init-scale", type=float, default=0.1, help="norm of the encoder's rows at initialisation (default: 0.1)")
+    g.add_argument("--normalize", choices=("l2", "none"), default=sae_defaults.normalize, help=f"rescale inputs to unit length (default: {sae_defaults.normalize})")
+    g.add_argument("--encoder-init-scale", type=float, default=sae_defaults.encoder_init_scale, help=f"norm of the encoder's rows at initialisation (default: {sae_defaults.encoder_init_scale:g})")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help=f"passes over the training texts (default: {defaults.epochs})")
     g.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help=f"global batch size (default: {defaults.batch_size})")

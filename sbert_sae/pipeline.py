@@ -77,10 +77,10 @@ class SaeArguments:
     n_latents: int = 6144
     k: int = 32
     k_aux: int | None = None
-    auxk_coef: float = 1 / 32
+    auxk_coef: float = SparseAutoencoderConfig.auxk_coef
     dead_threshold: int | None = None
-    normalize: str = "l2"
-    encoder_init_scale: float = 0.1
+    normalize: str = SparseAutoencoderConfig.normalize
+    encoder_init_scale: float = SparseAutoencoderConfig.encoder_init_scale
 
 
 @dataclass

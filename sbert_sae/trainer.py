@@ -88,9 +88,10 @@ class TrainingArguments:
     show_progress: bool = True
     """Show a progress bar."""
     cuda_graphs: bool = True
-    """On one GPU, with the training rows resident and bf16 or fp32, replay each full batch's
-    forward, backward and gradient work as a captured CUDA graph (one per AuxK width): the
-    host's Python then no longer paces the GPU. Same arithmetic as the eager step."""
+    """On one GPU, with the training rows resident and bf16 or fp32, replay each batch's
+    forward, backward and gradient work as a captured CUDA graph (one per AuxK width and
+    batch length): the host's Python then no longer paces the GPU. Same arithmetic as the
+    eager step."""
 
     def validate(self) -> None:
         def positive(name: str, value, allow_zero: bool = False) -> None:
