@@ -7,7 +7,8 @@ For each SAE size, on the same embeddings resident on the device, with the same 
   projection, learning-rate schedule, firing statistics, per-epoch held-out FVU, logs);
 - SAELens' `TopKTrainingSAE` trained by its own `SAETrainer` (benchmarks/saelens_baseline.py),
   when `sae_lens` can be imported.
-Printed per size: samples/s, the ratios, held-out FVU of each trained SAE and peak memory.
+Printed per size: samples/s, the ratios, held-out FVU of each trained SAE, its dead features
+(the share that never fires over one pass of the training rows) and peak memory.
 `--precision-check` also trains one SAE in fp32 and in bf16 autocast and compares held-out FVU.
 
     python benchmarks/bench_train_speed.py --dataset data/large/corpus.parquet --model PATH
@@ -86,9 +87,16 @@ def ours(
     with tempfile.TemporaryDirectory() as out:
         result = train(config, args, embeddings, train_pos, held_pos, out, device=device)
     held = torch.from_numpy(np.ascontiguousarray(embeddings[held_pos])).to(result.sae.device)
+    fired = torch.zeros(n, dtype=torch.bool, device=result.sae.device)
+    with torch.no_grad():
+        for start in range(0, len(train_pos), 8192):
+            rows = torch.from_numpy(np.ascontiguousarray(embeddings[train_pos[start : start + 8192]])).to(result.sae.device)
+            values, indices = result.sae.encode_topk(rows)
+            fired[indices[values > 0]] = True
     curve = [r["heldout_fvu"] for r in result.history if "heldout_fvu" in r]  # after each epoch, all held-out rows
     return {
         "samples_per_second": result.samples_per_second, "seconds": result.seconds, "heldout_fvu": heldout_fvu(result.sae, held),
+        "dead_fraction": float((~fired).float().mean()),
         "steps": result.steps, "lr": lr, "decoder_lr_scale": args.decoder_lr_scale, "lr_schedule": schedule, "cuda_graphs": cuda_graphs, "heldout_fvu_per_epoch": [round(v, 4) for v in curve],
     }
 

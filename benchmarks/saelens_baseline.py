@@ -71,6 +71,17 @@ def _fvu(sae, x: torch.Tensor, chunk: int = 8192) -> float:
     return err / tot
 
 
+@torch.no_grad()
+def _dead_fraction(sae, x: torch.Tensor, chunk: int = 8192) -> float:
+    """Share of features that never fire over one pass of `x`."""
+    sae.eval()
+    fired = None
+    for xb in x.split(chunk):
+        batch_fired = (sae.encode(xb) > 0).any(dim=0)
+        fired = batch_fired if fired is None else fired | batch_fired
+    return float((~fired).float().mean())
+
+
 def train_saelens_topk(
     train: torch.Tensor,
     heldout: torch.Tensor,
@@ -127,6 +138,7 @@ def train_saelens_topk(
         "samples_per_second": steps * batch_size / seconds,
         "seconds": seconds,
         "heldout_fvu": _fvu(sae, heldout),
+        "dead_fraction": _dead_fraction(sae, train),
         "sae_lens_version": version,
         "steps": trainer.n_training_steps,
         "autocast_bf16": autocast,
