@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -133,12 +134,85 @@ def embedding_dimension(model) -> int | None:
     return getter()
 
 
-def load_sentence_transformer(model_id: str = DEFAULT_MODEL, revision: str | None = None, device: str | None = None):
-    """A `SentenceTransformer` for `model_id` (Hub id or folder), offline when possible."""
+def saved_encode_defaults(model_id: str, revision: str | None = None) -> dict | None:
+    """The settings a model saves that change what `encode` makes by default, read from its
+    `config_sentence_transformers.json` without loading it: `default_prompt` (the text of its
+    default prompt, when it has a non-empty one) and `truncate_dim` (when set). None when the
+    model's files are not on this machine (a Hub model not downloaded yet)."""
+    path = Path(resolve_model_path(model_id, revision))
+    if not path.is_dir():
+        return None
+    config_file = path / "config_sentence_transformers.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read {config_file} of model {model_id!r}: {err}") from err
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file} of model {model_id!r} is not a JSON object")
+    defaults = {}
+    prompts = config.get("prompts") or {}
+    name = config.get("default_prompt_name")
+    if name is not None and isinstance(prompts, dict) and prompts.get(name):
+        defaults["default_prompt"] = prompts[name]
+    if config.get("truncate_dim") is not None:
+        defaults["truncate_dim"] = config["truncate_dim"]
+    return defaults
+
+
+def encode_defaults(model) -> dict:
+    """What `saved_encode_defaults` reads, from a loaded SentenceTransformer."""
+    defaults = {}
+    name = getattr(model, "default_prompt_name", None)
+    prompt = (getattr(model, "prompts", None) or {}).get(name) if name is not None else None
+    if prompt:
+        defaults["default_prompt"] = prompt
+    if getattr(model, "truncate_dim", None) is not None:
+        defaults["truncate_dim"] = model.truncate_dim
+    return defaults
+
+
+CUSTOM_PROMPT_NAME = "sbert-sae"
+"""The name a literal `prompt` setting is stored under in a model's prompts (`apply_encode_settings`)."""
+
+
+def apply_encode_settings(model, encode_kwargs: dict | None):
+    """Make `model.encode(texts)` embed as `model.encode(texts, **encode_kwargs)` does, but
+    for `normalize_embeddings`: its default prompt and its truncate_dim follow the settings,
+    so that code that calls the model without them (labelling, KeyBERT) embeds alike.
+    Returns the model; InputError for a prompt name the model does not have."""
+    from .errors import InputError
+
+    kwargs = encode_kwargs or {}
+    prompts = getattr(model, "prompts", None)
+    if kwargs.get("prompt") is not None:
+        if kwargs["prompt"]:
+            model.prompts = {**(prompts or {}), CUSTOM_PROMPT_NAME: kwargs["prompt"]}
+            model.default_prompt_name = CUSTOM_PROMPT_NAME
+        else:
+            model.default_prompt_name = None  # "" means no prompt, the model's default included
+    elif kwargs.get("prompt_name") is not None:
+        if kwargs["prompt_name"] not in (prompts or {}):
+            raise InputError(f"prompt_name {kwargs['prompt_name']!r} is not one of the model's prompts {sorted(prompts or {})}")
+        model.default_prompt_name = kwargs["prompt_name"]
+    if kwargs.get("truncate_dim") is not None:
+        model.truncate_dim = kwargs["truncate_dim"]
+    return model
+
+
+def load_sentence_transformer(
+    model_id: str = DEFAULT_MODEL, revision: str | None = None, device: str | None = None, encode_kwargs: dict | None = None
+):
+    """A `SentenceTransformer` for `model_id` (Hub id or folder), offline when possible; with
+    `encode_kwargs`, set up by `apply_encode_settings` to embed with them by default."""
     from sentence_transformers import SentenceTransformer
 
     path = resolve_model_path(model_id, revision)
     try:
-        return SentenceTransformer(path, device=pick_device(device), revision=None if path != model_id else revision)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load sentence-transformers model {model_id!r}: {err}") from err
+        model = SentenceTransformer(path, device=pick_device(device), revision=None if path != model_id else revision)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as err:
+        # A folder that is not a loadable sentence-transformers model (a missing or broken
+        # modules.json entry, an unknown module class) is the model's fault, not a bug here.
+        raise ModelLoadError(f"cannot load sentence-transformers model {model_id!r}: {type(err).__name__}: {err}") from err
+    return apply_encode_settings(model, encode_kwargs)

@@ -1,9 +1,11 @@
 """Embed a dataset's text column once, cache the vectors on disk, read them memory-mapped.
 
-The cache key covers the model (id, revision, encode settings), the dataset's fingerprint
-and the text column, so a second run with the same inputs embeds nothing. Vectors are
-written chunk by chunk into a `.npy` file that is read memory-mapped: a corpus larger than
-memory streams through, and a killed embedding run resumes at its last finished chunk.
+The cache key covers the model (id, revision, encode settings, and the default prompt and
+truncate_dim the model saves), the dataset's fingerprint and the text column, so a second
+run with the same inputs embeds nothing and a setting that changes the vectors is another
+entry. Vectors are written chunk by chunk into a `.npy` file that is read memory-mapped: a
+corpus larger than memory streams through, and a killed embedding run resumes at its last
+finished chunk.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .base_model import DEFAULT_MODEL, load_sentence_transformer
+from .base_model import DEFAULT_MODEL, encode_defaults, load_sentence_transformer, saved_encode_defaults
 from .data import TextRows, column_values, dataset_fingerprint, find_text_rows
 from .errors import DatasetError, InputError
-from .text_encoder import EncodeSettings, TextEncoder, resolve_precision
+from .text_encoder import EncodeSettings, TextEncoder, check_encode_kwargs, resolve_precision
 from .utils import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -110,29 +112,41 @@ def embed_dataset(
         chunk_size: rows written and recorded as done at a time (what a resume keeps).
         precision: auto (fp16 on a GPU, else fp32), fp32, fp16 or bf16.
         max_batch_tokens: padded tokens in one forward pass (None: 65536 on a GPU, 2048 on a CPU).
+        encode_kwargs: settings of `encode` that change the vectors: `prompt_name` or
+            `prompt` (without either, the model's default prompt applies, as in `encode`),
+            `truncate_dim`, `normalize_embeddings`. Any other is refused (InputError).
     """
-    encode_kwargs = dict(encode_kwargs or {})
+    encode_kwargs = check_encode_kwargs(encode_kwargs)
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise InputError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
-    unsupported = set(encode_kwargs) - {"normalize_embeddings"}
-    if unsupported:
-        raise InputError(f"encode settings {sorted(unsupported)} are not supported (only normalize_embeddings)")
     import torch
 
     from .base_model import pick_device
-
-    precision = resolve_precision(precision, torch.device(pick_device(device)))
-    fingerprint = dataset_fingerprint(ds)
-    key_settings = dict(encode_kwargs, **({"precision": precision} if precision != "fp32" else {}))
-    key = cache_key(model_id, revision, fingerprint, text_column, key_settings)
-    folder = Path(cache_dir or default_cache_dir()) / "embeddings" / key
-    if (folder / "complete.json").exists():
-        return open_cache(folder)
 
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     if world > 1 and device is None:
         device = str(accelerator.device)  # each process on its own GPU
+
+    precision = resolve_precision(precision, torch.device(pick_device(device)))
+    fingerprint = dataset_fingerprint(ds)
+    model = None
+    model_defaults = saved_encode_defaults(model_id, revision)
+    if model_defaults is None:  # its files are not here yet: loading the model fetches them
+        model = load_sentence_transformer(model_id, revision=revision, device=device)
+        model_defaults = encode_defaults(model)
+    # The model's saved default prompt and truncate_dim change its vectors as the settings
+    # do; they enter the key only when the model has them, so that the keys of models
+    # without them (and the caches made for those) stay as they were.
+    key_settings = dict(
+        encode_kwargs,
+        **{f"model_{name}": value for name, value in model_defaults.items()},
+        **({"precision": precision} if precision != "fp32" else {}),
+    )
+    key = cache_key(model_id, revision, fingerprint, text_column, key_settings)
+    folder = Path(cache_dir or default_cache_dir()) / "embeddings" / key
+    if (folder / "complete.json").exists():
+        return open_cache(folder)
 
     def barrier() -> None:
         if world > 1:
@@ -147,14 +161,19 @@ def embed_dataset(
 
     rows = text_rows or find_text_rows(ds, text_column, on_bad=on_bad_text)
     n = len(rows.row_ids)
-    model = load_sentence_transformer(model_id, revision=revision, device=device)
+    if model is None:
+        model = load_sentence_transformer(model_id, revision=revision, device=device)
     settings = EncodeSettings(
         precision=precision,
         max_batch_tokens=max_batch_tokens,
         max_batch_size=batch_size or 1024,
         normalize=bool(encode_kwargs.get("normalize_embeddings")),
+        prompt_name=encode_kwargs.get("prompt_name"),
+        prompt=encode_kwargs.get("prompt"),
+        truncate_dim=encode_kwargs.get("truncate_dim"),
     )
-    encoder = TextEncoder(model, settings, owns_model=True)
+    # Refuses a model that cannot embed text, or settings it cannot follow, before any file is written.
+    encoder = TextEncoder(model, settings, owns_model=True, name=f"model {model_id!r}")
     dim = encoder.dim
     vectors_file = folder / "embeddings.npy"
     if rank == 0:
@@ -204,6 +223,8 @@ def embed_dataset(
             "dataset_fingerprint": fingerprint,
             "text_column": text_column,
             "encode_kwargs": encode_kwargs,
+            "prompt": encoder.prompt,
+            "truncate_dim": encoder.truncate_dim,
             "precision": precision,
             "processes": world,
             "n_rows": n,
