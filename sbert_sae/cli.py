@@ -109,6 +109,9 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
     if with_model:
         g.add_argument("--model", default=DEFAULT_MODEL, help=f"sentence-transformers model, Hub id or folder (default: {DEFAULT_MODEL})")
         g.add_argument("--model-revision", default=None, help="revision of the model on the Hub")
+        g.add_argument("--prompt-name", default=None, help="prepend the model's prompt of this name (e.g. query, passage) to every text (default: the model's default prompt, if it has one)")
+        g.add_argument("--prompt", default=None, help="prepend this text to every text, e.g. 'search_document: ' ('' for none, overriding the model's default prompt)")
+        g.add_argument("--truncate-dim", type=_positive_int, default=None, help="keep the first N dimensions of each embedding (Matryoshka models); the SAE reads N (default: the model's own setting)")
     g.add_argument("--embed-batch-size", type=_positive_int, default=None, help="most texts per forward pass when embedding (default: as many as 65536 padded tokens on a GPU, 2048 on a CPU, allow)")
     g.add_argument("--embed-precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="embedding precision (default: fp16 on a GPU, else fp32)")
     g.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE or ~/.cache/sbert-sae)")
@@ -302,6 +305,9 @@ def _data_arguments(args):
         max_rows=args.max_rows,
         model=getattr(args, "model", DEFAULT_MODEL),
         model_revision=getattr(args, "model_revision", None),
+        encode_kwargs={
+            name: getattr(args, name) for name in ("prompt_name", "prompt", "truncate_dim") if getattr(args, name, None) is not None
+        },
         embed_batch_size=args.embed_batch_size,
         embed_precision=args.embed_precision,
         cache_dir=args.cache_dir,

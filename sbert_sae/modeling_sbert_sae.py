@@ -390,7 +390,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 raise ConfigError("this SAE has no base_model in its config: embed the texts yourself and call encode()")
             from .base_model import embedding_dimension, load_sentence_transformer
 
-            model = load_sentence_transformer(self.config.base_model, revision=self.config.base_model_revision, device=device)
+            # Set up with the recorded encode settings, so that its dimension is checked after any truncate_dim.
+            model = load_sentence_transformer(
+                self.config.base_model, revision=self.config.base_model_revision, device=device, encode_kwargs=self.config.base_model_kwargs
+            )
             dim = embedding_dimension(model)
             if dim is not None and dim != self.config.d_in:
                 raise ConfigError(

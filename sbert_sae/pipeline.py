@@ -61,6 +61,10 @@ class DataArguments:
     model: str = DEFAULT_MODEL
     """sentence-transformers model (Hub id or folder)."""
     model_revision: str | None = None
+    encode_kwargs: dict = field(default_factory=dict)
+    """Settings of `SentenceTransformer.encode` the texts are embedded with (`prompt_name` or
+    `prompt`, `truncate_dim`, `normalize_embeddings`); recorded in the SAE's config as
+    `base_model_kwargs`, so that `encode_texts` embeds new texts alike."""
     embed_batch_size: int | None = None
     """Most texts in one forward pass when embedding (None: as many as the token budget allows)."""
     embed_precision: str = "auto"
@@ -112,6 +116,7 @@ def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = 
             device=data.device,
             precision=data.embed_precision,
             on_bad_text=data.on_bad_text,
+            encode_kwargs=data.encode_kwargs,
             show_progress=show_progress,
             text_rows=rows,
             accelerator=accelerator,
@@ -216,6 +221,7 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
         d_in=cache.dim,
         base_model=data.model,
         base_model_revision=data.model_revision,
+        base_model_kwargs=dict(data.encode_kwargs) or None,
     )
     if main:
         logger.info("training %s: %d texts (%d held out) -> %s", name, len(train_rows), len(heldout_rows), folder)
@@ -334,7 +340,9 @@ def load_sae_corpus(sae, sae_path, data: DataArguments, show_progress: bool = Tr
 
     if not sae.config.base_model:
         raise ConfigError(f"the SAE in {sae_path} has no base_model in its config: its texts cannot be embedded alike")
-    data = dataclasses.replace(data, model=sae.config.base_model, model_revision=sae.config.base_model_revision)
+    data = dataclasses.replace(
+        data, model=sae.config.base_model, model_revision=sae.config.base_model_revision, encode_kwargs=dict(sae.config.base_model_kwargs or {})
+    )
     ds, cache = load_and_embed(data, show_progress=show_progress)
     if cache.dim != sae.config.d_in:
         raise ConfigError(f"{data.model} makes {cache.dim}-d embeddings but the SAE in {sae_path} reads d_in={sae.config.d_in}")
@@ -358,7 +366,8 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
     sae = SparseAutoencoder.from_pretrained(sae_path)
     data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
     texts = column_values(ds, data.text_column, cache.row_ids)
-    model = load_sentence_transformer(data.model, revision=data.model_revision, device=data.device)
+    # Candidate labels are embedded as the corpus was (prompt, truncate_dim), to be compared with it.
+    model = load_sentence_transformer(data.model, revision=data.model_revision, device=data.device, encode_kwargs=data.encode_kwargs)
     # The corpus is encoded by the SAE once (every text, every feature): on the GPU where there is one.
     sae = sae.to(data.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     partial_path = sae_path / "feature_labels.partial.json"
