@@ -1,0 +1,313 @@
+"""Models other than MiniLM, built here with small random weights and MiniLM's tokenizer:
+prompts (default, named, literal, left out of the pooling), truncate_dim, CLS pooling with a
+Dense layer and no Normalize, DistilBERT (no token type ids), a short max_seq_length, and a
+static (model2vec-style) embedding. Each embeds as `SentenceTransformer.encode` does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sbert_sae.base_model import DEFAULT_MODEL, load_sentence_transformer, resolve_model_path
+from sbert_sae.data import dataset_fingerprint, load_text_dataset
+from sbert_sae.embeddings import cache_key, embed_dataset
+from sbert_sae.errors import InputError, ModelLoadError
+from sbert_sae.text_encoder import EncodeSettings, TextEncoder
+
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+HIDDEN = 64
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These models are tiny: handing their few matrix products to a second thread costs more
+    than it saves, and much more when another process keeps a core busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _settings(encode_kwargs: dict) -> EncodeSettings:
+    return EncodeSettings(
+        normalize=encode_kwargs.get("normalize_embeddings", False),
+        prompt_name=encode_kwargs.get("prompt_name"),
+        prompt=encode_kwargs.get("prompt"),
+        truncate_dim=encode_kwargs.get("truncate_dim"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(kind) -> folder of a saved sentence-transformers model of that kind
+    (2 layers, hidden 64, random weights, MiniLM's tokenizer), built once per session."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, StaticEmbedding, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel, DistilBertConfig, DistilBertModel
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    tokenizer_dir = resolve_model_path(DEFAULT_MODEL)
+    built: dict[str, str] = {}
+
+    def backbone(name: str, arch: str) -> str:
+        folder = root / f"{name}-backbone"
+        # DistilBERT's tokenizers make no token type ids, as its model takes none.
+        input_names = ["input_ids", "attention_mask"] if arch == "distilbert" else None
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **({"model_input_names": input_names} if input_names else {}))
+        torch.manual_seed(0)
+        if arch == "distilbert":
+            config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=HIDDEN, n_layers=2, n_heads=2, hidden_dim=128)
+            DistilBertModel(config).save_pretrained(folder)
+        else:
+            config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+            BertModel(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return str(folder)
+
+    def transformer_model(name, arch="bert", pooling="mean", include_prompt=True, dense=None, normalize=True, max_seq_length=128, **model_kwargs):
+        modules = [Transformer(backbone(name, arch), max_seq_length=max_seq_length), Pooling(HIDDEN, pooling_mode=pooling, include_prompt=include_prompt)]
+        if dense:
+            torch.manual_seed(1)
+            modules.append(Dense(HIDDEN, dense, activation_function=torch.nn.Tanh()))
+        if normalize:
+            modules.append(Normalize())
+        return SentenceTransformer(modules=modules, device="cpu", **model_kwargs)
+
+    def static_model(name):
+        from tokenizers import Tokenizer
+
+        torch.manual_seed(0)
+        tokenizer = Tokenizer.from_file(str(tokenizer_dir) + "/tokenizer.json")
+        return SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=48)], device="cpu")
+
+    def no_pooling(name):
+        return SentenceTransformer(modules=[Transformer(backbone(name, "bert"), max_seq_length=128)], device="cpu")
+
+    recipes = {
+        "plain": lambda n: transformer_model(n),
+        "default-prompt": lambda n: transformer_model(n, prompts=PROMPTS, default_prompt_name="passage"),
+        "prompt-left-out": lambda n: transformer_model(n, include_prompt=False, prompts=PROMPTS, default_prompt_name="passage"),
+        "truncated": lambda n: transformer_model(n, truncate_dim=24),
+        "cls-dense": lambda n: transformer_model(n, pooling="cls", dense=32, normalize=False),
+        "distilbert": lambda n: transformer_model(n, arch="distilbert"),
+        "short": lambda n: transformer_model(n, max_seq_length=16),
+        "static": static_model,
+        "no-pooling": no_pooling,
+    }
+
+    def make(kind: str) -> str:
+        if kind not in built:
+            folder = root / kind
+            recipes[kind](kind).save(str(folder))
+            built[kind] = str(folder)
+        return built[kind]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_model):
+    """loaded(kind) -> the model of that kind, loaded from its folder as a run loads it."""
+    models = {}
+
+    def get(kind: str):
+        if kind not in models:
+            models[kind] = load_sentence_transformer(tiny_model(kind), device="cpu")
+        return models[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def texts(wiki_rows):
+    return [r["text"] for r in wiki_rows[:20]] + ["  padded  ", "x", "Crème brûlée " * 80]
+
+
+@pytest.fixture
+def small_dataset(tmp_path, wiki_rows):
+    from datasets import Dataset
+
+    folder = tmp_path / "small"
+    Dataset.from_list([dict(r) for r in wiki_rows[:12]]).save_to_disk(str(folder))
+    return load_text_dataset(str(folder))
+
+
+def _assert_same(ours: np.ndarray, theirs: np.ndarray) -> None:
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "kind, encode_kwargs",
+    [
+        ("default-prompt", {}),
+        ("default-prompt", {"prompt_name": "query"}),
+        ("default-prompt", {"prompt": ""}),
+        ("default-prompt", {"prompt": "search_document: "}),
+        ("prompt-left-out", {}),
+        ("prompt-left-out", {"prompt_name": "query"}),
+    ],
+)
+def test_prompts_embed_as_encode(loaded, texts, kind, encode_kwargs):
+    """The model's default prompt applies without settings, a named or literal prompt replaces
+    it, and a pooling that leaves the prompt out gets its length, all as in `encode`."""
+    model = loaded(kind)
+    encoder = TextEncoder(model, _settings(encode_kwargs))
+    ours = encoder.encode(texts)
+    assert encoder._backend is not None  # the fast tokenizer reproduces the prompted tokenisation
+    _assert_same(ours, model.encode(texts, batch_size=8, **encode_kwargs))
+    # The prompt changes the vectors, so that a prompt dropped or misplaced fails the test.
+    if encoder.prompt:
+        assert not np.allclose(ours, model.encode(texts, batch_size=8, prompt=""), atol=1e-3)
+
+
+def test_a_prompt_left_out_of_the_pooling_is_left_out(loaded, texts):
+    """With `Pooling(include_prompt=False)` the prompt's tokens attend but are not averaged:
+    the same model pooling them gives other vectors, which ours must not be."""
+    model = loaded("prompt-left-out")
+    ours = TextEncoder(model).encode(texts)
+    pooling = model[1]
+    pooling.include_prompt = True
+    try:
+        including = model.encode(texts, batch_size=8)
+    finally:
+        pooling.include_prompt = False
+    assert not np.allclose(ours, including, atol=1e-3)
+    _assert_same(ours, model.encode(texts, batch_size=8))
+
+
+@pytest.mark.parametrize("kind", ["cls-dense", "distilbert", "short", "static"])
+def test_other_module_stacks_embed_as_encode(loaded, texts, kind):
+    model = loaded(kind)
+    encoder = TextEncoder(model, EncodeSettings(max_batch_tokens=512))
+    ours = encoder.encode(texts)
+    _assert_same(ours, model.encode(texts, batch_size=8))
+    if kind == "cls-dense":  # the Dense layer's width, and no Normalize: the norms are the model's
+        assert encoder.dim == 32 and not np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-3)
+    if kind == "distilbert":  # no token type ids from the tokenizer, none made by the fast path
+        assert "token_type_ids" not in model.preprocess(texts[:2])
+        assert encoder._backend is not None and encoder._backend.keys == ["input_ids", "attention_mask"]
+    if kind == "short":  # most texts are cut at 16 tokens
+        assert max(len(ids) for ids in model.tokenizer(texts)["input_ids"]) > 16
+        assert encoder._backend is not None
+    if kind == "static":  # no attention mask: the model's own preprocess and EmbeddingBag
+        assert encoder._backend is None and encoder.dim == 48
+
+
+def test_truncate_dim_as_a_setting_and_as_saved(loaded, texts):
+    plain = loaded("plain")
+    for encode_kwargs in ({"truncate_dim": 8}, {"truncate_dim": 8, "normalize_embeddings": True}):
+        encoder = TextEncoder(plain, _settings(encode_kwargs))
+        assert encoder.dim == 8
+        # truncated first, normalised after: the rows are unit vectors of 8 dimensions
+        _assert_same(encoder.encode(texts), plain.encode(texts, batch_size=8, **encode_kwargs))
+    saved = loaded("truncated")
+    encoder = TextEncoder(saved)
+    assert encoder.dim == 24
+    _assert_same(encoder.encode(texts), saved.encode(texts, batch_size=8))
+    with pytest.raises(InputError, match=r"truncate_dim=65 is larger than the 64 dimensions"):
+        TextEncoder(plain, EncodeSettings(truncate_dim=65))
+
+
+def test_embed_dataset_follows_the_settings_and_keys_the_cache_by_them(tiny_model, loaded, small_dataset, tmp_path):
+    path = tiny_model("default-prompt")
+    model = loaded("default-prompt")
+    fingerprint = dataset_fingerprint(small_dataset)
+    texts = list(small_dataset["text"])
+    caches = {}
+    for label, encode_kwargs in {
+        "default": {},
+        "query": {"prompt_name": "query"},
+        "literal": {"prompt": "query: "},
+        "truncated": {"truncate_dim": 16, "normalize_embeddings": True},
+    }.items():
+        cache = embed_dataset(small_dataset, "text", path, cache_dir=tmp_path, encode_kwargs=encode_kwargs, show_progress=False)
+        _assert_same(np.asarray(cache.embeddings), model.encode(texts, batch_size=8, **encode_kwargs))
+        caches[label] = cache
+    assert caches["truncated"].dim == 16
+    assert caches["default"].meta["prompt"] == "passage: " and caches["query"].meta["prompt"] == "query: "
+    # Every setting that changes the vectors is its own entry; the model's default prompt is in the key.
+    assert len({c.path for c in caches.values()}) == 4
+    assert caches["default"].path.name == cache_key(path, None, fingerprint, "text", {"model_default_prompt": "passage: "})
+    # A second run with the same settings reads the cache.
+    again = embed_dataset(small_dataset, "text", path, cache_dir=tmp_path, encode_kwargs={"prompt_name": "query"}, show_progress=False)
+    assert again.path == caches["query"].path
+
+
+def test_the_cache_key_of_a_model_without_prompts_or_truncate_dim_is_unchanged(small_dataset, tmp_path):
+    """Existing caches (made with no encode settings by a model that saves none, as MiniLM)
+    keep their key: nothing is added to it."""
+    small = small_dataset.select(range(4))
+    cache = embed_dataset(small, "text", DEFAULT_MODEL, cache_dir=tmp_path, show_progress=False)
+    assert cache.path.name == cache_key(DEFAULT_MODEL, None, dataset_fingerprint(small), "text", {})
+    assert cache.meta["prompt"] is None and cache.meta["truncate_dim"] is None
+
+
+@pytest.mark.parametrize(
+    "encode_kwargs, message",
+    [
+        ({"precision": "int8"}, r"encode setting\(s\) \['precision'\] are not supported"),
+        ({"prompt": "query: ", "prompt_name": "query"}, "give prompt or prompt_name, not both"),
+        ({"truncate_dim": 0}, "truncate_dim must be a positive integer, got 0"),
+        ({"prompt_name": "qurey"}, r"prompt_name 'qurey' is not one of the model's prompts \['document', 'passage', 'query'\]"),
+        ({"truncate_dim": 100}, "truncate_dim=100 is larger than the 64 dimensions model"),
+        ({"normalize_embeddings": "yes"}, "normalize_embeddings must be true or false"),
+    ],
+)
+def test_unsupported_settings_are_refused_before_anything_is_written(tiny_model, small_dataset, tmp_path, encode_kwargs, message):
+    with pytest.raises(InputError, match=message):
+        embed_dataset(small_dataset, "text", tiny_model("default-prompt"), cache_dir=tmp_path, encode_kwargs=encode_kwargs, show_progress=False)
+    assert not (tmp_path / "embeddings").exists() or not any((tmp_path / "embeddings").iterdir())
+
+
+def test_a_model_that_makes_no_sentence_embedding_is_refused(tiny_model, small_dataset, tmp_path):
+    path = tiny_model("no-pooling")
+    with pytest.raises(ModelLoadError, match=r"makes no sentence embedding from text \(modules: Transformer\)"):
+        embed_dataset(small_dataset, "text", path, cache_dir=tmp_path, show_progress=False)
+    assert not (tmp_path / "embeddings").exists() or not any((tmp_path / "embeddings").iterdir())
+    # Folders that are no loadable sentence-transformers model: one line naming the model and why.
+    for name, modules, reason in (
+        ("unknown-module", [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.NoSuchModule"}], "ImportError"),
+        ("not-a-list", {"idx": 0}, "TypeError"),
+    ):
+        broken = tmp_path / name
+        broken.mkdir()
+        (broken / "modules.json").write_text(json.dumps(modules))
+        with pytest.raises(ModelLoadError, match=rf"cannot load sentence-transformers model '{broken}': {reason}"):
+            load_sentence_transformer(str(broken), device="cpu")
+
+
+def test_cli_trains_on_a_prompted_matryoshka_model_and_encode_texts_embeds_alike(tiny_model, loaded, wiki_small, tmp_path):
+    """`train --prompt-name --truncate-dim` on a model whose pooling leaves the prompt out: the
+    SAE reads the truncated width, records the settings, and embeds new texts with them."""
+    from sbert_sae import SparseAutoencoder
+    from sbert_sae.cli import main
+    from sbert_sae.embeddings import open_cache
+    from sbert_sae.labels import _embed
+    from sbert_sae.pipeline import DataArguments, load_sae_corpus
+    from sbert_sae.utils import read_json
+
+    path = tiny_model("prompt-left-out")
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", str(wiki_small), "--model", path, "--prompt-name", "query", "--truncate-dim", "32", "--out", str(out)]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache"), "--n-latents", "64", "-k", "4", "--epochs", "2", "--batch-size", "32", "-q", "--report-to", "none"]) == 0
+    sae = SparseAutoencoder.from_pretrained(out)
+    assert sae.config.d_in == 32
+    assert sae.config.base_model_kwargs == {"prompt_name": "query", "truncate_dim": 32}
+    cache = open_cache(read_json(out / "training_args.json")["embedding_cache"])
+    assert cache.meta["prompt"] == "query: " and cache.dim == 32
+    ds = load_text_dataset(str(wiki_small))
+    rows = cache.row_ids[:6]
+    new_texts = [ds[int(i)]["text"] for i in rows]
+    _assert_same(sae.embed_texts(new_texts).numpy(), np.asarray(cache.embeddings[:6]))
+    torch.testing.assert_close(sae.encode_texts(new_texts), sae.encode(torch.from_numpy(np.array(cache.embeddings[:6]))), atol=1e-5, rtol=0)
+    # Labelling, families and search read the corpus as it was embedded for training.
+    _, _, corpus = load_sae_corpus(sae, out, DataArguments(dataset=str(wiki_small), cache_dir=str(tmp_path / "cache")))
+    assert corpus.path == cache.path
+    # Labels are embedded as the corpus was: the same prompt and width.
+    model = load_sentence_transformer(path, device="cpu", encode_kwargs=sae.config.base_model_kwargs)
+    phrases = ["quantum mechanics", "painting"]
+    _assert_same(_embed(model, phrases, 8, show_progress=False), loaded("prompt-left-out").encode(phrases, prompt_name="query", truncate_dim=32, normalize_embeddings=True))
