@@ -234,7 +234,10 @@ def activation_rows(sae, data, batch_size: int = 4096, show_progress: bool = Fal
 
     from .pipeline import load_and_embed
 
-    data = dataclasses.replace(data, model=sae.config.base_model or data.model, model_revision=sae.config.base_model_revision)
+    if sae.config.base_model:  # the corpus is embedded as the SAE's own was: same model, prompt and width
+        data = dataclasses.replace(
+            data, model=sae.config.base_model, model_revision=sae.config.base_model_revision, encode_kwargs=dict(sae.config.base_model_kwargs or {})
+        )
     ds, cache = load_and_embed(data, show_progress=show_progress)
     if cache.dim != sae.config.d_in:
         raise ModelLoadError(f"{data.model} makes {cache.dim}-d embeddings but the SAE reads d_in={sae.config.d_in}")

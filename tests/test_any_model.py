@@ -307,6 +307,12 @@ def test_cli_trains_on_a_prompted_matryoshka_model_and_encode_texts_embeds_alike
     # Labelling, families and search read the corpus as it was embedded for training.
     _, _, corpus = load_sae_corpus(sae, out, DataArguments(dataset=str(wiki_small), cache_dir=str(tmp_path / "cache")))
     assert corpus.path == cache.path
+    # So does the activations dataset a push publishes.
+    from sbert_sae.hub import activation_rows
+
+    first = next(activation_rows(sae, DataArguments(dataset=str(wiki_small), cache_dir=str(tmp_path / "cache"))))
+    values, indices = sae.encode_topk(torch.from_numpy(np.array(cache.embeddings[:1])))
+    assert first["id"] == int(cache.row_ids[0]) and set(first["indices"]) == set(indices[0][values[0] > 0].tolist())
     # Labels are embedded as the corpus was: the same prompt and width.
     model = load_sentence_transformer(path, device="cpu", encode_kwargs=sae.config.base_model_kwargs)
     phrases = ["quantum mechanics", "painting"]
