@@ -121,6 +121,33 @@ def test_auxk_gives_dead_latents_a_gradient():
         assert torch.count_nonzero(g) > 0
 
 
+def test_auxk_reaches_dead_latents_that_are_negative_on_every_input():
+    """Features usually die with pre-activations below zero everywhere. Rectified, their AuxK
+    values would be 0 and their gradient too, so they could never come back; trained on the
+    AuxK loss, those whose direction explains the residual must rise until they fire."""
+    sae = make_sae(n=64, k=2, auxk_coef=1.0)
+    with torch.no_grad():
+        sae.b_enc[:32] = 1.0
+        sae.b_enc[32:] = -10.0  # far below zero on every input
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[32:] = True
+    x = data(512)
+    assert bool((sae.pre_activations(sae.prepare_input(x))[:, 32:] < 0).all())
+    out = sae(x, dead_mask=dead)
+    out.auxk_loss.backward()
+    assert torch.count_nonzero(sae.b_enc.grad[32:]) > 0 and torch.count_nonzero(sae.W_enc.grad[32:]) > 0
+
+    opt = torch.optim.Adam([sae.W_dec, sae.W_enc, sae.b_enc], lr=0.1)
+    for _ in range(300):
+        opt.zero_grad()
+        sae(x, dead_mask=dead).auxk_loss.backward()
+        sae.remove_gradient_parallel_to_decoder()
+        opt.step()
+        sae.set_decoder_norm_to_unit()
+    revived = (sae.pre_activations(sae.prepare_input(x))[:, 32:] > 0).any(dim=0)
+    assert int(revived.sum()) >= 4, f"only {int(revived.sum())} of 32 dead latents rose above zero"
+
+
 def test_auxk_reduces_the_residual_of_dead_latents():
     """Trained on the residual alone, the dead latents learn to explain it."""
     sae = make_sae(n=64, k=2, auxk_coef=1.0)
