@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sbert_sae.configuration_sbert_sae import SparseAutoencoderConfig  # noqa: E402
+from sbert_sae.evaluation import feature_fire_counts  # noqa: E402
 from sbert_sae.trainer import TrainingArguments, heldout_fvu, train  # noqa: E402
 from measure import peak_gpu_gb, reset_peak, sync, write_results  # noqa: E402
 
@@ -87,16 +88,10 @@ def ours(
     with tempfile.TemporaryDirectory() as out:
         result = train(config, args, embeddings, train_pos, held_pos, out, device=device)
     held = torch.from_numpy(np.ascontiguousarray(embeddings[held_pos])).to(result.sae.device)
-    fired = torch.zeros(n, dtype=torch.bool, device=result.sae.device)
-    with torch.no_grad():
-        for start in range(0, len(train_pos), 8192):
-            rows = torch.from_numpy(np.ascontiguousarray(embeddings[train_pos[start : start + 8192]])).to(result.sae.device)
-            values, indices = result.sae.encode_topk(rows)
-            fired[indices[values > 0]] = True
     curve = [r["heldout_fvu"] for r in result.history if "heldout_fvu" in r]  # after each epoch, all held-out rows
     return {
         "samples_per_second": result.samples_per_second, "seconds": result.seconds, "heldout_fvu": heldout_fvu(result.sae, held),
-        "dead_fraction": float((~fired).float().mean()),
+        "dead_fraction": float((feature_fire_counts(result.sae, embeddings, train_pos) == 0).mean()),
         "steps": result.steps, "lr": lr, "decoder_lr_scale": args.decoder_lr_scale, "lr_schedule": schedule, "cuda_graphs": cuda_graphs, "heldout_fvu_per_epoch": [round(v, 4) for v in curve],
     }
 
