@@ -437,11 +437,14 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         return vectors.float()
 
     def to_sparse_encoder(self, device: str | None = None):
-        """This SAE as a sentence-transformers `SparseEncoder`: the base model's modules, an
-        L2 `Normalize` where the SAE normalises its inputs (and the base model does not), and
-        sentence-transformers' own `SparseAutoEncoder` module holding this SAE's encoder
-        (`pre_bias` = b_pre, `encoder` = W_enc, `latent_bias` = b_enc, the same top-k).
-        Its `encode` equals `encode_texts`; users of it need sentence-transformers only.
+        """This SAE as a sentence-transformers `SparseEncoder`: the base model's modules, a
+        `Dense` that keeps the first `truncate_dim` dimensions where the SAE reads truncated
+        embeddings, an L2 `Normalize` where the SAE normalises its inputs (and the modules
+        before do not), and sentence-transformers' own `SparseAutoEncoder` module holding this
+        SAE's encoder (`pre_bias` = b_pre, `encoder` = W_enc, `latent_bias` = b_enc, the same
+        top-k). It carries the prompts the SAE embeds with (`base_model_kwargs` or the base
+        model's default), so its `encode` equals `encode_texts`; users of it need
+        sentence-transformers only.
 
         That module's decoder is tied to its encoder, whereas this SAE's decoder is trained
         on its own: reconstructions (`decode`) stay with sbert-sae.
@@ -449,13 +452,22 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         import copy
 
         from sentence_transformers import SparseEncoder
-        from sentence_transformers.base.modules.normalize import Normalize
+        from sentence_transformers.base.modules import Dense, Normalize
         from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder as SentenceTransformersSAE
 
-        if self.config.base_model_kwargs:
-            raise ConfigError(f"this SAE embeds with encode settings {self.config.base_model_kwargs}, which a SparseEncoder cannot carry")
-        base = self.base_sentence_transformer(device)
+        base = self.base_sentence_transformer(device)  # set up with base_model_kwargs: its prompt and truncate_dim
         modules = [copy.deepcopy(module) for module in base]
+        truncate_dim = getattr(base, "truncate_dim", None)
+        if truncate_dim is not None:
+            # SparseEncoder's own truncate_dim would cut the sparse codes, not the embeddings;
+            # a bias-free identity slice is a stock module, so loading it needs no remote code.
+            from .base_model import embedding_dimension
+
+            with base.truncate_sentence_embeddings(None):
+                full_dim = embedding_dimension(base)
+            modules.append(
+                Dense(full_dim, truncate_dim, bias=False, activation_function=torch.nn.Identity(), init_weight=torch.eye(full_dim)[:truncate_dim].clone())
+            )
         if self.config.normalize == "l2" and not isinstance(modules[-1], Normalize):
             modules.append(Normalize())
         sae_module = SentenceTransformersSAE(input_dim=self.config.d_in, hidden_dim=self.config.n_latents, k=self.config.k, k_aux=self.config.k_aux, normalize=False)
@@ -463,7 +475,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             sae_module.pre_bias.copy_(self.b_pre.detach().float().cpu())
             sae_module.encoder.weight.copy_(self.W_enc.detach().float().cpu())
             sae_module.latent_bias.copy_(self.b_enc.detach().float().cpu())
-        return SparseEncoder(modules=[*modules, sae_module], device=device or str(base.device))
+        prompts = dict(getattr(base, "prompts", None) or {})
+        default_prompt_name = getattr(base, "default_prompt_name", None)
+        return SparseEncoder(
+            modules=[*modules, sae_module], device=device or str(base.device), prompts=prompts, default_prompt_name=default_prompt_name
+        )
 
     def feature_families(self, embeddings=None, *, activations=None, args=None, show_progress: bool = False):
         """Feature families (O'Neill et al. 2024): a parent feature and the sparser features under it

@@ -317,3 +317,48 @@ def test_cli_trains_on_a_prompted_matryoshka_model_and_encode_texts_embeds_alike
     model = load_sentence_transformer(path, device="cpu", encode_kwargs=sae.config.base_model_kwargs)
     phrases = ["quantum mechanics", "painting"]
     _assert_same(_embed(model, phrases, 8, show_progress=False), loaded("prompt-left-out").encode(phrases, prompt_name="query", truncate_dim=32, normalize_embeddings=True))
+
+
+@pytest.mark.parametrize(
+    ("kind", "encode_kwargs", "normalize", "prompted"),
+    [
+        ("default-prompt", None, "l2", True),
+        ("prompt-left-out", {"prompt_name": "query"}, "l2", True),
+        ("plain", {"prompt": "Represent this sentence: "}, "l2", True),
+        ("default-prompt", {"prompt": ""}, "l2", False),
+        ("truncated", None, "l2", False),
+        ("plain", {"truncate_dim": 40}, "none", False),
+        ("cls-dense", {"truncate_dim": 16}, "l2", False),
+    ],
+    ids=["saved-default-prompt", "named-prompt-left-out", "literal-prompt", "no-prompt", "saved-truncate-dim", "truncate-dim-unnormalised", "truncate-dim-after-dense"],
+)
+def test_to_sparse_encoder_carries_prompts_and_truncation(tiny_model, loaded, texts, tmp_path, kind, encode_kwargs, normalize, prompted):
+    """The SparseEncoder made from an SAE embeds with the SAE's prompt and width, also once
+    saved and loaded back by sentence-transformers alone."""
+    from sentence_transformers import SparseEncoder
+
+    from sbert_sae import SparseAutoencoder, SparseAutoencoderConfig
+
+    path = tiny_model(kind)
+    d_in = (encode_kwargs or {}).get("truncate_dim") or loaded(kind).get_sentence_embedding_dimension()
+    torch.manual_seed(0)
+    config = SparseAutoencoderConfig(d_in=d_in, n_latents=96, k=6, normalize=normalize, base_model=path, base_model_kwargs=encode_kwargs)
+    sae = SparseAutoencoder(config).eval()
+    with torch.no_grad():
+        sae.b_pre.normal_(0, 0.1)  # a non-zero input bias, so a wrong or missing Normalize shows
+    sample = texts[:8] + texts[-2:]
+    ours = sae.encode_texts(sample)
+    encoder = sae.to_sparse_encoder(device="cpu")
+    encoder.save(str(tmp_path / "sparse-encoder"))
+    reloaded = SparseEncoder(str(tmp_path / "sparse-encoder"), device="cpu")
+    for model in (encoder, reloaded):
+        theirs = model.encode(sample, convert_to_tensor=True)
+        theirs = (theirs.to_dense() if theirs.is_sparse else theirs).float()
+        assert theirs.shape == ours.shape
+        assert torch.equal(theirs != 0, ours != 0)
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    # The SAE's codes of the texts embedded without the prompt differ: the check above can fail.
+    # (A wrong width fails it by shape.)
+    if prompted:
+        bare = sae.encode(torch.as_tensor(loaded(kind).encode(sample, prompt="", convert_to_tensor=True))[:, :d_in])
+        assert not torch.allclose(bare, ours, atol=1e-3)
