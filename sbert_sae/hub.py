@@ -226,21 +226,15 @@ def activation_rows(sae, data, batch_size: int = 4096, show_progress: bool = Fal
     row), `text`, `domain` (when `data.domain_column` is set), and the SAE's firing features,
     strongest first, as `indices` and `values`. Rows are made batch by batch from the cached,
     memory-mapped embeddings, so a corpus of any size streams through."""
-    import dataclasses
-
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
-    from .pipeline import load_and_embed
+    from .pipeline import load_sae_corpus
 
-    if sae.config.base_model:  # the corpus is embedded as the SAE's own was: same model, prompt and width
-        data = dataclasses.replace(
-            data, model=sae.config.base_model, model_revision=sae.config.base_model_revision, encode_kwargs=dict(sae.config.base_model_kwargs or {})
-        )
-    ds, cache = load_and_embed(data, show_progress=show_progress)
-    if cache.dim != sae.config.d_in:
-        raise ModelLoadError(f"{data.model} makes {cache.dim}-d embeddings but the SAE reads d_in={sae.config.d_in}")
+    # The corpus is embedded as the SAE's own was (same model, prompt and width); an SAE
+    # without a base model reads the texts as `data.model` embeds them.
+    data, ds, cache = load_sae_corpus(sae, None, data, show_progress=show_progress, require_base_model=False)
     columns = [data.text_column] + ([data.domain_column] if data.domain_column else [])
     table = ds.select_columns(columns)
     device = next(sae.parameters()).device

@@ -332,20 +332,23 @@ def _labelling_id(sae_path: Path, cache: EmbeddingCache, label_args) -> str:
     return digest.hexdigest()
 
 
-def load_sae_corpus(sae, sae_path, data: DataArguments, show_progress: bool = True):
-    """`data` embedded (or read from the cache) with the SAE's own base model: the data
-    arguments used, the dataset and its `EmbeddingCache`. Refuses an SAE without a base
-    model or whose base model makes embeddings of another dimension."""
+def load_sae_corpus(sae, sae_path, data: DataArguments, show_progress: bool = True, require_base_model: bool = True):
+    """`data` embedded (or read from the cache) with the SAE's own base model, prompt and
+    width: the data arguments used, the dataset and its `EmbeddingCache`. Refuses an SAE
+    whose base model makes embeddings of another dimension, and one without a base model
+    unless `require_base_model` is False (then `data.model` embeds the texts)."""
     from .errors import ConfigError
 
-    if not sae.config.base_model:
-        raise ConfigError(f"the SAE in {sae_path} has no base_model in its config: its texts cannot be embedded alike")
-    data = dataclasses.replace(
-        data, model=sae.config.base_model, model_revision=sae.config.base_model_revision, encode_kwargs=dict(sae.config.base_model_kwargs or {})
-    )
+    where = f"the SAE in {sae_path}" if sae_path else "the SAE"
+    if sae.config.base_model:
+        data = dataclasses.replace(
+            data, model=sae.config.base_model, model_revision=sae.config.base_model_revision, encode_kwargs=dict(sae.config.base_model_kwargs or {})
+        )
+    elif require_base_model:
+        raise ConfigError(f"{where} has no base_model in its config: its texts cannot be embedded alike")
     ds, cache = load_and_embed(data, show_progress=show_progress)
     if cache.dim != sae.config.d_in:
-        raise ConfigError(f"{data.model} makes {cache.dim}-d embeddings but the SAE in {sae_path} reads d_in={sae.config.d_in}")
+        raise ConfigError(f"{data.model} makes {cache.dim}-d embeddings but {where} reads d_in={sae.config.d_in}")
     return data, ds, cache
 
 

@@ -298,3 +298,23 @@ def test_activations_are_uploaded_in_shards(hub, labelled_run):
     from datasets import load_dataset
 
     assert len(load_dataset("org/sharded-acts", split="train")) == 240
+
+
+def test_activation_rows_of_an_sae_without_a_base_model_use_the_data_model(labelled_run):
+    """An SAE made from embeddings alone (no base_model) is encoded on the texts as the data
+    arguments' model embeds them; one of the wrong width is refused with both widths named."""
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.errors import ConfigError
+    from sbert_sae.hub import activation_rows, training_data_arguments
+
+    sae = SparseAutoencoder.from_pretrained(labelled_run)
+    data = training_data_arguments(labelled_run)
+    with_model = list(activation_rows(sae, data))
+    bare = SparseAutoencoder.from_pretrained(labelled_run)
+    bare.config.base_model = None
+    without_model = list(activation_rows(bare, data))
+    assert [r["id"] for r in without_model] == [r["id"] for r in with_model]
+    assert [r["indices"] for r in without_model] == [r["indices"] for r in with_model]
+    narrow = SparseAutoencoder(SparseAutoencoderConfig(d_in=128, n_latents=64, k=4))
+    with pytest.raises(ConfigError, match="makes 384-d embeddings but the SAE reads d_in=128"):
+        next(activation_rows(narrow, data))
