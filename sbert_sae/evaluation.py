@@ -59,7 +59,9 @@ def reconstruction_metrics(sae: SparseAutoencoder, embeddings: np.ndarray, posit
         n += len(x)
     if n == 0:
         return {}
-    total_variance = sum_sq - float(sum_x.pow(2).sum()) / n
+    # One row has no variance around its own mean: its error is normalised by its squared
+    # norm instead, as `fraction_of_variance_unexplained` (and the training log) does.
+    total_variance = sum_sq - float(sum_x.pow(2).sum()) / n if n > 1 else sq_norm
     return {
         "fvu": residual / max(total_variance, 1e-30),
         "normalized_mse": residual / max(sq_norm, 1e-30),

@@ -433,3 +433,16 @@ def test_a_failed_graph_capture_falls_back_to_the_eager_step(tmp_path, monkeypat
     assert "training goes on without graphs" in caplog.text
     for name, tensor in runs[0].sae.state_dict().items():
         torch.testing.assert_close(tensor, runs[1].sae.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_heldout_fvu_of_a_single_heldout_text_is_finite_and_matches_the_log(wiki_small, tmp_path):
+    # A small domain gets one held-out text; it has no variance around its own mean, so its
+    # FVU is normalised by its squared norm, as the training log's held-out FVU is (it was 1e30).
+    out = tmp_path / "one-heldout"
+    assert run_cli("train", "--dataset", wiki_small, "--out", out, "--domain-column", "topic", "--domain", "Mathematics", "--heldout-fraction", "0.01", *SMALL) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_heldout"] == 1
+    assert 0 < metrics["heldout_fvu"] < 10
+    assert metrics["heldout_fvu"] == pytest.approx(metrics["heldout_normalized_mse"], rel=1e-5)
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert metrics["heldout_fvu"] == pytest.approx([r for r in logged if "heldout_fvu" in r][-1]["heldout_fvu"], rel=1e-4)
