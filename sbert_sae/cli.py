@@ -365,15 +365,16 @@ def cmd_train(args) -> int:
         )
     if results:
         out = Path(args.out)
-        print(f"results: {out}/ (model.safetensors, config.json, metrics.json, density.png, training_args.json)")
+        where = f"{out}/" if all(r.out_dir == out for r in results) else f"one folder per domain under {out}/"
+        print(f"results: {where} (model.safetensors, config.json, metrics.json, density.png, training_args.json)")
         if len(results) > 1:
             print(f"domain comparison: {out / 'domains.md'}")
     if args.push_to_hub:
         from .hub import push_sae
-        from .utils import slugify
 
         for r in results:
-            repo_id = args.push_to_hub if len(results) == 1 else f"{args.push_to_hub}-{slugify(r.name)}"
+            # A domain's repo is named after its folder (distinct per domain; see utils.domain_slugs).
+            repo_id = args.push_to_hub if len(results) == 1 else f"{args.push_to_hub}-{r.out_dir.name}"
             sha = push_sae(r.out_dir, repo_id)
             print(f"pushed {r.out_dir} to {repo_id} (commit {sha})")
     return 0

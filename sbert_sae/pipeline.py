@@ -27,7 +27,7 @@ from .embeddings import EmbeddingCache, embed_dataset
 from .errors import DatasetError, OutputDirError, ResumeError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
 from .trainer import TrainingArguments, data_identity, list_checkpoints, make_accelerator, train
-from .utils import atomic_write, pause_point, run_lock, slugify, write_json
+from .utils import atomic_write, domain_slugs, pause_point, run_lock, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ def run_training(
                 raise DatasetError(f"domain {data.domain!r} not found in column {data.domain_column!r}; values are {sorted(by_domain)}")
             groups.append((data.domain, by_domain[data.domain], out_dir))
         else:
-            groups.extend((name, rows, out_dir / slugify(name)) for name, rows in by_domain.items())
+            slugs = domain_slugs(by_domain)
+            groups.extend((name, rows, out_dir / slugs[name]) for name, rows in by_domain.items())
     else:
         groups.append(("all", cache.row_ids, out_dir))
 

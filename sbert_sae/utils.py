@@ -195,6 +195,24 @@ def slugify(value: str) -> str:
     return slug or "domain"
 
 
+def domain_slugs(names) -> dict[str, str]:
+    """A distinct folder-safe (and Hub-repo-safe) name for each domain value: its `slugify`,
+    with a digest of the value appended where several values share a slug ("Arts", "arts")
+    or the value has no ASCII letter or digit ("наука", "科学"), so that no two domains
+    write into one folder."""
+    import hashlib
+
+    names = list(names)
+    slugs = {name: slugify(name) for name in names}
+    taken: dict[str, int] = {}
+    for slug in slugs.values():
+        taken[slug] = taken.get(slug, 0) + 1
+    for name, slug in slugs.items():
+        if taken[slug] > 1 or not re.search(r"[A-Za-z0-9]", name):
+            slugs[name] = f"{slug}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
+    return slugs
+
+
 def round_figure(value, digits: int = 4) -> float | None:
     """A figure for a JSON file: rounded, and None where it is missing, NaN or infinite."""
     if value is None:

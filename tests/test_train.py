@@ -446,3 +446,24 @@ def test_heldout_fvu_of_a_single_heldout_text_is_finite_and_matches_the_log(wiki
     assert metrics["heldout_fvu"] == pytest.approx(metrics["heldout_normalized_mse"], rel=1e-5)
     logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert metrics["heldout_fvu"] == pytest.approx([r for r in logged if "heldout_fvu" in r][-1]["heldout_fvu"], rel=1e-4)
+
+
+def test_per_domain_gives_domains_whose_names_slugify_alike_their_own_folders(wiki_small, tmp_path, capsys):
+    # "Arts" and "arts!" both slugify to "arts", and a non-Latin name slugifies to nothing: each
+    # used to be sent into one shared folder, and the run stopped, saying its own lock was another run's.
+    from datasets import load_from_disk
+
+    renamed = {"Arts": "Arts", "Mathematics": "arts!", "Biology and health sciences": "Наука"}
+    ds = load_from_disk(str(wiki_small))
+    ds = ds.add_column("field", [renamed[t] for t in ds["topic"]])
+    ds.save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "domains"
+    assert run_cli("train", "--dataset", tmp_path / "data", "--out", out, "--domain-column", "field", "--per-domain", *SMALL) == 0
+    table = json.loads((out / "domains.json").read_text())
+    assert sorted(row["domain"] for row in table) == sorted(renamed.values())
+    folders = [row["folder"] for row in table]
+    assert len(set(folders)) == 3
+    for row in table:
+        assert json.loads((out / row["folder"] / "training_args.json").read_text())["domain"] == row["domain"]
+        assert row["n_train"] + row["n_heldout"] == 80
+    assert f"one folder per domain under {out}/" in capsys.readouterr().out
