@@ -60,18 +60,18 @@ def load_text_dataset(
     try:
         if len(files) == 1 and Path(files[0]).is_dir() and _is_saved_dataset(Path(files[0])):
             loaded = datasets.load_from_disk(files[0])
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise DatasetError(f"split {split!r} not in {files[0]!r}; it has splits {sorted(loaded)}")
-                loaded = loaded[split]
-            ds = loaded
+            if not isinstance(loaded, datasets.DatasetDict):
+                # One saved Dataset is one split: "train", as data files are.
+                loaded = datasets.DatasetDict({"train": loaded})
+            ds = _select_split(loaded, split, files[0])
         elif all(Path(f).is_file() for f in files):
             builders = {_builder_for(f) for f in files}
             if len(builders) > 1:
                 raise DatasetError(f"data files mix formats {sorted(builders)}: {files}")
             builder = builders.pop()
             kwargs = {"delimiter": "\t"} if all(f.lower().endswith(".tsv") for f in files) else {}
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+            _check_split_names(split, ["train"], source)  # data files given by name are one split, "train"
+            ds = datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
         elif len(files) == 1 and Path(files[0]).is_dir():
             ds = datasets.load_dataset(files[0], name=config_name, split=split)
         elif len(files) == 1 and _looks_like_path(files[0]):
@@ -90,6 +90,37 @@ def load_text_dataset(
     if len(ds) == 0:
         raise DatasetError(f"dataset {source!r} (split {split!r}) is empty")
     return ds
+
+
+def _check_split_names(split: str, available, source) -> None:
+    """Refuse a split expression ("train", "test[:10%]", "train+validation") that names a split
+    `source` does not have, or that cannot be read."""
+    from datasets import ReadInstruction
+
+    try:
+        names = {part.splitname for part in ReadInstruction.from_spec(split)._relative_instructions}
+    except (ValueError, AssertionError) as err:
+        raise DatasetError(f"cannot read split {split!r} of {source!r}: {err}") from err
+    unknown = sorted(names - set(available))
+    if unknown:
+        what = "data files have one split, 'train'" if list(available) == ["train"] else f"it has splits {sorted(available)}"
+        raise DatasetError(f"split {unknown[0]!r} not in {source!r}; {what} (--split {split!r})")
+
+
+def _select_split(loaded, split: str, source: str):
+    """The rows of `split` ("test", "train[:10%]", "train[100:]+validation") of a loaded DatasetDict."""
+    import datasets
+
+    if split in loaded:
+        return loaded[split]
+    _check_split_names(split, list(loaded), source)
+    from datasets import ReadInstruction
+
+    parts = [
+        loaded[part.splitname].select(range(part.from_, part.to))
+        for part in ReadInstruction.from_spec(split).to_absolute({name: len(d) for name, d in loaded.items()})
+    ]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def _is_saved_dataset(path: Path) -> bool:

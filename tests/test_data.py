@@ -54,6 +54,27 @@ def test_dataset_dict_split_is_chosen_and_a_wrong_one_is_named(tmp_path):
         load_text_dataset(str(tmp_path / "dd"), split="validation")
 
 
+@pytest.mark.parametrize("kind", ["parquet", "jsonl", "csv", "disk", "folder"])
+def test_a_split_slice_is_applied_to_every_source_kind(files, kind):
+    # Data files and saved Datasets ignored --split: "train[:2]" trained on every row, "test" too.
+    assert load_text_dataset(str(files[kind]), split="train[:2]")["text"] == [r["text"] for r in ROWS[:2]]
+    assert load_text_dataset(str(files[kind]), split="train[-50%:]")["text"] == [r["text"] for r in ROWS[2:]]
+    with pytest.raises(DatasetError, match=r"split '?\"?test"):
+        load_text_dataset(str(files[kind]), split="test")
+
+
+def test_dataset_dict_split_slices_and_sums(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(ROWS[:3]), "test": Dataset.from_list(ROWS[3:])}).save_to_disk(str(tmp_path / "dd"))
+    assert load_text_dataset(str(tmp_path / "dd"), split="train[1:]")["text"] == [r["text"] for r in ROWS[1:3]]
+    assert load_text_dataset(str(tmp_path / "dd"), split="train[:1]+test")["text"] == [ROWS[0]["text"], ROWS[3]["text"]]
+    with pytest.raises(DatasetError, match=r"split 'dev' not in .* splits \['test', 'train'\]"):
+        load_text_dataset(str(tmp_path / "dd"), split="train+dev")
+    with pytest.raises(DatasetError, match=r"cannot read split 'train\[\[' of"):
+        load_text_dataset(str(tmp_path / "dd"), split="train[[")
+
+
 def test_unknown_sources_are_named(tmp_path):
     with pytest.raises(DatasetError, match="no such file or folder"):
         load_text_dataset(str(tmp_path / "nope.parquet"))
