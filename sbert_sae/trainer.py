@@ -634,7 +634,7 @@ def train(
         graphed = GraphedSteps(unwrapped, stats, autocast_dtype, args.grad_clip, capture=dev.type == "cuda")
         graphed.set_dead(dead_features)
     if accelerator.log_with and start_step == 0:
-        accelerator.init_trackers("sbert-sae", config={**{k: str(v) for k, v in args.to_dict().items()}, **config.to_diff_dict()})
+        accelerator.init_trackers("sbert-sae", config=tracker_config(args, config))
 
     history: list[dict] = []
     bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not (args.show_progress and main))
@@ -742,6 +742,18 @@ def train(
         epoch_dead_fraction=last_dead_epoch,
         history=history,
     )
+
+
+def tracker_config(args: TrainingArguments, config) -> dict:
+    """The run's settings for the trackers' hyper-parameter tables, each an int, float, str or
+    bool: TensorBoard refuses any other value (a prompt or truncate_dim puts a dict,
+    `base_model_kwargs`, into the SAE's config), so other values go in as JSON text."""
+    import json
+
+    out = {k: str(v) for k, v in args.to_dict().items()}
+    for key, value in config.to_diff_dict().items():
+        out[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value, sort_keys=True, default=str)
+    return out
 
 
 @torch.no_grad()

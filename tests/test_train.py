@@ -467,3 +467,15 @@ def test_per_domain_gives_domains_whose_names_slugify_alike_their_own_folders(wi
         assert json.loads((out / row["folder"] / "training_args.json").read_text())["domain"] == row["domain"]
         assert row["n_train"] + row["n_heldout"] == 80
     assert f"one folder per domain under {out}/" in capsys.readouterr().out
+
+
+def test_a_run_with_a_prompt_reports_to_tensorboard(wiki_small, tmp_path):
+    # base_model_kwargs (a dict) went into TensorBoard's hyper-parameters, which refuse dicts:
+    # every run with --prompt/--prompt-name/--truncate-dim and the default --report-to crashed
+    # after embedding with "ValueError: value should be one of int, float, str, bool, or torch.Tensor".
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "prompted"
+    small = [a for a in SMALL if a not in ("--report-to", "none")]
+    assert run_cli("train", "--dataset", wiki_small, "--out", out, "--prompt", "passage: ", "--report-to", "tensorboard", "--max-rows", "120", *small) == 0
+    assert SparseAutoencoder.from_pretrained(out).config.base_model_kwargs == {"prompt": "passage: "}
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
