@@ -106,6 +106,39 @@ def encode_corpus(
     return SparseActivations(values=values, indices=indices, n_latents=sae.config.n_latents)
 
 
+def padded_lists(column, width: int, dtype) -> np.ndarray:
+    """An Arrow column of lists (at most `width` long) as a (rows, width) array, zero-padded."""
+    lists = column.combine_chunks()
+    offsets = np.asarray(lists.offsets, dtype=np.int64)
+    flat = np.asarray(lists.flatten(), dtype=dtype)
+    lengths = np.minimum(np.diff(offsets), width)
+    out = np.zeros((len(lengths), width), dtype=dtype)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = flat[np.repeat(offsets[:-1], lengths) + cols]
+    return out
+
+
+def published_activations(sae: SparseAutoencoder, dataset=None) -> SparseActivations:
+    """The corpus' activations from the dataset the SAE was published with
+    (`sbert-sae push --activations`, read by `sae.load_activations()`), or from `dataset`
+    (a `datasets.Dataset` of that form), as top-k arrays: nothing is embedded or encoded."""
+    from .errors import DatasetError
+
+    ds = sae.load_activations() if dataset is None else dataset
+    name = (getattr(sae, "activations_link", None) or {}).get("repo_id") or "the activations dataset"
+    missing = [c for c in ("indices", "values") if c not in ds.column_names]
+    if missing:
+        raise DatasetError(f"{name} has no {' or '.join(repr(c) for c in missing)} column (columns: {', '.join(ds.column_names)})")
+    k, n = sae.config.k, sae.config.n_latents
+    values = padded_lists(ds.data.column("values"), k, np.float32)
+    indices = padded_lists(ds.data.column("indices"), k, np.int32)
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+        row = int(np.flatnonzero((indices < 0).any(1) | (indices >= n).any(1))[0])
+        raise DatasetError(f"{name}: row {row} of its 'indices' column names a feature outside 0..{n - 1} (the SAE has {n} features)")
+    return SparseActivations(values=values, indices=indices, n_latents=n)
+
+
 def encoder_fingerprint(sae: SparseAutoencoder) -> str:
     """A digest of what an SAE's codes depend on: the encoder's weights, k and the input norm."""
     digest = hashlib.sha256()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .activations import SparseActivations
+from .activations import SparseActivations, published_activations
 from .errors import DatasetError, InputError, ModelLoadError, SbertSaeError
 from .families import FAMILIES_FILE, Family, parse_families
 from .modeling_sbert_sae import SparseAutoencoder, _read_optional_json
@@ -279,11 +279,7 @@ class Explorer:
         """The corpus of a Hub activations dataset (`sbert-sae push --activations`): its texts
         and their codes, so nothing needs embedding until a search."""
         ds = self.sae.load_activations()
-        acts = SparseActivations(
-            values=_padded_lists(ds.data.column("values"), self.sae.config.k, np.float32),
-            indices=_padded_lists(ds.data.column("indices"), self.sae.config.k, np.int32),
-            n_latents=self.n,
-        )
+        acts = published_activations(self.sae, ds)
         row_ids = np.asarray(ds["id"], dtype=np.int64) if "id" in ds.column_names else np.arange(len(ds))
         texts = DatasetTexts(ds, "text", np.arange(len(ds)))
         return Corpus(link["repo_id"], row_ids, texts.get, None, activations=acts)
@@ -607,19 +603,6 @@ class Explorer:
         cosine = float(F.cosine_similarity(x, x_hat, dim=1)[0])
         error = float((x - x_hat).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12))
         return TextInspection(text=text, features=features, cosine=cosine, relative_error=error, l0=len(features))
-
-
-def _padded_lists(column, width: int, dtype) -> np.ndarray:
-    """An Arrow column of lists (at most `width` long) as a (rows, width) array, zero-padded."""
-    lists = column.combine_chunks()
-    offsets = np.asarray(lists.offsets, dtype=np.int64)
-    flat = np.asarray(lists.flatten(), dtype=dtype)
-    lengths = np.minimum(np.diff(offsets), width)
-    out = np.zeros((len(lengths), width), dtype=dtype)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, cols] = flat[np.repeat(offsets[:-1], lengths) + cols]
-    return out
 
 
 def keyword_spans(text: str, keywords: list[str]) -> list[tuple[int, int, str]]:

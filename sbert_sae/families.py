@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .activations import SparseActivations, corpus_codes, encode_corpus
+from .activations import SparseActivations, corpus_codes, encode_corpus, published_activations
 from .errors import ConfigError, InputError, ModelLoadError
 from .modeling_sbert_sae import SparseAutoencoder
 from .utils import round_figure, usable_cores
@@ -699,7 +699,8 @@ def feature_families(
     Computed from the corpus' `activations`, or from `embeddings` (n_texts, d_in) encoded
     first. With neither, the `families.json` saved beside the SAE (`sbert-sae families`)
     is read when `args` is None, else the families are computed on the corpus the run
-    folder was trained on (its embeddings come from the cache).
+    folder was trained on (its embeddings come from the cache), else, for an SAE from the
+    Hub, on the activations dataset it was published with (nothing is embedded).
     """
     if activations is None and embeddings is None:
         source = getattr(sae, "name_or_path", "") or ""
@@ -714,10 +715,15 @@ def feature_families(
                 data = None
             if data is not None:
                 return parse_families(data, source=f"{source}/{FAMILIES_FILE}")
-        if not source or not (Path(source) / "training_args.json").exists():
-            raise InputError("pass the corpus' embeddings or activations: this SAE has no families.json and no training run folder to read its corpus from")
-        data = corpus_arguments(source, device=str(sae.W_dec.device))
-        return run_families(source, data, args=args, show_progress=show_progress, write=False, sae=sae).families
+        if source and (Path(source) / "training_args.json").exists():
+            data = corpus_arguments(source, device=str(sae.W_dec.device))
+            return run_families(source, data, args=args, show_progress=show_progress, write=False, sae=sae).families
+        if not (getattr(sae, "activations_link", None) or {}).get("repo_id"):
+            raise InputError(
+                "pass the corpus' embeddings or activations: this SAE has no families.json, no training run "
+                "folder and no published activations dataset to read its corpus from"
+            )
+        activations = published_activations(sae)
     if activations is None:
         x = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != sae.config.d_in:

@@ -485,7 +485,8 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """Feature families (O'Neill et al. 2024): a parent feature and the sparser features under it
         in the co-occurrence spanning tree, largest first, with labels. Computed from `activations`
         or `embeddings` (n_texts, d_in); with neither, read from the families.json beside the SAE
-        (`sbert-sae families`), else computed on its training run's corpus."""
+        (`sbert-sae families`), else computed on its training run's corpus, else on the
+        activations dataset it was published with."""
         from .families import feature_families
 
         return feature_families(self, embeddings, activations=activations, args=args, show_progress=show_progress)

@@ -312,3 +312,23 @@ def test_families_command_refuses_bad_input_in_one_line(argv, fragment, run_copy
     assert main([*argv, "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0], err
+
+
+def test_published_activations_are_read_as_top_k_arrays_and_bad_rows_are_named(real):
+    from datasets import Dataset
+
+    from sbert_sae.activations import published_activations
+    from sbert_sae.errors import DatasetError
+
+    sae = real[0]
+    n, k = sae.config.n_latents, sae.config.k
+    rows = {"id": [0, 1], "text": ["a", "b"], "indices": [[3, 1], [n - 1]], "values": [[0.5, 0.25], [1.0]]}
+    acts = published_activations(sae, Dataset.from_dict(rows))
+    assert acts.values.shape == acts.indices.shape == (2, k) and acts.n_latents == n
+    assert acts.indices[0, :2].tolist() == [3, 1] and acts.values[1, :2].tolist() == [1.0, 0.0]
+    assert acts.fire_counts()[[1, 3, n - 1]].tolist() == [1, 1, 1]
+    rows["indices"][1] = [n]
+    with pytest.raises(DatasetError, match=rf"row 1 of its 'indices' column names a feature outside 0..{n - 1}"):
+        published_activations(sae, Dataset.from_dict(rows))
+    with pytest.raises(DatasetError, match="no 'values' column"):
+        published_activations(sae, Dataset.from_dict({"indices": [[1]]}))

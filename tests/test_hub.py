@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from sbert_sae import ModelLoadError, SparseAutoencoder, SparseAutoencoderConfig
+from sbert_sae import InputError, ModelLoadError, SparseAutoencoder, SparseAutoencoderConfig
 from sbert_sae.cli import main
 
 
@@ -318,3 +318,30 @@ def test_activation_rows_of_an_sae_without_a_base_model_use_the_data_model(label
     narrow = SparseAutoencoder(SparseAutoencoderConfig(d_in=128, n_latents=64, k=4))
     with pytest.raises(ConfigError, match="makes 384-d embeddings but the SAE reads d_in=128"):
         next(activation_rows(narrow, data))
+
+
+def test_families_of_a_hub_sae_without_families_json_come_from_its_published_activations(hub, labelled_run, monkeypatch):
+    from sbert_sae import activations
+    from sbert_sae.families import FamilyArguments, feature_families
+    from sbert_sae.hub import training_data_arguments
+    from sbert_sae.pipeline import load_sae_corpus
+
+    assert not (labelled_run / "families.json").exists()
+    assert main(["push", str(labelled_run), "org/fam-from-acts", "--activations", "-q"]) == 0
+    local = SparseAutoencoder.from_pretrained(labelled_run)
+    _, _, cache = load_sae_corpus(local, labelled_run, training_data_arguments(labelled_run), show_progress=False)
+    expected = feature_families(local, activations=activations.encode_corpus(local, cache.embeddings))
+    assert expected
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the published codes should be read, not the corpus encoded again")
+
+    monkeypatch.setattr(activations, "encode_corpus", no_encoding)
+    remote = SparseAutoencoder.from_pretrained("org/fam-from-acts")
+    shape = [(f.parent, f.children, f.label) for f in remote.feature_families()]
+    assert shape == [(f.parent, f.children, f.label) for f in expected]
+    assert remote.feature_families(args=FamilyArguments(threshold=0.99)) == []  # computed, with these settings
+    # without an activations dataset there is nothing to compute them on, and the error says so
+    assert main(["push", str(labelled_run), "org/fam-no-acts", "-q"]) == 0
+    with pytest.raises(InputError, match="no published activations dataset"):
+        SparseAutoencoder.from_pretrained("org/fam-no-acts").feature_families()
