@@ -77,7 +77,11 @@ def _metrics_table(metrics: dict) -> str:
             continue
         meaning = METRIC_DESCRIPTIONS.get(name, {"label_auroc_mean": "mean AUROC of the labels predicting where their feature fires, on held-out texts", "label_auroc_median": "median of the same", "label_auroc_share_above_0.8": "share of labelled features with AUROC >= 0.8"}.get(name, ""))
         meaning = meaning.replace("|", "\\|")
-        rows.append(f"| `{name}` | {value:.4g} | {meaning} |" if isinstance(value, (int, float)) else f"| `{name}` | {value} | {meaning} |")
+        if isinstance(value, float) and not value.is_integer():
+            value = f"{value:#.4g}"  # 0.3100, not 0.31: four significant digits, always shown
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = int(value)
+        rows.append(f"| `{name}` | {value} | {meaning} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 

@@ -32,7 +32,7 @@ def test_push_writes_weights_labels_metrics_plots_and_a_card(hub, labelled_run, 
     assert "sparse-autoencoder" in meta
     assert "model-index" in meta and "held-out FVU" in meta  # the metrics, as the Hub reads them
     metrics = json.loads(files["metrics.json"])
-    assert f"{metrics['heldout_fvu']:.4g}" in readme  # the metrics table
+    assert f"| `heldout_fvu` | {metrics['heldout_fvu']:#.4g} |" in readme  # the metrics table
     labels = json.loads(files["feature_labels.json"])["features"]
     scored = [e for e in labels.values() if e.get("score") and e["score"].get("auroc") is not None]
     solid = [e for e in scored if e["score"]["n_firing"] >= 5]  # the table's rule: 5+ held-out firing texts
