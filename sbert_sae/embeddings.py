@@ -5,7 +5,9 @@ truncate_dim the model saves), the dataset's fingerprint and the text column, so
 run with the same inputs embeds nothing and a setting that changes the vectors is another
 entry. Vectors are written chunk by chunk into a `.npy` file that is read memory-mapped: a
 corpus larger than memory streams through, and a killed embedding run resumes at its last
-finished chunk.
+finished chunk. The first rows of a dataset (`--max-rows`) are an entry of their own, whose
+rows already cached for the whole dataset or for another count of its first rows, with the
+same model and settings, are copied from that entry rather than embedded again.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def embed_dataset(
     show_progress: bool = True,
     text_rows: TextRows | None = None,
     accelerator=None,
+    prefix_of=None,
 ) -> EmbeddingCache:
     """Embed `ds[text_column]` with a sentence-transformers model, or read the cached result.
 
@@ -115,6 +118,10 @@ def embed_dataset(
         encode_kwargs: settings of `encode` that change the vectors: `prompt_name` or
             `prompt` (without either, the model's default prompt applies, as in `encode`),
             `truncate_dim`, `normalize_embeddings`. Any other is refused (InputError).
+        prefix_of: the dataset `ds` holds the first `len(ds)` rows of (as `--max-rows` cuts
+            it). Rows cached for it, or for another number of its first rows, with the same
+            model, settings and column, are copied from the largest such cache instead of
+            being embedded again; only the rows none holds are embedded.
     """
     encode_kwargs = check_encode_kwargs(encode_kwargs)
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
@@ -144,7 +151,11 @@ def embed_dataset(
         **({"precision": precision} if precision != "fp32" else {}),
     )
     key = cache_key(model_id, revision, fingerprint, text_column, key_settings)
-    folder = Path(cache_dir or default_cache_dir()) / "embeddings" / key
+    # The caches of one dataset's first rows (any number of them, or all) share a family:
+    # the key of the whole dataset, which is also the whole dataset's own key.
+    family = key if prefix_of is None else cache_key(model_id, revision, dataset_fingerprint(prefix_of), text_column, key_settings)
+    root = Path(cache_dir or default_cache_dir()) / "embeddings"
+    folder = root / key
     if (folder / "complete.json").exists():
         return open_cache(folder)
 
@@ -161,8 +172,8 @@ def embed_dataset(
 
     rows = text_rows or find_text_rows(ds, text_column, on_bad=on_bad_text)
     n = len(rows.row_ids)
-    if model is None:
-        model = load_sentence_transformer(model_id, revision=revision, device=device)
+    # A finished cache of the family holding this cache's first rows: those are copied, not embedded.
+    donor = _find_donor(root, family, folder, rows.row_ids) if rank == 0 else None
     settings = EncodeSettings(
         precision=precision,
         max_batch_tokens=max_batch_tokens,
@@ -172,25 +183,44 @@ def embed_dataset(
         prompt=encode_kwargs.get("prompt"),
         truncate_dim=encode_kwargs.get("truncate_dim"),
     )
-    # Refuses a model that cannot embed text, or settings it cannot follow, before any file is written.
-    encoder = TextEncoder(model, settings, owns_model=True, name=f"model {model_id!r}")
-    dim = encoder.dim
+    encoder = None
+
+    def make_encoder() -> TextEncoder:
+        nonlocal model
+        if model is None:
+            model = load_sentence_transformer(model_id, revision=revision, device=device)
+        # Refuses a model that cannot embed text, or settings it cannot follow, before any file is written.
+        return TextEncoder(model, settings, owns_model=True, name=f"model {model_id!r}")
+
     vectors_file = folder / "embeddings.npy"
     if rank == 0:
+        if donor is None or donor[1] < n:  # rows to embed: the model is needed
+            encoder = make_encoder()
+            if donor is not None and donor[0].dim != encoder.dim:
+                donor = None
+        dim = encoder.dim if encoder is not None else donor[0].dim
         folder.mkdir(parents=True, exist_ok=True)
         done = _done_ranges(folder, n, dim)
         if not done or not vectors_file.exists():
             for stale in folder.glob("progress*.json"):
                 stale.unlink()
             np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+            done = []
+        if done:
+            logger.info("resuming embedding: %d of %d rows already done", sum(b - a for a, b in done), n)
         np.save(folder / "row_ids.npy", rows.row_ids)
+        if donor is not None:
+            _copy_rows(donor[0], folder, _subtract(0, donor[1], done), n, dim, chunk_size, world)
     barrier()
+    vectors = np.load(vectors_file, mmap_mode="r+")
+    dim = int(vectors.shape[1])
     done = _done_ranges(folder, n, dim)
     lo, hi = rank * n // world, (rank + 1) * n // world
     todo = _subtract(lo, hi, done)
-    if done and rank == 0:
-        logger.info("resuming embedding: %d of %d rows already done", sum(b - a for a, b in done), n)
-    vectors = np.load(vectors_file, mmap_mode="r+")
+    if todo and encoder is None:
+        encoder = make_encoder()
+        if encoder.dim != dim:
+            raise DatasetError(f"model {model_id!r} makes {encoder.dim}-d embeddings but the cache {folder} holds {dim}-d ones")
     progress_file = folder / ("progress.json" if world == 1 else f"progress-{rank}.json")
     mine = [list(r) for r in _read_ranges(progress_file)]
 
@@ -202,8 +232,9 @@ def embed_dataset(
         return column_values(ds, text_column, rows.row_ids[span[0] : span[1]])
 
     total = sum(b - a for a, b in spans)
-    with tqdm(total=total, desc="embedding", unit="text", disable=not (show_progress and rank == 0), smoothing=0.1) as bar:
-        for (start, stop), out in zip(spans, encoder.stream((texts_of(s) for s in spans), progress=bar.update)):
+    with tqdm(total=total, desc="embedding", unit="text", disable=not (show_progress and rank == 0) or not total, smoothing=0.1) as bar:
+        stream = encoder.stream((texts_of(s) for s in spans), progress=bar.update) if spans else ()
+        for (start, stop), out in zip(spans, stream):
             if not np.isfinite(out).all():
                 bad = rows.row_ids[start:stop][~np.isfinite(out).all(axis=1)][:5].tolist()
                 raise DatasetError(f"the model produced NaN/inf embeddings for dataset rows {bad}")
@@ -223,8 +254,8 @@ def embed_dataset(
             "dataset_fingerprint": fingerprint,
             "text_column": text_column,
             "encode_kwargs": encode_kwargs,
-            "prompt": encoder.prompt,
-            "truncate_dim": encoder.truncate_dim,
+            "prompt": encoder.prompt if encoder is not None else donor[0].meta.get("prompt"),
+            "truncate_dim": encoder.truncate_dim if encoder is not None else donor[0].meta.get("truncate_dim"),
             "precision": precision,
             "processes": world,
             "n_rows": n,
@@ -232,13 +263,67 @@ def embed_dataset(
             "dim": dim,
             "skipped": rows.skipped,
             "skipped_examples": rows.examples,
+            "family": family,
         }
+        if donor is not None:
+            meta["copied_from"] = {"cache": donor[0].path.name, "rows": donor[1]}
         write_json(folder / "meta.json", meta)
         write_json(folder / "complete.json", {"n_rows": n})
         for progress in folder.glob("progress*.json"):
             progress.unlink()
     barrier()
     return open_cache(folder)
+
+
+def _find_donor(root: Path, family: str, own: Path, row_ids: np.ndarray) -> tuple[EmbeddingCache, int] | None:
+    """The finished cache of `family` (the same model, settings, column and whole dataset)
+    that holds the most of the leading rows `row_ids`, with how many it holds; None if none."""
+    if not root.is_dir():
+        return None
+    best = None
+    for folder in sorted(root.iterdir()):
+        if folder == own or not (folder / "complete.json").exists():
+            continue
+        try:
+            meta = read_json(folder / "meta.json")
+        except (OSError, ValueError):
+            continue
+        # A cache made before families were recorded is one of `family` when it is the whole
+        # dataset's: its key is then the family's.
+        if not isinstance(meta, dict) or meta.get("family", folder.name) != family:
+            continue
+        # Every cache of the family embeds the first n_dataset_rows rows of the whole dataset.
+        covered = int(np.searchsorted(row_ids, int(meta.get("n_dataset_rows") or 0)))
+        if covered == 0 or (best is not None and covered <= best[1]):
+            continue
+        try:
+            cache = open_cache(folder)
+        except (OSError, ValueError, DatasetError):
+            continue
+        if len(cache.row_ids) >= covered and np.array_equal(cache.row_ids[:covered], row_ids[:covered]):
+            best = (cache, covered)
+    return best
+
+
+def _copy_rows(donor: EmbeddingCache, folder: Path, spans, n: int, dim: int, chunk_size: int, world: int) -> None:
+    """Copy `donor`'s vectors at the positions `spans` into the cache being made in `folder`
+    (the same positions: both list the same leading rows), recording each chunk as done,
+    as embedded chunks are, so that a killed copy resumes where it stopped."""
+    total = sum(b - a for a, b in spans)
+    if not total:
+        return
+    logger.info("copying %d of %d rows from the embedding cache %s", total, n, donor.path)
+    vectors = np.load(folder / "embeddings.npy", mmap_mode="r+")
+    progress_file = folder / ("progress.json" if world == 1 else "progress-0.json")
+    mine = [list(r) for r in _read_ranges(progress_file)]
+    for a, b in spans:
+        for start in range(a, b, chunk_size):
+            stop = min(start + chunk_size, b)
+            vectors[start:stop] = donor.embeddings[start:stop]
+            vectors.flush()
+            mine.append([start, stop])
+            write_json(progress_file, {"n_rows": n, "dim": dim, "ranges": _merge(mine)})
+    del vectors
 
 
 def _read_ranges(path: Path) -> list[tuple[int, int]]:

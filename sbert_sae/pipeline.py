@@ -97,10 +97,13 @@ class RunResult:
 def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = True):
     """The dataset and its cached embeddings (the main process embeds; the others wait, then read)."""
     ds = load_text_dataset(data.dataset, config_name=data.config_name, split=data.split, revision=data.revision)
+    whole = None
     if data.max_rows is not None:
         if data.max_rows < 1:
             raise DatasetError(f"max_rows must be >= 1, got {data.max_rows}")
-        ds = ds.select(range(min(data.max_rows, len(ds))))
+        # The first rows are cached as an entry of their own, which copies the rows cached
+        # for the whole dataset or for another count of its first rows (see embed_dataset).
+        whole, ds = ds, ds.select(range(min(data.max_rows, len(ds))))
     rows = find_text_rows(ds, data.text_column, on_bad=data.on_bad_text)
     if data.domain_column:
         require_column(ds, data.domain_column, "domain")
@@ -120,6 +123,7 @@ def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = 
             show_progress=show_progress,
             text_rows=rows,
             accelerator=accelerator,
+            prefix_of=whole,
         )
 
     # Under `accelerate launch` every process embeds its share of the rows.

@@ -85,6 +85,54 @@ def test_interrupted_embedding_resumes_at_its_last_chunk(wiki_40, tmp_path, monk
     assert open_cache(cache.path).row_ids.tolist() == fresh.row_ids.tolist()
 
 
+def test_max_rows_copies_the_rows_cached_for_the_whole_dataset_or_other_first_rows(wiki_40, tmp_path, monkeypatch):
+    """--max-rows N is a cache entry of its own, which used to be embedded from scratch: 30 rows
+    after 20 (or 20 after the whole dataset) embedded every row again. Rows cached for the same
+    model, settings and column, for the whole dataset or another N, are now copied; only the
+    rows none holds are embedded."""
+    from sbert_sae.pipeline import DataArguments, load_and_embed
+    from sbert_sae.text_encoder import TextEncoder
+
+    real_forward = TextEncoder._forward
+    embedded = []
+
+    def counting_forward(self, features):
+        embedded.append(len(features["input_ids"]))
+        return real_forward(self, features)
+
+    monkeypatch.setattr(TextEncoder, "_forward", counting_forward)
+
+    def embed(max_rows):
+        embedded.clear()
+        data = DataArguments(dataset=str(tmp_path / "wiki40"), max_rows=max_rows, cache_dir=str(tmp_path / "cache"))
+        _, cache = load_and_embed(data, show_progress=False)
+        return cache, sum(embedded)
+
+    first, n = embed(20)
+    assert n == 18  # rows 0-19 but the bad rows 5 and 9
+    more, n = embed(30)
+    assert n == 10  # rows 20-29 only
+    whole, n = embed(None)
+    assert n == 10  # rows 30-39 but none of the 28 rows cached for the first 30
+    assert more.meta["copied_from"] == {"cache": first.path.name, "rows": 18}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although every row is cached")
+
+    monkeypatch.setattr(emb, "load_sentence_transformer", no_model)
+    fewer, n = embed(12)
+    assert n == 0
+    assert fewer.meta["n_rows"] == 10 and fewer.meta["prompt"] == whole.meta["prompt"]
+    # Each is an entry of its own (its own folder, for the corpus codes kept there), finished,
+    # holding the rows of its first N in row order.
+    assert len({c.path for c in (first, more, whole, fewer)}) == 4
+    for cache in (first, more, fewer):
+        assert (cache.path / "complete.json").exists() and not list(cache.path.glob("progress*.json"))
+        m = len(cache.row_ids)
+        assert cache.row_ids.tolist() == whole.row_ids[:m].tolist()
+        np.testing.assert_allclose(cache.embeddings, whole.embeddings[:m], atol=2e-5)
+
+
 def test_text_encoder_matches_encode_across_chunks_and_precisions(minilm, wiki_rows):
     from sbert_sae.text_encoder import EncodeSettings, TextEncoder
 
