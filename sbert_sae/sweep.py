@@ -142,6 +142,50 @@ def check_memory(grid, d_in: int, batch_size: int, n_texts: int, device: str | N
         )
 
 
+REUSE_TRAINING_SETTINGS = ("epochs", "batch_size", "lr", "lr_schedule", "decoder_lr_scale", "warmup_fraction", "decay_fraction", "adam_betas", "grad_clip", "seed")
+"""Training settings a finished grid point must share with the sweep to be reused."""
+REUSE_SAE_SETTINGS = ("auxk_coef", "normalize", "encoder_init_scale", "k_aux", "dead_threshold")
+"""SAE settings (besides n and k) a finished grid point must share, where the sweep sets them."""
+
+
+def check_reusable(folder: Path, data, sae_args, train_args, cache_name: str) -> None:
+    """Refuse a finished grid point in `folder` that was trained with other settings or on
+    other data than this sweep asks for: reused, it would mix into the fits (and its compute
+    would be counted with this sweep's epochs)."""
+    if not (folder / "metrics.json").exists() or not (folder / "training_args.json").exists():
+        return
+    recorded = read_json(folder / "training_args.json")
+    was_training, was_sae, was_data = recorded.get("training") or {}, recorded.get("sae") or {}, recorded.get("data") or {}
+    differ = []
+    for name in REUSE_TRAINING_SETTINGS:
+        now = getattr(train_args, name)
+        if name in was_training and _normal(was_training[name]) != _normal(now):
+            differ.append(f"{name} {was_training[name]!r}, not {now!r}")
+    for name in REUSE_SAE_SETTINGS:
+        now = getattr(sae_args, name)
+        if now is not None and name in was_sae and _normal(was_sae[name]) != _normal(now):
+            differ.append(f"{name} {was_sae[name]!r}, not {now!r}")
+    if "heldout_fraction" in was_data and _normal(was_data["heldout_fraction"]) != _normal(data.heldout_fraction):
+        differ.append(f"heldout_fraction {was_data['heldout_fraction']!r}, not {data.heldout_fraction!r}")
+    was_cache = recorded.get("embedding_cache")
+    if was_cache and Path(was_cache).name != cache_name:
+        differ.append(f"other data or embeddings (dataset {was_data.get('dataset')!r}, max_rows {was_data.get('max_rows')!r}, model {was_data.get('model')!r})")
+    if differ:
+        raise InputError(
+            f"{folder} was trained with other settings than this sweep's ({'; '.join(differ)}): "
+            "pass --overwrite to train the grid again, or give another --out"
+        )
+
+
+def _normal(value):
+    """A setting as JSON records it (tuples are lists, ints and floats compare as numbers)."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def run_sweep(
     data,
     ns: list[int],
@@ -169,6 +213,9 @@ def run_sweep(
     loaded = load_and_embed(data, show_progress=show_progress)  # once for every point of the grid
     cache = loaded[1]
     check_memory(grid, cache.dim, train_args.batch_size, len(cache.row_ids), data.device)
+    if not overwrite:
+        for n, k in grid:
+            check_reusable(out_dir / f"n{n}-k{k}", data, sae_args, train_args, cache.path.name)
 
     result = SweepResult(rows=[])
     for n, k in grid:

@@ -85,3 +85,26 @@ def test_sweep_refuses_bad_grids_in_one_line(wiki_small, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--n", "32,x", "--k", "4"])
     assert "expected comma-separated positive integers, got 'x'" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_settings_refuses_points_trained_with_the_old_ones(wiki_small, tmp_path, capsys):
+    """A point trained with --epochs 1 was reused by a sweep with --epochs 3: its FVU mixed into
+    the fits and its compute was counted with 3 epochs. Now the sweep names the difference."""
+    out = tmp_path / "sweep"
+    base = ["sweep", "--dataset", str(wiki_small), "--n", "32", "--k", "4", "--batch-size", "32", "--out", str(out), "-q", "--report-to", "none"]
+    assert main([*base, "--epochs", "1"]) == 0
+    first = json.loads((out / "sweep.json").read_text())["rows"][0]
+    weights = (out / "n32-k4" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*base, "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "n32-k4 was trained with other settings than this sweep's (epochs 1, not 3)" in err and "--overwrite" in err
+    assert err.count("\n") == 1
+    assert (out / "n32-k4" / "model.safetensors").stat().st_mtime_ns == weights
+    assert json.loads((out / "sweep.json").read_text())["rows"][0] == first
+    # The same settings reuse it; --overwrite trains it again with the new ones.
+    assert main([*base, "--epochs", "1"]) == 0
+    assert "already trained, reused: n32-k4" in capsys.readouterr().out
+    assert main([*base, "--epochs", "3", "--overwrite"]) == 0
+    row = json.loads((out / "sweep.json").read_text())["rows"][0]
+    assert row["train_samples"] == 3 * first["train_samples"] and row["steps"] > first["steps"]
