@@ -99,6 +99,10 @@ class Recipe:
     source: Path
 
 
+RECIPE_KEYS = ("name", "repo_id", "base_model", "dataset", "sae", "training", "labels", "activations")
+RECIPE_DATASET_KEYS = ("path", "hub_id", "text_column", "config_name", "split", "revision", "domain_column", "domain")
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
@@ -109,12 +113,23 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ConfigError(f"the recipe {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"the recipe {path} must be a mapping")
+    unknown = sorted(set(raw) - set(RECIPE_KEYS), key=str)
+    if unknown:
+        raise ConfigError(f"the recipe {path}: unknown key(s) {', '.join(map(str, unknown))} (a recipe has {', '.join(RECIPE_KEYS)})")
     for key in ("name", "repo_id", "base_model", "dataset", "sae"):
         if not raw.get(key):
             raise ConfigError(f"the recipe {path} has no {key!r}")
     dataset = raw["dataset"]
     if not isinstance(dataset, dict) or not (dataset.get("path") or dataset.get("hub_id")):
         raise ConfigError(f"the recipe {path}: dataset needs a 'path' (folder or files) or a 'hub_id'")
+    unknown = sorted(set(dataset) - set(RECIPE_DATASET_KEYS), key=str)
+    if unknown:
+        raise ConfigError(f"the recipe {path}: unknown dataset setting(s) {', '.join(map(str, unknown))} (dataset takes {', '.join(RECIPE_DATASET_KEYS)})")
+    for key in ("sae", "training", "labels"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"the recipe {path}: {key!r} must be a mapping of settings, got {raw[key]!r}")
+    if not isinstance(raw.get("activations", True), bool):
+        raise ConfigError(f"the recipe {path}: 'activations' must be true or false, got {raw['activations']!r}")
     return Recipe(
         name=str(raw["name"]),
         repo_id=str(raw["repo_id"]),

@@ -345,3 +345,31 @@ def test_families_of_a_hub_sae_without_families_json_come_from_its_published_act
     assert main(["push", str(labelled_run), "org/fam-no-acts", "-q"]) == 0
     with pytest.raises(InputError, match="no published activations dataset"):
         SparseAutoencoder.from_pretrained("org/fam-no-acts").feature_families()
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("activation: false", "unknown key(s) activation"),  # a typo for activations: the corpus would be published anyway
+        ("training: {epochs: 1}\ndataset2: x", "unknown key(s) dataset2"),
+        ("activations: 'no'", "'activations' must be true or false, got 'no'"),
+        ("labels: [top_texts]", "'labels' must be a mapping of settings"),
+    ],
+)
+def test_a_recipe_with_a_mistyped_key_is_refused_before_training(line, fragment, tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(f"name: x\nrepo_id: org/x\nbase_model: m\ndataset: {{path: d}}\nsae: {{n_latents: 8, k: 2}}\n{line}\n")
+    assert main(["release", str(recipe), "--out", str(tmp_path / "o"), "--no-push", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and str(recipe) in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_recipe_dataset_setting_it_does_not_know_is_named(tmp_path, capsys):
+    """dataset: {text_colum: body} (or heldout_fraction under dataset) was ignored: the
+    release trained on the 'text' column (or 5% held out) without a word."""
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("name: x\nrepo_id: org/x\nbase_model: m\ndataset: {path: d, text_colum: body, heldout_fraction: 0.2}\nsae: {n_latents: 8, k: 2}\n")
+    assert main(["release", str(recipe), "--out", str(tmp_path / "o"), "--no-push", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown dataset setting(s) heldout_fraction, text_colum" in err[0]
