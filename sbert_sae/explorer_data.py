@@ -304,7 +304,11 @@ class Explorer:
                 from .pipeline import DataArguments
 
                 data = DataArguments(dataset=corpus.name, text_column="text", cache_dir=self._cache_dir)
-                corpus.index = SteerableIndex.build(self.sae, data)
+                index = SteerableIndex.build(self.sae, data)
+                # Its rows are positions in the activations dataset; a hit names the text's row
+                # in the original dataset (its `id`), as the feature pages do.
+                index.row_ids = corpus.row_ids[index.row_ids]
+                corpus.index = index
         return corpus.index
 
     def corpus_status(self) -> CorpusStatus:

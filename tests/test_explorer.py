@@ -377,3 +377,29 @@ def test_the_space_app_serves_the_sae_named_by_its_variable(run, monkeypatch):
     sdk_version = re.search(r"^sdk_version: (\S+)$", metadata, re.M).group(1)
     assert f"gradio=={sdk_version}" in (space / "requirements.txt").read_text().splitlines()
     assert re.search(r"^app_file: app\.py$", metadata, re.M) and re.search(r"^sdk: gradio$", metadata, re.M)
+
+
+def test_search_hits_of_a_hub_repo_name_the_texts_dataset_rows(hub, run, wiki_small, tmp_path):
+    """Published activations hold one row per embedded text with its dataset row as `id`: where
+    the corpus had rows without text, the Search tab named hits by their position in the
+    activations dataset (row 7 for the text of dataset row 9) while feature pages named them by `id`."""
+    from datasets import Dataset, load_from_disk
+
+    from sbert_sae.explorer_data import Explorer
+
+    rows = load_from_disk(str(wiki_small)).select(range(60)).to_list()
+    for at in (0, 5, 5):
+        rows.insert(at, {**rows[at], "text": ""})  # skipped when embedded
+    gappy = tmp_path / "gappy"
+    Dataset.from_list(rows).save_to_disk(str(gappy))
+    assert main(["push", str(run), "org/explore-gappy", "--activations", "--dataset", str(gappy), "-q"]) == 0
+
+    explorer = Explorer.open("org/explore-gappy")
+    corpus = explorer.corpus()
+    assert len(corpus) == 60 and list(corpus.row_ids[:6]) == [1, 2, 3, 4, 7, 8]
+    for row in (1, 7, 40):
+        hit = explorer.search_index().search(rows[row]["text"], k=1).hits[0]
+        assert hit.text == rows[row]["text"] and hit.row == row
+    f = next(f for f in range(explorer.n) if len(explorer.top_texts(f, 1)))
+    top = explorer.top_texts(f, 1)[0]
+    assert rows[top.row]["text"] == top.text
