@@ -82,6 +82,66 @@ def cache_key(model_id: str, revision: str | None, fingerprint: str, text_column
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+@dataclass
+class _Location:
+    folder: Path
+    family: str
+    fingerprint: str
+    device: str | None
+    precision: str
+    model: object = None
+
+
+def _locate(ds, text_column, model_id, revision, cache_dir, device, precision, encode_kwargs, accelerator, prefix_of) -> _Location:
+    """Where `embed_dataset` keeps `ds`'s embeddings, with the device and precision it embeds with."""
+    import torch
+
+    from .base_model import pick_device
+
+    if accelerator is not None and accelerator.num_processes > 1 and device is None:
+        device = str(accelerator.device)  # each process on its own GPU
+    precision = resolve_precision(precision, torch.device(pick_device(device)))
+    fingerprint = dataset_fingerprint(ds)
+    model = None
+    model_defaults = saved_encode_defaults(model_id, revision)
+    if model_defaults is None:  # its files are not here yet: loading the model fetches them
+        model = load_sentence_transformer(model_id, revision=revision, device=device)
+        model_defaults = encode_defaults(model)
+    # The model's saved default prompt and truncate_dim change its vectors as the settings
+    # do; they enter the key only when the model has them, so that the keys of models
+    # without them (and the caches made for those) stay as they were.
+    key_settings = dict(
+        encode_kwargs,
+        **{f"model_{name}": value for name, value in model_defaults.items()},
+        **({"precision": precision} if precision != "fp32" else {}),
+    )
+    key = cache_key(model_id, revision, fingerprint, text_column, key_settings)
+    # The caches of one dataset's first rows (any number of them, or all) share a family:
+    # the key of the whole dataset, which is also the whole dataset's own key.
+    family = key if prefix_of is None else cache_key(model_id, revision, dataset_fingerprint(prefix_of), text_column, key_settings)
+    folder = Path(cache_dir or default_cache_dir()) / "embeddings" / key
+    return _Location(folder=folder, family=family, fingerprint=fingerprint, device=device, precision=precision, model=model)
+
+
+def cache_path(
+    ds,
+    text_column: str = "text",
+    model_id: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    precision: str = "auto",
+    encode_kwargs: dict | None = None,
+    accelerator=None,
+) -> Path:
+    """The folder `embed_dataset` with these arguments keeps `ds`'s embeddings in, whether
+    they are embedded yet or not (its name identifies them); nothing is embedded. The
+    model is loaded only when its files are not on this machine yet."""
+    encode_kwargs = check_encode_kwargs(encode_kwargs)
+    return _locate(ds, text_column, model_id, revision, cache_dir, device, precision, encode_kwargs, accelerator, None).folder
+
+
 def embed_dataset(
     ds,
     text_column: str = "text",
@@ -126,36 +186,11 @@ def embed_dataset(
     encode_kwargs = check_encode_kwargs(encode_kwargs)
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise InputError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
-    import torch
-
-    from .base_model import pick_device
-
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    if world > 1 and device is None:
-        device = str(accelerator.device)  # each process on its own GPU
-
-    precision = resolve_precision(precision, torch.device(pick_device(device)))
-    fingerprint = dataset_fingerprint(ds)
-    model = None
-    model_defaults = saved_encode_defaults(model_id, revision)
-    if model_defaults is None:  # its files are not here yet: loading the model fetches them
-        model = load_sentence_transformer(model_id, revision=revision, device=device)
-        model_defaults = encode_defaults(model)
-    # The model's saved default prompt and truncate_dim change its vectors as the settings
-    # do; they enter the key only when the model has them, so that the keys of models
-    # without them (and the caches made for those) stay as they were.
-    key_settings = dict(
-        encode_kwargs,
-        **{f"model_{name}": value for name, value in model_defaults.items()},
-        **({"precision": precision} if precision != "fp32" else {}),
-    )
-    key = cache_key(model_id, revision, fingerprint, text_column, key_settings)
-    # The caches of one dataset's first rows (any number of them, or all) share a family:
-    # the key of the whole dataset, which is also the whole dataset's own key.
-    family = key if prefix_of is None else cache_key(model_id, revision, dataset_fingerprint(prefix_of), text_column, key_settings)
-    root = Path(cache_dir or default_cache_dir()) / "embeddings"
-    folder = root / key
+    spot = _locate(ds, text_column, model_id, revision, cache_dir, device, precision, encode_kwargs, accelerator, prefix_of)
+    device, precision, fingerprint, family, model = spot.device, spot.precision, spot.fingerprint, spot.family, spot.model
+    root, folder = spot.folder.parent, spot.folder
     if (folder / "complete.json").exists():
         return open_cache(folder)
 

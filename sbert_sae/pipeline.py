@@ -22,11 +22,11 @@ import numpy as np
 from . import __version__
 from .base_model import DEFAULT_MODEL
 from .configuration_sbert_sae import SparseAutoencoderConfig
-from .data import column_values, domain_row_ids, find_text_rows, load_text_dataset, require_column, split_heldout
-from .embeddings import EmbeddingCache, embed_dataset
+from .data import TextRows, column_values, domain_row_ids, find_text_rows, load_text_dataset, require_column, split_heldout
+from .embeddings import EmbeddingCache, cache_path, embed_dataset
 from .errors import DatasetError, OutputDirError, ResumeError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
-from .trainer import TrainingArguments, data_identity, list_checkpoints, make_accelerator, train
+from .trainer import TrainingArguments, check_resume, data_identity, list_checkpoints, make_accelerator, train
 from .utils import atomic_write, domain_slugs, pause_point, run_lock, write_json
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,23 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
 
 
-def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = True):
-    """The dataset and its cached embeddings (the main process embeds; the others wait, then read)."""
+@dataclass
+class LoadedTexts:
+    """A dataset's rows to embed, before they are embedded.
+
+    Attributes:
+        ds: the dataset (its first `max_rows` rows).
+        rows: its rows with usable text.
+        whole: the dataset `ds` holds the first rows of, when `max_rows` cut it; else None.
+    """
+
+    ds: object
+    rows: TextRows
+    whole: object = None
+
+
+def load_texts(data: DataArguments) -> LoadedTexts:
+    """The dataset and its rows with usable text (checked, as the domain column is), not embedded yet."""
     ds = load_text_dataset(data.dataset, config_name=data.config_name, split=data.split, revision=data.revision)
     whole = None
     if data.max_rows is not None:
@@ -107,31 +122,53 @@ def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = 
     rows = find_text_rows(ds, data.text_column, on_bad=data.on_bad_text)
     if data.domain_column:
         require_column(ds, data.domain_column, "domain")
-
-    def embed() -> EmbeddingCache:
-        return embed_dataset(
-            ds,
-            data.text_column,
-            data.model,
-            revision=data.model_revision,
-            cache_dir=data.cache_dir,
-            batch_size=data.embed_batch_size,
-            device=data.device,
-            precision=data.embed_precision,
-            on_bad_text=data.on_bad_text,
-            encode_kwargs=data.encode_kwargs,
-            show_progress=show_progress,
-            text_rows=rows,
-            accelerator=accelerator,
-            prefix_of=whole,
-        )
-
-    # Under `accelerate launch` every process embeds its share of the rows.
-    return ds, embed()
+    return LoadedTexts(ds=ds, rows=rows, whole=whole)
 
 
-def check_output_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to write into a folder that holds another run, unless told to replace or resume it."""
+def embed_texts(texts: LoadedTexts, data: DataArguments, accelerator=None, show_progress: bool = True) -> EmbeddingCache:
+    """The cached embeddings of `texts` (under `accelerate launch` every process embeds its share)."""
+    return embed_dataset(
+        texts.ds,
+        data.text_column,
+        data.model,
+        revision=data.model_revision,
+        cache_dir=data.cache_dir,
+        batch_size=data.embed_batch_size,
+        device=data.device,
+        precision=data.embed_precision,
+        on_bad_text=data.on_bad_text,
+        encode_kwargs=data.encode_kwargs,
+        show_progress=show_progress,
+        text_rows=texts.rows,
+        accelerator=accelerator,
+        prefix_of=texts.whole,
+    )
+
+
+def embedding_cache_name(texts: LoadedTexts, data: DataArguments, accelerator=None) -> str:
+    """The name of the embedding cache `embed_texts` reads or makes for `texts`, without embedding."""
+    return cache_path(
+        texts.ds,
+        data.text_column,
+        data.model,
+        revision=data.model_revision,
+        cache_dir=data.cache_dir,
+        device=data.device,
+        precision=data.embed_precision,
+        encode_kwargs=data.encode_kwargs,
+        accelerator=accelerator,
+    ).name
+
+
+def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = True):
+    """The dataset and its cached embeddings (under `accelerate launch` every process embeds its share)."""
+    texts = load_texts(data)
+    return texts.ds, embed_texts(texts, data, accelerator, show_progress=show_progress)
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, resume: bool, clear: bool = True) -> None:
+    """Refuse to write into a folder that holds another run, unless told to replace or resume
+    it; with `overwrite` (and `clear`), remove the run it replaces."""
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
     if not existing:
         return
@@ -141,6 +178,8 @@ def check_output_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
         return
     if not overwrite:
         raise OutputDirError(f"{out_dir} already holds a run ({', '.join(existing)}): pass --overwrite to replace it or --resume to continue it")
+    if not clear:
+        return
     for name in RUN_FILES + ("density.png", "split.json", "logs"):
         target = out_dir / name
         if target.is_dir():
@@ -175,10 +214,13 @@ def run_training(
     main = accelerator.is_main_process
     show = train_args.show_progress and main
 
-    ds, cache = loaded if loaded is not None else load_and_embed(data, accelerator, show_progress=show)
+    # Every check that can refuse the run comes before its texts are embedded.
+    texts, cache = (None, loaded[1]) if loaded is not None else (load_texts(data), None)
+    ds = loaded[0] if loaded is not None else texts.ds
+    row_ids = cache.row_ids if cache is not None else texts.rows.row_ids
     groups: list[tuple[str, np.ndarray, Path]] = []
     if data.domain_column and (data.per_domain or data.domain is not None):
-        by_domain = domain_row_ids(ds, data.domain_column, cache.row_ids)
+        by_domain = domain_row_ids(ds, data.domain_column, row_ids)
         if data.domain is not None:
             if data.domain not in by_domain:
                 raise DatasetError(f"domain {data.domain!r} not found in column {data.domain_column!r}; values are {sorted(by_domain)}")
@@ -187,7 +229,7 @@ def run_training(
             slugs = domain_slugs(by_domain)
             groups.extend((name, rows, out_dir / slugs[name]) for name, rows in by_domain.items())
     else:
-        groups.append(("all", cache.row_ids, out_dir))
+        groups.append(("all", row_ids, out_dir))
 
     for name, rows, _ in groups:
         if len(rows) < 3:
@@ -201,14 +243,27 @@ def run_training(
                 # Locked before it is looked at: a second run (even with --overwrite) must not
                 # touch the files of a run that is still writing them.
                 locks.enter_context(run_lock(folder))
-                check_output_dir(folder, overwrite, resume)
+                check_output_dir(folder, overwrite, resume, clear=False)
+        accelerator.wait_for_everyone()
+        cache_name = None
+        for name, rows, folder in groups if resume else ():
+            # The checkpoints a resumed run continues from must be of these settings and this data.
+            if list_checkpoints(folder):
+                if cache_name is None:
+                    cache_name = cache.path.name if cache is not None else embedding_cache_name(texts, data, accelerator)
+                domain_args = _domain_training_args(data, train_args, name)
+                train_rows, _ = split_heldout(rows, data.heldout_fraction, domain_args.seed)
+                config = _sae_config(sae_args, data, cache.dim if cache is not None else 1)
+                data_id = data_identity(cache_name, np.searchsorted(row_ids, train_rows))
+                check_resume(folder, config, domain_args, data_id, len(train_rows), d_in_of_checkpoint=cache is None)
+        if cache is None:
+            cache = embed_texts(texts, data, accelerator, show_progress=show)
+        if main:
+            for _, _, folder in groups:
+                check_output_dir(folder, overwrite, resume)  # with --overwrite, now removes the run it replaces
         accelerator.wait_for_everyone()
         for name, rows, folder in groups:
-            domain_args = train_args
-            if data.per_domain:
-                # Each domain's SAE starts from its own random decoder: with one seed for all, the
-                # SAEs of different domains share their initial directions and look alike to `compare`.
-                domain_args = dataclasses.replace(train_args, seed=(train_args.seed + zlib.crc32(name.encode()) % 100_003) % 2**32)
+            domain_args = _domain_training_args(data, train_args, name)
             result = _train_one(name, rows, folder, cache, data, sae_args, domain_args, accelerator, resume)
             if result is not None:
                 results.append(result)
@@ -217,17 +272,29 @@ def run_training(
     return results
 
 
-def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume) -> RunResult | None:
-    main = accelerator.is_main_process
-    train_rows, heldout_rows = split_heldout(rows, data.heldout_fraction, train_args.seed)
-    train_pos, heldout_pos = cache.positions(train_rows), cache.positions(heldout_rows)
-    config = SparseAutoencoderConfig(
+def _domain_training_args(data: DataArguments, train_args: TrainingArguments, name: str) -> TrainingArguments:
+    if not data.per_domain:
+        return train_args
+    # Each domain's SAE starts from its own random decoder: with one seed for all, the SAEs of
+    # different domains share their initial directions and look alike to `compare`.
+    return dataclasses.replace(train_args, seed=(train_args.seed + zlib.crc32(name.encode()) % 100_003) % 2**32)
+
+
+def _sae_config(sae_args: SaeArguments, data: DataArguments, d_in: int) -> SparseAutoencoderConfig:
+    return SparseAutoencoderConfig(
         **dataclasses.asdict(sae_args),
-        d_in=cache.dim,
+        d_in=d_in,
         base_model=data.model,
         base_model_revision=data.model_revision,
         base_model_kwargs=dict(data.encode_kwargs) or None,
     )
+
+
+def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume) -> RunResult | None:
+    main = accelerator.is_main_process
+    train_rows, heldout_rows = split_heldout(rows, data.heldout_fraction, train_args.seed)
+    train_pos, heldout_pos = cache.positions(train_rows), cache.positions(heldout_rows)
+    config = _sae_config(sae_args, data, cache.dim)
     if main:
         logger.info("training %s: %d texts (%d held out) -> %s", name, len(train_rows), len(heldout_rows), folder)
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ matches one process with the same global batch size.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -309,19 +310,75 @@ def load_checkpoint(path: Path):
     return model, opt, groups, trainer_tensors, read_json(path / "state.json")
 
 
-def _restore_checkpoint(path: Path, sae: SparseAutoencoder, optimizer, signature: dict, out_dir: Path) -> tuple[dict, dict]:
-    """Load the checkpoint at `path` into `sae` and `optimizer`; its state and trainer tensors.
-    ResumeError when it belongs to a run with other settings."""
+def _read_checkpoint(path: Path, signature: dict, n_latents: int, out_dir: Path):
+    """The checkpoint at `path`, read and checked: ResumeError when it belongs to a run with
+    other settings; any other exception when it is damaged."""
     model_state, opt_state, groups, trainer_tensors, state = load_checkpoint(path)
     if state["signature"] != signature:
         changed = _diff(state["signature"], signature)
         raise ResumeError(f"cannot resume {out_dir}: the run's settings changed ({changed}); use --overwrite to start again")
+    for name in ("samples_since_fired", "epoch_fires"):
+        if trainer_tensors[name].shape != (n_latents,):
+            raise ValueError(f"{name} has shape {tuple(trainer_tensors[name].shape)}")
+    return model_state, opt_state, groups, trainer_tensors, state
+
+
+def _restore_checkpoint(path: Path, sae: SparseAutoencoder, optimizer, signature: dict, out_dir: Path) -> tuple[dict, dict]:
+    """Load the checkpoint at `path` into `sae` and `optimizer`; its state and trainer tensors.
+    ResumeError when it belongs to a run with other settings."""
+    model_state, opt_state, groups, trainer_tensors, state = _read_checkpoint(path, signature, sae.config.n_latents, out_dir)
     sae.load_state_dict(model_state)
     _load_optimizer(optimizer, opt_state, groups)
-    for name in ("samples_since_fired", "epoch_fires"):
-        if trainer_tensors[name].shape != (sae.config.n_latents,):
-            raise ValueError(f"{name} has shape {tuple(trainer_tensors[name].shape)}")
     return state, trainer_tensors
+
+
+def _unreadable_checkpoints(out_dir: Path, count: int) -> ResumeError:
+    return ResumeError(f"cannot resume {out_dir}: none of its {count} checkpoints can be read; use --overwrite to start again")
+
+
+def check_resume(
+    out_dir: str | Path,
+    config: SparseAutoencoderConfig,
+    args: TrainingArguments,
+    data_id: str,
+    n_train: int,
+    *,
+    d_in_of_checkpoint: bool = False,
+) -> Path | None:
+    """Refuse now what `train(config, args, ..., out_dir, data_id=data_id, resume=True)` on
+    `n_train` training rows would refuse once its data is ready: a newest readable checkpoint
+    of a run with other settings, or checkpoints none of which can be read. Returns the
+    checkpoint the run would continue from (None: it starts from the beginning).
+
+    `d_in_of_checkpoint`: the data is not embedded yet, so its width is not known: the
+    checkpoint's is taken, `data_id` naming the model and settings that decide it."""
+    out_dir = Path(out_dir)
+    checkpoints = list_checkpoints(out_dir)
+    config = _run_config(config, n_train)
+    for path in reversed(checkpoints):
+        try:
+            if d_in_of_checkpoint:
+                from safetensors import safe_open
+
+                with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+                    config.d_in = int(f.get_slice("b_pre").get_shape()[0])
+            _read_checkpoint(path, run_signature(config, args, data_id), config.n_latents, out_dir)
+            return path
+        except SbertSaeError:
+            raise
+        except Exception:  # noqa: BLE001 - damaged: train() tries the one before it, and so does this
+            continue
+    if checkpoints:
+        raise _unreadable_checkpoints(out_dir, len(checkpoints))
+    return None
+
+
+def _run_config(config: SparseAutoencoderConfig, n_train: int) -> SparseAutoencoderConfig:
+    """A copy of `config` as `train` runs it on `n_train` rows: an unset dead_threshold is one epoch."""
+    config = copy.deepcopy(config)
+    if config.dead_threshold is None:
+        config.dead_threshold = n_train
+    return config
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
@@ -610,7 +667,7 @@ def train(
             if main:
                 logger.warning("checkpoint %s cannot be read (%s: %s): trying the one before it", path, type(err).__name__, err)
     if checkpoints and restored is None:
-        raise ResumeError(f"cannot resume {out_dir}: none of its {len(checkpoints)} checkpoints can be read; use --overwrite to start again")
+        raise _unreadable_checkpoints(out_dir, len(checkpoints))
     if restored is not None:
         state, trainer_tensors = restored
         samples_since_fired = trainer_tensors["samples_since_fired"].to(dev)

@@ -153,6 +153,41 @@ def test_interrupted_run_resumes_to_the_same_model(wiki_small, tmp_path, monkeyp
         assert torch.equal(whole[name], resumed[name]), name
 
 
+def test_a_resume_that_is_refused_is_refused_before_any_embedding(wiki_small, tmp_path, monkeypatch, capsys):
+    """--resume into checkpoints of other settings, or into a finished run, embedded the whole
+    dataset and only then refused: both are now refused before the texts are embedded (nothing
+    is written to a fresh cache), and a resume that is not refused still continues."""
+    common = ["train", "--dataset", wiki_small, *SMALL, "--checkpoint-every", "5", "--checkpoint-min-seconds", "0", "--max-rows", "120"]
+    calls = {"n": 0}
+    real = SparseAutoencoder.set_decoder_norm_to_unit
+
+    def dies_at_step_7(self):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("simulated crash")
+        return real(self)
+
+    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", dies_at_step_7)
+    assert run_cli(*common, "--out", tmp_path / "broken") == 1
+    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", real)
+    assert [p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()] == ["step-000000005"]
+    assert run_cli(*common, "--out", tmp_path / "done") == 0
+    capsys.readouterr()
+
+    fresh = tmp_path / "fresh-cache"
+    for out, extra, fragment in (
+        ("broken", ["--seed", "4"], "training_args.seed: 0 -> 4"),
+        ("broken", ["--n-latents", "128"], "config.n_latents: 256 -> 128"),
+        ("done", [], "holds a finished run: nothing to resume"),
+    ):
+        assert run_cli(*common, *extra, "--out", tmp_path / out, "--resume", "--cache-dir", fresh) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert not fresh.exists(), f"--resume {extra} embedded before it was refused"
+    assert run_cli(*common, "--out", tmp_path / "broken", "--resume", "--cache-dir", fresh) == 0
+    assert (tmp_path / "broken" / "model.safetensors").exists() and (fresh / "embeddings").is_dir()
+
+
 def test_console_script_and_module_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sbert_sae", "--help"], capture_output=True, text=True, check=True)
     assert "train" in result.stdout and "embed" in result.stdout
