@@ -205,10 +205,14 @@ class Explorer:
         """
         from .base_model import pick_device
 
+        from .registry import resolve
+
         source = str(source)
         path = Path(source)
         if (source.startswith((".", "/")) or path.exists()) and not path.is_dir():
             raise ModelLoadError(f"{source} is not a folder: pass an SAE folder (config.json, model.safetensors) or a Hub repo id")
+        # A registry short name means its released revision: its files are read from there too.
+        revision = revision or resolve(source)[1]
         kwargs = {"revision": revision} if revision else {}
         sae = SparseAutoencoder.from_pretrained(source, **kwargs)
         sae = sae.to(pick_device(device))
@@ -225,6 +229,7 @@ class Explorer:
         data = _corpus_arguments(files.get("training_args.json"), dataset, text_column, cache_dir, device)
         explorer = cls(sae, source, families=families, files=files, data=data, data_given=dataset is not None)
         explorer.name_or_path = name
+        explorer.revision = revision
         return explorer
 
     # ---------------------------------------------------------------- corpus
@@ -379,7 +384,7 @@ class Explorer:
         try:
             from huggingface_hub import hf_hub_download
 
-            return hf_hub_download(self.name_or_path, name)
+            return hf_hub_download(self.name_or_path, name, revision=getattr(self, "revision", None))
         except Exception:  # noqa: BLE001 - a plot that is not published is simply not shown
             return None
 

@@ -403,3 +403,37 @@ def test_search_hits_of_a_hub_repo_name_the_texts_dataset_rows(hub, run, wiki_sm
     f = next(f for f in range(explorer.n) if len(explorer.top_texts(f, 1)))
     top = explorer.top_texts(f, 1)[0]
     assert rows[top.row]["text"] == top.text
+
+
+def test_an_older_revision_or_a_released_short_name_shows_that_revisions_files(hub, run, tmp_path, monkeypatch):
+    """`explore REPO --revision OLD` showed the newest density.png, and a registry short name
+    (its released revision) the newest feature_density.json and families.json too: figures of
+    another SAE than the one whose weights were loaded."""
+    import json
+
+    import yaml
+
+    from sbert_sae.explorer_data import Explorer
+    from sbert_sae.hub import push_sae
+
+    folder = tmp_path / "sae"
+    shutil.copytree(run, folder)
+    first_plot = (folder / "density.png").read_bytes()
+    first_counts = json.loads((folder / "feature_density.json").read_text())["fire_counts"]
+    released = push_sae(folder, "org/revised-sae")
+    # A later push of the same repo: other figures.
+    (folder / "density.png").write_bytes(first_plot + b"later")
+    density = json.loads((folder / "feature_density.json").read_text())
+    density["fire_counts"] = [c + 1 for c in density["fire_counts"]]
+    (folder / "feature_density.json").write_text(json.dumps(density))
+    push_sae(folder, "org/revised-sae")
+
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"saes": {"revised": {"repo_id": "org/revised-sae", "revision": released}}}))
+    monkeypatch.setenv("SBERT_SAE_REGISTRY", str(registry))
+    for explorer in (Explorer.open("org/revised-sae", revision=released), Explorer.open("revised")):
+        assert explorer.train_counts.tolist() == first_counts
+        assert Path(explorer.plot("density.png")).read_bytes() == first_plot
+    latest = Explorer.open("org/revised-sae")
+    assert latest.train_counts.tolist() == density["fire_counts"]
+    assert Path(latest.plot("density.png")).read_bytes() == first_plot + b"later"
