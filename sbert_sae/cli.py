@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-latents", type=_positive_int, default=6144, help="number of features (default: 6144)")
     g.add_argument("-k", "--k", type=_positive_int, default=32, help="active features per text (default: 32)")
     _add_training_arguments(p)
-    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="publish the trained SAE (and its card) to this Hub model repo; with --per-domain, REPO_ID-<domain> per domain")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="publish the trained SAE (and its card) to this Hub model repo; with --per-domain, each domain's SAE to REPO_ID-<domain slug> (its sub-folder's name), even when there is one domain")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -373,8 +373,9 @@ def cmd_train(args) -> int:
         from .hub import push_sae
 
         for r in results:
-            # A domain's repo is named after its folder (distinct per domain; see utils.domain_slugs).
-            repo_id = args.push_to_hub if len(results) == 1 else f"{args.push_to_hub}-{r.out_dir.name}"
+            # With --per-domain every domain's repo, even a lone domain's, is named after its folder
+            # (distinct per domain; see utils.domain_slugs), as --push-to-hub's help says.
+            repo_id = f"{args.push_to_hub}-{r.out_dir.name}" if args.per_domain else args.push_to_hub
             sha = push_sae(r.out_dir, repo_id)
             print(f"pushed {r.out_dir} to {repo_id} (commit {sha})")
     return 0

@@ -288,6 +288,26 @@ def test_train_push_to_hub_publishes_the_run(hub, wiki_small, tmp_path, capsys):
     assert "README.md" in files and "density.png" in files
 
 
+def test_train_per_domain_pushes_each_domain_to_repo_id_dash_domain_even_one(hub, wiki_small, tmp_path, capsys):
+    # --push-to-hub's help says per-domain runs go to REPO_ID-<domain>, but with one domain the
+    # run went to the bare REPO_ID.
+    from datasets import load_from_disk
+
+    from sbert_sae.utils import domain_slugs
+
+    domain = "Biology and health sciences"
+    load_from_disk(str(wiki_small)).filter(lambda row: row["topic"] == domain).save_to_disk(str(tmp_path / "one-domain"))
+    out = tmp_path / "run"
+    train = ["train", "--dataset", str(tmp_path / "one-domain"), "--out", str(out), "--domain-column", "topic", "--per-domain"]
+    assert main([*train, "--n-latents", "32", "-k", "4", "--epochs", "2", "--batch-size", "32", "-q", "--report-to", "none", "--push-to-hub", "org/per-domain"]) == 0
+    slug = domain_slugs([domain])[domain]
+    assert slug == "biology-and-health-sciences"
+    assert f"to org/per-domain-{slug} (commit" in capsys.readouterr().out
+    assert ("model", "org/per-domain") not in hub.state.repos
+    files = hub.files(f"org/per-domain-{slug}")
+    assert files["model.safetensors"] == (out / slug / "model.safetensors").read_bytes()
+
+
 def test_activations_are_uploaded_in_shards(hub, labelled_run):
     from sbert_sae.hub import push_activations, training_data_arguments
 
