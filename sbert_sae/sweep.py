@@ -208,6 +208,8 @@ def run_sweep(
     train_args.validate()
     if data.per_domain or data.domain is not None:
         raise InputError("a sweep trains on one corpus: leave out --per-domain and --domain")
+    if not data.heldout_fraction > 0:
+        raise InputError(f"a sweep fits the held-out FVU of each point: --heldout-fraction {data.heldout_fraction:g} leaves no held-out texts (give more than 0)")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file, not a folder")
     loaded = load_and_embed(data, show_progress=show_progress)  # once for every point of the grid

@@ -108,3 +108,14 @@ def test_a_rerun_with_other_settings_refuses_points_trained_with_the_old_ones(wi
     assert main([*base, "--epochs", "3", "--overwrite"]) == 0
     row = json.loads((out / "sweep.json").read_text())["rows"][0]
     assert row["train_samples"] == 3 * first["train_samples"] and row["steps"] > first["steps"]
+
+
+def test_a_sweep_without_held_out_texts_is_refused_before_training(wiki_small, tmp_path, capsys):
+    """--heldout-fraction 0 trained every point, then stopped with a TypeError formatting the
+    missing held-out FVU, writing no sweep.json."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "--dataset", str(wiki_small), "--n", "32,64", "--k", "4", "--epochs", "1", "--heldout-fraction", "0", "--out", str(out), "-q", "--report-to", "none"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--heldout-fraction 0 leaves no held-out texts" in err and err.count("\n") == 1
+    assert not (out / "n32-k4").exists()
