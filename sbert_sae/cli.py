@@ -112,9 +112,9 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
         g.add_argument("--prompt-name", default=None, help="prepend the model's prompt of this name (e.g. query, passage) to every text (default: the model's default prompt, if it has one)")
         g.add_argument("--prompt", default=None, help="prepend this text to every text, e.g. 'search_document: ' ('' for none, overriding the model's default prompt)")
         g.add_argument("--truncate-dim", type=_positive_int, default=None, help="keep the first N dimensions of each embedding (Matryoshka models); the SAE reads N (default: the model's own setting)")
-    g.add_argument("--embed-batch-size", type=_positive_int, default=None, help="most texts per forward pass when embedding (default: as many as 65536 padded tokens on a GPU, 2048 on a CPU, allow)")
-    g.add_argument("--embed-precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="embedding precision (default: fp16 on a GPU, else fp32)")
-    g.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE or ~/.cache/sbert-sae)")
+    g.add_argument("--embed-batch-size", type=_positive_int, default=None, help="most texts per forward pass when embedding; a batch also keeps within 65536 padded tokens on a CUDA GPU, 2048 otherwise (default: as many as that allows, up to 1024)")
+    g.add_argument("--embed-precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="embedding precision (default: fp16 on a CUDA GPU, else fp32)")
+    g.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE, else $XDG_CACHE_HOME/sbert-sae, else ~/.cache/sbert-sae)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
 
 
@@ -141,7 +141,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help=f"gradient norm clip, 0 disables (default: {defaults.grad_clip})")
     g.add_argument("--heldout-fraction", type=_fraction, default=0.05, help="share of texts held out for the metrics (default: 0.05)")
     g.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, split and data order (default: 0)")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision, help="default: bf16 on a GPU that has it, else fp32")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision, help="default: bf16 on a CUDA GPU that has it, else fp32")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=defaults.cuda_graphs, help="on one GPU, replay each step from a captured CUDA graph (default: on)")
     g.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help=f"steps between checkpoints, 0 for none (default: {defaults.checkpoint_every})")
     g.add_argument("--checkpoint-min-seconds", type=float, default=defaults.checkpoint_min_seconds, help=f"skip a checkpoint when the last is younger than this, 0 for never (default: {defaults.checkpoint_min_seconds:g})")
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", action="store_true", help="also push the corpus' sparse activations as a dataset repo")
     p.add_argument("--activations-repo", default=None, help="dataset repo for them (default: REPO_ID-activations)")
     p.add_argument("--dataset", default=None, help="corpus to encode for --activations (default: the one the SAE was trained on)")
-    p.add_argument("--text-column", default=None, help="its text column (default: the training run's)")
+    p.add_argument("--text-column", default=None, help="its text column (default: the training run's; text with --dataset)")
 
     p = sub.add_parser("release", parents=[common], help="train, label and publish the SAE a recipe describes (hub/recipes/*.yaml), then register it")
     p.add_argument("recipe", help="a recipe YAML file")
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_positive_int, default=None, help="port (default: 7860, or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
-    p.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE or ~/.cache/sbert-sae)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE, else $XDG_CACHE_HOME/sbert-sae, else ~/.cache/sbert-sae)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     return parser
 
