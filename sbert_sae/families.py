@@ -705,10 +705,8 @@ def feature_families(
     if activations is None and embeddings is None:
         source = getattr(sae, "name_or_path", "") or ""
         if args is None and source:
-            from .modeling_sbert_sae import _read_optional_json
-
             try:
-                data = _read_optional_json(source, FAMILIES_FILE, {})
+                data = sae.read_extra_json(FAMILIES_FILE)
             except (OSError, ValueError) as err:
                 if isinstance(err, ModelLoadError):
                     raise

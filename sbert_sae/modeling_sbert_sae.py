@@ -595,6 +595,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """Read `feature_labels.json` and `metrics.json` from a folder or Hub repo, when present."""
         from .labels import LABELS_FILE, parse_feature_labels
 
+        # Files read later (families.json) must come from the revision the weights came from;
+        # the token is not kept on the model.
+        self._extras_source = (name_or_path, {k: v for k, v in hub_kwargs.items() if k in ("revision", "subfolder", "cache_dir", "local_files_only")})
         labels = _read_optional_json(name_or_path, LABELS_FILE, hub_kwargs)
         self.label_data = parse_feature_labels(labels, self.config.n_latents, source=f"{name_or_path}/{LABELS_FILE}") if labels is not None else None
         metrics = _read_optional_json(name_or_path, "metrics.json", hub_kwargs)
@@ -605,6 +608,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if link is not None and not (isinstance(link, dict) and isinstance(link.get("repo_id"), str)):
             raise ModelLoadError(f"activations.json of {name_or_path!r} is malformed: expected an object with a 'repo_id' string")
         self.activations_link = link
+
+    def read_extra_json(self, filename: str):
+        """A JSON file beside the weights this SAE was loaded from (folder, or Hub repo at the
+        same revision), or None when it is not there or the SAE was not loaded from anywhere."""
+        name, hub_kwargs = getattr(self, "_extras_source", None) or (getattr(self, "name_or_path", "") or "", {})
+        return _read_optional_json(name, filename, hub_kwargs) if name else None
 
     def load_activations(self, split: str = "train", **kwargs):
         """The corpus' sparse activations (a `datasets.Dataset`: id, text, domain, indices,

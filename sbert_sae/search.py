@@ -375,10 +375,9 @@ class SteerableIndex:
             return [parent.parent, *parent.children]
         if self._families is None:
             from .families import FAMILIES_FILE, parse_families
-            from .modeling_sbert_sae import _read_optional_json
 
             source = getattr(self.sae, "name_or_path", "") or ""
-            data = _read_optional_json(source, FAMILIES_FILE, {}) if source else None
+            data = self.sae.read_extra_json(FAMILIES_FILE)
             if data is None:
                 raise InputError("this SAE has no families.json: run `sbert-sae families` on it, or pass a Family")
             self._families = {fam.parent: fam for fam in parse_families(data, source=f"{source}/{FAMILIES_FILE}")}

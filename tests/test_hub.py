@@ -75,6 +75,37 @@ def test_families_travel_with_a_push(hub, labelled_run, tmp_path):
     assert local and [(f.parent, f.children, f.label) for f in remote] == [(f.parent, f.children, f.label) for f in local]
 
 
+def test_an_older_revision_gives_its_own_families_to_the_sae_and_to_steering(hub, labelled_run, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from sbert_sae.hub import push_sae
+    from sbert_sae.search import SteerableIndex
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    assert main(["families", str(run), "--permutations", "2", "--threshold", "0.05", "-q"]) == 0
+    doc = json.loads((run / "families.json").read_text())
+    assert len(doc["families"]) >= 2
+    first = push_sae(run, "org/family-versions")
+    dropped = doc["families"][0]["parent"]["feature"]
+    doc["families"] = doc["families"][1:]
+    (run / "families.json").write_text(json.dumps(doc))
+    push_sae(run, "org/family-versions")
+
+    def parents(sae):
+        return [f.parent for f in sae.feature_families()]
+
+    old = SparseAutoencoder.from_pretrained("org/family-versions", revision=first)
+    new = SparseAutoencoder.from_pretrained("org/family-versions")
+    assert dropped in parents(old) and dropped not in parents(new)
+    x = np.random.default_rng(0).standard_normal((8, old.config.d_in)).astype(np.float32)
+    assert SteerableIndex(old, x).family_members(dropped)[0] == dropped
+    with pytest.raises(InputError, match=f"feature {dropped} heads no family"):
+        SteerableIndex(new, x).family_members(dropped)
+
+
 def test_automodel_loads_an_sbert_sae_repo(hub):
     from transformers import AutoModel
 
