@@ -198,7 +198,7 @@ def document_terms(texts: list[str], ngram_range: tuple[int, int], min_df: int, 
     docs, codes = np.concatenate(docs), np.concatenate(codes)
     frequent = np.bincount(codes, minlength=len(terms)) >= min_df
     if not frequent.any():
-        raise DatasetError(f"no candidate keyword occurs in {min_df} or more texts of the corpus: lower min_df")
+        raise DatasetError(f"no candidate keyword occurs in {min_df} or more texts of the corpus: lower min_df (`sbert-sae label --min-df`), or label on a larger corpus")
     kept = np.asarray(terms, dtype=object)[frequent]
     order = np.argsort(kept)
     column = np.full(len(terms), -1, dtype=np.int64)
