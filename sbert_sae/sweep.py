@@ -316,8 +316,8 @@ def plot_scaling(result: SweepResult, path: Path) -> None:
             fit = fits.get(k)
             label = f"k={k}" + ("" if fit is None else f": FVU ∝ {'n' if key == 'n' else 'C'}^-{fit.exponent:.2f}")
             ax.plot(x, y, "o", color=color, label=label)
+            xs = np.geomspace(x.min(), x.max(), 50)
             if fit is not None:
-                xs = np.geomspace(x.min(), x.max(), 50)
                 ax.plot(xs, fit(xs), "-", color=color, alpha=0.7)
             if key == "n":
                 train = np.array([r["train_fvu"] for r in rows], dtype=float)
