@@ -26,8 +26,8 @@ from .data import TextRows, column_values, domain_row_ids, find_text_rows, load_
 from .embeddings import EmbeddingCache, cache_path, embed_dataset
 from .errors import DatasetError, OutputDirError, ResumeError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
-from .trainer import TrainingArguments, check_resume, data_identity, list_checkpoints, make_accelerator, train
-from .utils import atomic_write, domain_slugs, pause_point, run_lock, write_json
+from .trainer import TrainingArguments, check_finished_run, check_resume, data_identity, list_checkpoints, make_accelerator, train
+from .utils import atomic_write, domain_slugs, pause_point, read_json, run_lock, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -237,32 +237,46 @@ def run_training(
     groups = [group for group in groups if len(group[1]) >= 3]
 
     results = []
+    # A --per-domain run stopped part-way resumes: the domains it finished are kept (when
+    # trained with these very settings and data), the others continue or start.
+    finished = {folder for _, _, folder in groups if resume and data.per_domain and _is_finished_run(folder)}
     with contextlib.ExitStack() as locks:
         if main:
             for _, _, folder in groups:
                 # Locked before it is looked at: a second run (even with --overwrite) must not
                 # touch the files of a run that is still writing them.
                 locks.enter_context(run_lock(folder))
-                check_output_dir(folder, overwrite, resume, clear=False)
+                if folder not in finished:
+                    check_output_dir(folder, overwrite, resume, clear=False)
         accelerator.wait_for_everyone()
         cache_name = None
         for name, rows, folder in groups if resume else ():
-            # The checkpoints a resumed run continues from must be of these settings and this data.
-            if list_checkpoints(folder):
+            # The checkpoints a resumed run continues from (or the finished run it keeps) must be
+            # of these settings and this data.
+            if folder in finished or list_checkpoints(folder):
                 if cache_name is None:
                     cache_name = cache.path.name if cache is not None else embedding_cache_name(texts, data, accelerator)
                 domain_args = _domain_training_args(data, train_args, name)
                 train_rows, _ = split_heldout(rows, data.heldout_fraction, domain_args.seed)
                 config = _sae_config(sae_args, data, cache.dim if cache is not None else 1)
                 data_id = data_identity(cache_name, np.searchsorted(row_ids, train_rows))
-                check_resume(folder, config, domain_args, data_id, len(train_rows), d_in_of_checkpoint=cache is None)
-        if cache is None:
+                if folder in finished:
+                    check_finished_run(folder, config, domain_args, data_id, len(train_rows), d_in_of_run=cache is None)
+                else:
+                    check_resume(folder, config, domain_args, data_id, len(train_rows), d_in_of_checkpoint=cache is None)
+        if cache is None and any(folder not in finished for _, _, folder in groups):
             cache = embed_texts(texts, data, accelerator, show_progress=show)
         if main:
             for _, _, folder in groups:
-                check_output_dir(folder, overwrite, resume)  # with --overwrite, now removes the run it replaces
+                if folder not in finished:
+                    check_output_dir(folder, overwrite, resume)  # with --overwrite, now removes the run it replaces
         accelerator.wait_for_everyone()
         for name, rows, folder in groups:
+            if folder in finished:
+                logger.info("%s: finished already, with these settings: kept (%s)", name, folder)
+                metrics = read_json(folder / "metrics.json")
+                results.append(RunResult(name=name, out_dir=folder, metrics={k: v for k, v in metrics.items() if k != "descriptions"}))
+                continue
             domain_args = _domain_training_args(data, train_args, name)
             result = _train_one(name, rows, folder, cache, data, sae_args, domain_args, accelerator, resume)
             if result is not None:
@@ -270,6 +284,10 @@ def run_training(
         if main and data.per_domain:
             write_domain_table(out_dir, results)
     return results
+
+
+def _is_finished_run(folder: Path) -> bool:
+    return (folder / "metrics.json").exists() and (folder / "model.safetensors").exists() and not list_checkpoints(folder)
 
 
 def _domain_training_args(data: DataArguments, train_args: TrainingArguments, name: str) -> TrainingArguments:
@@ -343,6 +361,7 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
             "embedding_dataset_fingerprint": cache.meta.get("dataset_fingerprint"),
             "skipped_rows": cache.meta.get("skipped", {}),
             "versions": _versions(),
+            "run_signature": result.signature,
         },
     )
     write_json(

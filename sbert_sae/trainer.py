@@ -373,6 +373,34 @@ def check_resume(
     return None
 
 
+def check_finished_run(
+    out_dir: str | Path,
+    config: SparseAutoencoderConfig,
+    args: TrainingArguments,
+    data_id: str,
+    n_train: int,
+    *,
+    d_in_of_run: bool = False,
+) -> None:
+    """Refuse (ResumeError) to keep the finished run in `out_dir` as the result of training
+    `config` with `args` on `data_id`'s `n_train` rows unless it was trained with exactly
+    these (its `training_args.json` records the run's signature). `d_in_of_run`: the data is
+    not embedded yet, so the run's own width is taken."""
+    out_dir = Path(out_dir)
+    config = _run_config(config, n_train)
+    try:
+        saved = read_json(out_dir / "training_args.json").get("run_signature")
+        if d_in_of_run:
+            config.d_in = int(read_json(out_dir / "config.json")["d_in"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise ResumeError(f"{out_dir} holds a finished run whose settings are not recorded (made by an older sbert-sae, or damaged): use --overwrite to train it again")
+    current = json.loads(json.dumps(run_signature(config, args, data_id)))
+    if saved != current:
+        raise ResumeError(f"cannot keep the finished run in {out_dir}: the run's settings changed ({_diff(saved, current)}); use --overwrite to train it again")
+
+
 def _run_config(config: SparseAutoencoderConfig, n_train: int) -> SparseAutoencoderConfig:
     """A copy of `config` as `train` runs it on `n_train` rows: an unset dead_threshold is one epoch."""
     config = copy.deepcopy(config)
@@ -563,6 +591,7 @@ class TrainResult:
     samples_per_second: float
     epoch_dead_fraction: float
     history: list[dict] = field(default_factory=list)
+    signature: dict = field(default_factory=dict)  # run_signature: what a resumption must not change
 
 
 def _trackers(args: TrainingArguments) -> list[str]:
@@ -798,6 +827,7 @@ def train(
         samples_per_second=samples_done / max(seconds, 1e-9),
         epoch_dead_fraction=last_dead_epoch,
         history=history,
+        signature=json.loads(json.dumps(signature)),
     )
 
 

@@ -188,6 +188,50 @@ def test_a_resume_that_is_refused_is_refused_before_any_embedding(wiki_small, tm
     assert (tmp_path / "broken" / "model.safetensors").exists() and (fresh / "embeddings").is_dir()
 
 
+def test_a_per_domain_run_stopped_part_way_resumes_keeping_the_domains_it_finished(wiki_small, tmp_path, monkeypatch, capsys):
+    """--per-domain --resume after a crash in the second domain refused the first domain's
+    finished folder ('nothing to resume'), so such a run could only start again: the finished
+    domains are now kept (when trained with these settings and data), the rest resume."""
+    out = tmp_path / "domains"
+    common = ["train", "--dataset", wiki_small, "--out", out, "--domain-column", "topic", "--per-domain", *SMALL, "--checkpoint-every", "2", "--checkpoint-min-seconds", "0"]
+    calls = {"n": 0}
+    real = SparseAutoencoder.set_decoder_norm_to_unit
+
+    def dies_in_the_second_domain(self):
+        calls["n"] += 1
+        if calls["n"] == 13:  # 8 steps a domain
+            raise RuntimeError("simulated crash")
+        return real(self)
+
+    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", dies_in_the_second_domain)
+    assert run_cli(*common) == 1
+    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", real)
+    arts, biology, maths = out / "arts", out / "biology-and-health-sciences", out / "mathematics"
+    assert (arts / "metrics.json").exists() and (biology / "checkpoints").is_dir() and not (maths / "model.safetensors").exists()
+    kept = (arts / "model.safetensors").read_bytes()
+    capsys.readouterr()
+
+    fresh = tmp_path / "fresh-cache"
+    assert run_cli(*common, "--resume", "--seed", "3", "--cache-dir", fresh) == 2  # other settings: refused, before embedding
+    err = capsys.readouterr().err
+    assert f"cannot keep the finished run in {arts}" in err and "training_args.seed: " in err and not fresh.exists()
+
+    assert run_cli(*common, "--resume") == 0
+    assert (arts / "model.safetensors").read_bytes() == kept
+    table = json.loads((out / "domains.json").read_text())
+    assert [row["domain"] for row in table] == ["Arts", "Biology and health sciences", "Mathematics"]
+    assert all(row["heldout_fvu"] is not None for row in table)
+    assert (biology / "model.safetensors").exists() and (maths / "model.safetensors").exists()
+    assert not (biology / "checkpoints").exists()
+
+    # a finished run that does not record its settings cannot be vouched for
+    doc = json.loads((arts / "training_args.json").read_text())
+    del doc["run_signature"]
+    (arts / "training_args.json").write_text(json.dumps(doc))
+    assert run_cli(*common, "--resume") == 2
+    assert "settings are not recorded" in capsys.readouterr().err
+
+
 def test_console_script_and_module_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sbert_sae", "--help"], capture_output=True, text=True, check=True)
     assert "train" in result.stdout and "embed" in result.stdout
