@@ -35,7 +35,9 @@ from sbert_sae.trainer import TrainingArguments, heldout_fvu, train  # noqa: E40
 def plain_reference_loop(x_train, x_held, n, k, lr, batch_size, eval_epochs, seed=0):
     """The paper's loop, written out plainly; returns {epoch: held-out FVU}."""
     torch.manual_seed(seed)
-    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=x_train.shape[1], n_latents=n, k=k))
+    # The paper's initialisation (encoder = decoder transposed, rows of unit norm), not
+    # sbert-sae's smaller encoder: the reference must not inherit the library's defaults.
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=x_train.shape[1], n_latents=n, k=k, encoder_init_scale=1.0))
     sae.init_b_pre_from_data(x_train[torch.randperm(len(x_train))[:10_000]])
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     since_fired = torch.zeros(n, dtype=torch.long)
