@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not args.debug:
-        for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets", "accelerate", "matplotlib"):
+        for noisy in ("httpx", "httpx2", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets", "accelerate", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.quiet:

@@ -7,6 +7,7 @@ Tokens are never printed or logged: they go to `huggingface_hub` as they are.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -49,6 +50,21 @@ def _hub_error(err: Exception, what: str, repo_id: str) -> HubError:
     if status is not None and status >= 500:
         return HubError(f"{what} failed on the Hub's side ({repo_id}: {status}); nothing local changed, run the same command again")
     return HubError(f"{what} failed ({repo_id}): {err}")
+
+
+@contextlib.contextmanager
+def _dropped_messages(logger_name: str, prefix: str):
+    """Within the block, the records of `logger_name` whose message starts with `prefix` are dropped."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def card_template_path() -> Path:
@@ -293,7 +309,8 @@ def push_activations(
             activation_rows, gen_kwargs={"sae": sae, "data": data, "show_progress": show_progress}, features=features, cache_dir=tmp
         )
         try:
-            ds.push_to_hub(repo_id, private=private, token=token, max_shard_size=max_shard_size, commit_message="Upload sbert-sae activations")
+            with _dropped_messages("datasets.arrow_dataset", "Setting num_proc from"):  # said on every one-shard push
+                ds.push_to_hub(repo_id, private=private, token=token, max_shard_size=max_shard_size, commit_message="Upload sbert-sae activations")
             dataset_name = ", ".join(_public_dataset_name(d) for d in ([data.dataset] if isinstance(data.dataset, str) else data.dataset))
             card = DatasetCard.load(repo_id, repo_type="dataset", token=token)
             card.text = (

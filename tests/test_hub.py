@@ -424,3 +424,12 @@ def test_a_recipe_dataset_setting_it_does_not_know_is_named(tmp_path, capsys):
     assert main(["release", str(recipe), "--out", str(tmp_path / "o"), "--no-push", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown dataset setting(s) heldout_fraction, text_colum" in err[0]
+
+
+def test_a_push_logs_no_http_requests_and_no_one_shard_notice(hub, labelled_run, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    assert main(["push", str(labelled_run), "org/quiet-push", "--activations"]) == 0
+    noise = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.name.startswith("httpx") or "Setting num_proc" in r.getMessage()]
+    assert not noise, noise[:3]
