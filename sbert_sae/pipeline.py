@@ -125,39 +125,36 @@ def load_texts(data: DataArguments) -> LoadedTexts:
     return LoadedTexts(ds=ds, rows=rows, whole=whole)
 
 
+def _cache_settings(data: DataArguments) -> dict:
+    """The arguments that decide which embedding cache holds `data`'s vectors."""
+    return {
+        "revision": data.model_revision,
+        "cache_dir": data.cache_dir,
+        "device": data.device,
+        "precision": data.embed_precision,
+        "encode_kwargs": data.encode_kwargs,
+    }
+
+
 def embed_texts(texts: LoadedTexts, data: DataArguments, accelerator=None, show_progress: bool = True) -> EmbeddingCache:
     """The cached embeddings of `texts` (under `accelerate launch` every process embeds its share)."""
     return embed_dataset(
         texts.ds,
         data.text_column,
         data.model,
-        revision=data.model_revision,
-        cache_dir=data.cache_dir,
         batch_size=data.embed_batch_size,
-        device=data.device,
-        precision=data.embed_precision,
         on_bad_text=data.on_bad_text,
-        encode_kwargs=data.encode_kwargs,
         show_progress=show_progress,
         text_rows=texts.rows,
         accelerator=accelerator,
         prefix_of=texts.whole,
+        **_cache_settings(data),
     )
 
 
 def embedding_cache_name(texts: LoadedTexts, data: DataArguments, accelerator=None) -> str:
     """The name of the embedding cache `embed_texts` reads or makes for `texts`, without embedding."""
-    return cache_path(
-        texts.ds,
-        data.text_column,
-        data.model,
-        revision=data.model_revision,
-        cache_dir=data.cache_dir,
-        device=data.device,
-        precision=data.embed_precision,
-        encode_kwargs=data.encode_kwargs,
-        accelerator=accelerator,
-    ).name
+    return cache_path(texts.ds, data.text_column, data.model, accelerator=accelerator, **_cache_settings(data)).name
 
 
 def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = True):
