@@ -552,7 +552,7 @@ def test_a_run_with_a_prompt_reports_to_tensorboard(wiki_small, tmp_path):
     # base_model_kwargs (a dict) went into TensorBoard's hyper-parameters, which refuse dicts:
     # every run with --prompt/--prompt-name/--truncate-dim and the default --report-to crashed
     # after embedding with "ValueError: value should be one of int, float, str, bool, or torch.Tensor".
-    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboard")  # in the test extras: runs in CI
     out = tmp_path / "prompted"
     small = [a for a in SMALL if a not in ("--report-to", "none")]
     assert run_cli("train", "--dataset", wiki_small, "--out", out, "--prompt", "passage: ", "--report-to", "tensorboard", "--max-rows", "120", *small) == 0
