@@ -55,6 +55,15 @@ class SparseAutoencoderConfig(PretrainedConfig):
             self.k_aux = 2 * self.k if isinstance(self.k, int) else None
         self.validate_sae()
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(path, k=64)` (and AutoConfig's) set such overrides with setattr after
+        # __post_init__ has validated the stored values: check again, or k=0 or k > n_latents
+        # passes here and fails later (or silently gives empty codes).
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate_sae()
+        return result
+
     def validate_sae(self) -> None:
         """Raise `ConfigError` naming the first impossible value."""
 

@@ -174,6 +174,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     code, one matrix product) or "auto" (dense on a GPU, sparse elsewhere); same result."""
 
     def __init__(self, config: SparseAutoencoderConfig):
+        # The config may have been changed since it was made (`config.k = ...`): an impossible
+        # value is named here, not by a failed top-k on the first batch.
+        config.validate_sae()
         super().__init__(config)
         n, d = config.n_latents, config.d_in
         try:

@@ -254,6 +254,22 @@ def test_impossible_configs_are_refused(kwargs, fragment):
         SparseAutoencoderConfig(**kwargs)
 
 
+def test_config_overrides_at_load_time_are_checked(tmp_path):
+    from transformers import AutoConfig
+
+    make_sae().save_pretrained(tmp_path)
+    assert SparseAutoencoder.from_pretrained(tmp_path, k=8).encode_topk(data(2))[0].shape == (2, 8)  # a valid override
+    # Overrides are set after the stored values were checked: they must be checked too.
+    with pytest.raises(ConfigError, match="k=100 is larger than n_latents=64"):
+        SparseAutoencoder.from_pretrained(tmp_path, k=100)
+    with pytest.raises(ConfigError, match="k must be a positive integer, got 0"):
+        AutoConfig.from_pretrained(tmp_path, k=0)
+    config = SparseAutoencoderConfig(d_in=16, n_latents=64, k=4)
+    config.k = 65  # changed after it was made
+    with pytest.raises(ConfigError, match="k=65 is larger than n_latents=64"):
+        SparseAutoencoder(config)
+
+
 @pytest.mark.parametrize(
     "tensor, fragment",
     [
