@@ -148,8 +148,9 @@ def _training_summary(args: dict, config: dict) -> str:
     return "\n".join(parts)
 
 
-def render_model_card(folder: str | Path, repo_id: str, activations_repo: str | None = None, license_name: str | None = None, datasets: list[str] | None = None):
-    """The `huggingface_hub.ModelCard` of the SAE in `folder`, rendered from `MODEL_CARD.md`."""
+def render_model_card(folder: str | Path, repo_id: str, activations_repo: str | None = None, license_name: str | None = None, datasets: list[str] | None = None, tags: list[str] | None = None):
+    """The `huggingface_hub.ModelCard` of the SAE in `folder`, rendered from `MODEL_CARD.md`
+    (`tags`: more tags for its metadata, after sbert-sae's own)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     folder = Path(folder)
@@ -178,7 +179,7 @@ def render_model_card(folder: str | Path, repo_id: str, activations_repo: str | 
         base_model=base_model,
         datasets=datasets or None,
         license=license_name,
-        tags=["sparse-autoencoder", "sbert-sae", "sentence-transformers", "interpretability"],
+        tags=list(dict.fromkeys(["sparse-autoencoder", "sbert-sae", "sentence-transformers", "interpretability", *(tags or [])])),
         pipeline_tag="feature-extraction",
         model_name=repo_id.split("/")[-1],
     )
@@ -209,17 +210,21 @@ def push_sae(
     activations_repo: str | None = None,
     license_name: str | None = None,
     activations_revision: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
 ) -> str:
     """Upload the SAE in `folder` (and its card) to the model repo `repo_id`; returns the commit sha.
     With `activations_repo`, the card links the activations dataset and `activations.json`
-    records it (and its revision) for `SparseAutoencoder.load_activations`."""
+    records it (and its revision) for `SparseAutoencoder.load_activations`. With `create_pr`,
+    the commit opens a pull request (`refs/pr/N`) instead of moving `revision`."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} holds no SAE to push (config.json and model.safetensors are needed)")
-    card = render_model_card(folder, repo_id, activations_repo=activations_repo, license_name=license_name)
+    card = render_model_card(folder, repo_id, activations_repo=activations_repo, license_name=license_name, tags=tags)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -231,7 +236,15 @@ def push_sae(
             if activations_repo:
                 link = {"repo_id": activations_repo, "revision": activations_revision, "repo_type": "dataset"}
                 operations.append(CommitOperationAdd(path_in_repo=ACTIVATIONS_FILE, path_or_fileobj=json.dumps(link, indent=2).encode()))
-            info = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision, repo_type="model")
+            info = api.create_commit(
+                repo_id,
+                operations=operations,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+                repo_type="model",
+            )
     except HfHubHTTPError as err:
         raise _hub_error(err, f"pushing {folder}", repo_id) from err
     logger.info("pushed %s to %s (%s)", folder, repo_id, info.oid)

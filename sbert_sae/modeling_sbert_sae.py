@@ -98,6 +98,9 @@ def _read_optional_json(name_or_path: str, filename: str, hub_kwargs: dict):
         raise ModelLoadError(f"{filename} of {name_or_path!r} is not valid JSON: {type(err).__name__}: {err}") from err
 
 
+# What `save_pretrained(..., push_to_hub=True, **options)` hands on to `push_to_hub`.
+PUSH_OPTIONS = ("token", "private", "revision", "commit_message", "commit_description", "create_pr", "tags", "activations_repo", "license_name")
+
 # The pickle formats PyTorch and others write: unpickling can run any code, so they are never read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 WEIGHTS_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -559,7 +562,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
         push = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
-        token = kwargs.pop("token", None)
+        # The push options go to `push_to_hub`: left in kwargs, PreTrainedModel.save_pretrained would
+        # drop them silently (private=True made a public repo, create_pr=True committed to main).
+        push_options = {key: kwargs.pop(key) for key in PUSH_OPTIONS if key in kwargs}
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if getattr(self, "label_data", None) is not None:
             data = self.label_data
@@ -567,7 +572,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if getattr(self, "metrics", None):
             write_json(os.path.join(save_directory, "metrics.json"), self.metrics)
         if push:
-            self.push_to_hub(repo_id, token=token)
+            self.push_to_hub(repo_id, **push_options)
         return result
 
     def push_to_hub(
@@ -577,21 +582,36 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         private: bool | None = None,
         token: str | None = None,
         revision: str | None = None,
-        commit_message: str = "Upload sbert-sae SAE",
+        commit_message: str | None = "Upload sbert-sae SAE",
+        commit_description: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
         activations_repo: str | None = None,
         license_name: str | None = None,
-        **ignored,
     ) -> str:
         """Push the weights, config, labels, metrics and a model card to a Hub model repo;
-        returns the commit sha. (`sbert-sae push FOLDER REPO` also uploads a trained run's
-        plots and training settings.)"""
+        returns the commit sha. `PreTrainedModel.push_to_hub`'s options mean what they mean
+        there (`create_pr` opens a pull request; `tags` are added to the card's). (`sbert-sae
+        push FOLDER REPO` also uploads a trained run's plots and training settings.)"""
         import tempfile
 
         from .hub import push_sae
 
         with tempfile.TemporaryDirectory(prefix="sbert-sae-push-") as tmp:
             self.save_pretrained(tmp)
-            return push_sae(tmp, repo_id, private=private, token=token, revision=revision, commit_message=commit_message, activations_repo=activations_repo, license_name=license_name)
+            return push_sae(
+                tmp,
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                commit_message=commit_message or "Upload sbert-sae SAE",
+                commit_description=commit_description,
+                create_pr=create_pr,
+                tags=tags,
+                activations_repo=activations_repo,
+                license_name=license_name,
+            )
 
     # ------------------------------------------------------- labels and metrics
     def load_extras(self, name_or_path: str, **hub_kwargs) -> None:

@@ -265,7 +265,8 @@ class _Handler(BaseHTTPRequestHandler):
             if action == "preupload":
                 return self._preupload(json.loads(self._body() or b"{}"))
             if action == "commit":
-                return self._commit(repo, args[0] if args else "main", self._body())
+                create_pr = (query.get("create_pr") or ["0"])[0] == "1"
+                return self._commit(repo, args[0] if args else "main", self._body(), create_pr)
             if action in ("tree", "paths-info"):
                 revision = args[0] if args else "main"
                 commit = repo.resolve(revision)
@@ -299,7 +300,9 @@ class _Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             if (repo_type, repo_id) in self.state.repos:
                 return self._json(409, {"error": "You already created this repo", "url": f"{self.endpoint}/{prefix}{repo_id}"})
-            repo = Repo(repo_id=repo_id, repo_type=repo_type, private=bool(payload.get("private")))
+            # huggingface_hub 2.x sends "visibility", older clients "private".
+            private = bool(payload.get("private")) or payload.get("visibility") == "private"
+            repo = Repo(repo_id=repo_id, repo_type=repo_type, private=private)
             gitattributes = Blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.parquet filter=lfs diff=lfs merge=lfs -text\n", lfs=False)
             self.state.new_commit(repo, "initial commit", "", None, {".gitattributes": gitattributes})
             self.state.repos[(repo_type, repo_id)] = repo
@@ -350,11 +353,15 @@ class _Handler(BaseHTTPRequestHandler):
             objects.append(entry)
         self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(), content_type="application/vnd.git-lfs+json")
 
-    def _commit(self, repo: Repo, revision: str, body: bytes) -> None:
+    def _commit(self, repo: Repo, revision: str, body: bytes, create_pr: bool = False) -> None:
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         header = next((line["value"] for line in lines if line.get("key") == "header"), {})
         branch = revision if revision not in repo.commits else "main"
         base = repo.resolve(branch)
+        pr_number = None
+        if create_pr:  # the commit goes to a new refs/pr/N branch, on top of `revision`
+            pr_number = 1 + sum(name.startswith("refs/pr/") for name in repo.branches)
+            branch = f"refs/pr/{pr_number}"
         parent = header.get("parentCommit")
         if parent and base is not None and parent != base.oid:
             return self._error(412, None, f"parentCommit {parent} is not the head of {branch}")
@@ -375,7 +382,8 @@ class _Handler(BaseHTTPRequestHandler):
                 files = {p: b for p, b in files.items() if not p.startswith(folder)}
         commit = self.state.new_commit(repo, header.get("summary", ""), header.get("description", ""), base.oid if base else None, files, branch)
         prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
-        self._json(200, {"commitOid": commit.oid, "commitUrl": f"{self.endpoint}/{prefix}{repo.repo_id}/commit/{commit.oid}", "pullRequestUrl": None})
+        pr_url = f"{self.endpoint}/{prefix}{repo.repo_id}/discussions/{pr_number}" if pr_number else None
+        self._json(200, {"commitOid": commit.oid, "commitUrl": f"{self.endpoint}/{prefix}{repo.repo_id}/commit/{commit.oid}", "pullRequestUrl": pr_url})
 
     def _entries(self, commit: Commit, paths: list[str], exact: bool) -> list[dict]:
         out, seen_dirs = [], set()

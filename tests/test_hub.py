@@ -117,6 +117,28 @@ def test_automodel_loads_an_sbert_sae_repo(hub):
     assert isinstance(loaded, SparseAutoencoder) and torch.equal(loaded.W_enc, sae.W_enc)
 
 
+def test_push_options_of_save_pretrained_and_push_to_hub_are_honoured(hub, tmp_path):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=32, k=4))
+    # PreTrainedModel's idiom: the push options ride along with save_pretrained.
+    sae.save_pretrained(tmp_path / "sae", push_to_hub=True, repo_id="org/private-sae", private=True, commit_message="first version")
+    repo = hub.state.repos[("model", "org/private-sae")]
+    assert repo.private and repo.resolve("main").title == "first version"
+    assert torch.equal(SparseAutoencoder.from_pretrained("org/private-sae").W_enc, sae.W_enc)
+
+    # create_pr opens a pull request and leaves main alone.
+    main_before = repo.branches["main"]
+    with torch.no_grad():
+        sae.b_pre.add_(1.0)
+    sha = sae.push_to_hub("org/private-sae", create_pr=True, commit_message="proposal", tags=["astronomy"])
+    assert repo.branches["main"] == main_before and repo.branches["refs/pr/1"] == sha
+    proposed = SparseAutoencoder.from_pretrained("org/private-sae", revision="refs/pr/1")
+    assert torch.equal(proposed.b_pre, sae.b_pre)
+    assert "- astronomy" in hub.files("org/private-sae", revision="refs/pr/1")["README.md"].decode()
+    with pytest.raises(TypeError, match="no_such_option"):
+        sae.push_to_hub("org/private-sae", no_such_option=True)
+
+
 class _Tripwire:
     """Unpickling this would create the file `marker`: the tests check it never appears."""
 
