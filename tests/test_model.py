@@ -229,6 +229,19 @@ def test_save_load_round_trip_is_equal(tmp_path):
     assert torch.equal(sae.encode(x), loaded.encode(x))
 
 
+def test_save_pretrained_writes_one_weights_file_that_loads_back(tmp_path):
+    sae = make_sae(d=64, n=4096)  # 2 MB of weights
+    sae.save_pretrained(tmp_path / "large-shard", max_shard_size="50MB")
+    assert sorted(p.name for p in (tmp_path / "large-shard").iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(SparseAutoencoder.from_pretrained(tmp_path / "large-shard").W_dec, sae.W_dec)
+    # Shards or a variant file would be a folder from_pretrained cannot read: refused, nothing written.
+    with pytest.raises(InputError, match="max_shard_size='500KB' would split this SAE's 2.1 MB"):
+        sae.save_pretrained(tmp_path / "sharded", max_shard_size="500KB")
+    with pytest.raises(InputError, match="variant='fp16' is not supported"):
+        sae.save_pretrained(tmp_path / "variant", variant="fp16")
+    assert not (tmp_path / "sharded").exists() and not (tmp_path / "variant").exists()
+
+
 def test_auto_classes(tmp_path):
     from transformers import AutoConfig, AutoModel
 
