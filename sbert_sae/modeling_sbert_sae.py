@@ -565,6 +565,21 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         # The push options go to `push_to_hub`: left in kwargs, PreTrainedModel.save_pretrained would
         # drop them silently (private=True made a public repo, create_pr=True committed to main).
         push_options = {key: kwargs.pop(key) for key in PUSH_OPTIONS if key in kwargs}
+        # The weights are always one model.safetensors: the loader, `sbert-sae push` and the
+        # trainer read only that file, so shards (max_shard_size smaller than the weights) or a
+        # variant (model.fp16.safetensors) would make a folder that nothing loads back.
+        if kwargs.get("variant") is not None:
+            raise InputError(f"variant={kwargs['variant']!r} is not supported: an SAE is saved as one model.safetensors (convert with .to(dtype) instead)")
+        if kwargs.get("max_shard_size") is not None:
+            from transformers.utils.hub import convert_file_size_to_int
+
+            size = sum(p.numel() * p.element_size() for p in self.parameters())
+            if convert_file_size_to_int(kwargs["max_shard_size"]) < size:
+                raise InputError(
+                    f"max_shard_size={kwargs['max_shard_size']!r} would split this SAE's {size / 1e6:,.1f} MB of weights: "
+                    "an SAE is saved as one model.safetensors, which is what from_pretrained reads"
+                )
+        kwargs["max_shard_size"] = 2**62  # one file, however large
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if getattr(self, "label_data", None) is not None:
             data = self.label_data
