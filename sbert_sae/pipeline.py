@@ -31,6 +31,9 @@ from .utils import atomic_write, domain_slugs, pause_point, read_json, run_lock,
 
 logger = logging.getLogger(__name__)
 
+MIN_TEXTS = 3
+"""Fewest texts an SAE is trained on: 2 to train, 1 held out."""
+
 RUN_FILES = ("config.json", "model.safetensors", "training_args.json", "metrics.json", "checkpoints", "train_log.jsonl")
 
 
@@ -228,10 +231,20 @@ def run_training(
     else:
         groups.append(("all", row_ids, out_dir))
 
-    for name, rows, _ in groups:
-        if len(rows) < 3:
-            logger.warning("domain %r has only %d texts: skipped", name, len(rows))
-    groups = [group for group in groups if len(group[1]) >= 3]
+    # An SAE needs at least MIN_TEXTS texts. Under --per-domain a small domain is skipped with a
+    # warning; a run left with nothing to train (the whole corpus, or the --domain asked for, is
+    # too small) is refused: it used to exit 0 having written nothing.
+    too_small = [(name, len(rows)) for name, rows, _ in groups if len(rows) < MIN_TEXTS]
+    if len(too_small) == len(groups):
+        if data.domain_column and (data.per_domain or data.domain is not None):
+            what = ", ".join(f"domain {name!r} has {n}" for name, n in too_small) or "no domain has any"
+            where = f"domain column {data.domain_column!r}"
+        else:
+            what, where = f"{len(row_ids)}", f"dataset {data.dataset!r}, text column {data.text_column!r}"
+        raise DatasetError(f"nothing to train ({where}): {what} usable text(s); an SAE needs at least {MIN_TEXTS} (2 to train, 1 held out)")
+    for name, n in too_small:
+        logger.warning("domain %r has only %d texts: skipped", name, n)
+    groups = [group for group in groups if len(group[1]) >= MIN_TEXTS]
 
     results = []
     # A --per-domain run stopped part-way resumes: the domains it finished are kept (when

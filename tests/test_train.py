@@ -558,3 +558,26 @@ def test_a_run_with_a_prompt_reports_to_tensorboard(wiki_small, tmp_path):
     assert run_cli("train", "--dataset", wiki_small, "--out", out, "--prompt", "passage: ", "--report-to", "tensorboard", "--max-rows", "120", *small) == 0
     assert SparseAutoencoder.from_pretrained(out).config.base_model_kwargs == {"prompt": "passage: "}
     assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_a_corpus_or_domain_too_small_to_train_is_refused_not_skipped_silently(wiki_small, tmp_path, capsys):
+    # A 2-text corpus (or a --domain of 2 texts) used to log "domain 'all' has only 2 texts:
+    # skipped" and exit 0 with nothing written; it is now refused, and an earlier run in --out is kept.
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(wiki_small))
+    ds.select(range(2)).save_to_disk(str(tmp_path / "two"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    capsys.readouterr()
+    assert run_cli("train", "--dataset", tmp_path / "two", "--out", out, "--overwrite", *SMALL) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing to train" in err[0] and "2 usable text(s)" in err[0] and "'text'" in err[0], err
+    assert (out / "metrics.json").read_text() == "{}"
+    ds.add_column("field", ["tiny"] * 2 + ["big"] * (len(ds) - 2)).save_to_disk(str(tmp_path / "fields"))
+    capsys.readouterr()
+    assert run_cli("train", "--dataset", tmp_path / "fields", "--out", tmp_path / "tiny", "--domain-column", "field", "--domain", "tiny", *SMALL) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "domain 'tiny' has 2 usable text(s)" in err[0], err
+    assert not (tmp_path / "tiny" / "model.safetensors").exists()
