@@ -74,23 +74,27 @@ def fraction_of_variance_unexplained(x_hat: torch.Tensor, x: torch.Tensor) -> to
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _read_optional_json(name_or_path: str, filename: str, hub_kwargs: dict):
-    """A JSON file beside the weights (folder or Hub repo), or None when it is not there."""
-    import os
-
+def _optional_file(name_or_path: str, filename: str, hub_kwargs: dict) -> str | None:
+    """The local path of a file beside the weights (folder, or downloaded from the Hub repo), or
+    None when it is not there."""
     folder = os.path.join(name_or_path, hub_kwargs.get("subfolder") or "")
     if os.path.isdir(folder):
         path = os.path.join(folder, filename)
-        if not os.path.exists(path):
-            return None
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        return path if os.path.exists(path) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-        try:
-            path = hf_hub_download(name_or_path, filename, **{k: v for k, v in hub_kwargs.items() if v is not None})
-        except EntryNotFoundError:
-            return None
+    try:
+        return hf_hub_download(name_or_path, filename, **{k: v for k, v in hub_kwargs.items() if v is not None})
+    except EntryNotFoundError:
+        return None
+
+
+def _read_optional_json(name_or_path: str, filename: str, hub_kwargs: dict):
+    """A JSON file beside the weights (folder or Hub repo), or None when it is not there."""
+    path = _optional_file(name_or_path, filename, hub_kwargs)
+    if path is None:
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -586,6 +590,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             write_json(os.path.join(save_directory, LABELS_FILE), {**data, "features": {str(f): e for f, e in sorted(data["features"].items())}}, depth=2)
         if getattr(self, "metrics", None):
             write_json(os.path.join(save_directory, "metrics.json"), self.metrics)
+        if getattr(self, "activations_link", None):
+            from .hub import ACTIVATIONS_FILE
+
+            write_json(os.path.join(save_directory, ACTIVATIONS_FILE), self.activations_link)
+        self._copy_families(save_directory)
         if push:
             self.push_to_hub(repo_id, **push_options)
         return result
@@ -612,6 +621,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
         from .hub import push_sae
 
+        # An SAE published with its activations dataset keeps linking it (load_activations).
+        link = getattr(self, "activations_link", None) or {}
+        activations_revision = link.get("revision") if activations_repo is None else None
+        activations_repo = activations_repo or link.get("repo_id")
         with tempfile.TemporaryDirectory(prefix="sbert-sae-push-") as tmp:
             self.save_pretrained(tmp)
             return push_sae(
@@ -625,8 +638,31 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 create_pr=create_pr,
                 tags=tags,
                 activations_repo=activations_repo,
+                activations_revision=activations_revision,
                 license_name=license_name,
             )
+
+    def _copy_families(self, save_directory) -> None:
+        """Copy the families (`sbert-sae families`: families.json and its plots) from where this
+        SAE was loaded to `save_directory`, so that the saved SAE (and a push of it) gives the same
+        `feature_families()`; they were left behind, and the copy's families had to be recomputed
+        from a corpus it no longer knew."""
+        import shutil
+
+        from .families import COOCCURRENCE_PLOT, FAMILIES_FILE, GRAPH_PLOT
+
+        name, hub_kwargs = getattr(self, "_extras_source", None) or (getattr(self, "name_or_path", "") or "", {})
+        if not name:
+            return
+        files = [FAMILIES_FILE, COOCCURRENCE_PLOT, GRAPH_PLOT]
+        found = _optional_file(name, FAMILIES_FILE, hub_kwargs)
+        if found is None:
+            return  # no families: no plots of them either
+        for filename in files:
+            path = found if filename == FAMILIES_FILE else _optional_file(name, filename, hub_kwargs)
+            target = os.path.join(save_directory, filename)
+            if path is not None and not (os.path.exists(target) and os.path.samefile(path, target)):
+                shutil.copyfile(path, target)
 
     # ------------------------------------------------------- labels and metrics
     def load_extras(self, name_or_path: str, **hub_kwargs) -> None:

@@ -75,6 +75,37 @@ def test_families_travel_with_a_push(hub, labelled_run, tmp_path):
     assert local and [(f.parent, f.children, f.label) for f in remote] == [(f.parent, f.children, f.label) for f in local]
 
 
+def test_save_pretrained_and_push_to_hub_keep_families_and_the_activations_link(hub, labelled_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    assert main(["families", str(run), "--permutations", "2", "-q"]) == 0
+    link = {"repo_id": "org/some-activations", "revision": "0" * 40, "repo_type": "dataset"}
+    (run / "activations.json").write_text(json.dumps(link))
+    sae = SparseAutoencoder.from_pretrained(run)
+    expected = [(f.parent, f.children, f.label) for f in sae.feature_families()]
+    assert expected
+
+    sae.save_pretrained(tmp_path / "copy")
+    copy = SparseAutoencoder.from_pretrained(tmp_path / "copy")
+    assert [(f.parent, f.children, f.label) for f in copy.feature_families()] == expected
+    assert copy.activations_link == link and copy.feature_labels == sae.feature_labels
+    sae.save_pretrained(run)  # saved where it was loaded from: its files stay as they are
+    assert [(f.parent, f.children, f.label) for f in SparseAutoencoder.from_pretrained(run).feature_families()] == expected
+
+    copy.push_to_hub("org/kept-extras")  # the PreTrainedModel idiom, from the copy
+    files = hub.files("org/kept-extras")
+    assert {"families.json", "families_cooccurrence.png", "family_graph.png", "feature_labels.json"} <= set(files)
+    assert json.loads(files["activations.json"])["repo_id"] == "org/some-activations"
+    remote = SparseAutoencoder.from_pretrained("org/kept-extras")
+    assert [(f.parent, f.children, f.label) for f in remote.feature_families()] == expected
+    assert remote.activations_link["revision"] == link["revision"]
+    # and a Hub SAE saved locally keeps them too
+    remote.save_pretrained(tmp_path / "from-hub")
+    assert [(f.parent, f.children, f.label) for f in SparseAutoencoder.from_pretrained(tmp_path / "from-hub").feature_families()] == expected
+
+
 def test_an_older_revision_gives_its_own_families_to_the_sae_and_to_steering(hub, labelled_run, tmp_path):
     import shutil
 
