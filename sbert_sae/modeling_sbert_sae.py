@@ -20,6 +20,7 @@ Sparse codes travel as (values, indices) pairs of shape (batch, k).
 from __future__ import annotations
 
 import json
+import operator
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -72,6 +73,17 @@ def fraction_of_variance_unexplained(x_hat: torch.Tensor, x: torch.Tensor) -> to
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _from_numpy(array):
+    """A numpy array as a tensor (what `SentenceTransformer.encode` returns by default); anything
+    else as it is, for the callers' own type checks."""
+    import numpy as np
+
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
+        return array
+    # torch.from_numpy warns on read-only arrays (a memory-mapped embedding cache): copy those.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _optional_file(name_or_path: str, filename: str, hub_kwargs: dict) -> str | None:
@@ -221,12 +233,14 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     # ---------------------------------------------------------------- inputs
     def prepare_input(self, embeddings: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
-        """Validate a (batch, d_in) tensor and bring it to the SAE's input space."""
+        """Validate a (batch, d_in) tensor (or numpy array) and bring it to the SAE's input space."""
+        embeddings = _from_numpy(embeddings)
         if not isinstance(embeddings, torch.Tensor):
-            raise InputError(f"embeddings must be a torch.Tensor of shape (batch, {self.config.d_in}), got {type(embeddings).__name__}")
+            raise InputError(f"embeddings must be a torch.Tensor or numpy array of shape (batch, {self.config.d_in}), got {type(embeddings).__name__}")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.config.d_in:
+            one = " (one embedding is a batch of one: x[None])" if embeddings.dim() == 1 and len(embeddings) == self.config.d_in else ""
             raise InputError(
-                f"embeddings must have shape (batch, {self.config.d_in}), got {tuple(embeddings.shape)}"
+                f"embeddings must have shape (batch, {self.config.d_in}), got {tuple(embeddings.shape)}{one}"
             )
         if embeddings.dtype not in FLOAT_DTYPES:
             raise InputError(f"embeddings must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {embeddings.dtype}")
@@ -268,6 +282,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     # ---------------------------------------------------------------- decode
     def decode_topk(self, values: torch.Tensor, indices: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """Reconstruction (batch, d_in) from a sparse code (values, indices) of shape (batch, k)."""
+        values, indices = _from_numpy(values), _from_numpy(indices)
         if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
             raise InputError(f"values and indices must be torch.Tensors, got {type(values).__name__} and {type(indices).__name__}")
         if values.shape != indices.shape or values.dim() != 2:
@@ -307,8 +322,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Reconstruction (batch, d_in) from a dense code (batch, n_latents)."""
+        latents = _from_numpy(latents)
         if not isinstance(latents, torch.Tensor):
-            raise InputError(f"latents must be a torch.Tensor of shape (batch, {self.config.n_latents}), got {type(latents).__name__}")
+            raise InputError(f"latents must be a torch.Tensor or numpy array of shape (batch, {self.config.n_latents}), got {type(latents).__name__}")
         if latents.dim() != 2 or latents.shape[1] != self.config.n_latents:
             raise InputError(f"latents must have shape (batch, {self.config.n_latents}), got {tuple(latents.shape)}")
         if latents.dtype not in FLOAT_DTYPES:
@@ -709,6 +725,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     def describe(self, feature: int) -> dict:
         """Everything known about one feature: label, keywords with scores, density, score, top texts."""
+        if not isinstance(feature, bool):
+            try:  # a numpy integer or an integer tensor of one element (an id from encode_topk)
+                feature = operator.index(feature)
+            except TypeError:
+                pass
         if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < self.config.n_latents:
             raise InputError(f"feature must be an integer in 0..{self.config.n_latents - 1}, got {feature!r}")
         data = getattr(self, "label_data", None)
@@ -721,6 +742,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     @torch.no_grad()
     def explain(self, text: str | torch.Tensor) -> list[dict]:
         """The active features of one text (or one embedding), strongest first, with their labels."""
+        text = _from_numpy(text)
         if isinstance(text, str):
             x = self.embed_texts([text])
         elif isinstance(text, torch.Tensor):
@@ -730,7 +752,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             if x.shape[0] != 1:
                 raise InputError(f"explain takes one text or one embedding, got {x.shape[0]} rows")
         else:
-            raise InputError(f"explain takes a string or an embedding tensor, got {type(text).__name__}")
+            raise InputError(f"explain takes a string or an embedding (tensor or numpy array), got {type(text).__name__}")
         values, indices = self.encode_topk(x)
         labels = self.feature_labels
         out = [

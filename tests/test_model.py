@@ -299,6 +299,31 @@ def test_bad_inputs_are_refused(tensor, fragment):
         make_sae().encode(tensor)
 
 
+def test_numpy_embeddings_and_feature_ids_are_accepted():
+    import numpy as np
+
+    sae = make_sae().requires_grad_(False)
+    x = data(5)
+    array = x.numpy()  # what SentenceTransformer.encode returns by default
+    assert torch.equal(sae.encode(array), sae.encode(x))
+    values, indices = sae.encode_topk(array)
+    assert torch.equal(sae(array).reconstruction, sae(x).reconstruction)
+    assert torch.equal(sae.decode(sae.encode(x).numpy()), sae.decode(sae.encode(x)))
+    assert torch.equal(sae.decode_topk(values.numpy(), indices.numpy()), sae.decode_topk(values, indices))
+    read_only = np.array(array)
+    read_only.flags.writeable = False  # a memory-mapped cache
+    assert torch.equal(sae.encode(read_only), sae.encode(x))
+    assert sae.explain(array[0]) == sae.explain(x[0])
+    # Feature ids as encode_topk and numpy give them.
+    assert sae.describe(indices[0, 0])["feature"] == sae.describe(np.int64(indices[0, 0]))["feature"] == int(indices[0, 0])
+    with pytest.raises(InputError, match=r"got \(16,\) \(one embedding is a batch of one"):
+        sae.encode(array[0])
+    with pytest.raises(InputError, match="torch.Tensor or numpy array"):
+        sae.encode(x.tolist())
+    with pytest.raises(InputError, match="floating-point"):
+        sae.encode(np.zeros((2, 16), dtype=np.int64))
+
+
 def test_from_pretrained_refuses_pickles_and_other_models(tmp_path):
     sae = make_sae()
     sae.save_pretrained(tmp_path / "ok")
