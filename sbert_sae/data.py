@@ -218,17 +218,30 @@ def column_values(ds, column: str, row_ids: np.ndarray) -> list:
     return ds.select_columns([column]).select(row_ids).with_format("arrow")[column].to_pylist()
 
 
+def domain_names(ds, domain_column: str, values: list) -> list:
+    """`values` of `domain_column` as domain names: a ClassLabel's integers become its class
+    names (its -1, "no label", becomes None), other values their string; None stays None.
+    Without this a ClassLabel column's domains were named "0", "1", ... and `--domain <name>`
+    found none of them."""
+    import datasets
+
+    feature = ds.features.get(domain_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return [None if v is None or v < 0 else feature.int2str(int(v)) for v in values]
+    return [None if v is None else str(v) for v in values]
+
+
 def domain_row_ids(ds, domain_column: str, row_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Group `row_ids` by the string value of `domain_column`; rows with no value are left out."""
+    """Group `row_ids` by the name (`domain_names`) of `domain_column`; rows with no value are left out."""
     require_column(ds, domain_column, "domain")
-    values = column_values(ds, domain_column, row_ids)
+    values = domain_names(ds, domain_column, column_values(ds, domain_column, row_ids))
     groups: dict[str, list[int]] = {}
     missing = 0
     for row, value in zip(row_ids.tolist(), values):
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if value is None or not value.strip():
             missing += 1
             continue
-        groups.setdefault(str(value), []).append(row)
+        groups.setdefault(value, []).append(row)
     if missing:
         logger.warning("%d rows have no value in domain column %r and belong to no domain", missing, domain_column)
     return {name: np.asarray(rows, dtype=np.int64) for name, rows in sorted(groups.items())}

@@ -263,6 +263,7 @@ def activation_rows(sae, data, batch_size: int = 4096, show_progress: bool = Fal
     import torch
     from tqdm.auto import tqdm
 
+    from .data import domain_names
     from .pipeline import load_sae_corpus
 
     # The corpus is embedded as the SAE's own was (same model, prompt and width); an SAE
@@ -281,7 +282,8 @@ def activation_rows(sae, data, batch_size: int = 4096, show_progress: bool = Fal
         values, indices = np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
         batch = table.select(rows.tolist())
         texts = batch[data.text_column]
-        domains = batch[data.domain_column] if data.domain_column else None
+        # Domain names as training grouped them (a ClassLabel's class names, not its integers).
+        domains = domain_names(ds, data.domain_column, batch[data.domain_column]) if data.domain_column else None
         for i, row in enumerate(rows):
             firing = values[i] > 0
             out = {"id": int(row), "text": texts[i], "indices": indices[i][firing].astype(np.int32).tolist(), "values": values[i][firing].astype(np.float32).tolist()}

@@ -149,3 +149,18 @@ def test_column_values_are_a_list_in_the_order_asked():
     assert column_values(ds, "text", np.array([], dtype=np.int64)) == []
     with pytest.raises(DatasetError, match="'title'"):
         column_values(ds, "title", ids)
+
+
+def test_a_classlabel_domain_column_groups_rows_by_class_name():
+    # A ClassLabel column used to name its domains "0", "1", ...: --domain Mathematics found none,
+    # folders were named by the integers and the activations' domain was the integer.
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"text": ["a", "b", "c", "d"], "topic": [1, 0, 1, -1]},
+        features=datasets.Features({"text": datasets.Value("string"), "topic": datasets.ClassLabel(names=["Arts", "Mathematics"])}),
+    )
+    groups = domain_row_ids(ds, "topic", np.arange(4))
+    assert {name: rows.tolist() for name, rows in groups.items()} == {"Arts": [1], "Mathematics": [0, 2]}  # -1: no label
+    ints = datasets.Dataset.from_dict({"text": ["a", "b"], "topic": [3, 7]})
+    assert sorted(domain_row_ids(ints, "topic", np.arange(2))) == ["3", "7"]
