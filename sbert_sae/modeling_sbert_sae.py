@@ -540,7 +540,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         name, released = resolve(str(pretrained_model_name_or_path))
         if released and not kwargs.get("revision"):
             kwargs["revision"] = released  # a short name means that release
-        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        # force_download reaches the config and the weights' header check too: else a damaged
+        # cached copy (the reason to force a download) was refused before anything was fetched.
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder", "force_download") if k in kwargs}
         try:
             config_dict, _ = SparseAutoencoderConfig.get_config_dict(name, **hub_kwargs)
         except (OSError, ValueError, TypeError, AttributeError, RecursionError) as err:
@@ -560,6 +562,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         # The weights' header is checked against the config before the model is built: a config
         # claiming 10^12 features must not allocate them, a damaged file must name itself.
         _check_weights_file(_weights_file(name, hub_kwargs), config, name)
+        kwargs.pop("force_download", None)  # fetched afresh just now: not a second time
         try:
             model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
         except ConfigError:

@@ -170,6 +170,25 @@ def test_push_options_of_save_pretrained_and_push_to_hub_are_honoured(hub, tmp_p
         sae.push_to_hub("org/private-sae", no_such_option=True)
 
 
+def test_force_download_replaces_a_damaged_cached_copy(hub, tmp_path):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=32, k=4))
+    sae.push_to_hub("org/refetched")
+    cache = tmp_path / "cache"
+    SparseAutoencoder.from_pretrained("org/refetched", cache_dir=cache)
+    for name, junk in (("model.safetensors", b"not safetensors"), ("config.json", b"{not json")):
+        (cached,) = cache.glob(f"models--org--refetched/snapshots/*/{name}")
+        cached.resolve().write_bytes(junk)
+    with pytest.raises(ModelLoadError):
+        SparseAutoencoder.from_pretrained("org/refetched", cache_dir=cache)
+    hub.state.requests.clear()
+    loaded = SparseAutoencoder.from_pretrained("org/refetched", cache_dir=cache, force_download=True)
+    assert torch.equal(loaded.W_enc, sae.W_enc)
+    fetched = [path for method, path, _ in hub.state.requests if method == "GET" and path.endswith("/model.safetensors")]
+    assert len(fetched) == 1, fetched  # downloaded afresh, once
+    assert torch.equal(SparseAutoencoder.from_pretrained("org/refetched", cache_dir=cache, local_files_only=True).W_enc, sae.W_enc)
+
+
 class _Tripwire:
     """Unpickling this would create the file `marker`: the tests check it never appears."""
 
