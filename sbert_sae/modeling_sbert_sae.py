@@ -547,10 +547,15 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             config_dict, _ = SparseAutoencoderConfig.get_config_dict(name, **hub_kwargs)
         except (OSError, ValueError, TypeError, AttributeError, RecursionError) as err:
             raise ModelLoadError(f"cannot read config.json of {name!r}: {type(err).__name__}: {err}") from err
+        where = f"{name!r}" + (f" (subfolder {hub_kwargs['subfolder']!r})" if hub_kwargs.get("subfolder") else "")
+        if config_dict == {}:
+            # What transformers gives for a folder or repo (or subfolder) without config.json; it
+            # was reported as "its config.json has model_type=None".
+            raise ModelLoadError(f"{where} has no config.json (or an empty one): not an sbert-sae SAE (config.json and model.safetensors)")
         if not isinstance(config_dict, dict) or config_dict.get("model_type") != SparseAutoencoderConfig.model_type:
             found = config_dict.get("model_type") if isinstance(config_dict, dict) else f"<a JSON {type(config_dict).__name__}>"
             raise ModelLoadError(
-                f"{name!r} is not an sbert-sae SAE: its config.json has model_type={found!r}, "
+                f"{where} is not an sbert-sae SAE: its config.json has model_type={found!r}, "
                 f"expected {SparseAutoencoderConfig.model_type!r}"
             )
         try:

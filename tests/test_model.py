@@ -352,6 +352,12 @@ def test_from_pretrained_refuses_pickles_and_other_models(tmp_path):
         SparseAutoencoder.from_pretrained(bigger)
     with pytest.raises(ModelLoadError):
         SparseAutoencoder.from_pretrained(tmp_path / "missing")
+    # No config.json at all (an empty folder, a wrong subfolder): said so, not "model_type=None".
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="empty' has no config.json"):
+        SparseAutoencoder.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ModelLoadError, match="ok' \\(subfolder 'math'\\) has no config.json"):
+        SparseAutoencoder.from_pretrained(tmp_path / "ok", subfolder="math")
 
 
 def test_base_model_dimension_must_match(minilm):
