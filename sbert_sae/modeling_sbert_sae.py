@@ -212,6 +212,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         self.activations_link: dict | None = None
         self.post_init()
 
+    def extra_repr(self) -> str:
+        # print(sae) showed "SparseAutoencoder()", as if it had no weights.
+        c = self.config
+        return f"d_in={c.d_in}, n_latents={c.n_latents}, k={c.k}, normalize={c.normalize!r}, dtype={self.W_enc.dtype}"
+
     # ------------------------------------------------------------------ init
     def _init_weights(self, module):
         if module is not self:

@@ -54,6 +54,10 @@ def test_encode_decode_shapes_and_sparsity():
     assert torch.allclose(sae.decode(z), sae.decode_topk(values, indices), atol=1e-5)
 
 
+def test_repr_names_the_sizes():
+    assert repr(make_sae()) == "SparseAutoencoder(d_in=16, n_latents=64, k=4, normalize='l2', dtype=torch.float32)"
+
+
 def test_forward_returns_model_output():
     sae = make_sae()
     out = sae(data(32))
