@@ -968,7 +968,9 @@ _ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _row_matrix(rows: list[np.ndarray], values: list[np.ndarray], n_rows: int, n_cols: int) -> sp.csr_matrix:
     """Sparse (n_rows, n_cols) matrix with `values[i]` at columns `rows[i]` of row i."""
-    lengths = np.array([len(r) for r in rows])
+    # int64 even when there are no rows (a block where no feature has a candidate): np.array([])
+    # is float64, which np.repeat refused with a TypeError.
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
     r_idx = np.repeat(np.arange(n_rows), lengths)
     c_idx = np.concatenate(rows) if len(rows) and lengths.sum() else np.zeros(0, dtype=np.int64)
     data = np.concatenate(values).astype(np.float32) if len(values) and lengths.sum() else np.zeros(0, dtype=np.float32)

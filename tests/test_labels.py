@@ -111,6 +111,16 @@ def test_dead_features_say_so(planted_labels):
     assert result.summary["n_dead"] == 1 and result.summary["n_labelled"] == 3
 
 
+def test_a_block_of_dead_features_only_is_labelled_dead(planted, corpus, minilm):
+    # A block with no feature that fires (every feature of an SAE trained on identical texts,
+    # or a block of dead ones) stopped labelling with numpy's "Cannot cast array data from
+    # dtype('float64') to dtype('int64')".
+    texts, _, emb = corpus
+    result = label_features(planted, texts, emb, minilm, LabelArguments(top_texts=15, negatives=30, score_texts=40, block_size=1), show_progress=False)
+    assert result.features[3]["status"] == "dead" and result.features[3]["label"] is None
+    assert result.summary["n_dead"] == 1 and result.summary["n_labelled"] == 3
+
+
 def test_ngrams_are_real_and_never_glued():
     analyze = ngram_analyzer((1, 3))
     grams = analyze("The theory of relativity, by Einstein, changed physics in 1905.")
