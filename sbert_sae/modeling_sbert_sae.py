@@ -20,6 +20,7 @@ Sparse codes travel as (values, indices) pairs of shape (batch, k).
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import os
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from transformers.utils import ModelOutput
 
 from .configuration_sbert_sae import SparseAutoencoderConfig
 from .errors import ConfigError, InputError, ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -683,12 +686,17 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         name, hub_kwargs = getattr(self, "_extras_source", None) or (getattr(self, "name_or_path", "") or "", {})
         if not name:
             return
-        files = [FAMILIES_FILE, COOCCURRENCE_PLOT, GRAPH_PLOT]
-        found = _optional_file(name, FAMILIES_FILE, hub_kwargs)
-        if found is None:
-            return  # no families: no plots of them either
-        for filename in files:
-            path = found if filename == FAMILIES_FILE else _optional_file(name, filename, hub_kwargs)
+        try:
+            found = _optional_file(name, FAMILIES_FILE, hub_kwargs)
+            if found is None:
+                return  # no families: no plots of them either
+            paths = {FAMILIES_FILE: found, **{plot: _optional_file(name, plot, hub_kwargs) for plot in (COOCCURRENCE_PLOT, GRAPH_PLOT)}}
+        except Exception as err:  # noqa: BLE001 - a Hub source out of reach (offline, a private repo's token is not kept)
+            if os.path.isdir(os.path.join(name, hub_kwargs.get("subfolder") or "")):
+                raise
+            logger.warning("the families of %s were not saved with the SAE (%s: %s)", name, type(err).__name__, err)
+            return
+        for filename, path in paths.items():
             target = os.path.join(save_directory, filename)
             if path is not None and not (os.path.exists(target) and os.path.samefile(path, target)):
                 shutil.copyfile(path, target)

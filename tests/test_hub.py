@@ -75,7 +75,8 @@ def test_families_travel_with_a_push(hub, labelled_run, tmp_path):
     assert local and [(f.parent, f.children, f.label) for f in remote] == [(f.parent, f.children, f.label) for f in local]
 
 
-def test_save_pretrained_and_push_to_hub_keep_families_and_the_activations_link(hub, labelled_run, tmp_path):
+def test_save_pretrained_and_push_to_hub_keep_families_and_the_activations_link(hub, labelled_run, tmp_path, caplog):
+    import logging
     import shutil
 
     run = tmp_path / "run"
@@ -104,6 +105,12 @@ def test_save_pretrained_and_push_to_hub_keep_families_and_the_activations_link(
     # and a Hub SAE saved locally keeps them too
     remote.save_pretrained(tmp_path / "from-hub")
     assert [(f.parent, f.children, f.label) for f in SparseAutoencoder.from_pretrained(tmp_path / "from-hub").feature_families()] == expected
+    # A Hub that cannot be read (a private repo's token is not kept on the SAE) costs the families, not the save.
+    hub.fail_next("families.json", 401)
+    with caplog.at_level(logging.WARNING, logger="sbert_sae.modeling_sbert_sae"):
+        SparseAutoencoder.from_pretrained("org/kept-extras", cache_dir=tmp_path / "fresh-cache").save_pretrained(tmp_path / "unreachable")
+    assert (tmp_path / "unreachable" / "model.safetensors").exists() and not (tmp_path / "unreachable" / "families.json").exists()
+    assert "families of org/kept-extras were not saved" in caplog.text
 
 
 def test_an_older_revision_gives_its_own_families_to_the_sae_and_to_steering(hub, labelled_run, tmp_path):
