@@ -8,6 +8,24 @@ from .errors import ConfigError
 
 NORMALIZE_CHOICES = ("l2", "none")
 
+# transformers 5 turned PretrainedConfig into a dataclass: the annotated class attributes below are
+# its fields, and `__post_init__` runs after they are set. transformers 4.x has a plain
+# `__init__(**kwargs)` and no `__post_init__`: there the fields are set by the `__init__` below.
+_DATACLASS_CONFIG = hasattr(PretrainedConfig, "__post_init__")
+_FIELDS = (
+    "d_in",
+    "n_latents",
+    "k",
+    "k_aux",
+    "auxk_coef",
+    "dead_threshold",
+    "normalize",
+    "encoder_init_scale",
+    "base_model",
+    "base_model_revision",
+    "base_model_kwargs",
+)
+
 
 class SparseAutoencoderConfig(PretrainedConfig):
     r"""Hyper-parameters of a top-k SAE (Gao et al. 2024, as used by O'Neill et al. 2024).
@@ -49,8 +67,22 @@ class SparseAutoencoderConfig(PretrainedConfig):
     base_model_revision: str | None = None
     base_model_kwargs: dict | None = None
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    if _DATACLASS_CONFIG:
+
+        def __post_init__(self, **kwargs):
+            super().__post_init__(**kwargs)
+            self._finish_init()
+
+    else:  # transformers 4.x
+
+        def __init__(self, **kwargs):
+            values = {name: kwargs.pop(name, getattr(type(self), name)) for name in _FIELDS}
+            super().__init__(**kwargs)
+            for name, value in values.items():
+                setattr(self, name, value)
+            self._finish_init()
+
+    def _finish_init(self) -> None:
         if self.k_aux is None:
             self.k_aux = 2 * self.k if isinstance(self.k, int) else None
         self.validate_sae()
