@@ -136,9 +136,52 @@ def dataset_fingerprint(ds) -> str:
     return f"{getattr(ds, '_fingerprint', None)}:{len(ds)}"
 
 
+def flatten_for(ds, *columns: str | None):
+    """`ds` with its struct columns flattened ("meta" -> "meta.body", "meta.lang") when a
+    column named with a dot ("meta.body") is asked for and is not a column of its own: the way
+    to address a nested field as the text or domain column. Flattening is deterministic (its
+    fingerprint follows from the dataset's), so the embedding cache finds the same entry."""
+    wanted = [c for c in columns if c and "." in c and c not in ds.column_names]
+    if wanted and any(isinstance(ds.features[name], dict) for name in ds.column_names):
+        return ds.flatten()
+    return ds
+
+
+def _string_columns(ds) -> list[str]:
+    import datasets
+
+    return [name for name, feature in ds.features.items() if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")]
+
+
 def require_column(ds, column: str, purpose: str) -> None:
     if column not in ds.column_names:
-        raise DatasetError(f"{purpose} column {column!r} not in dataset; its columns are {ds.column_names}")
+        hint = ""
+        if purpose == "text":
+            # Name the columns that could hold the texts, and the option that picks one.
+            nested = [f"{name}.{field}" for name, feature in ds.features.items() if isinstance(feature, dict) for field in feature]
+            hint = f"; pick one with --text-column (string columns: {_string_columns(ds) or 'none'}" + (f"; nested fields: {nested}" if nested else "") + ")"
+        raise DatasetError(f"{purpose} column {column!r} not in dataset; its columns are {ds.column_names}{hint}")
+
+
+def check_text_column_type(ds, text_column: str) -> None:
+    """Refuse, naming its type, a text column whose type cannot hold strings (numbers, lists of
+    strings, structs, class labels): each of its rows would be skipped as "not a string"."""
+    import datasets
+
+    feature = ds.features[text_column]
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null"):
+        return
+    if isinstance(feature, dict):
+        fields = [f"{text_column}.{name}" for name in feature]
+        what = f"is a struct with fields {list(feature)}: address a field with --text-column, e.g. {fields[0]!r}" if fields else "is an empty struct"
+    elif isinstance(feature, datasets.Value):
+        what = f"holds {feature.dtype} values, not strings (cast it to strings first, or pick another column)"
+    else:
+        kind = type(feature).__name__
+        inner = getattr(feature, "feature", None)
+        what = f"holds {kind} values ({inner!r} per row), not one string per row: join or explode them into a string column first" if inner is not None else f"holds {kind} values, not strings"
+    others = [c for c in _string_columns(ds) if c != text_column]
+    raise DatasetError(f"text column {text_column!r} {what}" + (f"; string columns: {others}" if others else ""))
 
 
 @dataclass
@@ -167,6 +210,7 @@ def find_text_rows(ds, text_column: str, on_bad: str = "skip", batch_size: int =
         on_bad: "skip" counts bad rows and leaves them out; "error" raises on the first.
     """
     require_column(ds, text_column, "text")
+    check_text_column_type(ds, text_column)
     if on_bad not in ("skip", "error"):
         raise DatasetError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
     keep: list[np.ndarray] = []

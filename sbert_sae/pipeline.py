@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__
 from .base_model import DEFAULT_MODEL
 from .configuration_sbert_sae import SparseAutoencoderConfig
-from .data import TextRows, column_values, domain_row_ids, find_text_rows, load_text_dataset, require_column, split_heldout
+from .data import TextRows, column_values, domain_row_ids, find_text_rows, flatten_for, load_text_dataset, require_column, split_heldout
 from .embeddings import EmbeddingCache, cache_path, embed_dataset
 from .errors import DatasetError, OutputDirError, ResumeError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
@@ -115,6 +115,7 @@ class LoadedTexts:
 def load_texts(data: DataArguments) -> LoadedTexts:
     """The dataset and its rows with usable text (checked, as the domain column is), not embedded yet."""
     ds = load_text_dataset(data.dataset, config_name=data.config_name, split=data.split, revision=data.revision)
+    ds = flatten_for(ds, data.text_column, data.domain_column)  # "meta.body" names a nested field
     whole = None
     if data.max_rows is not None:
         if data.max_rows < 1:

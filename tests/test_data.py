@@ -103,8 +103,10 @@ def test_bad_text_rows_are_skipped_and_counted_or_refused():
         find_text_rows(ds, "text", on_bad="error")
     with pytest.raises(DatasetError, match=r"text column 'body' not in dataset; its columns are \['text', 'other'\]"):
         find_text_rows(ds, "body")
-    with pytest.raises(DatasetError, match="no row of column 'other' holds a non-empty string"):
+    with pytest.raises(DatasetError, match="text column 'other' holds int64 values, not strings"):
         find_text_rows(ds, "other")
+    with pytest.raises(DatasetError, match="no row of column 'text' holds a non-empty string"):
+        find_text_rows(Dataset.from_dict({"text": [None, " "]}), "text")
 
 
 def test_heldout_split_is_seeded_disjoint_and_stable_under_subsets():
@@ -164,3 +166,34 @@ def test_a_classlabel_domain_column_groups_rows_by_class_name():
     assert {name: rows.tolist() for name, rows in groups.items()} == {"Arts": [1], "Mathematics": [0, 2]}  # -1: no label
     ints = datasets.Dataset.from_dict({"text": ["a", "b"], "topic": [3, 7]})
     assert sorted(domain_row_ids(ints, "topic", np.arange(2))) == ["3", "7"]
+
+
+def test_text_columns_of_other_shapes_are_named_or_addressed(tmp_path):
+    # A missing text column named no candidates nor --text-column; a list-of-strings, number or
+    # struct column was refused as "no row holds a non-empty string" ({'not a string': N}); a
+    # nested field ("meta.body") could not be addressed at all.
+    import datasets
+
+    from sbert_sae.pipeline import DataArguments, load_texts
+
+    path = tmp_path / "shapes.parquet"
+    datasets.Dataset.from_dict(
+        {
+            "title": ["One", "Two", "Three"],
+            "paras": [["a b", "c"], ["d"], ["e f"]],
+            "year": [1999, 2000, 2001],
+            "meta": [{"body": "first body", "lang": "en"}, {"body": "second body", "lang": "fr"}, {"body": "", "lang": "en"}],
+        }
+    ).to_parquet(str(path))
+    with pytest.raises(DatasetError, match=r"--text-column \(string columns: \['title'\]; nested fields: \['meta.body', 'meta.lang'\]\)"):
+        load_texts(DataArguments(dataset=str(path)))
+    with pytest.raises(DatasetError, match=r"'paras' holds List values .*not one string per row"):
+        load_texts(DataArguments(dataset=str(path), text_column="paras"))
+    with pytest.raises(DatasetError, match=r"'year' holds int64 values, not strings.*string columns: \['title'\]"):
+        load_texts(DataArguments(dataset=str(path), text_column="year"))
+    with pytest.raises(DatasetError, match=r"'meta' is a struct with fields \['body', 'lang'\]: address a field with --text-column, e.g. 'meta.body'"):
+        load_texts(DataArguments(dataset=str(path), text_column="meta"))
+    texts = load_texts(DataArguments(dataset=str(path), text_column="meta.body", domain_column="meta.lang"))
+    assert texts.rows.row_ids.tolist() == [0, 1] and texts.rows.skipped == {"empty": 1}
+    assert column_values(texts.ds, "meta.body", texts.rows.row_ids) == ["first body", "second body"]
+    assert {k: v.tolist() for k, v in domain_row_ids(texts.ds, "meta.lang", texts.rows.row_ids).items()} == {"en": [0], "fr": [1]}
