@@ -338,8 +338,14 @@ def push_activations(
                 "```python\nfrom datasets import load_dataset\n\n"
                 f'acts = load_dataset("{repo_id}", split="train")\n```\n'
             )
-            card.push_to_hub(repo_id, repo_type="dataset", token=token, commit_message="Describe the activations")
-            sha = HfApi(token=token).dataset_info(repo_id).sha
+            # Uploaded as a file, as the SAE's own card is: huggingface_hub < 2 (at least to 1.0) has
+            # `RepoCard.push_to_hub` validate the card at https://huggingface.co whatever HF_ENDPOINT says,
+            # so a push to another endpoint (a private Hub, the test Hub) failed on a connection error.
+            api = HfApi(token=token)
+            api.upload_file(
+                path_or_fileobj=str(card).encode(), path_in_repo="README.md", repo_id=repo_id, repo_type="dataset", commit_message="Describe the activations"
+            )
+            sha = api.dataset_info(repo_id).sha
         except HfHubHTTPError as err:
             raise _hub_error(err, "pushing the activations", repo_id) from err
     return sha
