@@ -55,6 +55,10 @@ def hub(hub_server, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    import transformers.utils.hub
+
+    if hasattr(transformers.utils.hub, "_is_offline_mode"):  # transformers 4.x keeps its own copy, read at import
+        monkeypatch.setattr(transformers.utils.hub, "_is_offline_mode", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", "hf_sbert_sae_test_token")
