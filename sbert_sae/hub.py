@@ -338,7 +338,7 @@ def push_activations(
                 "```python\nfrom datasets import load_dataset\n\n"
                 f'acts = load_dataset("{repo_id}", split="train")\n```\n'
             )
-            # Uploaded as a file, as the SAE's own card is: huggingface_hub < 2 (at least to 1.0) has
+            # Uploaded as a file, as the SAE's own card is: huggingface_hub < 2.2 has
             # `RepoCard.push_to_hub` validate the card at https://huggingface.co whatever HF_ENDPOINT says,
             # so a push to another endpoint (a private Hub, the test Hub) failed on a connection error.
             api = HfApi(token=token)
