@@ -99,7 +99,12 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
         g.add_argument("--dataset", required=True, nargs="+", help="Hub id, save_to_disk folder, data folder, or parquet/jsonl/csv/txt file(s)")
     else:
         g.add_argument("--dataset", default=None, nargs="+", help=dataset_help)
-    g.add_argument("--text-column", default="text", help="column holding the texts (default: text)")
+    if with_model:
+        g.add_argument("--text-column", default="text", help="column holding the texts (default: text); a struct's field as meta.body")
+    else:
+        # label / families / search read an SAE's run: its texts are in the column it was trained
+        # on (label used "text" whatever the run's, and so labelled another column, or refused).
+        g.add_argument("--text-column", default=None, help="column holding the texts (default: the one the SAE's run was trained on, else text)")
     g.add_argument("--config-name", default=None, help="configuration (subset) of a Hub dataset")
     g.add_argument("--split", default="train", help="split to use (default: train)")
     g.add_argument("--dataset-revision", default=None, help="revision of a Hub dataset")
@@ -287,13 +292,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_text_column(sae_folder) -> str | None:
+    """The text column the run in `sae_folder` was trained on (its training_args.json), if any."""
+    path = Path(sae_folder) / "training_args.json" if sae_folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        column = json.loads(path.read_text()).get("data", {}).get("text_column")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return column if isinstance(column, str) and column else None
+
+
 def _data_arguments(args):
     from .base_model import DEFAULT_MODEL
     from .pipeline import DataArguments
 
+    text_column = args.text_column
+    if text_column is None:
+        text_column = _run_text_column(getattr(args, "sae", None)) or "text"
     return DataArguments(
         dataset=args.dataset[0] if len(args.dataset) == 1 else args.dataset,
-        text_column=args.text_column,
+        text_column=text_column,
         config_name=args.config_name,
         split=args.split,
         revision=args.dataset_revision,

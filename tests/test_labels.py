@@ -296,3 +296,22 @@ def test_label_refuses_an_sae_its_dataset_cannot_be_embedded_for(config, fragmen
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0], err
     assert not (folder / "feature_labels.json").exists()
+
+
+def test_label_reads_the_text_column_the_run_was_trained_on(wiki_small, tmp_path, capsys):
+    # `label RUN --dataset D` used --text-column's default "text" whatever column the run was
+    # trained on: on a dataset that also has a "text" column it labelled the SAE from other texts.
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(wiki_small)).select(range(0, 240, 3))
+    ds = ds.rename_column("text", "body").add_column("text", [f"note {i}" for i in range(len(ds))])
+    ds.save_to_disk(str(tmp_path / "data"))
+    run = tmp_path / "run"
+    small = ["--n-latents", "16", "-k", "2", "--epochs", "2", "--batch-size", "32", "-q", "--report-to", "none"]
+    assert main(["train", "--dataset", str(tmp_path / "data"), "--text-column", "body", "--out", str(run), *small]) == 0
+    assert main(["label", str(run), "--dataset", str(tmp_path / "data"), "-q", "--top-texts", "5", "--min-df", "2"]) == 0
+    doc = json.loads((run / "feature_labels.json").read_text())
+    top = [t for entry in doc["features"].values() for t in entry.get("top_texts") or []]
+    assert top and not any(t.startswith("note ") for t in top), top[:3]
+    bodies = [" ".join(b.split()) for b in ds["body"]]  # top texts are whitespace-normalised snippets
+    assert all(any(b.startswith(t.rstrip("…")) for b in bodies) for t in top)
