@@ -485,9 +485,21 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """
         import copy
 
-        from sentence_transformers import SparseEncoder
-        from sentence_transformers.base.modules import Dense, Normalize
-        from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder as SentenceTransformersSAE
+        import sentence_transformers
+
+        try:
+            from sentence_transformers import SparseEncoder
+        except ImportError:  # sentence-transformers < 5.0 has no SparseEncoder
+            raise ConfigError(
+                f"to_sparse_encoder needs sentence-transformers >= 5.0 (SparseEncoder); this is "
+                f"{sentence_transformers.__version__}: pip install 'sentence-transformers>=5'"
+            ) from None
+        try:  # sentence-transformers >= 5.4
+            from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+            from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder as SentenceTransformersSAE
+        except ImportError:  # sentence-transformers 5.0-5.3
+            from sentence_transformers.models import Dense, Normalize
+            from sentence_transformers.sparse_encoder.models import SparseAutoEncoder as SentenceTransformersSAE
 
         base = self.base_sentence_transformer(device)  # set up with base_model_kwargs: its prompt and truncate_dim
         modules = [copy.deepcopy(module) for module in base]

@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from importlib.metadata import version
 
 import pytest
 import torch
 
-from sbert_sae import InputError, ModelLoadError, SparseAutoencoder, SparseAutoencoderConfig
+from sbert_sae import ConfigError, InputError, ModelLoadError, SparseAutoencoder, SparseAutoencoderConfig
 from sbert_sae.cli import main
+
+# SparseEncoder came with sentence-transformers 5.0; the package supports older ones for the rest.
+needs_sparse_encoder = pytest.mark.skipif(
+    int(version("sentence-transformers").split(".")[0]) < 5, reason="SparseEncoder needs sentence-transformers >= 5.0"
+)
 
 
 def _card_metadata(readme: str) -> str:
@@ -364,6 +370,19 @@ def test_push_faults_are_named_leave_local_files_alone_and_a_retry_succeeds(hub,
     assert "hf_sbert_sae_test_token" not in everything and "hf_someone_else_entirely" not in everything
 
 
+def test_without_sparse_encoder_the_error_names_the_sentence_transformers_needed(labelled_run, monkeypatch, capsys):
+    import sentence_transformers
+
+    if hasattr(sentence_transformers, "SparseEncoder"):  # as sentence-transformers < 5.0 is
+        monkeypatch.delattr(sentence_transformers, "SparseEncoder")
+    with pytest.raises(ConfigError, match=r"needs sentence-transformers >= 5\.0 \(SparseEncoder\); this is "):
+        SparseAutoencoder.from_pretrained(labelled_run).to_sparse_encoder(device="cpu")
+    assert main(["push", str(labelled_run), "org/no-sparse-encoder", "--format", "sentence-transformers", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sentence-transformers >= 5.0" in err[0], err
+
+
+@needs_sparse_encoder
 def test_to_sparse_encoder_encodes_like_the_sae(labelled_run, wiki_rows):
     sae = SparseAutoencoder.from_pretrained(labelled_run)
     encoder = sae.to_sparse_encoder(device="cpu")
@@ -376,6 +395,7 @@ def test_to_sparse_encoder_encodes_like_the_sae(labelled_run, wiki_rows):
     assert torch.allclose(theirs.float(), ours.float(), atol=1e-5)
 
 
+@needs_sparse_encoder
 def test_push_as_sentence_transformers_loads_with_sparse_encoder_alone(hub, labelled_run, wiki_rows, capsys):
     from sentence_transformers import SparseEncoder
 
