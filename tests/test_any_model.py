@@ -6,6 +6,7 @@ static (model2vec-style) embedding. Each embeds as `SentenceTransformer.encode` 
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -45,7 +46,10 @@ def tiny_model(tmp_path_factory):
     """tiny_model(kind) -> folder of a saved sentence-transformers model of that kind
     (2 layers, hidden 64, random weights, MiniLM's tokenizer), built once per session."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, StaticEmbedding, Transformer
+    try:  # sentence-transformers >= 5.4
+        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    except ImportError:  # older ones
+        from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
     root = tmp_path_factory.mktemp("tiny-models")
@@ -78,6 +82,14 @@ def tiny_model(tmp_path_factory):
 
     def static_model(name):
         from tokenizers import Tokenizer
+
+        try:  # sentence-transformers >= 5.4
+            from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+        except ImportError:
+            try:  # 3.2-5.3
+                from sentence_transformers.models import StaticEmbedding
+            except ImportError:
+                pytest.skip("StaticEmbedding needs sentence-transformers >= 3.2")
 
         torch.manual_seed(0)
         tokenizer = Tokenizer.from_file(str(tokenizer_dir) + "/tokenizer.json")
@@ -135,6 +147,13 @@ def small_dataset(tmp_path, wiki_rows):
     return load_text_dataset(str(folder))
 
 
+def _st_encode(model, texts, truncate_dim=None, **kwargs) -> np.ndarray:
+    """`model.encode(texts, truncate_dim=..., **kwargs)`: sentence-transformers < 5.0 takes no
+    truncate_dim in encode (3.1-4.x drop it silently), but has the context manager."""
+    with model.truncate_sentence_embeddings(truncate_dim if truncate_dim is not None else model.truncate_dim):
+        return model.encode(texts, **kwargs)
+
+
 def _assert_same(ours: np.ndarray, theirs: np.ndarray) -> None:
     assert ours.shape == theirs.shape
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
@@ -158,7 +177,7 @@ def test_prompts_embed_as_encode(loaded, texts, kind, encode_kwargs):
     encoder = TextEncoder(model, _settings(encode_kwargs))
     ours = encoder.encode(texts)
     assert encoder._backend is not None  # the fast tokenizer reproduces the prompted tokenisation
-    _assert_same(ours, model.encode(texts, batch_size=8, **encode_kwargs))
+    _assert_same(ours, _st_encode(model, texts, batch_size=8, **encode_kwargs))
     # The prompt changes the vectors, so that a prompt dropped or misplaced fails the test.
     if encoder.prompt:
         assert not np.allclose(ours, model.encode(texts, batch_size=8, prompt=""), atol=1e-3)
@@ -188,7 +207,8 @@ def test_other_module_stacks_embed_as_encode(loaded, texts, kind):
     if kind == "cls-dense":  # the Dense layer's width, and no Normalize: the norms are the model's
         assert encoder.dim == 32 and not np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-3)
     if kind == "distilbert":  # no token type ids from the tokenizer, none made by the fast path
-        assert "token_type_ids" not in model.preprocess(texts[:2])
+        tokenize = getattr(model, "preprocess", None) or model.tokenize  # preprocess: sentence-transformers >= 5.4
+        assert "token_type_ids" not in tokenize(texts[:2])
         assert encoder._backend is not None and encoder._backend.keys == ["input_ids", "attention_mask"]
     if kind == "short":  # most texts are cut at 16 tokens
         assert max(len(ids) for ids in model.tokenizer(texts)["input_ids"]) > 16
@@ -203,10 +223,12 @@ def test_truncate_dim_as_a_setting_and_as_saved(loaded, texts):
         encoder = TextEncoder(plain, _settings(encode_kwargs))
         assert encoder.dim == 8
         # truncated first, normalised after: the rows are unit vectors of 8 dimensions
-        _assert_same(encoder.encode(texts), plain.encode(texts, batch_size=8, **encode_kwargs))
+        _assert_same(encoder.encode(texts), _st_encode(plain, texts, batch_size=8, **encode_kwargs))
     saved = loaded("truncated")
     encoder = TextEncoder(saved)
-    assert encoder.dim == 24
+    # Older sentence-transformers (3.x, 4.x) do not save truncate_dim: the model loads back untruncated.
+    assert saved.truncate_dim in (24, None)
+    assert encoder.dim == (saved.truncate_dim or HIDDEN)
     _assert_same(encoder.encode(texts), saved.encode(texts, batch_size=8))
     with pytest.raises(InputError, match=r"truncate_dim=65 is larger than the 64 dimensions"):
         TextEncoder(plain, EncodeSettings(truncate_dim=65))
@@ -225,7 +247,7 @@ def test_embed_dataset_follows_the_settings_and_keys_the_cache_by_them(tiny_mode
         "truncated": {"truncate_dim": 16, "normalize_embeddings": True},
     }.items():
         cache = embed_dataset(small_dataset, "text", path, cache_dir=tmp_path, encode_kwargs=encode_kwargs, show_progress=False)
-        _assert_same(np.asarray(cache.embeddings), model.encode(texts, batch_size=8, **encode_kwargs))
+        _assert_same(np.asarray(cache.embeddings), _st_encode(model, texts, batch_size=8, **encode_kwargs))
         caches[label] = cache
     assert caches["truncated"].dim == 16
     assert caches["default"].meta["prompt"] == "passage: " and caches["query"].meta["prompt"] == "query: "
@@ -252,7 +274,7 @@ def test_the_cache_key_of_a_model_without_prompts_or_truncate_dim_is_unchanged(s
         ({"precision": "int8"}, r"encode setting\(s\) \['precision'\] are not supported"),
         ({"prompt": "query: ", "prompt_name": "query"}, "give prompt or prompt_name, not both"),
         ({"truncate_dim": 0}, "truncate_dim must be a positive integer, got 0"),
-        ({"prompt_name": "qurey"}, r"prompt_name 'qurey' is not one of the model's prompts \['document', 'passage', 'query'\]"),
+        ({"prompt_name": "qurey"}, r"prompt_name 'qurey' is not one of the model's prompts \[('document', )?'passage', 'query'\]"),
         ({"truncate_dim": 100}, "truncate_dim=100 is larger than the 64 dimensions model"),
         ({"normalize_embeddings": "yes"}, "normalize_embeddings must be true or false"),
     ],
@@ -316,9 +338,10 @@ def test_cli_trains_on_a_prompted_matryoshka_model_and_encode_texts_embeds_alike
     # Labels are embedded as the corpus was: the same prompt and width.
     model = load_sentence_transformer(path, device="cpu", encode_kwargs=sae.config.base_model_kwargs)
     phrases = ["quantum mechanics", "painting"]
-    _assert_same(_embed(model, phrases, 8, show_progress=False), loaded("prompt-left-out").encode(phrases, prompt_name="query", truncate_dim=32, normalize_embeddings=True))
+    _assert_same(_embed(model, phrases, 8, show_progress=False), _st_encode(loaded("prompt-left-out"), phrases, prompt_name="query", truncate_dim=32, normalize_embeddings=True))
 
 
+@pytest.mark.skipif(int(version("sentence-transformers").split(".")[0]) < 5, reason="SparseEncoder needs sentence-transformers >= 5.0")
 @pytest.mark.parametrize(
     ("kind", "encode_kwargs", "normalize", "prompted"),
     [
