@@ -171,6 +171,8 @@ def check_text_column_type(ds, text_column: str) -> None:
     feature = ds.features[text_column]
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null"):
         return
+    if _is_json_feature(feature):
+        return  # rows of mixed types (a JSON file): each row is checked, non-strings skipped
     if isinstance(feature, dict):
         fields = [f"{text_column}.{name}" for name in feature]
         what = f"is a struct with fields {list(feature)}: address a field with --text-column, e.g. {fields[0]!r}" if fields else "is an empty struct"
@@ -259,7 +261,22 @@ def column_values(ds, column: str, row_ids: np.ndarray) -> list:
     require_column(ds, column, "requested")
     if not len(row_ids):
         return []
-    return ds.select_columns([column]).select(row_ids).with_format("arrow")[column].to_pylist()
+    values = ds.select_columns([column]).select(row_ids).with_format("arrow")[column].to_pylist()
+    if _is_json_feature(ds.features[column]):
+        # A JSON column whose rows mix types (strings and numbers, lists...) is a datasets `Json`
+        # feature, stored in Arrow as JSON text: read raw, the string "cat" was '"cat"', quotes
+        # and escapes included, and was embedded and labelled so. Decode it as `ds[column]` does.
+        import json
+
+        values = [None if v is None else json.loads(v) for v in values]
+    return values
+
+
+def _is_json_feature(feature) -> bool:
+    import datasets
+
+    json_type = getattr(datasets, "Json", None)  # datasets >= 4.? only
+    return json_type is not None and isinstance(feature, json_type)
 
 
 def domain_names(ds, domain_column: str, values: list) -> list:

@@ -197,3 +197,16 @@ def test_text_columns_of_other_shapes_are_named_or_addressed(tmp_path):
     assert texts.rows.row_ids.tolist() == [0, 1] and texts.rows.skipped == {"empty": 1}
     assert column_values(texts.ds, "meta.body", texts.rows.row_ids) == ["first body", "second body"]
     assert {k: v.tolist() for k, v in domain_row_ids(texts.ds, "meta.lang", texts.rows.row_ids).items()} == {"en": [0], "fr": [1]}
+
+
+def test_a_json_text_column_of_mixed_types_is_read_as_its_strings(tmp_path):
+    # A JSON lines file whose "text" mixes strings with numbers or lists loads as a `Json`
+    # feature, stored as JSON text: texts were read (embedded, labelled, searched) as
+    # '"a cat sat"', quotes included; the others are now skipped as "not a string".
+    rows = [{"text": "a cat sat"}, {"text": 12345}, {"text": 'say "hi"\n'}, {"text": ["a", "b"]}, {"other": 1}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = load_text_dataset(str(path))
+    rows = find_text_rows(ds, "text")
+    assert rows.row_ids.tolist() == [0, 2] and rows.skipped == {"not a string": 2, "missing": 1}
+    assert column_values(ds, "text", rows.row_ids) == ["a cat sat", 'say "hi"\n']
