@@ -9,6 +9,7 @@ back to its text.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,10 @@ def load_text_dataset(
         detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         if "corresponds to no data" in str(err):
             raise DatasetError(f"dataset {source!r} (split {split!r}) is empty") from err
+        configs = re.search(r"Config name is missing.*?(\[[^\]]*\])", str(err), re.S)
+        if configs:
+            # datasets' own advice is Python ("load_dataset('name', 'en')"): name the option instead.
+            raise DatasetError(f"dataset {source!r} has several configurations {configs.group(1)}: pick one with --config-name") from err
         raise DatasetError(f"cannot load dataset {source!r} (config={config_name!r}, split={split!r}): {detail}") from err
     if isinstance(ds, datasets.DatasetDict):  # a split expression that returned several
         raise DatasetError(f"dataset {source!r} gave several splits {sorted(ds)}: name one with --split")

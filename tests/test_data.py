@@ -210,3 +210,19 @@ def test_a_json_text_column_of_mixed_types_is_read_as_its_strings(tmp_path):
     rows = find_text_rows(ds, "text")
     assert rows.row_ids.tolist() == [0, 2] and rows.skipped == {"not a string": 2, "missing": 1}
     assert column_values(ds, "text", rows.row_ids) == ["a cat sat", 'say "hi"\n']
+
+
+def test_a_dataset_folder_with_several_configs_asks_for_config_name(tmp_path):
+    # A Hub-style folder whose README declares configs: without --config-name datasets' error
+    # advised Python ("load_dataset('hubdir', 'en')"); it now names the option and the configs.
+    import datasets
+
+    for name in ("en", "de"):
+        (tmp_path / "hubdir" / name).mkdir(parents=True)
+        datasets.Dataset.from_dict({"text": [f"{name} one", f"{name} two"]}).to_parquet(str(tmp_path / "hubdir" / name / "train.parquet"))
+    (tmp_path / "hubdir" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: en\n  data_files: en/*.parquet\n- config_name: de\n  data_files: de/*.parquet\n---\n"
+    )
+    with pytest.raises(DatasetError, match=r"several configurations \['en', 'de'\]: pick one with --config-name"):
+        load_text_dataset(str(tmp_path / "hubdir"))
+    assert load_text_dataset(str(tmp_path / "hubdir"), config_name="de")["text"] == ["de one", "de two"]
