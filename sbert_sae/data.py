@@ -204,6 +204,8 @@ class TextRows:
     row_ids: np.ndarray
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[int]] = field(default_factory=dict)
+    only_text: str | None = None
+    """The text, when every usable row holds the same one (e.g. a constant column chosen as the text)."""
 
     @property
     def n_skipped(self) -> int:
@@ -224,6 +226,7 @@ def find_text_rows(ds, text_column: str, on_bad: str = "skip", batch_size: int =
     skipped: dict[str, int] = {}
     examples: dict[str, list[int]] = {}
     column = ds.select_columns([text_column])
+    first, all_same = None, True
     for start in range(0, len(ds), batch_size):
         values = column[start : start + batch_size][text_column]
         ok = np.ones(len(values), dtype=bool)
@@ -235,6 +238,10 @@ def find_text_rows(ds, text_column: str, on_bad: str = "skip", batch_size: int =
             elif not value.strip():
                 reason = "empty"
             else:
+                if first is None:
+                    first = value
+                elif all_same and value != first:
+                    all_same = False
                 continue
             row = start + offset
             if on_bad == "error":
@@ -256,7 +263,7 @@ def find_text_rows(ds, text_column: str, on_bad: str = "skip", batch_size: int =
         )
     if len(row_ids) == 0:
         raise DatasetError(f"no row of column {text_column!r} holds a non-empty string ({skipped})")
-    return TextRows(row_ids=row_ids, skipped=skipped, examples=examples)
+    return TextRows(row_ids=row_ids, skipped=skipped, examples=examples, only_text=first if all_same else None)
 
 
 def column_values(ds, column: str, row_ids: np.ndarray) -> list:

@@ -218,6 +218,13 @@ def run_training(
     # Every check that can refuse the run comes before its texts are embedded.
     texts, cache = (None, loaded[1]) if loaded is not None else (load_texts(data), None)
     ds = loaded[0] if loaded is not None else texts.ds
+    if texts is not None and texts.rows.only_text is not None and len(texts.rows.row_ids) > 1:
+        # Identical texts have one embedding: the SAE learns nothing (every feature dead) yet
+        # reports a perfect FVU of 0. Usually the wrong column (a constant one) was chosen.
+        raise DatasetError(
+            f"all {len(texts.rows.row_ids)} usable texts of column {data.text_column!r} are the same text "
+            f"({texts.rows.only_text[:60]!r}): there is nothing to train on; is --text-column the right column?"
+        )
     row_ids = cache.row_ids if cache is not None else texts.rows.row_ids
     groups: list[tuple[str, np.ndarray, Path]] = []
     if data.domain_column and (data.per_domain or data.domain is not None):

@@ -581,3 +581,17 @@ def test_a_corpus_or_domain_too_small_to_train_is_refused_not_skipped_silently(w
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "domain 'tiny' has 2 usable text(s)" in err[0], err
     assert not (tmp_path / "tiny" / "model.safetensors").exists()
+
+
+def test_a_text_column_holding_one_text_is_refused(wiki_small, tmp_path, capsys):
+    # A constant column chosen as the text (every row "en") trained an SAE whose features were
+    # all dead and reported a perfect held-out FVU of 0.0; it is now refused before embedding.
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(wiki_small)).select(range(20))
+    ds.add_column("lang", ["en"] * 20).save_to_disk(str(tmp_path / "data"))
+    capsys.readouterr()
+    assert run_cli("train", "--dataset", tmp_path / "data", "--text-column", "lang", "--out", tmp_path / "run", *SMALL) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "all 20 usable texts of column 'lang' are the same text ('en')" in err[0], err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
