@@ -83,6 +83,11 @@ def load_text_dataset(
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types; name the source in one
         detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        root = _root_cause(err)
+        if root is not err and str(root):
+            # datasets' DatasetGenerationError says only "An error occurred while generating the
+            # dataset": the parser's own message names the file's problem and its row.
+            detail += f" ({type(root).__name__}: {_one_line(str(root))})"
         if "corresponds to no data" in str(err):
             raise DatasetError(f"dataset {source!r} (split {split!r}) is empty") from err
         configs = re.search(r"Config name is missing.*?(\[[^\]]*\])", str(err), re.S)
@@ -95,6 +100,19 @@ def load_text_dataset(
     if len(ds) == 0:
         raise DatasetError(f"dataset {source!r} (split {split!r}) is empty")
     return ds
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    seen = {id(err)}
+    while (err.__cause__ or err.__context__) is not None and id(err.__cause__ or err.__context__) not in seen:
+        err = err.__cause__ or err.__context__
+        seen.add(id(err))
+    return err
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _check_split_names(split: str, available, source) -> None:

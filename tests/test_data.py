@@ -226,3 +226,12 @@ def test_a_dataset_folder_with_several_configs_asks_for_config_name(tmp_path):
     with pytest.raises(DatasetError, match=r"several configurations \['en', 'de'\]: pick one with --config-name"):
         load_text_dataset(str(tmp_path / "hubdir"))
     assert load_text_dataset(str(tmp_path / "hubdir"), config_name="de")["text"] == ["de one", "de two"]
+
+
+def test_a_file_that_does_not_parse_is_refused_with_the_parsers_reason(tmp_path):
+    # datasets wraps parser errors in "DatasetGenerationError: An error occurred while generating
+    # the dataset", which named neither what nor where; the parser's own message now follows it.
+    path = tmp_path / "quotes.tsv"
+    path.write_text('text\ttopic\n"Hi there, she said\tA\nSecond line\tB\n')
+    with pytest.raises(DatasetError, match=r"quotes.tsv.*\(ParserError: .*EOF inside string starting at row 1\)"):
+        load_text_dataset(str(path))
