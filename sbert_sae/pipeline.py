@@ -369,7 +369,7 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
         {
             "sbert_sae_version": __version__,
             "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],  # the program name, not its path
-            "domain": None if name == "all" else name,
+            "domain": _domain_name(data, name),
             "data": dataclasses.asdict(data),
             "sae": dataclasses.asdict(_resolved_sae_args(config)),
             "training": train_args.to_dict(),
@@ -393,11 +393,17 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
         },
     )
     write_json(folder / "metrics.json", {**metrics, "descriptions": METRIC_DESCRIPTIONS})
-    title = f"{data.model.split('/')[-1]} SAE n={config.n_latents} k={config.k}" + ("" if name == "all" else f" ({name})")
+    title = f"{data.model.split('/')[-1]} SAE n={config.n_latents} k={config.k}" + ("" if _domain_name(data, name) is None else f" ({name})")
     plot_density(counts, len(train_pos), folder / "density.png", title=title)
     write_json(folder / "feature_density.json", {"n_texts": int(len(train_pos)), "fire_counts": counts.tolist()})
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the finished model supersedes them
     return RunResult(name=name, out_dir=folder, metrics=metrics)
+
+
+def _domain_name(data: DataArguments, name: str) -> str | None:
+    """The domain a run trained on, None for the whole corpus (whose group is called "all": a
+    domain that is itself named "all" was recorded as no domain)."""
+    return name if data.domain_column and (data.per_domain or data.domain is not None) else None
 
 
 def _resolved_sae_args(config: SparseAutoencoderConfig) -> SaeArguments:

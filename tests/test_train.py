@@ -595,3 +595,15 @@ def test_a_text_column_holding_one_text_is_refused(wiki_small, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "all 20 usable texts of column 'lang' are the same text ('en')" in err[0], err
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_domain_named_all_is_recorded_as_that_domain(wiki_small, tmp_path):
+    # The whole corpus' group is called "all", and a domain itself named "all" was recorded
+    # in training_args.json as no domain (null).
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(wiki_small)).select(range(40))
+    ds.add_column("field", ["all"] * 20 + ["some"] * 20).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "run"
+    assert run_cli("train", "--dataset", tmp_path / "data", "--domain-column", "field", "--domain", "all", "--out", out, *SMALL) == 0
+    assert json.loads((out / "training_args.json").read_text())["domain"] == "all"
