@@ -231,7 +231,9 @@ def run_training(
         by_domain = domain_row_ids(ds, data.domain_column, row_ids)
         if data.domain is not None:
             if data.domain not in by_domain:
-                raise DatasetError(f"domain {data.domain!r} not found in column {data.domain_column!r}; values are {sorted(by_domain)}")
+                values = [(v[:40] + "…") if len(v) > 40 else v for v in sorted(by_domain)[:20]]  # not every text of a column of texts
+                more = f" (and {len(by_domain) - 20} more)" if len(by_domain) > 20 else ""
+                raise DatasetError(f"domain {data.domain!r} not found in column {data.domain_column!r}; values are {values}{more}")
             groups.append((data.domain, by_domain[data.domain], out_dir))
         else:
             slugs = domain_slugs(by_domain)
@@ -244,12 +246,16 @@ def run_training(
     # too small) is refused: it used to exit 0 having written nothing.
     too_small = [(name, len(rows)) for name, rows, _ in groups if len(rows) < MIN_TEXTS]
     if len(too_small) == len(groups):
+        need = f"an SAE needs at least {MIN_TEXTS} usable texts (2 to train, 1 held out)"
         if data.domain_column and (data.per_domain or data.domain is not None):
-            what = ", ".join(f"domain {name!r} has {n}" for name, n in too_small) or "no domain has any"
-            where = f"domain column {data.domain_column!r}"
+            # At most 5 domains, each name cut short: a column of distinct values (e.g. the
+            # text column given as the domain column) would otherwise print every text.
+            shown = [f"{(name[:40] + '…') if len(name) > 40 else name!r} has {n}" for name, n in too_small[:5]]
+            more = f" (and {len(too_small) - 5} more)" if len(too_small) > 5 else ""
+            what = f"domains of column {data.domain_column!r}: " + (", ".join(shown) + more if shown else "none has a value")
         else:
-            what, where = f"{len(row_ids)}", f"dataset {data.dataset!r}, text column {data.text_column!r}"
-        raise DatasetError(f"nothing to train ({where}): {what} usable text(s); an SAE needs at least {MIN_TEXTS} (2 to train, 1 held out)")
+            what = f"dataset {data.dataset!r}, text column {data.text_column!r}: {len(row_ids)} usable text(s)"
+        raise DatasetError(f"nothing to train; {need}. {what}")
     for name, n in too_small:
         logger.warning("domain %r has only %d texts: skipped", name, n)
     groups = [group for group in groups if len(group[1]) >= MIN_TEXTS]
