@@ -459,7 +459,11 @@ def cmd_families(args) -> int:
             f">= {fam_args.min_out_degree} sparser features with C_norm >= {fam_args.threshold} in the spanning tree and "
             f">= {fam_args.min_children} members in all (try a lower --threshold or a larger corpus); {seconds:.0f}s"
         )
-        print(f"wrote an empty {out / FAMILIES_FILE}")
+        kept = s.get("kept_existing")
+        if kept:
+            print(f"kept the {kept} families already in {out / FAMILIES_FILE} (and their plots): an empty result does not replace them")
+        else:
+            print(f"wrote an empty {out / FAMILIES_FILE}")
         return 0
     print(
         f"{s['n_families']} families among {s['n_eligible_features']} features ({s['n_texts']} texts): {s['n_features_in_families']} features in families; "

@@ -39,7 +39,7 @@ import torch
 from .activations import SparseActivations, corpus_codes, encode_corpus, published_activations
 from .errors import ConfigError, InputError, ModelLoadError
 from .modeling_sbert_sae import SparseAutoencoder
-from .utils import round_figure, usable_cores
+from .utils import read_json, round_figure, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -787,6 +787,12 @@ def run_families(
         return result
     dataset_name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
     with run_lock(sae_path):
+        kept = _families_kept_over_none(sae_path / FAMILIES_FILE) if not result.families else None
+        if kept is not None:
+            # A run that found nothing (a corpus too small, a threshold too high) must not wipe
+            # families found before: the file and its plots stay, and the caller is told.
+            result.summary["kept_existing"] = kept
+            return result
         write_json(sae_path / FAMILIES_FILE, families_document(result, sae, dataset=dataset_name))
         for name in (COOCCURRENCE_PLOT, GRAPH_PLOT):
             (sae_path / name).unlink(missing_ok=True)  # never leave plots of other families beside this file
@@ -794,6 +800,17 @@ def run_families(
             plot_cooccurrence_blocks(result, sae_path / COOCCURRENCE_PLOT)
             plot_family_graph(chosen, sae_path / GRAPH_PLOT, counts=result.counts, n_texts=result.n_texts)
     return result
+
+
+def _families_kept_over_none(path: Path) -> int | None:
+    """The number of families in an existing `families.json` that holds any, else None."""
+    if not path.is_file():
+        return None
+    try:
+        families = read_json(path).get("families")
+    except Exception:  # noqa: BLE001 - an unreadable file holds nothing worth keeping
+        return None
+    return len(families) if isinstance(families, list) and families else None
 
 
 # ------------------------------------------------------------ plots

@@ -294,6 +294,18 @@ def test_no_families_found_writes_an_empty_file_and_says_why(run_copy, capsys):
     assert not (run_copy / "family_graph.png").exists() and not (run_copy / "families_cooccurrence.png").exists()
 
 
+def test_an_empty_result_keeps_the_families_found_before(run_copy, capsys):
+    assert main(["families", str(run_copy), "-q"]) == 0
+    before = {name: (run_copy / name).read_bytes() for name in ("families.json", "families_cooccurrence.png", "family_graph.png")}
+    n = len(json.loads(before["families.json"])["families"])
+    assert n > 0
+    capsys.readouterr()
+    assert main(["families", str(run_copy), "-q", "--threshold", "0.99"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no families found") and f"kept the {n} families already in" in out
+    assert {name: (run_copy / name).read_bytes() for name in before} == before
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
