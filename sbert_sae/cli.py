@@ -376,6 +376,13 @@ def cmd_train(args) -> int:
     results = run_training(_data_arguments(args), sae_args, train_args, args.out, overwrite=args.overwrite, resume=args.resume)
     for r in results:
         m = r.metrics
+        if not m.get("n_heldout"):
+            # --heldout-fraction 0: every held-out figure is NaN; say so and show training's instead.
+            print(
+                f"[{r.name}] {r.out_dir}: no held-out texts (--heldout-fraction 0): training FVU {m.get('train_fvu', float('nan')):.4f}, "
+                f"dead {m['dead_fraction']:.1%}, dense {m['dense_fraction']:.1%} ({m['n_train']} train texts, {m['train_seconds']:.0f}s)"
+            )
+            continue
         print(
             f"[{r.name}] {r.out_dir}: held-out FVU {m.get('heldout_fvu', float('nan')):.4f}, "
             f"cosine {m.get('heldout_cosine', float('nan')):.4f}, L0 {m.get('heldout_l0', float('nan')):.1f}, "

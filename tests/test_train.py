@@ -527,6 +527,15 @@ def test_heldout_fvu_of_a_single_heldout_text_is_finite_and_matches_the_log(wiki
     assert metrics["heldout_fvu"] == pytest.approx([r for r in logged if "heldout_fvu" in r][-1]["heldout_fvu"], rel=1e-4)
 
 
+def test_a_run_without_heldout_texts_reports_its_training_figures_not_nan(wiki_small, tmp_path, capsys):
+    out = tmp_path / "no-heldout"
+    assert run_cli("train", "--dataset", wiki_small, "--out", out, "--domain-column", "topic", "--domain", "Mathematics", "--heldout-fraction", "0", *SMALL) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[Mathematics]"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_heldout"] == 0 and 0 < metrics["train_fvu"] < 1
+    assert "no held-out texts (--heldout-fraction 0)" in line and f"training FVU {metrics['train_fvu']:.4f}" in line and "nan" not in line
+
+
 def test_per_domain_gives_domains_whose_names_slugify_alike_their_own_folders(wiki_small, tmp_path, capsys):
     # "Arts" and "arts!" both slugify to "arts", and a non-Latin name slugifies to nothing: each
     # used to be sent into one shared folder, and the run stopped, saying its own lock was another run's.
