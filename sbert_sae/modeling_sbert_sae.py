@@ -565,7 +565,13 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder", "force_download") if k in kwargs}
         try:
             config_dict, _ = SparseAutoencoderConfig.get_config_dict(name, **hub_kwargs)
-        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as err:
+        except TypeError as err:
+            # transformers 4.x indexes config.json as an object before returning it: a JSON list or
+            # number fails there (5.x returns it and it is refused below as not an SAE's config).
+            raise ModelLoadError(
+                f"{name!r} is not an sbert-sae SAE: its config.json is not a JSON object ({type(err).__name__}: {err})"
+            ) from err
+        except (OSError, ValueError, AttributeError, RecursionError) as err:
             raise ModelLoadError(f"cannot read config.json of {name!r}: {type(err).__name__}: {err}") from err
         where = f"{name!r}" + (f" (subfolder {hub_kwargs['subfolder']!r})" if hub_kwargs.get("subfolder") else "")
         if config_dict == {}:
