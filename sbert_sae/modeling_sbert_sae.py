@@ -224,6 +224,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     def _init_weights(self, module):
         if module is not self:
             return
+        if all(getattr(p, "_is_hf_initialized", False) for p in (self.W_enc, self.b_enc, self.W_dec, self.b_pre)):
+            # Loaded from a checkpoint: transformers 5.0 calls _init_weights after loading and
+            # leaves it to skip the weights it flagged as loaded (these writes are in place).
+            return
         # Random unit-norm decoder rows; the encoder starts as their transpose, scaled down
         # (`encoder_init_scale`): small encoder weights are reshaped quickly by Adam's first steps.
         W = torch.randn(self.config.n_latents, self.config.d_in, device=self.W_dec.device)
