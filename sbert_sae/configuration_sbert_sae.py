@@ -8,8 +8,8 @@ from .errors import ConfigError
 
 NORMALIZE_CHOICES = ("l2", "none")
 
-# transformers 5 turned PretrainedConfig into a dataclass: the annotated class attributes below are
-# its fields, and `__post_init__` runs after they are set. transformers 4.x has a plain
+# transformers 5.5 turned PretrainedConfig into a dataclass: the annotated class attributes below are
+# its fields, and `__post_init__` runs after they are set. transformers 4.x and 5.0-5.4 have a plain
 # `__init__(**kwargs)` and no `__post_init__`: there the fields are set by the `__init__` below.
 _DATACLASS_CONFIG = hasattr(PretrainedConfig, "__post_init__")
 _FIELDS = (
@@ -73,7 +73,7 @@ class SparseAutoencoderConfig(PretrainedConfig):
             super().__post_init__(**kwargs)
             self._finish_init()
 
-    else:  # transformers 4.x
+    else:  # transformers 4.x, 5.0-5.4
 
         def __init__(self, **kwargs):
             values = {name: kwargs.pop(name, getattr(type(self), name)) for name in _FIELDS}
