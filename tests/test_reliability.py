@@ -506,8 +506,17 @@ def tensors(draw, width: int):
     return x.to(dtype) if dtype.is_floating_point else x.clamp(-100, 100).nan_to_num(0).to(dtype)
 
 
+def as_tensor(x):
+    """A numpy array as the tensor the SAE reads it as (it takes `SentenceTransformer.encode`'s
+    numpy output); anything else as it is."""
+    import numpy as np
+
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
 def embedding_problems(x, width: int) -> list[str]:
     """What an embedding batch's error must name (empty: the batch is valid)."""
+    x = as_tensor(x)
     if not isinstance(x, torch.Tensor):
         return [type(x).__name__]
     problems = []
@@ -529,11 +538,14 @@ def embedding_problems(x, width: int) -> list[str]:
 def test_fuzzed_embeddings_are_encoded_or_refused_naming_the_problem(fuzz_sae, x, method):
     assume(not (method == "explain" and isinstance(x, str)))  # texts: test_fuzzed_texts_...
     problems = embedding_problems(x, 16)
-    if method == "explain" and isinstance(x, torch.Tensor):  # one embedding, as a vector or one row
-        if x.dim() == 1:
-            problems = embedding_problems(x.reshape(1, -1), 16)
-        elif x.dim() == 2 and x.shape[0] != 1:
-            problems = [f"got {x.shape[0]} rows"]
+    seen = as_tensor(x)
+    if method == "explain" and isinstance(seen, torch.Tensor):  # one embedding, as a vector or one row
+        if seen.dim() == 1:
+            problems = embedding_problems(seen.reshape(1, -1), 16)
+        elif seen.dim() == 2 and seen.shape[0] != 1:
+            problems = [f"got {seen.shape[0]} rows"]
+        elif seen.dim() != 2:
+            problems = [str(tuple(seen.shape))]
     try:
         with torch.no_grad():
             out = getattr(fuzz_sae, method)(x) if method != "forward" else fuzz_sae(x)
@@ -542,7 +554,7 @@ def test_fuzzed_embeddings_are_encoded_or_refused_naming_the_problem(fuzz_sae, x
         return
     except SbertSaeError as err:  # pragma: no cover - reported as a failure below
         raise AssertionError(f"{type(err).__name__} for an input: {err}") from err
-    if method == "explain" and not isinstance(x, torch.Tensor):
+    if method == "explain" and not isinstance(seen, torch.Tensor):
         raise AssertionError(f"explain accepted a {type(x).__name__}")
     assert not problems, f"accepted an input with {problems}"
     n = x.reshape(-1, 16).shape[0]
@@ -576,21 +588,22 @@ def sparse_codes(draw):
 @given(code=sparse_codes())
 def test_fuzzed_sparse_codes_are_decoded_or_refused_naming_the_problem(fuzz_sae, code):
     values, indices = code
+    checked_values, checked_indices = as_tensor(values), as_tensor(indices)
     problems = []
-    if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
-        problems.append(type(values if not isinstance(values, torch.Tensor) else indices).__name__)
+    if not isinstance(checked_values, torch.Tensor) or not isinstance(checked_indices, torch.Tensor):
+        problems.append(type(checked_values if not isinstance(checked_values, torch.Tensor) else checked_indices).__name__)
     else:
-        if values.shape != indices.shape or values.dim() != 2:
-            problems.append(str(tuple(values.shape)))
-        if values.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            problems.append(str(values.dtype))
-        if indices.dtype not in (torch.int32, torch.int64):
-            problems.append(str(indices.dtype))
-        if values.device.type == "meta":
+        if checked_values.shape != checked_indices.shape or checked_values.dim() != 2:
+            problems.append(str(tuple(checked_values.shape)))
+        if checked_values.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            problems.append(str(checked_values.dtype))
+        if checked_indices.dtype not in (torch.int32, torch.int64):
+            problems.append(str(checked_indices.dtype))
+        if checked_values.device.type == "meta":
             problems.append("meta")
-        elif not problems and indices.numel() and not ((indices >= 0) & (indices < 64)).all():
+        elif not problems and checked_indices.numel() and not ((checked_indices >= 0) & (checked_indices < 64)).all():
             problems.append("feature ids in 0..63")
-        elif not problems and not torch.isfinite(values).all():
+        elif not problems and not torch.isfinite(checked_values).all():
             problems.append("NaN or inf")
     try:
         out = fuzz_sae.decode_topk(values, indices)
