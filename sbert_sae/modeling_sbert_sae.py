@@ -354,7 +354,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         dead_mask: torch.Tensor | None = None,
         check_finite: bool = True,
         dead_features: torch.Tensor | None = None,
-        **kwargs,
+        return_dict: bool | None = None,
     ) -> SparseAutoencoderOutput:
         """Encode, decode and compute the training loss.
 
@@ -365,6 +365,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             dead_features: the dead features' ids instead of `dead_mask` (what the trainer
                 passes: turning a mask into ids reads it on the host, which stalls a GPU).
                 Ids below 0 are padding and ignored (a fixed-size list for a captured step).
+            return_dict: False gives the output as a tuple, as transformers' models do.
         """
         x = self.prepare_input(embeddings, check_finite=check_finite)
         if dead_mask is not None and (not isinstance(dead_mask, torch.Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (self.config.n_latents,)):
@@ -406,7 +407,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             residual_hat = self._decode_columns(aux_values, positions, columns)
             auxk_loss = torch.nan_to_num(fraction_of_variance_unexplained(residual_hat, residual), 0.0)
         loss = fvu + self.config.auxk_coef * auxk_loss
-        return SparseAutoencoderOutput(
+        out = SparseAutoencoderOutput(
             loss=loss,
             reconstruction=x_hat,
             latent_values=values,
@@ -414,6 +415,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             fvu=fvu,
             auxk_loss=auxk_loss,
         )
+        return out.to_tuple() if return_dict is False else out
 
     # --------------------------------------------------- decoder constraints
     @torch.no_grad()

@@ -328,6 +328,16 @@ def test_numpy_embeddings_and_feature_ids_are_accepted():
         sae.encode(np.zeros((2, 16), dtype=np.int64))
 
 
+def test_forward_takes_return_dict_and_refuses_unknown_keywords():
+    sae = make_sae().requires_grad_(False)
+    x = data(4)
+    out = sae(x)
+    as_tuple = sae(x, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[1], out.reconstruction)
+    with pytest.raises(TypeError, match="dead_mas"):
+        sae(x, dead_mas=torch.zeros(sae.config.n_latents, dtype=torch.bool))  # a misspelt dead_mask
+
+
 def test_from_pretrained_refuses_pickles_and_other_models(tmp_path):
     sae = make_sae()
     sae.save_pretrained(tmp_path / "ok")
