@@ -532,3 +532,30 @@ def test_a_push_logs_no_http_requests_and_no_one_shard_notice(hub, labelled_run,
     assert main(["push", str(labelled_run), "org/quiet-push", "--activations"]) == 0
     noise = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.name.startswith("httpx") or "Setting num_proc" in r.getMessage()]
     assert not noise, noise[:3]
+
+
+def test_a_hub_dataset_is_embedded_by_its_id_and_a_new_revision_is_embedded_again(hub, minilm, wiki_small, tmp_path, capsys):
+    """`--dataset org/name` reads a dataset repo of the Hub (here the local one, through the real
+    datasets client); when the repo gets new texts the cache must not give the old embeddings."""
+    import re
+
+    from datasets import Dataset, load_from_disk
+
+    from sbert_sae.embeddings import open_cache
+
+    texts = load_from_disk(str(wiki_small))["text"]
+    first, second = texts[:24], texts[24:48]  # as many rows: only the content tells them apart
+    Dataset.from_dict({"body": first}).push_to_hub("org/hub-corpus")
+    embed = ["embed", "--dataset", "org/hub-corpus", "--split", "train", "--text-column", "body", "--cache-dir", str(tmp_path / "cache"), "-q"]
+    assert main(embed) == 0
+    path = re.search(r"in (\S+)", capsys.readouterr().out).group(1)
+    cache = open_cache(path)
+    assert cache.embeddings.shape == (24, 384)
+
+    Dataset.from_dict({"body": second}).push_to_hub("org/hub-corpus")  # a new revision of the repo
+    assert main(embed) == 0
+    newer = open_cache(re.search(r"in (\S+)", capsys.readouterr().out).group(1))
+    assert newer.path != cache.path and newer.embeddings.shape == (24, 384)
+    reference = minilm.encode(second[:3], convert_to_tensor=True)
+    assert torch.nn.functional.cosine_similarity(torch.tensor(newer.embeddings[:3]), torch.as_tensor(reference)).min() > 0.999
+
