@@ -560,6 +560,12 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             raise ModelLoadError("sbert-sae loads weights from safetensors only (use_safetensors=False is refused)")
         kwargs["use_safetensors"] = True
         kwargs.pop("trust_remote_code", None)
+        if kwargs.get("variant"):
+            # save_pretrained refuses variants: an SAE is one model.safetensors, of any dtype.
+            raise ModelLoadError(
+                f"sbert-sae SAEs have no weight variants (variant={kwargs['variant']!r}): the weights are one model.safetensors; "
+                "load it and pick the dtype with dtype=torch.float16 (or .half())"
+            )
         want_info = kwargs.pop("output_loading_info", False)
         from .registry import resolve
 

@@ -244,6 +244,8 @@ def test_save_pretrained_writes_one_weights_file_that_loads_back(tmp_path):
     with pytest.raises(InputError, match="variant='fp16' is not supported"):
         sae.save_pretrained(tmp_path / "variant", variant="fp16")
     assert not (tmp_path / "sharded").exists() and not (tmp_path / "variant").exists()
+    with pytest.raises(ModelLoadError, match="no weight variants \\(variant='fp16'\\).*dtype=torch.float16"):
+        SparseAutoencoder.from_pretrained(tmp_path / "large-shard", variant="fp16")
 
 
 def test_auto_classes(tmp_path):
