@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import unicodedata
 import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -51,8 +52,22 @@ logger = logging.getLogger(__name__)
 LABELS_FILE = "feature_labels.json"
 LABELS_VERSION = 1
 
-_CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}<>\"“”«»…–—|/]+|\s-+\s")
+_CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}<>\"“”«»…–—|/，。、；：！？「」『』（）【】《》〈〉]+|\s-+\s")
 _WORD = re.compile(r"(?u)\b[^\W\d_][\w'\-]*[^\W_]\b|\b[^\W\d_]\b")
+# Scripts written without spaces between words: Han ideographs (with the iteration marks
+# 々 〆 〇), hiragana, katakana (with the prolonged-sound mark ー, not the word separator ・),
+# halfwidth katakana, Thai, Lao, Myanmar, Khmer. `_WORD` would make a whole clause of them one
+# "word"; each run of them is cut into character n-grams instead (`CHAR_NGRAM_RANGE`).
+_NO_SPACE_RUN = re.compile(
+    "[\u3005-\u3007\u3021-\u3029\u3038-\u303b\u3041-\u3096\u3099-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff"
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\u0e01-\u0e4e\u0e81-\u0ede\u1000-\u103f\u1050-\u108f\u1780-\u17d3"
+    "\U00020000-\U0003134f]+"
+)
+_HIRAGANA = re.compile("[\u3041-\u309f]")
+CHAR_NGRAM_RANGE = (2, 4)
+"""Lengths, in characters, of the candidates cut from a run of a script without spaces: most
+Chinese and Japanese words are 2 characters, compounds 3-4 (single characters are too
+ambiguous to name a feature). `LabelArguments.ngram_range` counts words and does not apply."""
 
 
 @dataclass
@@ -136,18 +151,47 @@ def ngram_analyzer(ngram_range: tuple[int, int]):
     stop = ENGLISH_STOP_WORDS
     lo, hi = ngram_range
 
+    def word_ngrams(segment: str, out: list[str]) -> None:
+        words = _WORD.findall(segment)
+        edge = [len(w) > 1 and w not in stop for w in words]  # may start or end an n-gram
+        if lo == 1:
+            out += [w for w, ok in zip(words, edge) if ok]
+        for n in range(max(lo, 2), hi + 1):
+            out += [" ".join(words[i : i + n]) for i in range(len(words) - n + 1) if edge[i] and edge[i + n - 1]]
+
     def analyze(text: str) -> list[str]:
         out: list[str] = []
         for clause in _CLAUSE_BREAK.split(text.lower()):
-            words = _WORD.findall(clause)
-            edge = [len(w) > 1 and w not in stop for w in words]  # may start or end an n-gram
-            if lo == 1:
-                out += [w for w, ok in zip(words, edge) if ok]
-            for n in range(max(lo, 2), hi + 1):
-                out += [" ".join(words[i : i + n]) for i in range(len(words) - n + 1) if edge[i] and edge[i + n - 1]]
+            if _NO_SPACE_RUN.search(clause) is None:  # text in spaced scripts only: words, as always
+                word_ngrams(clause, out)
+                continue
+            # Words of the spaced parts, character n-grams of each run of a script without
+            # spaces (joined without spaces); no n-gram spans from one part into the next.
+            start = 0
+            for run in _NO_SPACE_RUN.finditer(clause):
+                word_ngrams(clause[start : run.start()], out)
+                out += _char_ngrams(run.group())
+                start = run.end()
+            word_ngrams(clause[start:], out)
         return out
 
     return analyze
+
+
+def _char_ngrams(run: str) -> list[str]:
+    """The `CHAR_NGRAM_RANGE` n-grams of a run of a script without spaces, counted in
+    characters with their combining marks (Thai vowels and tones, kana voicing marks), none
+    starting or ending with hiragana: in Japanese, hiragana at the edge of a phrase is a
+    particle or an inflection (の, は, を, です), what English stop words are to words."""
+    chars: list[str] = []
+    for ch in run:
+        if chars and unicodedata.category(ch).startswith("M"):
+            chars[-1] += ch
+        else:
+            chars.append(ch)
+    edge = [_HIRAGANA.match(c) is None for c in chars]
+    lo, hi = CHAR_NGRAM_RANGE
+    return ["".join(chars[i : i + n]) for n in range(lo, hi + 1) for i in range(len(chars) - n + 1) if edge[i] and edge[i + n - 1]]
 
 
 PARALLEL_TERMS_MIN_TEXTS = 20_000
@@ -188,7 +232,7 @@ def document_terms(texts: list[str], ngram_range: tuple[int, int], min_df: int, 
         parts = [_chunk_terms(*chunk) for chunk in chunks]
     terms_of_chunks = [part[0] for part in parts]
     if not any(len(t) for t in terms_of_chunks):
-        raise DatasetError("the corpus gives no candidate keywords: are its texts words in a language with spaces?")
+        raise DatasetError("the corpus gives no candidate keywords: no text has a word that can be one (only digits, symbols, stop words or single letters)")
     global_code, terms = pd.factorize(np.concatenate(terms_of_chunks))  # chunk-local term -> global term
     docs, codes, local_offset = [], [], 0
     for (chunk_terms, chunk_docs, chunk_codes), first_doc in zip(parts, starts):

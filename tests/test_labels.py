@@ -130,6 +130,41 @@ def test_ngrams_are_real_and_never_glued():
     assert "1905" not in grams
 
 
+def test_scripts_without_spaces_give_short_character_ngrams_as_labels(minilm):
+    """Chinese and Japanese have no spaces: the word pattern made a whole clause one "word",
+    so a feature was named by a clause ("東京は明日下雪になるでしょう") or a corpus refused.
+    Runs of such scripts now give 2-4-character n-grams, joined without spaces, that never
+    span punctuation nor start or end with hiragana (particles); spaced words are unchanged."""
+    analyze = ngram_analyzer((1, 3))
+    grams = analyze("東京は日本の首都です。iPhone是苹果公司的产品，很受欢迎")
+    assert {"東京", "日本", "首都", "日本の首"} <= set(grams) and "iphone" in grams
+    assert {"苹果公司", "公司", "产品", "受欢迎"} <= set(grams)
+    assert all(2 <= len(g) <= 4 for g in grams if g != "iphone")
+    assert not any(g.startswith(("は", "の")) or g.endswith(("は", "の", "す")) for g in grams)
+    assert "产品很受" not in grams and not any("，" in g or " " in g for g in grams)  # never across punctuation
+    assert analyze("The theory of relativity, by 爱因斯坦") == ["theory", "relativity", "theory of relativity", "爱因", "因斯", "斯坦", "爱因斯", "因斯坦", "爱因斯坦"]
+
+    foods, sports = ["饺子", "米饭", "面条", "火锅", "包子"], ["足球", "篮球", "网球", "排球", "游泳"]
+    texts = [f"我今天吃了{a}和{b}，味道非常好吃。" for a in foods for b in foods if a != b]
+    texts += [f"他每天下午练习{a}和{b}，比赛赢得了冠军。" for a in sports for b in sports if a != b]
+    emb = minilm.encode(texts, batch_size=64, convert_to_numpy=True)
+    x = torch.nn.functional.normalize(torch.from_numpy(emb), dim=1)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=2, k=1, base_model="sentence-transformers/all-MiniLM-L6-v2"))
+    with torch.no_grad():  # one feature per topic, as in `planted`
+        sae.W_enc.copy_(torch.stack([torch.nn.functional.normalize(x[:20].mean(0), dim=0), torch.nn.functional.normalize(x[20:].mean(0), dim=0)]))
+        sae.b_enc.zero_()
+        sae.b_pre.zero_()
+        sae.W_dec.copy_(sae.W_enc)
+    result = label_features(sae, texts, emb, minilm, LabelArguments(top_texts=10, negatives=10, score_texts=10), show_progress=False)
+    for f, own in ((0, texts[:20]), (1, texts[20:])):
+        entry = result.features[f]
+        assert entry["status"] == "labelled", entry
+        for kw in [entry["label"], *(k["keyword"] for k in entry["keywords"])]:
+            for part in kw.split(", "):
+                assert 2 <= len(part) <= 4 and " " not in part, entry["label"]  # not a clause
+                assert any(part in t for t in own), (part, entry["label"])  # from the feature's own texts
+
+
 @pytest.mark.parametrize("processes", [1, 3])
 def test_document_terms_equal_sklearns_count_vectorizer(wiki_rows, processes):
     """The corpus' n-gram matrix, analysed in one process or in forked workers, is exactly
