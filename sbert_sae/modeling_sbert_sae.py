@@ -716,7 +716,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
         from .families import COOCCURRENCE_PLOT, FAMILIES_FILE, GRAPH_PLOT
 
-        name, hub_kwargs = getattr(self, "_extras_source", None) or (getattr(self, "name_or_path", "") or "", {})
+        name, hub_kwargs = self._extras_location()
         if not name:
             return
         try:
@@ -753,10 +753,15 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             raise ModelLoadError(f"activations.json of {name_or_path!r} is malformed: expected an object with a 'repo_id' string")
         self.activations_link = link
 
+    def _extras_location(self) -> tuple[str, dict]:
+        """Where the files beside the weights are read: the folder or Hub repo (and revision)
+        this SAE was loaded from, else its `name_or_path` ("" when it was made in memory)."""
+        return getattr(self, "_extras_source", None) or (getattr(self, "name_or_path", "") or "", {})
+
     def read_extra_json(self, filename: str):
         """A JSON file beside the weights this SAE was loaded from (folder, or Hub repo at the
         same revision), or None when it is not there or the SAE was not loaded from anywhere."""
-        name, hub_kwargs = getattr(self, "_extras_source", None) or (getattr(self, "name_or_path", "") or "", {})
+        name, hub_kwargs = self._extras_location()
         return _read_optional_json(name, filename, hub_kwargs) if name else None
 
     def load_activations(self, split: str = "train", **kwargs):
