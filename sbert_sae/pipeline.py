@@ -27,7 +27,7 @@ from .embeddings import EmbeddingCache, cache_path, embed_dataset
 from .errors import DatasetError, OutputDirError, ResumeError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
 from .trainer import TrainingArguments, check_finished_run, check_resume, data_identity, list_checkpoints, make_accelerator, train
-from .utils import atomic_write, domain_slugs, pause_point, read_json, run_lock, write_json
+from .utils import atomic_write, clip, domain_slugs, pause_point, read_json, run_lock, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ class DataArguments:
     cache_dir: str | None = None
     """Where embeddings are cached (default ~/.cache/sbert-sae)."""
     device: str | None = None
+
+    @property
+    def by_domain(self) -> bool:
+        """Whether a run trains on domains (one, or one SAE each) rather than on the whole corpus."""
+        return bool(self.domain_column) and (self.per_domain or self.domain is not None)
 
 
 @dataclass
@@ -227,11 +232,11 @@ def run_training(
         )
     row_ids = cache.row_ids if cache is not None else texts.rows.row_ids
     groups: list[tuple[str, np.ndarray, Path]] = []
-    if data.domain_column and (data.per_domain or data.domain is not None):
+    if data.by_domain:
         by_domain = domain_row_ids(ds, data.domain_column, row_ids)
         if data.domain is not None:
             if data.domain not in by_domain:
-                values = [(v[:40] + "…") if len(v) > 40 else v for v in sorted(by_domain)[:20]]  # not every text of a column of texts
+                values = [clip(v, 40) for v in sorted(by_domain)[:20]]  # not every text of a column of texts
                 more = f" (and {len(by_domain) - 20} more)" if len(by_domain) > 20 else ""
                 raise DatasetError(f"domain {data.domain!r} not found in column {data.domain_column!r}; values are {values}{more}")
             groups.append((data.domain, by_domain[data.domain], out_dir))
@@ -247,10 +252,10 @@ def run_training(
     too_small = [(name, len(rows)) for name, rows, _ in groups if len(rows) < MIN_TEXTS]
     if len(too_small) == len(groups):
         need = f"an SAE needs at least {MIN_TEXTS} usable texts (2 to train, 1 held out)"
-        if data.domain_column and (data.per_domain or data.domain is not None):
+        if data.by_domain:
             # At most 5 domains, each name cut short: a column of distinct values (e.g. the
             # text column given as the domain column) would otherwise print every text.
-            shown = [f"{(name[:40] + '…') if len(name) > 40 else name!r} has {n}" for name, n in too_small[:5]]
+            shown = [f"{clip(name, 40)!r} has {n}" for name, n in too_small[:5]]
             more = f" (and {len(too_small) - 5} more)" if len(too_small) > 5 else ""
             what = f"domains of column {data.domain_column!r}: " + (", ".join(shown) + more if shown else "none has a value")
         else:
@@ -409,7 +414,7 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
 def _domain_name(data: DataArguments, name: str) -> str | None:
     """The domain a run trained on, None for the whole corpus (whose group is called "all": a
     domain that is itself named "all" was recorded as no domain)."""
-    return name if data.domain_column and (data.per_domain or data.domain is not None) else None
+    return name if data.by_domain else None
 
 
 def _resolved_sae_args(config: SparseAutoencoderConfig) -> SaeArguments:

@@ -189,6 +189,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def clip(text: str, keep: int) -> str:
+    """`text`, or its first `keep` characters and an ellipsis when it is longer."""
+    return text if len(text) <= keep else text[:keep] + "…"
+
+
 def slugify(value: str) -> str:
     """A folder-safe name for a domain value ("Biology & health sciences" -> "biology-health-sciences")."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", value).strip("-").lower()
