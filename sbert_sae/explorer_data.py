@@ -635,9 +635,7 @@ def _corpus_arguments(training_args: dict | None, dataset: str | None, text_colu
     if dataset is None:
         if not training_args or not training_args.get("data"):
             return None
-        known = {f.name for f in dataclasses.fields(DataArguments)}
-        data = DataArguments(**{k: v for k, v in training_args["data"].items() if k in known})
-        data = dataclasses.replace(data, domain=None, per_domain=False)
+        data = DataArguments.of_run(training_args["data"])
         if not _openable(data.dataset):
             logger.info("the training dataset %r cannot be opened here", data.dataset)
             return None

@@ -353,17 +353,12 @@ def push_activations(
 
 def training_data_arguments(folder: str | Path):
     """The `DataArguments` a trained run in `folder` was trained with (from `training_args.json`)."""
-    import dataclasses
-
     from .pipeline import DataArguments
 
     args = _read_json(Path(folder) / "training_args.json")
     if not args.get("data"):
         raise ModelLoadError(f"{folder} has no training_args.json naming its dataset: pass the dataset to use")
-    known = {f.name for f in dataclasses.fields(DataArguments)}
-    data = DataArguments(**{k: v for k, v in args["data"].items() if k in known})
-    # Every text of the corpus, not only one domain's.
-    return dataclasses.replace(data, domain=None, per_domain=False, max_rows=data.max_rows)
+    return DataArguments.of_run(args["data"])
 
 
 def publish(

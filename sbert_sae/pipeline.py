@@ -81,6 +81,14 @@ class DataArguments:
         """Whether a run trains on domains (one, or one SAE each) rather than on the whole corpus."""
         return bool(self.domain_column) and (self.per_domain or self.domain is not None)
 
+    @classmethod
+    def of_run(cls, recorded: dict) -> DataArguments:
+        """The whole corpus a run was trained on (every domain of it), from the `data` entry of
+        its training_args.json; entries this version does not know are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = cls(**{k: v for k, v in recorded.items() if k in known})
+        return dataclasses.replace(data, domain=None, per_domain=False)
+
 
 @dataclass
 class SaeArguments:
