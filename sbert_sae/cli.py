@@ -108,6 +108,9 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
     g.add_argument("--config-name", default=None, help="configuration (subset) of a Hub dataset")
     g.add_argument("--split", default="train", help="split to use (default: train)")
     g.add_argument("--dataset-revision", default=None, help="revision of a Hub dataset")
+    # label / families / search given the run's own dataset again read it as the run did.
+    run_default = "" if with_model else " (default: the run's, when --dataset is the run's dataset)"
+    g.add_argument("--json-field", default=None, metavar="KEY", help=f'key under which JSON files that are one object each hold their records, e.g. data for {{"version": ..., "data": [...]}}{run_default}')
     g.add_argument("--max-rows", type=_positive_int, default=None, help="use only the first N rows")
     g.add_argument("--strict-text", action="store_true", help="refuse rows whose text is missing, not a string or empty (default: skip and count them)")
     g = p.add_argument_group("embedding")
@@ -292,16 +295,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_text_column(sae_folder) -> str | None:
-    """The text column the run in `sae_folder` was trained on (its training_args.json), if any."""
+def _run_data(sae_folder) -> dict:
+    """The `data` entry of the training_args.json of the run in `sae_folder`; {} if none."""
     path = Path(sae_folder) / "training_args.json" if sae_folder else None
     if path is None or not path.is_file():
-        return None
+        return {}
     try:
-        column = json.loads(path.read_text()).get("data", {}).get("text_column")
+        data = json.loads(path.read_text()).get("data", {})
     except (OSError, ValueError, AttributeError):
-        return None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _run_text_column(sae_folder) -> str | None:
+    """The text column the run in `sae_folder` was trained on (its training_args.json), if any."""
+    column = _run_data(sae_folder).get("text_column")
     return column if isinstance(column, str) and column else None
+
+
+def _run_json_field(sae_folder, dataset: list[str]) -> str | None:
+    """The --json-field the run in `sae_folder` read `dataset` with, when `dataset` is the run's
+    own (the same files): another dataset need not be shaped alike."""
+    data = _run_data(sae_folder)
+    recorded, field = data.get("dataset"), data.get("json_field")
+    if not (isinstance(field, str) and field and recorded):
+        return None
+    recorded = [recorded] if isinstance(recorded, str) else recorded
+
+    def same(a: str, b: str) -> bool:
+        return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+    return field if len(recorded) == len(dataset) and all(same(str(a), str(b)) for a, b in zip(recorded, dataset)) else None
 
 
 def _data_arguments(args):
@@ -311,12 +335,16 @@ def _data_arguments(args):
     text_column = args.text_column
     if text_column is None:
         text_column = _run_text_column(getattr(args, "sae", None)) or "text"
+    json_field = args.json_field
+    if json_field is None:
+        json_field = _run_json_field(getattr(args, "sae", None), args.dataset)
     return DataArguments(
         dataset=args.dataset[0] if len(args.dataset) == 1 else args.dataset,
         text_column=text_column,
         config_name=args.config_name,
         split=args.split,
         revision=args.dataset_revision,
+        json_field=json_field,
         domain_column=getattr(args, "domain_column", None),
         domain=getattr(args, "domain", None),
         per_domain=getattr(args, "per_domain", False),

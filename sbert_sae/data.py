@@ -1,9 +1,10 @@
 """Text datasets: load any Hugging Face dataset, check its text column, split off held-out rows.
 
 `--dataset` may be a Hub id (with config and split), a `save_to_disk` folder, a folder of
-data files, or parquet / JSON-lines / CSV / text files. Rows are addressed by their index
-in the loaded split ("row id") everywhere downstream, so every activation can be traced
-back to its text.
+data files, or parquet / JSON-lines / JSON / CSV / text files (a JSON file that is one object
+holding its records under a key, SQuAD's {"version": ..., "data": [...]}, with `--json-field`).
+Rows are addressed by their index in the loaded split ("row id") everywhere downstream, so
+every activation can be traced back to its text.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError
+from .utils import clip
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ def load_text_dataset(
     config_name: str | None = None,
     split: str = "train",
     revision: str | None = None,
+    json_field: str | None = None,
 ):
     """Load one split of a dataset as a `datasets.Dataset`.
 
@@ -54,12 +57,20 @@ def load_text_dataset(
         config_name: the Hub dataset's configuration (subset), if it has several.
         split: which split to use ("train", "test[:10%]", ...).
         revision: Hub revision (branch, tag or commit).
+        json_field: the top-level key of JSON files that are one object each, under which
+            their records sit ("data" in SQuAD's {"version": ..., "data": [...]}).
     """
     import datasets
 
     files = [source] if isinstance(source, str) else list(source)
+    # datasets' json builder reads its `field` option; other builders refuse it as unknown.
+    field_kwargs = {"field": json_field} if json_field is not None else {}
     try:
+        if json_field is not None and not json_field:
+            raise DatasetError("--json-field is empty: name the top-level key of the JSON object that holds the records")
         if len(files) == 1 and Path(files[0]).is_dir() and _is_saved_dataset(Path(files[0])):
+            if json_field is not None:
+                raise DatasetError(f"--json-field {json_field!r} applies to JSON files; {files[0]!r} is a save_to_disk dataset")
             loaded = datasets.load_from_disk(files[0])
             if not isinstance(loaded, datasets.DatasetDict):
                 # One saved Dataset is one split: "train", as data files are.
@@ -70,15 +81,17 @@ def load_text_dataset(
             if len(builders) > 1:
                 raise DatasetError(f"data files mix formats {sorted(builders)}: {files}")
             builder = builders.pop()
-            kwargs = {"delimiter": "\t"} if all(f.lower().endswith(".tsv") for f in files) else {}
+            if json_field is not None and builder != "json":
+                raise DatasetError(f"--json-field {json_field!r} applies to JSON files; {files} are {builder} files")
+            kwargs = {"delimiter": "\t"} if all(f.lower().endswith(".tsv") for f in files) else dict(field_kwargs)
             _check_split_names(split, ["train"], source)  # data files given by name are one split, "train"
             ds = datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
         elif len(files) == 1 and Path(files[0]).is_dir():
-            ds = datasets.load_dataset(files[0], name=config_name, split=split)
+            ds = datasets.load_dataset(files[0], name=config_name, split=split, **field_kwargs)
         elif len(files) == 1 and _looks_like_path(files[0]):
             raise DatasetError(f"dataset {files[0]!r} not found: no such file or folder")
         else:
-            ds = datasets.load_dataset(files[0], name=config_name, split=split, revision=revision)
+            ds = datasets.load_dataset(files[0], name=config_name, split=split, revision=revision, **field_kwargs)
     except DatasetError:
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types; name the source in one
@@ -88,6 +101,10 @@ def load_text_dataset(
             # datasets' DatasetGenerationError says only "An error occurred while generating the
             # dataset": the parser's own message names the file's problem and its row.
             detail += f" ({type(root).__name__}: {_one_line(str(root))})"
+        if json_field is not None:
+            problem = _json_field_problem(files, json_field)
+            if problem:
+                raise DatasetError(f"cannot load dataset {source!r} with --json-field {json_field!r}: {problem}") from err
         if "corresponds to no data" in str(err):
             raise DatasetError(f"dataset {source!r} (split {split!r}) is empty") from err
         configs = re.search(r"Config name is missing.*?(\[[^\]]*\])", str(err), re.S)
@@ -100,6 +117,41 @@ def load_text_dataset(
     if len(ds) == 0:
         raise DatasetError(f"dataset {source!r} (split {split!r}) is empty")
     return ds
+
+
+def _json_field_problem(files: list[str], json_field: str) -> str | None:
+    """Why `json_field` does not name the records of local JSON `files`, read after datasets
+    failed (its own words are a bare KeyError: 'data' or a TypeError of list indices)."""
+    import json
+
+    for name in files:
+        if not (Path(name).is_file() and _builder_for(name) == "json"):
+            continue
+        try:
+            with open(name, encoding="utf-8") as f:
+                top = json.load(f)
+        except (OSError, ValueError):
+            if _is_json_lines(name):
+                return f"{name} holds JSON lines (one record a line), not one object: leave --json-field out"
+            continue  # not JSON at all: datasets' own message says more
+        if not isinstance(top, dict):
+            return f"{name} is a JSON {type(top).__name__}, not an object with key {json_field!r}: leave --json-field out"
+        if json_field not in top:
+            return f"{name} has no top-level key {json_field!r}; its keys are {clip(str(list(top)), 300)}"
+        if not isinstance(top[json_field], (list, dict)):
+            return f"key {json_field!r} of {name} holds a {type(top[json_field]).__name__}, not a list of records"
+    return None
+
+
+def _is_json_lines(name: str) -> bool:
+    import json
+
+    try:
+        with open(name, encoding="utf-8") as f:
+            first = f.readline()
+        return isinstance(json.loads(first), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -183,7 +235,24 @@ def require_column(ds, column: str, purpose: str) -> None:
             # Name the columns that could hold the texts, and the option that picks one.
             nested = [f"{name}.{field}" for name, feature in ds.features.items() if isinstance(feature, dict) for field in feature]
             hint = f"; pick one with --text-column (string columns: {_string_columns(ds) or 'none'}" + (f"; nested fields: {nested}" if nested else "") + ")"
+            holder = _records_key(ds)
+            if holder:
+                hint += f"; the JSON file is one object whose records appear to sit under key {holder!r}: pass --json-field {holder}"
         raise DatasetError(f"{purpose} column {column!r} not in dataset; its columns are {ds.column_names}{hint}")
+
+
+def _records_key(ds) -> str | None:
+    """The column holding a list (of records or of texts) when `ds` is a JSON file read as one
+    object, one row: SQuAD's {"version": "1.1", "data": [...]} loads as columns version and data."""
+    import pyarrow as pa
+
+    if len(ds) != 1 or (ds.info.builder_name or "") != "json":
+        return None
+    schema = ds.data.schema
+    lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
+    if not lists:
+        return None
+    return max(lists, key=lambda name: len(ds[0][name] or []))
 
 
 def check_text_column_type(ds, text_column: str) -> None:

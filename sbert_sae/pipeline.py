@@ -49,6 +49,9 @@ class DataArguments:
     split: str = "train"
     revision: str | None = None
     """Revision of a Hub dataset."""
+    json_field: str | None = None
+    """The key of JSON files that are one object each under which the records sit ("data" in
+    SQuAD's {"version": ..., "data": [...]})."""
     domain_column: str | None = None
     """Column naming each text's knowledge domain."""
     domain: str | None = None
@@ -127,7 +130,7 @@ class LoadedTexts:
 
 def load_texts(data: DataArguments) -> LoadedTexts:
     """The dataset and its rows with usable text (checked, as the domain column is), not embedded yet."""
-    ds = load_text_dataset(data.dataset, config_name=data.config_name, split=data.split, revision=data.revision)
+    ds = load_text_dataset(data.dataset, config_name=data.config_name, split=data.split, revision=data.revision, json_field=data.json_field)
     ds = flatten_for(ds, data.text_column, data.domain_column)  # "meta.body" names a nested field
     whole = None
     if data.max_rows is not None:

@@ -100,7 +100,7 @@ class Recipe:
 
 
 RECIPE_KEYS = ("name", "repo_id", "base_model", "dataset", "sae", "training", "labels", "activations")
-RECIPE_DATASET_KEYS = ("path", "hub_id", "text_column", "config_name", "split", "revision", "domain_column", "domain")
+RECIPE_DATASET_KEYS = ("path", "hub_id", "text_column", "config_name", "split", "revision", "json_field", "domain_column", "domain")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -166,6 +166,7 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
         config_name=ds.get("config_name"),
         split=ds.get("split", "train"),
         revision=ds.get("revision"),
+        json_field=ds.get("json_field"),
         domain_column=ds.get("domain_column"),
         domain=ds.get("domain"),
         model=recipe.base_model,

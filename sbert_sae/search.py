@@ -184,6 +184,7 @@ class SteerableIndex:
         text_column: str = "text",
         split: str = "train",
         config_name: str | None = None,
+        json_field: str | None = None,
         max_rows: int | None = None,
         cache_dir: str | None = None,
         device: str | None = None,
@@ -208,7 +209,7 @@ class SteerableIndex:
         if isinstance(dataset, DataArguments):
             data = dataset
         else:
-            data = DataArguments(dataset=dataset, text_column=text_column, split=split, config_name=config_name, max_rows=max_rows, cache_dir=cache_dir, device=device)
+            data = DataArguments(dataset=dataset, text_column=text_column, split=split, config_name=config_name, json_field=json_field, max_rows=max_rows, cache_dir=cache_dir, device=device)
         return cls._from_data(sae, "the SAE", data, device=device, backend=backend, show_progress=show_progress)
 
     @classmethod

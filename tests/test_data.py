@@ -242,3 +242,42 @@ def test_a_file_that_does_not_parse_is_refused_with_the_parsers_reason(tmp_path)
     path.write_text('text\ttopic\n"Hi there, she said\tA\nSecond line\tB\n')
     with pytest.raises(DatasetError, match=r"quotes.tsv.*\(ParserError: .*EOF inside string starting at row 1\)"):
         load_text_dataset(str(path))
+
+
+def test_a_json_object_holding_its_records_under_a_key_is_read_with_json_field(files, tmp_path):
+    # A SQuAD-style file {"version": "1.1", "data": [records]} loaded as one row: the error named
+    # its columns ['version', 'data'] but not where the records were, and no option could read
+    # them. --json-field names the key; the error now says which key and which option.
+    from sbert_sae.pipeline import DataArguments, load_texts
+
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"version": "1.1", "data": ROWS}))
+    with pytest.raises(DatasetError, match=r"columns are \['version', 'data'\].*records appear to sit under key 'data': pass --json-field data"):
+        load_texts(DataArguments(dataset=str(path)))
+    texts = load_texts(DataArguments(dataset=str(path), json_field="data", domain_column="topic"))
+    assert column_values(texts.ds, "text", texts.rows.row_ids) == [r["text"] for r in ROWS]
+    assert sorted(domain_row_ids(texts.ds, "topic", texts.rows.row_ids)) == ["Arts", "Biology", "Mathematics"]
+    # several files, a split slice, a folder of such files, a key holding plain strings ("text")
+    other = tmp_path / "more.json"
+    other.write_text(json.dumps({"version": "1.1", "data": ROWS[:2]}))
+    assert load_text_dataset([str(path), str(other)], json_field="data", split="train[3:]")["text"] == [ROWS[3]["text"]] + [r["text"] for r in ROWS[:2]]
+    (tmp_path / "folder_of_json").mkdir()
+    (tmp_path / "folder_of_json" / "train.json").write_text(path.read_text())
+    assert load_text_dataset(str(tmp_path / "folder_of_json"), json_field="data")["text"] == [r["text"] for r in ROWS]
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps({"source": "notes", "texts": [r["text"] for r in ROWS]}))
+    assert load_text_dataset(str(strings), json_field="texts")["text"] == [r["text"] for r in ROWS]
+    # a key that does not hold the records, and sources --json-field does not apply to
+    with pytest.raises(DatasetError, match=r"squad.json has no top-level key 'records'; its keys are \['version', 'data'\]"):
+        load_text_dataset(str(path), json_field="records")
+    with pytest.raises(DatasetError, match=r"key 'version' of .*squad.json holds a str, not a list of records"):
+        load_text_dataset(str(path), json_field="version")
+    with pytest.raises(DatasetError, match=r"d.jsonl holds JSON lines \(one record a line\), not one object: leave --json-field out"):
+        load_text_dataset(str(files["jsonl"]), json_field="data")
+    (tmp_path / "list.json").write_text(json.dumps(ROWS))
+    with pytest.raises(DatasetError, match=r"list.json is a JSON list, not an object with key 'data': leave --json-field out"):
+        load_text_dataset(str(tmp_path / "list.json"), json_field="data")
+    with pytest.raises(DatasetError, match=r"--json-field 'data' applies to JSON files; .*d.csv'\] are csv files"):
+        load_text_dataset(str(files["csv"]), json_field="data")
+    with pytest.raises(DatasetError, match=r"--json-field 'data' applies to JSON files; .*saved' is a save_to_disk dataset"):
+        load_text_dataset(str(files["disk"]), json_field="data")

@@ -350,3 +350,33 @@ def test_label_reads_the_text_column_the_run_was_trained_on(wiki_small, tmp_path
     assert top and not any(t.startswith("note ") for t in top), top[:3]
     bodies = [" ".join(b.split()) for b in ds["body"]]  # top texts are whitespace-normalised snippets
     assert all(any(b.startswith(t.rstrip("…")) for b in bodies) for t in top)
+
+
+def test_a_run_on_a_json_object_file_reads_it_again_by_its_json_field(wiki_small, tmp_path, capsys):
+    # A JSON file holding its records under "data" ({"version": ..., "data": [...]}) could not be
+    # trained on; with --json-field the run records the key, and label (given the same file),
+    # search and families (the run's corpus) read the file as the run did.
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(wiki_small)).select(range(0, 240, 3))
+    path = tmp_path / "corpus.json"
+    path.write_text(json.dumps({"version": "1.1", "data": [{"body": r["text"], "topic": r["topic"]} for r in rows]}))
+    run = tmp_path / "run"
+    small = ["--n-latents", "16", "-k", "2", "--epochs", "2", "--batch-size", "32", "-q", "--report-to", "none"]
+    assert main(["train", "--dataset", str(path), "--text-column", "body", "--out", str(run), *small]) == 2
+    assert "pass --json-field data" in capsys.readouterr().err
+    assert main(["train", "--dataset", str(path), "--json-field", "data", "--text-column", "body", "--out", str(run), *small]) == 0
+    assert json.loads((run / "training_args.json").read_text())["data"]["json_field"] == "data"
+    assert main(["label", str(run), "--dataset", str(path), "-q", "--top-texts", "5", "--min-df", "2"]) == 0
+    top = [t for entry in json.loads((run / "feature_labels.json").read_text())["features"].values() for t in entry.get("top_texts") or []]
+    bodies = [" ".join(b.split()) for b in rows["text"]]
+    assert top and all(any(b.startswith(t.rstrip("…")) for b in bodies) for t in top)
+    capsys.readouterr()
+    assert main(["search", str(run), "cells and proteins", "--top", "3", "--json", "-q"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 3 and all(" ".join(h["text"].split()) in bodies for h in hits)
+    assert main(["families", str(run), "--permutations", "2", "-q"]) == 0
+    # another file is not assumed to be shaped alike: it is read as it is
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"body": b}) for b in bodies[:20]) + "\n")
+    assert main(["label", str(run), "--dataset", str(other), "-q", "--top-texts", "5", "--min-df", "2"]) == 0
