@@ -192,7 +192,15 @@ def embed_dataset(
     device, precision, fingerprint, family, model = spot.device, spot.precision, spot.fingerprint, spot.family, spot.model
     root, folder = spot.folder.parent, spot.folder
     if (folder / "complete.json").exists():
-        return open_cache(folder)
+        try:
+            return open_cache(folder)
+        except DatasetError as err:
+            # A file of a finished cache cut short or spoilt (a full disk, a copy that
+            # stopped): its vectors are embedded again rather than read wrong.
+            logger.warning("%s: embedding again", err)
+            if rank == 0:
+                for marker in ("complete.json", "meta.json"):
+                    (folder / marker).unlink(missing_ok=True)
 
     def barrier() -> None:
         if world > 1:
@@ -404,9 +412,21 @@ def _subtract(lo: int, hi: int, done) -> list[tuple[int, int]]:
 def open_cache(folder: str | os.PathLike) -> EmbeddingCache:
     """Open a finished embedding cache folder (memory-mapped, read-only)."""
     folder = Path(folder)
-    meta = read_json(folder / "meta.json")
-    embeddings = np.load(folder / "embeddings.npy", mmap_mode="r", allow_pickle=False)
-    row_ids = np.load(folder / "row_ids.npy", allow_pickle=False)
-    if embeddings.shape[0] != len(row_ids):
-        raise DatasetError(f"embedding cache {folder} is inconsistent: {embeddings.shape[0]} vectors, {len(row_ids)} row ids")
+    name = "meta.json"
+    try:
+        meta = read_json(folder / name)
+        name = "embeddings.npy"
+        embeddings = np.load(folder / name, mmap_mode="r", allow_pickle=False)
+        name = "row_ids.npy"
+        row_ids = np.load(folder / name, allow_pickle=False)
+    except FileNotFoundError as err:
+        raise DatasetError(f"embedding cache {folder} has no {name}") from err
+    except (OSError, ValueError, EOFError) as err:  # cut short or spoilt: never read as vectors
+        raise DatasetError(f"embedding cache {folder} is damaged: {name} cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(meta, dict):
+        raise DatasetError(f"embedding cache {folder} is damaged: meta.json is not a JSON object")
+    if embeddings.ndim != 2 or embeddings.dtype != np.float32 or row_ids.ndim != 1:
+        raise DatasetError(f"embedding cache {folder} is damaged: embeddings.npy holds {embeddings.dtype} {embeddings.shape}, row_ids.npy {row_ids.shape}")
+    if embeddings.shape[0] != len(row_ids) or meta.get("n_rows", len(row_ids)) != len(row_ids):
+        raise DatasetError(f"embedding cache {folder} is inconsistent: {embeddings.shape[0]} vectors, {len(row_ids)} row ids, meta.json says {meta.get('n_rows')}")
     return EmbeddingCache(path=folder, embeddings=embeddings, row_ids=row_ids, meta=meta)

@@ -221,3 +221,22 @@ def test_accelerate_launch_embeds_in_two_processes_like_one(wiki_40, tmp_path):
     one = embed_dataset(wiki_40, "text", cache_dir=tmp_path / "one", show_progress=False)
     assert two.row_ids.tolist() == one.row_ids.tolist()
     np.testing.assert_allclose(two.embeddings, one.embeddings, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["embeddings.npy", "meta.json"])
+def test_a_damaged_finished_cache_is_embedded_again_not_read(wiki_40, tmp_path, name):
+    """A finished cache whose files were cut short (a disk that filled, a copy that stopped)
+    used to be opened as it was: the run died with numpy's 'mmap length is greater than file
+    size' or a JSONDecodeError, naming no file. It is now named and embedded again."""
+    first = embed_dataset(wiki_40, "text", cache_dir=tmp_path, batch_size=16, show_progress=False)
+    expected = np.array(first.embeddings)
+    path = first.path / name
+    del first
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(emb.DatasetError, match=f"embedding cache .* is damaged: {name}"):
+        open_cache(path.parent)
+    again = embed_dataset(wiki_40, "text", cache_dir=tmp_path, batch_size=16, show_progress=False)
+    assert again.path == path.parent
+    np.testing.assert_allclose(again.embeddings, expected, atol=1e-6)
+    assert again.row_ids.tolist() == [i for i in range(40) if i not in (5, 9)]
