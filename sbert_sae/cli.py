@@ -313,31 +313,16 @@ def _run_text_column(sae_folder) -> str | None:
     return column if isinstance(column, str) and column else None
 
 
-def _run_json_field(sae_folder, dataset: list[str]) -> str | None:
-    """The --json-field the run in `sae_folder` read `dataset` with, when `dataset` is the run's
-    own (the same files): another dataset need not be shaped alike."""
-    data = _run_data(sae_folder)
-    recorded, field = data.get("dataset"), data.get("json_field")
-    if not (isinstance(field, str) and field and recorded):
-        return None
-    recorded = [recorded] if isinstance(recorded, str) else recorded
-
-    def same(a: str, b: str) -> bool:
-        return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
-
-    return field if len(recorded) == len(dataset) and all(same(str(a), str(b)) for a, b in zip(recorded, dataset)) else None
-
-
 def _data_arguments(args):
     from .base_model import DEFAULT_MODEL
-    from .pipeline import DataArguments
+    from .pipeline import DataArguments, run_json_field
 
     text_column = args.text_column
     if text_column is None:
         text_column = _run_text_column(getattr(args, "sae", None)) or "text"
     json_field = args.json_field
     if json_field is None:
-        json_field = _run_json_field(getattr(args, "sae", None), args.dataset)
+        json_field = run_json_field(_run_data(getattr(args, "sae", None)), args.dataset)
     return DataArguments(
         dataset=args.dataset[0] if len(args.dataset) == 1 else args.dataset,
         text_column=text_column,
@@ -563,7 +548,7 @@ def cmd_push(args) -> int:
     import dataclasses
 
     from .hub import publish, push_sparse_encoder, training_data_arguments
-    from .pipeline import DataArguments
+    from .pipeline import DataArguments, run_json_field
 
     if args.format == "sentence-transformers":
         sha = push_sparse_encoder(args.sae, args.repo_id, private=args.private or None, revision=args.revision)
@@ -573,7 +558,7 @@ def cmd_push(args) -> int:
 
     data = None
     if args.activations and args.dataset:
-        data = DataArguments(dataset=args.dataset, text_column=args.text_column or "text")
+        data = DataArguments(dataset=args.dataset, text_column=args.text_column or "text", json_field=run_json_field(_run_data(args.sae), args.dataset))
     elif args.activations and args.text_column:
         data = dataclasses.replace(training_data_arguments(args.sae), text_column=args.text_column)
     result = publish(

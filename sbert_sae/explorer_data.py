@@ -630,7 +630,7 @@ def keyword_spans(text: str, keywords: list[str]) -> list[tuple[int, int, str]]:
 
 def _corpus_arguments(training_args: dict | None, dataset: str | None, text_column: str | None, cache_dir: str | None, device: str | None):
     """The DataArguments of the corpus to open, or None when there is none to open here."""
-    from .pipeline import DataArguments
+    from .pipeline import DataArguments, run_json_field
 
     if dataset is None:
         if not training_args or not training_args.get("data"):
@@ -640,7 +640,8 @@ def _corpus_arguments(training_args: dict | None, dataset: str | None, text_colu
             logger.info("the training dataset %r cannot be opened here", data.dataset)
             return None
     else:
-        base = DataArguments(dataset=dataset)
+        # the run's own JSON file, given again, is read under the key the run read it with
+        base = DataArguments(dataset=dataset, json_field=run_json_field((training_args or {}).get("data") or {}, dataset))
         if training_args and training_args.get("data", {}).get("text_column") and text_column is None:
             text_column = training_args["data"]["text_column"]
         data = dataclasses.replace(base, text_column=text_column or base.text_column)

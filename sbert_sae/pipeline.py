@@ -93,6 +93,21 @@ class DataArguments:
         return dataclasses.replace(data, domain=None, per_domain=False)
 
 
+def run_json_field(recorded: dict, dataset: str | list[str]) -> str | None:
+    """The json_field a run (the `data` entry of its training_args.json) read `dataset` with,
+    when `dataset` is the run's own (the same files): another dataset need not be shaped alike."""
+    field, own = recorded.get("json_field"), recorded.get("dataset")
+    if not (isinstance(field, str) and field and own):
+        return None
+    own, given = ([x] if isinstance(x, str) else list(x) for x in (own, dataset))
+
+    def same(a, b) -> bool:
+        a, b = str(a), str(b)
+        return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+    return field if len(own) == len(given) and all(same(a, b) for a, b in zip(own, given)) else None
+
+
 @dataclass
 class SaeArguments:
     """The SAE's size and loss (see SparseAutoencoderConfig)."""

@@ -352,11 +352,14 @@ def test_label_reads_the_text_column_the_run_was_trained_on(wiki_small, tmp_path
     assert all(any(b.startswith(t.rstrip("…")) for b in bodies) for t in top)
 
 
-def test_a_run_on_a_json_object_file_reads_it_again_by_its_json_field(wiki_small, tmp_path, capsys):
+def test_a_run_on_a_json_object_file_reads_it_again_by_its_json_field(wiki_small, hub, tmp_path, capsys):
     # A JSON file holding its records under "data" ({"version": ..., "data": [...]}) could not be
-    # trained on; with --json-field the run records the key, and label (given the same file),
-    # search and families (the run's corpus) read the file as the run did.
+    # trained on; with --json-field the run records the key, and label, push --activations and
+    # the explorer (given the same file), search and families (the run's corpus) read the file
+    # as the run did.
     from datasets import load_from_disk
+
+    from sbert_sae.explorer_data import Explorer
 
     rows = load_from_disk(str(wiki_small)).select(range(0, 240, 3))
     path = tmp_path / "corpus.json"
@@ -376,6 +379,8 @@ def test_a_run_on_a_json_object_file_reads_it_again_by_its_json_field(wiki_small
     hits = json.loads(capsys.readouterr().out)["hits"]
     assert len(hits) == 3 and all(" ".join(h["text"].split()) in bodies for h in hits)
     assert main(["families", str(run), "--permutations", "2", "-q"]) == 0
+    assert main(["push", str(run), "org/json-sae", "--activations", "--dataset", str(path), "--text-column", "body", "-q"]) == 0
+    assert len(Explorer.open(run, dataset=str(path)).corpus()) == len(rows)
     # another file is not assumed to be shaped alike: it is read as it is
     other = tmp_path / "other.jsonl"
     other.write_text("\n".join(json.dumps({"body": b}) for b in bodies[:20]) + "\n")
