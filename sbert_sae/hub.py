@@ -13,7 +13,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .errors import HubError, ModelLoadError
+from .errors import HubError, ModelLoadError, SbertSaeError
 from .configuration_sbert_sae import SparseAutoencoderConfig
 from .evaluation import METRIC_DESCRIPTIONS
 from .utils import read_json
@@ -292,6 +292,17 @@ def activation_rows(sae, data, batch_size: int = 4096, show_progress: bool = Fal
             yield out
 
 
+def _own_error(err: BaseException) -> SbertSaeError | None:
+    """The sbert-sae error `err` was raised from (its cause or context, however deep), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, SbertSaeError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def push_activations(
     sae,
     data,
@@ -320,9 +331,17 @@ def push_activations(
     )
     with tempfile.TemporaryDirectory(prefix="sbert-sae-activations-") as tmp:
         # from_generator writes to an Arrow file on disk: the rows are never all in memory.
-        ds = datasets.Dataset.from_generator(
-            activation_rows, gen_kwargs={"sae": sae, "data": data, "show_progress": show_progress}, features=features, cache_dir=tmp
-        )
+        try:
+            ds = datasets.Dataset.from_generator(
+                activation_rows, gen_kwargs={"sae": sae, "data": data, "show_progress": show_progress}, features=features, cache_dir=tmp
+            )
+        except Exception as err:
+            # datasets wraps what the rows raised in "DatasetGenerationError: An error occurred
+            # while generating the dataset": the corpus' own error names the column or file.
+            cause = _own_error(err)
+            if cause is None:
+                raise
+            raise cause from err
         try:
             with _dropped_messages("datasets.arrow_dataset", "Setting num_proc from"):  # said on every one-shard push
                 ds.push_to_hub(repo_id, private=private, token=token, max_shard_size=max_shard_size, commit_message="Upload sbert-sae activations")

@@ -239,6 +239,16 @@ def test_push_refuses_a_folder_without_an_sae(hub, tmp_path, capsys):
     assert len(err) == 1 and "holds no SAE to push" in err[0]
 
 
+def test_push_with_activations_names_a_corpus_it_cannot_read(hub, labelled_run, wiki_small, capsys):
+    # An error of the corpus (here a text column it lacks) was raised inside datasets' row
+    # generator, which reported "DatasetGenerationError: An error occurred while generating the
+    # dataset" (exit code 1, a crash); the corpus' own error now says what is wrong.
+    assert main(["push", str(labelled_run), "org/bad-acts", "--activations", "--dataset", str(wiki_small), "--text-column", "body", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "text column 'body' not in dataset" in err[0], err
+    assert ("model", "org/bad-acts") not in hub.state.repos and ("dataset", "org/bad-acts-activations") not in hub.state.repos
+
+
 def test_push_with_activations_gives_a_dataset_that_load_activations_reads(hub, labelled_run, wiki_small, capsys):
     from datasets import load_from_disk
 
