@@ -38,6 +38,12 @@ from .errors import ConfigError, InputError, ModelLoadError
 logger = logging.getLogger(__name__)
 
 
+def _names_a_folder(name: str) -> bool:
+    """Whether `name` can only be a path: a Hub repo id is `name` or `org/name`, never absolute,
+    never starting with '.' or '~', never with two slashes."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.replace(os.sep, "/").count("/") > 1
+
+
 @dataclass
 class SparseAutoencoderOutput(ModelOutput):
     """What `SparseAutoencoder.forward` returns.
@@ -572,6 +578,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         name, released = resolve(str(pretrained_model_name_or_path))
         if released and not kwargs.get("revision"):
             kwargs["revision"] = released  # a short name means that release
+        if _names_a_folder(name) and not os.path.exists(name):
+            # transformers takes any missing path for a repo id and answers "Repo id must use
+            # alphanumeric chars" (or, offline, "couldn't connect to huggingface.co").
+            raise ModelLoadError(f"no such folder: {name!r} (an SAE folder holds config.json and model.safetensors)")
         # force_download reaches the config and the weights' header check too: else a damaged
         # cached copy (the reason to force a download) was refused before anything was fetched.
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder", "force_download") if k in kwargs}
@@ -584,7 +594,13 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 f"{name!r} is not an sbert-sae SAE: its config.json is not a JSON object ({type(err).__name__}: {err})"
             ) from err
         except (OSError, ValueError, AttributeError, RecursionError) as err:
-            raise ModelLoadError(f"cannot read config.json of {name!r}: {type(err).__name__}: {err}") from err
+            hint = ""
+            if "/" not in name and not os.path.exists(name):
+                # A bare name is looked up as a released short name first (registry.resolve).
+                from .registry import registry_path
+
+                hint = f" ({name!r} is no released SAE's short name either: `sbert-sae list` shows those of {registry_path()})"
+            raise ModelLoadError(f"cannot read config.json of {name!r}: {type(err).__name__}: {err}{hint}") from err
         where = f"{name!r}" + (f" (subfolder {hub_kwargs['subfolder']!r})" if hub_kwargs.get("subfolder") else "")
         if config_dict == {}:
             # What transformers gives for a folder or repo (or subfolder) without config.json; it

@@ -569,3 +569,19 @@ def test_a_hub_dataset_is_embedded_by_its_id_and_a_new_revision_is_embedded_agai
     reference = minilm.encode(second[:3], convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(torch.tensor(newer.embeddings[:3]), torch.as_tensor(reference)).min() > 0.999
 
+
+
+def test_a_missing_folder_or_an_unknown_short_name_is_named_as_such(hub, tmp_path, capsys):
+    """`info /path/to/missing` said "Repo id must use alphanumeric chars ... '/path/to/missing'"
+    (transformers reads any missing path as a repo id), and `info minilm-wiki-6k` before its
+    release only "is not a valid model identifier": neither said what was wrong."""
+    missing = tmp_path / "runs" / "wiki"
+    for name in (str(missing), "./runs/no-such-run", "runs/wiki/sub"):
+        assert main(["info", name]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"no such folder: {name!r}" in err[0] and "Repo id" not in err[0], err
+        with pytest.raises(ModelLoadError, match="no such folder"):
+            SparseAutoencoder.from_pretrained(name)
+    assert main(["info", "minilm-wiki-6k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no released SAE's short name" in err[0] and "sbert-sae list" in err[0], err
