@@ -35,6 +35,20 @@ MIN_TEXTS = 3
 """Fewest texts an SAE is trained on: 2 to train, 1 held out."""
 
 RUN_FILES = ("config.json", "model.safetensors", "training_args.json", "metrics.json", "checkpoints", "train_log.jsonl")
+# What a new run starts afresh (its training state): removed when --overwrite starts it. The
+# old run's results stay until the new run's are complete.
+TRAINING_STATE = ("checkpoints", "train_log.jsonl", "logs")
+# Files made from a run's SAE after training (labels, families, the activations' link): a run
+# that replaces it removes them, or they would be read as the new SAE's.
+DERIVED_FILES = (
+    "feature_labels.json",
+    "feature_labels.partial.json",
+    "families.json",
+    "families_cooccurrence.png",
+    "family_graph.png",
+    "activations.json",
+)
+FINISHING = ".finishing"  # where a run's results are written before they replace the folder's
 
 
 @dataclass
@@ -200,7 +214,8 @@ def load_and_embed(data: DataArguments, accelerator=None, show_progress: bool = 
 
 def check_output_dir(out_dir: Path, overwrite: bool, resume: bool, clear: bool = True) -> None:
     """Refuse to write into a folder that holds another run, unless told to replace or resume
-    it; with `overwrite` (and `clear`), remove the run it replaces."""
+    it; with `overwrite` (and `clear`), remove the training state of the run it replaces (its
+    results stay until the new run's replace them: a new run that is stopped loses nothing)."""
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
     if not existing:
         return
@@ -212,7 +227,7 @@ def check_output_dir(out_dir: Path, overwrite: bool, resume: bool, clear: bool =
         raise OutputDirError(f"{out_dir} already holds a run ({', '.join(existing)}): pass --overwrite to replace it or --resume to continue it")
     if not clear:
         return
-    for name in RUN_FILES + ("density.png", "split.json", "logs"):
+    for name in TRAINING_STATE:
         target = out_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -400,9 +415,13 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
         }
     )
     sae.config.architectures = [type(sae).__name__]
-    sae.save_pretrained(folder)
+    # The results are written aside, then moved in together: until then the folder holds the
+    # run this one replaces (--overwrite), or nothing, never half of each.
+    finishing = folder / FINISHING
+    shutil.rmtree(finishing, ignore_errors=True)
+    sae.save_pretrained(finishing)
     write_json(
-        folder / "training_args.json",
+        finishing / "training_args.json",
         {
             "sbert_sae_version": __version__,
             "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],  # the program name, not its path
@@ -420,7 +439,7 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
         },
     )
     write_json(
-        folder / "split.json",
+        finishing / "split.json",
         {
             "heldout_fraction": data.heldout_fraction,
             "seed": train_args.seed,
@@ -429,12 +448,28 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
             "heldout_row_ids": heldout_rows.tolist(),
         },
     )
-    write_json(folder / "metrics.json", {**metrics, "descriptions": METRIC_DESCRIPTIONS})
+    write_json(finishing / "metrics.json", {**metrics, "descriptions": METRIC_DESCRIPTIONS})
     title = f"{data.model.split('/')[-1]} SAE n={config.n_latents} k={config.k}" + ("" if _domain_name(data, name) is None else f" ({name})")
-    plot_density(counts, len(train_pos), folder / "density.png", title=title)
-    write_json(folder / "feature_density.json", {"n_texts": int(len(train_pos)), "fire_counts": counts.tolist()})
+    plot_density(counts, len(train_pos), finishing / "density.png", title=title)
+    write_json(finishing / "feature_density.json", {"n_texts": int(len(train_pos)), "fire_counts": counts.tolist()})
+    _move_results_in(finishing, folder)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the finished model supersedes them
     return RunResult(name=name, out_dir=folder, metrics=metrics)
+
+
+def _move_results_in(finishing: Path, folder: Path) -> None:
+    """Replace the results in `folder` by the complete ones in `finishing`: the old run's labels
+    and families go (they describe its SAE), then each new file is renamed into place. The
+    checkpoints are removed only after this, so a run stopped here finishes with --resume."""
+    from .utils import fsync_directory, fsync_folder
+
+    fsync_folder(finishing)
+    for name in DERIVED_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for path in sorted(finishing.iterdir(), key=lambda p: p.name == "model.safetensors"):
+        path.replace(folder / path.name)  # the weights last: what loads is the new run only once all of it is there
+    finishing.rmdir()
+    fsync_directory(folder)
 
 
 def _domain_name(data: DataArguments, name: str) -> str | None:
