@@ -12,6 +12,7 @@ same model and settings, are copied from that entry rather than embedded again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from .base_model import DEFAULT_MODEL, encode_defaults, load_sentence_transforme
 from .data import TextRows, column_values, dataset_fingerprint, find_text_rows
 from .errors import DatasetError, InputError
 from .text_encoder import EncodeSettings, TextEncoder, check_encode_kwargs, resolve_precision
-from .utils import read_json, write_json
+from .utils import pause_point, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -194,13 +195,8 @@ def embed_dataset(
     if (folder / "complete.json").exists():
         try:
             return open_cache(folder)
-        except DatasetError as err:
-            # A file of a finished cache cut short or spoilt (a full disk, a copy that
-            # stopped): its vectors are embedded again rather than read wrong.
-            logger.warning("%s: embedding again", err)
-            if rank == 0:
-                for marker in ("complete.json", "meta.json"):
-                    (folder / marker).unlink(missing_ok=True)
+        except DatasetError:
+            pass  # embedded again below, once the cache is locked
 
     def barrier() -> None:
         if world > 1:
@@ -213,109 +209,157 @@ def embed_dataset(
             else:
                 accelerator.wait_for_everyone()
 
-    rows = text_rows or find_text_rows(ds, text_column, on_bad=on_bad_text)
-    n = len(rows.row_ids)
-    # A finished cache of the family holding this cache's first rows: those are copied, not embedded.
-    donor = _find_donor(root, family, folder, rows.row_ids) if rank == 0 else None
-    settings = EncodeSettings(
-        precision=precision,
-        max_batch_tokens=max_batch_tokens,
-        max_batch_size=batch_size or 1024,
-        normalize=bool(encode_kwargs.get("normalize_embeddings")),
-        prompt_name=encode_kwargs.get("prompt_name"),
-        prompt=encode_kwargs.get("prompt"),
-        truncate_dim=encode_kwargs.get("truncate_dim"),
-    )
-    encoder = None
+    # One job at a time fills a cache: a second one (another user, the same command run twice)
+    # waits, then reads what the first made. Two at once re-created each other's vectors file,
+    # overwrote each other's progress records, and rewrote row_ids.npy while it was being read.
+    with _cache_lock(folder) if rank == 0 else contextlib.nullcontext():
+        barrier()  # the job's other processes wait while its first waits for the lock
+        finished = _finished_cache(folder, rank)
+        barrier()
+        if finished is not None:
+            return finished
+        rows = text_rows or find_text_rows(ds, text_column, on_bad=on_bad_text)
+        n = len(rows.row_ids)
+        # A finished cache of the family holding this cache's first rows: those are copied, not embedded.
+        donor = _find_donor(root, family, folder, rows.row_ids) if rank == 0 else None
+        settings = EncodeSettings(
+            precision=precision,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=batch_size or 1024,
+            normalize=bool(encode_kwargs.get("normalize_embeddings")),
+            prompt_name=encode_kwargs.get("prompt_name"),
+            prompt=encode_kwargs.get("prompt"),
+            truncate_dim=encode_kwargs.get("truncate_dim"),
+        )
+        encoder = None
 
-    def make_encoder() -> TextEncoder:
-        nonlocal model
-        if model is None:
-            model = load_sentence_transformer(model_id, revision=revision, device=device)
-        # Refuses a model that cannot embed text, or settings it cannot follow, before any file is written.
-        return TextEncoder(model, settings, owns_model=True, name=f"model {model_id!r}")
+        def make_encoder() -> TextEncoder:
+            nonlocal model
+            if model is None:
+                model = load_sentence_transformer(model_id, revision=revision, device=device)
+            # Refuses a model that cannot embed text, or settings it cannot follow, before any file is written.
+            return TextEncoder(model, settings, owns_model=True, name=f"model {model_id!r}")
 
-    vectors_file = folder / "embeddings.npy"
-    if rank == 0:
-        if donor is None or donor[1] < n:  # rows to embed: the model is needed
-            encoder = make_encoder()
-            if donor is not None and donor[0].dim != encoder.dim:
-                donor = None
-        dim = encoder.dim if encoder is not None else donor[0].dim
-        folder.mkdir(parents=True, exist_ok=True)
+        vectors_file = folder / "embeddings.npy"
+        if rank == 0:
+            if donor is None or donor[1] < n:  # rows to embed: the model is needed
+                encoder = make_encoder()
+                if donor is not None and donor[0].dim != encoder.dim:
+                    donor = None
+            dim = encoder.dim if encoder is not None else donor[0].dim
+            folder.mkdir(parents=True, exist_ok=True)
+            done = _done_ranges(folder, n, dim)
+            if not done or not vectors_file.exists():
+                for stale in folder.glob("progress*.json"):
+                    stale.unlink()
+                np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+                done = []
+            if done:
+                logger.info("resuming embedding: %d of %d rows already done", sum(b - a for a, b in done), n)
+            np.save(folder / "row_ids.npy", rows.row_ids)
+            if donor is not None:
+                _copy_rows(donor[0], folder, _subtract(0, donor[1], done), n, dim, chunk_size, world)
+        barrier()
+        vectors = np.load(vectors_file, mmap_mode="r+")
+        dim = int(vectors.shape[1])
         done = _done_ranges(folder, n, dim)
-        if not done or not vectors_file.exists():
-            for stale in folder.glob("progress*.json"):
-                stale.unlink()
-            np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
-            done = []
-        if done:
-            logger.info("resuming embedding: %d of %d rows already done", sum(b - a for a, b in done), n)
-        np.save(folder / "row_ids.npy", rows.row_ids)
-        if donor is not None:
-            _copy_rows(donor[0], folder, _subtract(0, donor[1], done), n, dim, chunk_size, world)
-    barrier()
-    vectors = np.load(vectors_file, mmap_mode="r+")
-    dim = int(vectors.shape[1])
-    done = _done_ranges(folder, n, dim)
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    todo = _subtract(lo, hi, done)
-    if todo and encoder is None:
-        encoder = make_encoder()
-        if encoder.dim != dim:
-            raise DatasetError(f"model {model_id!r} makes {encoder.dim}-d embeddings but the cache {folder} holds {dim}-d ones")
-    progress_file = folder / ("progress.json" if world == 1 else f"progress-{rank}.json")
-    mine = [list(r) for r in _read_ranges(progress_file)]
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        todo = _subtract(lo, hi, done)
+        if todo and encoder is None:
+            encoder = make_encoder()
+            if encoder.dim != dim:
+                raise DatasetError(f"model {model_id!r} makes {encoder.dim}-d embeddings but the cache {folder} holds {dim}-d ones")
+        progress_file = folder / ("progress.json" if world == 1 else f"progress-{rank}.json")
+        mine = [list(r) for r in _read_ranges(progress_file)]
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    spans = [(a, min(a + chunk_size, b)) for a, b in todo for a in range(a, b, chunk_size)]
+        spans = [(a, min(a + chunk_size, b)) for a, b in todo for a in range(a, b, chunk_size)]
 
-    def texts_of(span):
-        return column_values(ds, text_column, rows.row_ids[span[0] : span[1]])
+        def texts_of(span):
+            return column_values(ds, text_column, rows.row_ids[span[0] : span[1]])
 
-    total = sum(b - a for a, b in spans)
-    with tqdm(total=total, desc="embedding", unit="text", disable=not (show_progress and rank == 0) or not total, smoothing=0.1) as bar:
-        stream = encoder.stream((texts_of(s) for s in spans), progress=bar.update) if spans else ()
-        for (start, stop), out in zip(spans, stream):
-            if not np.isfinite(out).all():
-                bad = rows.row_ids[start:stop][~np.isfinite(out).all(axis=1)][:5].tolist()
-                raise DatasetError(f"the model produced NaN/inf embeddings for dataset rows {bad}")
-            vectors[start:stop] = out
-            vectors.flush()
-            mine.append([start, stop])
-            write_json(progress_file, {"n_rows": n, "dim": dim, "ranges": _merge(mine)})
-    del vectors
-    barrier()
-    if rank == 0:
-        missing = _subtract(0, n, _done_ranges(folder, n, dim))
-        if missing:
-            raise DatasetError(f"embedding of rows {missing[:3]} did not finish; run again to resume")
-        meta = {
-            "model": model_id,
-            "revision": revision,
-            "dataset_fingerprint": fingerprint,
-            "text_column": text_column,
-            "encode_kwargs": encode_kwargs,
-            "prompt": encoder.prompt if encoder is not None else donor[0].meta.get("prompt"),
-            "truncate_dim": encoder.truncate_dim if encoder is not None else donor[0].meta.get("truncate_dim"),
-            "precision": precision,
-            "processes": world,
-            "n_rows": n,
-            "n_dataset_rows": len(ds),
-            "dim": dim,
-            "skipped": rows.skipped,
-            "skipped_examples": rows.examples,
-            "family": family,
-        }
-        if donor is not None:
-            meta["copied_from"] = {"cache": donor[0].path.name, "rows": donor[1]}
-        write_json(folder / "meta.json", meta)
-        write_json(folder / "complete.json", {"n_rows": n})
-        for progress in folder.glob("progress*.json"):
-            progress.unlink()
-    barrier()
-    return open_cache(folder)
+        total = sum(b - a for a, b in spans)
+        with tqdm(total=total, desc="embedding", unit="text", disable=not (show_progress and rank == 0) or not total, smoothing=0.1) as bar:
+            stream = encoder.stream((texts_of(s) for s in spans), progress=bar.update) if spans else ()
+            for (start, stop), out in zip(spans, stream):
+                if not np.isfinite(out).all():
+                    bad = rows.row_ids[start:stop][~np.isfinite(out).all(axis=1)][:5].tolist()
+                    raise DatasetError(f"the model produced NaN/inf embeddings for dataset rows {bad}")
+                vectors[start:stop] = out
+                vectors.flush()
+                mine.append([start, stop])
+                write_json(progress_file, {"n_rows": n, "dim": dim, "ranges": _merge(mine)})
+                pause_point("chunk", len(mine))
+        del vectors
+        barrier()
+        if rank == 0:
+            missing = _subtract(0, n, _done_ranges(folder, n, dim))
+            if missing:
+                raise DatasetError(f"embedding of rows {missing[:3]} did not finish; run again to resume")
+            meta = {
+                "model": model_id,
+                "revision": revision,
+                "dataset_fingerprint": fingerprint,
+                "text_column": text_column,
+                "encode_kwargs": encode_kwargs,
+                "prompt": encoder.prompt if encoder is not None else donor[0].meta.get("prompt"),
+                "truncate_dim": encoder.truncate_dim if encoder is not None else donor[0].meta.get("truncate_dim"),
+                "precision": precision,
+                "processes": world,
+                "n_rows": n,
+                "n_dataset_rows": len(ds),
+                "dim": dim,
+                "skipped": rows.skipped,
+                "skipped_examples": rows.examples,
+                "family": family,
+            }
+            if donor is not None:
+                meta["copied_from"] = {"cache": donor[0].path.name, "rows": donor[1]}
+            write_json(folder / "meta.json", meta)
+            write_json(folder / "complete.json", {"n_rows": n})
+            for progress in folder.glob("progress*.json"):
+                progress.unlink()
+        barrier()
+        return open_cache(folder)
+
+
+def _finished_cache(folder: Path, rank: int) -> EmbeddingCache | None:
+    """The finished cache in `folder`, or None when it is not finished. A finished one whose
+    files were cut short or spoilt (a full disk, a copy that stopped) is named and, by the
+    first process, marked unfinished: its vectors are embedded again rather than read wrong."""
+    if not (folder / "complete.json").exists():
+        return None
+    try:
+        return open_cache(folder)
+    except DatasetError as err:
+        logger.warning("%s: embedding again", err)
+        if rank == 0:
+            for marker in ("complete.json", "meta.json"):
+                (folder / marker).unlink(missing_ok=True)
+        return None
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path):
+    """Hold `folder/.lock` (an OS lock, freed when its process dies, however it dies), waiting
+    while another process holds it."""
+    import fcntl
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise DatasetError(f"cannot write the embedding cache {folder}: {err.strerror}; pass a writable --cache-dir (or set SBERT_SAE_CACHE)") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another process is embedding into %s: waiting for it to finish", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # frees the lock
 
 
 def _find_donor(root: Path, family: str, own: Path, row_ids: np.ndarray) -> tuple[EmbeddingCache, int] | None:

@@ -200,6 +200,38 @@ def test_an_overwrite_that_is_stopped_keeps_the_run_it_replaces(labelled_run, wi
     assert json.loads((out / "metrics.json").read_text())["steps"] == 35
 
 
+def test_a_second_embedding_into_one_cache_waits_for_the_first(wiki_small, minilm, tmp_path):
+    """Two `sbert-sae embed` of one dataset into one cache (two users, or a command run twice
+    on a cluster) used to write into it at once: each re-created the vectors file the other
+    was filling, overwrote its progress records and rewrote row_ids.npy under its reader. The
+    second now waits (and says so) until the first is done, or, as here, killed; it then
+    resumes from the first's finished rows, to the vectors `encode` gives."""
+    from datasets import load_from_disk
+
+    from sbert_sae.embeddings import open_cache
+
+    cache = tmp_path / "cache"
+    embed = ["embed", "--dataset", wiki_small, "--max-rows", "40", "--cache-dir", cache, "-q"]
+    first = Child(embed, tmp_path / "first.log", pause="chunk:1")  # its rows embedded, not yet marked complete
+    first.wait_until_paused()
+    folder = next((cache / "embeddings").iterdir())
+    second = Child(embed, tmp_path / "second.log")
+    try:
+        deadline = time.monotonic() + 300
+        while "another process is embedding into" not in second.stderr:
+            assert second.proc.poll() is None, f"did not wait for the first: exit {second.proc.returncode}\n{second.stderr[-2000:]}"
+            assert time.monotonic() < deadline, "never waited"
+            time.sleep(0.05)
+        assert not (folder / "complete.json").exists()
+    finally:
+        first.kill()  # paused for an hour otherwise
+    assert second.proc.wait(timeout=300) == 0, second.stderr[-2000:]
+    result = open_cache(folder)
+    texts = load_from_disk(str(wiki_small))["text"][:40]
+    assert result.row_ids.tolist() == list(range(40))
+    torch.testing.assert_close(torch.from_numpy(result.embeddings.copy()), torch.from_numpy(minilm.encode(texts)), atol=2e-5, rtol=0)
+
+
 def fill_disk_while_writing(monkeypatch, target: str) -> None:
     """The checkpoint writer's `target` file gets half its bytes, then the disk is full."""
     import safetensors.torch
