@@ -379,6 +379,25 @@ def test_the_space_app_serves_the_sae_named_by_its_variable(run, monkeypatch):
     assert re.search(r"^app_file: app\.py$", metadata, re.M) and re.search(r"^sdk: gradio$", metadata, re.M)
 
 
+def test_the_space_app_says_which_variable_to_set_when_its_sae_cannot_be_opened(hub, tmp_path, monkeypatch):
+    """The Space's default SAE (the short name minilm-wiki-6k) is not released yet: app.py
+    stopped at import with a ModelLoadError traceback, so the published Space could not start.
+    It now serves a page that names the SAE, the error and the variable to set."""
+    gr = pytest.importorskip("gradio")
+    import runpy
+
+    space = Path(__file__).resolve().parents[1] / "hub" / "space"
+    monkeypatch.delenv("SBERT_SAE_REPO", raising=False)
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("saes: {}\n")  # nothing released
+    monkeypatch.setenv("SBERT_SAE_REGISTRY", str(registry))
+    app = runpy.run_path(str(space / "app.py"), run_name="space")
+    assert app["explorer"] is None and isinstance(app["demo"], gr.Blocks)
+    text = " ".join(block.value for block in app["demo"].blocks.values() if isinstance(block, gr.Markdown))
+    assert "`minilm-wiki-6k`" in text and "SBERT_SAE_REPO" in text and "no released SAE's short name" in text
+    app["demo"].close()
+
+
 def test_search_hits_of_a_hub_repo_name_the_texts_dataset_rows(hub, run, wiki_small, tmp_path):
     """Published activations hold one row per embedded text with its dataset row as `id`: where
     the corpus had rows without text, the Search tab named hits by their position in the
