@@ -157,7 +157,12 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold `folder/.lock` for the duration of a run; a second run into the folder is refused."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputDirError(f"{folder} is a file, not a folder: give a folder for the results") from None
+    except OSError as err:  # read-only, not allowed, a file where a parent folder should be
+        raise OutputDirError(f"cannot make the folder {folder}: {err.strerror}") from err
     lock = folder / ".lock"
     for _ in range(2):
         try:
@@ -169,6 +174,8 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
                 lock.unlink(missing_ok=True)  # left by a run that was killed
                 continue
             raise OutputDirError(f"{folder} is in use by another run (pid {owner or '?'}; lock file {lock})") from None
+        except OSError as err:  # a read-only disk, a folder of another user
+            raise OutputDirError(f"cannot write into {folder}: {err.strerror}") from err
     else:
         raise OutputDirError(f"cannot take the lock {lock}")
     try:

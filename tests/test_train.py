@@ -80,6 +80,17 @@ def test_second_run_into_the_same_folder_is_refused(trained, wiki_small, capsys)
     assert (trained / "model.safetensors").read_bytes() == before
 
 
+def test_an_out_that_is_a_file_is_refused_naming_it(wiki_small, tmp_path, capsys):
+    # It said "FileExistsError: [Errno 17] File exists: '...'" (exit 1), as if a run were there.
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    for out, message in ((taken, f"{taken} is a file, not a folder"), (taken / "run", f"cannot make the folder {taken / 'run'}: Not a directory")):
+        assert run_cli("train", "--dataset", wiki_small, "--out", out, *SMALL) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert taken.read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
