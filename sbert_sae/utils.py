@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -170,16 +171,24 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
             break
         except FileExistsError:
             owner = lock.read_text().strip() if lock.exists() else ""
-            if owner.isdigit() and not _pid_alive(int(owner)):
+            pid, _, host = owner.partition("@")
+            # Whether a process lives can be told only on its own machine: on a folder shared
+            # by several machines, a live run elsewhere has a pid that is free here.
+            if pid.isdigit() and host in ("", socket.gethostname()) and not _pid_alive(int(pid)):
                 lock.unlink(missing_ok=True)  # left by a run that was killed
                 continue
-            raise OutputDirError(f"{folder} is in use by another run (pid {owner or '?'}; lock file {lock})") from None
+            if host and host != socket.gethostname():
+                raise OutputDirError(
+                    f"{folder} is in use by another run (pid {pid} on {host}; lock file {lock}); "
+                    f"if no run is writing there any more, delete {lock}"
+                ) from None
+            raise OutputDirError(f"{folder} is in use by another run (pid {pid or '?'}; lock file {lock})") from None
         except OSError as err:  # a read-only disk, a folder of another user
             raise OutputDirError(f"cannot write into {folder}: {err.strerror}") from err
     else:
         raise OutputDirError(f"cannot take the lock {lock}")
     try:
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
         os.close(fd)
         yield lock
     finally:

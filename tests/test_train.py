@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -335,6 +336,16 @@ def test_a_folder_in_use_is_refused(tmp_path):
     (tmp_path / ".lock").write_text("999999999")  # left by a killed run: taken over
     with run_lock(tmp_path):
         pass
+    (tmp_path / ".lock").write_text(f"999999999@{socket.gethostname()}")
+    with run_lock(tmp_path) as lock:
+        assert lock.read_text() == f"{os.getpid()}@{socket.gethostname()}"
+    # A run on another machine sharing the folder: its pid means nothing here, so it was
+    # judged dead and its lock taken over, two runs then writing one folder.
+    (tmp_path / ".lock").write_text("999999999@another-node")
+    with pytest.raises(OutputDirError, match=r"in use by another run \(pid 999999999 on another-node; .* delete .*\.lock"):
+        with run_lock(tmp_path):
+            pass
+    assert (tmp_path / ".lock").read_text() == "999999999@another-node"
 
 
 def test_embed_and_info_commands(wiki_small, trained, capsys):
