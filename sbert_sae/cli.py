@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the run")
     p.add_argument("--no-push", action="store_true", help="train and label only")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    # The refusal of an --out that holds a run says "pass --overwrite ... or --resume": both exist here as in train.
+    p.add_argument("--resume", action="store_true", help="continue the interrupted training in --out from its last checkpoint, then label and publish")
 
     p = sub.add_parser("compare", parents=[common], help="match two SAEs' features one to one by decoder cosine (e.g. two domains); write comparison.json and a histogram")
     p.add_argument("run_a", metavar="RUN_A", help="SAE folder A")
@@ -583,7 +585,7 @@ def cmd_push(args) -> int:
 def cmd_release(args) -> int:
     from .registry import release
 
-    outcome = release(args.recipe, args.out, push=not args.no_push, overwrite=args.overwrite, show_progress=not args.quiet)
+    outcome = release(args.recipe, args.out, push=not args.no_push, overwrite=args.overwrite, resume=args.resume, show_progress=not args.quiet)
     m = outcome["metrics"]
     print(f"{outcome['name']}: {outcome['out_dir']} held-out FVU {m.get('heldout_fvu', float('nan')):.4f}, label AUROC {m.get('label_auroc_mean') or float('nan'):.4f}")
     if "sha" in outcome:

@@ -585,3 +585,38 @@ def test_a_missing_folder_or_an_unknown_short_name_is_named_as_such(hub, tmp_pat
     assert main(["info", "minilm-wiki-6k"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no released SAE's short name" in err[0] and "sbert-sae list" in err[0], err
+
+
+def test_an_interrupted_release_resumes_with_resume(wiki_small, tmp_path, monkeypatch, capsys):
+    """A release stopped mid-training was refused on its next run with "pass --overwrite to
+    replace it or --resume to continue it", but release had no --resume (argparse: unrecognized
+    arguments): only --overwrite, training again from the start, was left."""
+    monkeypatch.setenv("SBERT_SAE_REGISTRY", str(tmp_path / "registry.yaml"))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"name: tiny\nrepo_id: org/tiny\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n"
+        f'dataset: {{path: "{wiki_small}"}}\nsae: {{n_latents: 32, k: 4}}\n'
+        "training: {epochs: 2, batch_size: 32, checkpoint_every: 5, checkpoint_min_seconds: 0, report_to: none}\n"
+        "labels: {top_texts: 5}\n"
+    )
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real = SparseAutoencoder.set_decoder_norm_to_unit
+
+    def dies_at_step_12(self):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise RuntimeError("simulated crash")
+        return real(self)
+
+    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", dies_at_step_12)
+    assert main(["release", str(recipe), "--out", str(out), "--no-push", "-q"]) == 1
+    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", real)
+    assert (out / "checkpoints").is_dir() and not (out / "model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["release", str(recipe), "--out", str(out), "--no-push", "-q"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["release", str(recipe), "--out", str(out), "--no-push", "--resume", "-q"]) == 0
+    assert "tiny:" in capsys.readouterr().out
+    sae = SparseAutoencoder.from_pretrained(out)
+    assert sae.config.n_latents == 32 and any(sae.feature_labels)
