@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("sbert-sae", "sentence-transformers"), default="sbert-sae", help="sentence-transformers: publish a SparseEncoder (base model + this SAE's encoder) that SparseEncoder(REPO_ID) loads without sbert-sae; use its own repo")
     p.add_argument("--activations", action="store_true", help="also push the corpus' sparse activations as a dataset repo")
     p.add_argument("--activations-repo", default=None, help="dataset repo for them (default: REPO_ID-activations)")
-    p.add_argument("--dataset", default=None, help="corpus to encode for --activations (default: the one the SAE was trained on)")
+    p.add_argument("--dataset", default=None, nargs="+", help="corpus to encode for --activations, as train's --dataset takes it (default: the one the SAE was trained on)")
     p.add_argument("--text-column", default=None, help="its text column (default: the training run's; text with --dataset)")
 
     p = sub.add_parser("release", parents=[common], help="train, label and publish the SAE a recipe describes (hub/recipes/*.yaml), then register it")
@@ -560,7 +560,8 @@ def cmd_push(args) -> int:
 
     data = None
     if args.activations and args.dataset:
-        data = DataArguments(dataset=args.dataset, text_column=args.text_column or "text", json_field=run_json_field(_run_data(args.sae), args.dataset))
+        dataset = args.dataset[0] if len(args.dataset) == 1 else args.dataset  # several files, as train takes them
+        data = DataArguments(dataset=dataset, text_column=args.text_column or "text", json_field=run_json_field(_run_data(args.sae), dataset))
     elif args.activations and args.text_column:
         data = dataclasses.replace(training_data_arguments(args.sae), text_column=args.text_column)
     result = publish(

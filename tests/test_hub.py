@@ -620,3 +620,16 @@ def test_an_interrupted_release_resumes_with_resume(wiki_small, tmp_path, monkey
     assert "tiny:" in capsys.readouterr().out
     sae = SparseAutoencoder.from_pretrained(out)
     assert sae.config.n_latents == 32 and any(sae.feature_labels)
+
+
+def test_push_activations_of_a_corpus_in_several_files(hub, labelled_run, wiki_rows, tmp_path, capsys):
+    """train, label, search and families take --dataset as several files; push --activations
+    --dataset took one and stopped at the second ('unrecognized arguments: b.jsonl')."""
+    files = []
+    for name, rows in (("a.jsonl", wiki_rows[:12]), ("b.jsonl", wiki_rows[12:20])):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+        files.append(str(path))
+    assert main(["push", str(labelled_run), "org/two-files", "--activations", "--dataset", *files, "-q"]) == 0
+    acts = SparseAutoencoder.from_pretrained("org/two-files").load_activations()
+    assert acts["text"] == [r["text"] for r in wiki_rows[:20]]
