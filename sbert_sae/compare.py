@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, ModelLoadError
-from .utils import read_json
+from .utils import read_json, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def plot_cosines(result: ComparisonResult, path: str | Path, title: str = "") ->
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
 
 

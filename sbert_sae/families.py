@@ -39,7 +39,7 @@ import torch
 from .activations import SparseActivations, corpus_codes, encode_corpus, published_activations
 from .errors import ConfigError, InputError, ModelLoadError
 from .modeling_sbert_sae import SparseAutoencoder
-from .utils import read_json, round_figure, usable_cores
+from .utils import read_json, round_figure, save_figure, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -870,7 +870,7 @@ def plot_cooccurrence_blocks(result: FamilyResult, path: str | Path, max_feature
     ax.set_xlabel("feature j (ordered by family: parent, then children)")
     ax.set_ylabel("feature i")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    save_figure(fig, path, dpi=150)
     plt.close(fig)
 
 
@@ -945,5 +945,5 @@ def plot_family_graph(family: Family, path: str | Path, counts: np.ndarray | Non
     ax.set_ylim(-(n_layers - 1) - 0.9, 0.9)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    save_figure(fig, path, dpi=150)
     plt.close(fig)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .search import SteerableIndex
+from .utils import save_figure
 
 DEFAULT_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
 DEFAULT_REPEATS = (1, 2, 5, 10, 20)
@@ -193,7 +194,7 @@ def plot_steering(points: list[SteeringPoint], path, title: str = "") -> None:
     axes[1].set_title(f"close-up: cosine >= {zoom_low:.2f}")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
 
 

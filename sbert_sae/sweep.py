@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .utils import atomic_write, read_json, write_json
+from .utils import atomic_write, read_json, save_figure, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -341,5 +341,5 @@ def plot_scaling(result: SweepResult, path: Path) -> None:
     axes[0].set_title("FVU against SAE size")
     axes[1].set_title("Held-out FVU against training compute")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)

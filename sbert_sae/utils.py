@@ -34,6 +34,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """`fig.savefig(path, **kwargs)` written atomically: a run stopped (or out of disk) while
+    it draws leaves the plot that was there, never a cut-off image."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **kwargs))
+
+
 def fsync_folder(folder: str | os.PathLike) -> None:
     """Flush every file in `folder`, then the folder itself, to the disk (before it is renamed
     into place: a power cut must not leave a complete-looking folder of empty files)."""

@@ -4,7 +4,9 @@ known, and on a small SAE trained and labelled on real Wikipedia text."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,6 +285,31 @@ def test_families_from_embeddings_and_without_labels(run_copy, real, wiki_small,
     assert main(["families", str(run_copy), "--dataset", str(wiki_small), "-q", "--plot-family", str(fams[0].parent)]) == 0
     assert "(no labels)" in capsys.readouterr().out
     assert json.loads((run_copy / "families.json").read_text())["families"][0]["label"] is None
+
+
+def test_a_plot_cut_short_by_a_full_disk_is_never_left_as_the_plot(run_copy, monkeypatch):
+    """The plots were drawn straight into their files: a run stopped or out of disk while
+    drawing left a cut-off PNG under the plot's name (which `push` then published). Half of
+    each PNG is written here before the disk is 'full': no file under a plot's name is cut."""
+    import errno
+    import io
+
+    from matplotlib.figure import Figure
+
+    real = Figure.savefig
+
+    def fills_the_disk(self, fname, *args, **kwargs):
+        data = io.BytesIO()
+        real(self, data, *args, **kwargs)
+        Path(fname).write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fname))
+
+    monkeypatch.setattr(Figure, "savefig", fills_the_disk)
+    assert main(["families", str(run_copy), "-q"]) != 0
+    assert json.loads((run_copy / "families.json").read_text())["families"]
+    for name in ("families_cooccurrence.png", "family_graph.png"):
+        assert not (run_copy / name).exists()
+    assert not [p.name for p in run_copy.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_no_families_found_writes_an_empty_file_and_says_why(run_copy, capsys):
