@@ -2,8 +2,8 @@
 
 Which SAE it shows is a Space variable: `SBERT_SAE_REPO` (a Hub repo id or a registry short
 name; default: the released MiniLM Wikipedia SAE), and optionally `SBERT_SAE_DATASET` (the
-corpus to show texts from; default: the one it was trained on, else the activations
-dataset it was published with) with `SBERT_SAE_TEXT_COLUMN`.
+corpus to show texts from; default: the activations dataset it was published with, else the
+one it was trained on) with `SBERT_SAE_TEXT_COLUMN`.
 """
 
 import logging
