@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import InputError, SbertSaeError
+from .errors import InputError, ModelLoadError, SbertSaeError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -440,6 +440,14 @@ def cmd_label(args) -> int:
         block_size=args.block_size,
         seed=args.seed,
     )
+    if not Path(args.sae).is_dir():
+        from .modeling_sbert_sae import _names_a_folder
+
+        # The labels are written beside the weights: a Hub repo id was loaded, then failed on
+        # its missing local files ('FileNotFoundError: ... model.safetensors').
+        repo = not _names_a_folder(args.sae) and not Path(args.sae).exists()
+        hint = f" (for a Hub repo, download it first: hf download {args.sae} --local-dir DIR)" if repo else ""
+        raise ModelLoadError(f"{args.sae!r} is not a folder here: label writes feature_labels.json into the SAE's folder{hint}")
     started = time.perf_counter()
     summary = run_labelling(args.sae, _data_arguments(args), label_args, show_progress=not args.quiet)
     seconds = time.perf_counter() - started

@@ -633,3 +633,13 @@ def test_push_activations_of_a_corpus_in_several_files(hub, labelled_run, wiki_r
     assert main(["push", str(labelled_run), "org/two-files", "--activations", "--dataset", *files, "-q"]) == 0
     acts = SparseAutoencoder.from_pretrained("org/two-files").load_activations()
     assert acts["text"] == [r["text"] for r in wiki_rows[:20]]
+
+
+def test_label_of_a_hub_repo_id_asks_for_its_folder(hub, labelled_run, wiki_small, capsys):
+    """label writes feature_labels.json into the SAE's folder; given a Hub repo id it loaded the
+    SAE and then failed with 'FileNotFoundError: ... model.safetensors' (exit 1, --debug hint)."""
+    assert main(["push", str(labelled_run), "org/label-me", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["label", "org/label-me", "--dataset", str(wiki_small), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'org/label-me' is not a folder here" in err[0] and "hf download org/label-me --local-dir" in err[0], err
