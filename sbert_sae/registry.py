@@ -76,13 +76,26 @@ def format_registry(entries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _leading_comments(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return lines
+
+
 def register(name: str, entry: dict, path: str | Path | None = None) -> None:
     """Add or replace a registry entry (written atomically)."""
     from .utils import atomic_write
 
     path = Path(path) if path else registry_path()
     data = {"saes": {**load_registry(path), name: entry}}
-    text = "# Released sbert-sae SAEs: short name -> Hub repo and headline metrics (sbert-sae list).\n" + yaml.safe_dump(data, sort_keys=True)
+    # The file's leading comments are kept: the packaged registry says there how entries get in.
+    header = _leading_comments(path) or ["# Released sbert-sae SAEs: short name -> Hub repo and headline metrics (sbert-sae list)."]
+    text = "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 

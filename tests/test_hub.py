@@ -643,3 +643,20 @@ def test_label_of_a_hub_repo_id_asks_for_its_folder(hub, labelled_run, wiki_smal
     assert main(["label", "org/label-me", "--dataset", str(wiki_small), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'org/label-me' is not a folder here" in err[0] and "hf download org/label-me --local-dir" in err[0], err
+
+
+def test_registering_a_release_keeps_the_registry_files_comments(tmp_path):
+    """A release rewrote the packaged pretrained_saes.yaml with a one-line header of its own,
+    dropping the comment that says how entries get there (sbert-sae release ...)."""
+    import shutil
+
+    from sbert_sae.registry import load_registry, register, registry_path
+
+    path = tmp_path / "pretrained_saes.yaml"
+    shutil.copy(registry_path(), path)
+    comments = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert len(comments) >= 2 and any("sbert-sae release" in line for line in comments)
+    register("tiny", {"repo_id": "org/tiny", "k": 4}, path)
+    register("other", {"repo_id": "org/other"}, path)
+    assert path.read_text().splitlines()[: len(comments)] == comments
+    assert set(load_registry(path)) == {"tiny", "other"} and load_registry(path)["tiny"]["k"] == 4
