@@ -763,12 +763,13 @@ def run_families(
     else `pick_family`'s) there, or nothing without `write`. Returns the result."""
 
     from .pipeline import load_sae_corpus
-    from .utils import run_lock, write_json
+    from .utils import check_weights_unchanged, run_lock, weights_stamp, write_json
 
     sae_path = Path(sae_path)
     data = corpus_arguments(sae_path, data)
     args = args or FamilyArguments()
     args.validate()
+    stamp = weights_stamp(sae_path)
     if sae is None:
         sae = SparseAutoencoder.from_pretrained(sae_path)
     data, _, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
@@ -787,6 +788,7 @@ def run_families(
         return result
     dataset_name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
     with run_lock(sae_path):
+        check_weights_unchanged(sae_path, stamp, "families")
         kept = _families_kept_over_none(sae_path / FAMILIES_FILE) if not result.families else None
         if kept is not None:
             # A run that found nothing (a corpus too small, a threshold too high) must not wipe

@@ -27,7 +27,7 @@ from .embeddings import EmbeddingCache, cache_path, embed_dataset
 from .errors import DatasetError, OutputDirError, ResumeError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
 from .trainer import TrainingArguments, check_finished_run, check_resume, data_identity, list_checkpoints, make_accelerator, train
-from .utils import atomic_write, clip, domain_slugs, pause_point, read_json, run_lock, write_json
+from .utils import atomic_write, check_weights_unchanged, clip, domain_slugs, pause_point, read_json, run_lock, weights_stamp, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -553,6 +553,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
     sae_path = Path(sae_path)
     label_args = label_args or LabelArguments()
     label_args.validate()  # before any work
+    stamp = weights_stamp(sae_path)
     sae = SparseAutoencoder.from_pretrained(sae_path)
     data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
     texts = column_values(ds, data.text_column, cache.row_ids)
@@ -580,6 +581,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
         pause_point("block", blocks_saved)
 
     with run_lock(sae_path):
+        check_weights_unchanged(sae_path, stamp, "labels")
         result = label_features(
             sae, texts, cache.embeddings, model, label_args, row_ids=cache.row_ids, show_progress=show_progress, done=done, on_block=save_partial,
             codes=corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress),

@@ -201,6 +201,23 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
         lock.unlink(missing_ok=True)
 
 
+def weights_stamp(folder: str | os.PathLike) -> tuple | None:
+    """Identifies the `model.safetensors` in a run folder as it is now: a run that replaces it
+    (train --overwrite) renames a new file in, with another inode."""
+    try:
+        st = os.stat(Path(folder) / "model.safetensors")
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_weights_unchanged(folder: str | os.PathLike, stamp: tuple | None, work: str) -> None:
+    """Refuse to write `work` made from the SAE loaded when `stamp` was taken, if another run
+    has replaced that SAE since (a run folder is locked only while it is written to)."""
+    if weights_stamp(folder) != stamp:
+        raise OutputDirError(f"the SAE in {folder} was replaced by another run while its {work} were being made from it: nothing written; run again")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -232,6 +232,35 @@ def test_a_second_embedding_into_one_cache_waits_for_the_first(wiki_small, minil
     torch.testing.assert_close(torch.from_numpy(result.embeddings.copy()), torch.from_numpy(minilm.encode(texts)), atol=2e-5, rtol=0)
 
 
+def test_labels_of_an_sae_replaced_while_labelling_are_not_written_beside_the_new_one(labelled_run, wiki_small, tmp_path, monkeypatch, capsys):
+    """`label` loads the SAE and its corpus before it locks the folder (for the write). A
+    `train --overwrite` that finished in between left the new SAE with labels made from the
+    old one. The labelling now sees that the weights it read were replaced and writes nothing."""
+    import sbert_sae.pipeline as pipeline
+
+    out = tmp_path / "relabelled"
+    shutil.copytree(labelled_run, out)
+    (out / "feature_labels.json").unlink()
+    real = pipeline.load_sae_corpus
+
+    def another_run_replaces_the_sae(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        assert run_cli("train", "--dataset", wiki_small, *KILL_RUN, "-q", "--out", out, "--overwrite") == 0
+        return loaded
+
+    monkeypatch.setattr(pipeline, "load_sae_corpus", another_run_replaces_the_sae)
+    capsys.readouterr()
+    assert run_cli("label", out, "--dataset", wiki_small, "-q", "--top-texts", "10") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the SAE in {out} was replaced by another run while its labels were being made" in err[0], err
+    assert not (out / "feature_labels.json").exists()
+    assert SparseAutoencoder.from_pretrained(out).config.n_latents == 128  # the new SAE, unlabelled
+    # `families` likewise (here the SAE is replaced by a run of the same settings: a new file).
+    assert run_cli("families", out, "--dataset", wiki_small, "-q") == 2
+    assert "while its families were being made" in capsys.readouterr().err
+    assert not (out / "families.json").exists()
+
+
 def fill_disk_while_writing(monkeypatch, target: str) -> None:
     """The checkpoint writer's `target` file gets half its bytes, then the disk is full."""
     import safetensors.torch
