@@ -342,13 +342,15 @@ def _finished_cache(folder: Path, rank: int) -> EmbeddingCache | None:
 
 @contextlib.contextmanager
 def _cache_lock(folder: Path):
-    """Hold `folder/.lock` (an OS lock, freed when its process dies, however it dies), waiting
-    while another process holds it."""
+    """Hold the lock of the cache `folder` (an OS lock, freed when its process dies, however it
+    dies), waiting while another process holds it. The lock file is kept apart, in the cache's
+    `locks` folder: a run refused before it embeds anything leaves no cache folder."""
     import fcntl
 
+    locks = folder.parent.parent / "locks"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
         raise DatasetError(f"cannot write the embedding cache {folder}: {err.strerror}; pass a writable --cache-dir (or set SBERT_SAE_CACHE)") from err
     try:
