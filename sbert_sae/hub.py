@@ -121,11 +121,15 @@ def _is_local(dataset: str) -> bool:
     return dataset.startswith((".", "/", "~")) or Path(dataset).exists() or dataset.count("/") != 1
 
 
-def _public_dataset_name(dataset):
-    """A dataset as a published card may name it: a Hub id as it is, a local path by its last part only."""
-    if isinstance(dataset, str) and _is_local(dataset):
-        return f"a local dataset, {Path(dataset).name}"
-    return dataset
+def _public_dataset_name(dataset) -> str:
+    """A dataset (a name, or several data files) as a published card may name it, in
+    Markdown: a Hub id as it is, local files and folders by their last part only."""
+    names = [dataset] if isinstance(dataset, str) else [str(d) for d in dataset or []]
+    if not names:
+        return "an unnamed dataset"
+    if any(_is_local(name) for name in names):
+        return "a local dataset, " + ", ".join(f"`{Path(name).name}`" for name in names)
+    return ", ".join(f"`{name}`" for name in names)
 
 
 def _training_summary(args: dict, config: dict) -> str:
@@ -134,7 +138,7 @@ def _training_summary(args: dict, config: dict) -> str:
     data, training = args.get("data", {}), args.get("training", {})
     dataset = _public_dataset_name(data.get("dataset"))
     parts = [
-        f"- data: `{dataset}` (column `{data.get('text_column')}`"
+        f"- data: {dataset} (column `{data.get('text_column')}`"
         + (f", domain `{args['domain']}`" if args.get("domain") else "")
         + f"), {data.get('heldout_fraction', 0):.0%} of texts held out",
         f"- SAE: n_latents={config.get('n_latents')}, k={config.get('k')}, k_aux={config.get('k_aux')}, AuxK coefficient {config.get('auxk_coef')}, inputs {config.get('normalize')}-normalised",
@@ -345,11 +349,11 @@ def push_activations(
         try:
             with _dropped_messages("datasets.arrow_dataset", "Setting num_proc from"):  # said on every one-shard push
                 ds.push_to_hub(repo_id, private=private, token=token, max_shard_size=max_shard_size, commit_message="Upload sbert-sae activations")
-            dataset_name = ", ".join(_public_dataset_name(d) for d in ([data.dataset] if isinstance(data.dataset, str) else data.dataset))
+            dataset_name = _public_dataset_name(data.dataset)
             card = DatasetCard.load(repo_id, repo_type="dataset", token=token)
             card.text = (
                 f"\n# Sparse activations of {sae_repo or 'an sbert-sae SAE'}\n\n"
-                f"One row per text of `{dataset_name}` (column `{data.text_column}`), encoded by the sparse autoencoder "
+                f"One row per text of {dataset_name} (column `{data.text_column}`), encoded by the sparse autoencoder "
                 + (f"[`{sae_repo}`](https://huggingface.co/{sae_repo})" if sae_repo else "")
                 + f" (n_latents={sae.config.n_latents}, k={sae.config.k}) on the `{sae.config.base_model}` embeddings: "
                 "`indices` are the features that fire on the text, strongest first, and `values` their activations; "

@@ -633,6 +633,28 @@ def test_push_activations_of_a_corpus_in_several_files(hub, labelled_run, wiki_r
     assert main(["push", str(labelled_run), "org/two-files", "--activations", "--dataset", *files, "-q"]) == 0
     acts = SparseAutoencoder.from_pretrained("org/two-files").load_activations()
     assert acts["text"] == [r["text"] for r in wiki_rows[:20]]
+    card = hub.files("org/two-files-activations", repo_type="dataset")["README.md"].decode()
+    assert "a local dataset, `a.jsonl`, `b.jsonl`" in card and str(tmp_path) not in card
+
+
+def test_a_card_names_a_run_trained_on_several_local_files_by_their_names_alone(labelled_run, tmp_path):
+    """The card printed the list of data files as Python does, with each local path in it
+    ("['/home/me/corpus/a.jsonl', ...]"); one local folder was shown as code
+    (`a local dataset, wiki`). Local files are named by their last part, Hub ids as they are."""
+    import shutil
+
+    from sbert_sae.hub import render_model_card
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    args = json.loads((run / "training_args.json").read_text())
+    args["data"]["dataset"] = [str(tmp_path / "corpus" / "a.jsonl"), str(tmp_path / "corpus" / "b.jsonl")]
+    (run / "training_args.json").write_text(json.dumps(args))
+    card = str(render_model_card(run, "org/files"))
+    assert "- data: a local dataset, `a.jsonl`, `b.jsonl` (column `text`)" in card and str(tmp_path) not in card
+    args["data"]["dataset"] = "someone/corpus"
+    (run / "training_args.json").write_text(json.dumps(args))
+    assert "- data: `someone/corpus` (column `text`)" in str(render_model_card(run, "org/files"))
 
 
 def test_label_of_a_hub_repo_id_asks_for_its_folder(hub, labelled_run, wiki_small, capsys):
