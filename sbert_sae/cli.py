@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-label-keywords", type=_positive_int, default=label_defaults.max_label_keywords, help=f"keywords in a label at most (default: {label_defaults.max_label_keywords})")
     g.add_argument("--label-heldout-fraction", type=_open_fraction, default=label_defaults.heldout_fraction, help=f"texts kept out of labelling to score labels on (default: {label_defaults.heldout_fraction})")
     g.add_argument("--block-size", type=_positive_int, default=label_defaults.block_size, help=f"features labelled between two saves of the work so far, which a killed run resumes from (default: {label_defaults.block_size})")
-    g.add_argument("--seed", type=int, default=label_defaults.seed)
+    g.add_argument("--seed", type=int, default=label_defaults.seed, help=f"seed of the held-out split labels are scored on and of the texts sampled as negatives (default: {label_defaults.seed})")
 
     from .families import FamilyArguments
 
@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-descend", action="store_true", help="only roots head families, not qualifying children inside them")
     g.add_argument("--permutations", type=_positive_int, default=fam_defaults.permutations, help=f"random permutations the block ratio is compared with (default: {fam_defaults.permutations})")
     g.add_argument("--plot-family", type=int, default=None, metavar="FEATURE", help="draw the family this feature heads (default: the largest)")
-    g.add_argument("--top", type=int, default=10, help="families to print (default: 10)")
-    g.add_argument("--seed", type=int, default=fam_defaults.seed)
+    g.add_argument("--top", type=_positive_int, default=10, help="families to print (default: 10)")
+    g.add_argument("--seed", type=int, default=fam_defaults.seed, help=f"seed of the permutations the block ratio is compared with (default: {fam_defaults.seed})")
 
     p = sub.add_parser("push", parents=[common], help="publish an SAE folder (weights, config, labels, metrics, plots, model card) to a Hub model repo")
     p.add_argument("sae", help="SAE folder (a trained run)")
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b", metavar="RUN_B", help="SAE folder B (same base model and d_in)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_A/compare-<name of RUN_B>)")
     p.add_argument("--min-cosine", type=float, default=0.7, help="cosine a matched pair needs to count as shared (default: 0.7)")
-    p.add_argument("--top", type=int, default=20, help="shared pairs to print (default: 20)")
+    p.add_argument("--top", type=_positive_int, default=20, help="shared pairs to print (default: 20)")
 
     p = sub.add_parser("search", parents=[common], help="semantic search over a corpus with a query whose SAE features are raised, lowered or clamped")
     p.add_argument("sae", help="SAE run folder (searches the corpus it was trained on) or Hub repo id (needs --dataset)")

@@ -371,3 +371,17 @@ def test_published_activations_are_read_as_top_k_arrays_and_bad_rows_are_named(r
         published_activations(sae, Dataset.from_dict(rows))
     with pytest.raises(DatasetError, match="no 'values' column"):
         published_activations(sae, Dataset.from_dict({"indices": [[1]]}))
+
+
+@pytest.mark.parametrize("command", [["families", "RUN"], ["compare", "RUN_A", "RUN_B"]])
+def test_a_top_count_below_one_is_refused_naming_the_option(command, capsys):
+    """families --top 0 or --top -3 printed no family and compare no shared pair, with no word
+    of why: a count of things to print must be positive (as search --top's is)."""
+    from sbert_sae.cli import main
+
+    for value in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit:
+            main([*command, "--top", value])
+        assert exit.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--top: expected a positive integer, got '{value}'" in err, err
