@@ -440,6 +440,7 @@ def cmd_label(args) -> int:
         block_size=args.block_size,
         seed=args.seed,
     )
+    label_args.validate()  # a wrong value is named before anything is looked for
     if not Path(args.sae).is_dir():
         from .modeling_sbert_sae import _names_a_folder
 
