@@ -111,7 +111,10 @@ def seed_cache_from_package(model_id: str) -> Path | None:
             if path.is_file():
                 target = staging / path.relative_to(source)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(path, target)
+                try:
+                    os.symlink(path, target)
+                except OSError:  # Windows lets only administrators and developer mode make links
+                    shutil.copy2(path, target)
         try:
             os.rename(staging, snapshot)
         except OSError:  # another process seeded it first

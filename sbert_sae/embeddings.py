@@ -345,23 +345,28 @@ def _cache_lock(folder: Path):
     """Hold the lock of the cache `folder` (an OS lock, freed when its process dies, however it
     dies), waiting while another process holds it. The lock file is kept apart, in the cache's
     `locks` folder: a run refused before it embeds anything leaves no cache folder."""
-    import fcntl
+    from filelock import FileLock, Timeout
 
     locks = folder.parent.parent / "locks"
+    failure = f"cannot write the embedding cache {folder}: {{}}; pass a writable --cache-dir (or set SBERT_SAE_CACHE)"
     try:
         locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        raise DatasetError(f"cannot write the embedding cache {folder}: {err.strerror}; pass a writable --cache-dir (or set SBERT_SAE_CACHE)") from err
+        raise DatasetError(failure.format(err.strerror)) from err
+    # flock on POSIX, msvcrt's locking on Windows: both are freed with the process.
+    lock = FileLock(locks / f"{folder.name}.lock")
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            lock.acquire(timeout=0)
+        except Timeout:
             logger.warning("another process is embedding into %s: waiting for it to finish", folder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock.acquire()
+    except OSError as err:
+        raise DatasetError(failure.format(err.strerror or err)) from err
+    try:
         yield
     finally:
-        os.close(fd)  # frees the lock
+        lock.release()
 
 
 def _find_donor(root: Path, family: str, own: Path, row_ids: np.ndarray) -> tuple[EmbeddingCache, int] | None:

@@ -93,14 +93,10 @@ def free_memory_bytes(device: str | None) -> tuple[int, str]:
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         return int(free), f"{torch.cuda.get_device_name(dev)} ({dev})"
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].strip().split()[0]) * 1024, "CPU memory"
-    except (OSError, KeyError, ValueError):
-        import os
+    import psutil
 
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "CPU memory"
+    # What can be had without swapping (Linux's MemAvailable), on every OS.
+    return int(psutil.virtual_memory().available), "CPU memory"
 
 
 def check_grid(ns: list[int], ks: list[int]) -> list[tuple[int, int]]:

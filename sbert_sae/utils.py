@@ -219,13 +219,10 @@ def check_weights_unchanged(folder: str | os.PathLike, stamp: tuple | None, work
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    import psutil
+
+    # Not os.kill(pid, 0): on Windows that terminates the process rather than probing it.
+    return psutil.pid_exists(pid)
 
 
 def clip(text: str, keep: int) -> str:
