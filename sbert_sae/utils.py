@@ -47,7 +47,10 @@ def fsync_folder(folder: str | os.PathLike) -> None:
     for path in folder.iterdir():
         if path.is_file():
             with open(path, "rb") as f:
-                os.fsync(f.fileno())
+                try:
+                    os.fsync(f.fileno())
+                except OSError:
+                    pass  # Windows flushes only files opened for writing; its renames are journalled
     fsync_directory(folder)
 
 
