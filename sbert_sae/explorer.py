@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 FEATURES_TAB, TEXTS_TAB, SEARCH_TAB, OVERVIEW_TAB = "features", "texts", "search", "overview"
 QUERY_SLIDERS = 10
 """Sliders the Search tab gives a query: its strongest features."""
+WAITING = "waiting-for-corpus"
+"""Class of the note of a part shown before the corpus was open: filled in once it is."""
 MAX_STEERED = 16
 """Most sliders the Search tab shows (the query's strongest features plus those added)."""
 
@@ -267,8 +269,17 @@ class Pages:
         )
         return _card("Keywords", table)
 
-    def top_texts(self, f: int, n: int = 10) -> str:
+    def top_texts(self, f: int, n: int = 10, wait: bool = True) -> str:
+        """The feature's strongest corpus texts; with `wait` False and the corpus still opening,
+        the texts stored with its labels (or a note) instead of waiting for it."""
         keywords = self.x.keywords_of(f)
+        if not wait and self.x.corpus_opening:
+            stored = self.x.feature(f)["stored_top_texts"]
+            note = _e(self.x.corpus_status().message) + " (the corpus' strongest texts show here once it is open)"
+            if not stored:
+                return _card("Strongest texts", f'<div class="sae-empty {WAITING}">{note}</div>')
+            items = "".join(f'<div class="sae-text"><div class="body">{highlight(t, keywords)}</div></div>' for t in stored)
+            return _card("Strongest texts (stored with the labels)", f'<div class="sae-note {WAITING}">{note}</div><div class="sae-texts">{items}</div>')
         try:
             texts = self.x.top_texts(f, n)
         except SbertSaeError as err:
@@ -450,21 +461,24 @@ def build_app(explorer: Explorer):
             f,
             pages.feature_header(f),
             pages.keywords(f),
-            pages.top_texts(f),
+            # Not waiting for a corpus still opening (embedded the first time: minutes): the
+            # page shows now, and its texts follow (feature_corpus_figures).
+            pages.top_texts(f, wait=False),
             pages.neighbours(f),
             pages.family(f),
             loading,
             loading,
         )
 
-    def feature_corpus_figures(f, progress=gr.Progress()):  # noqa: B008 - Gradio's way of asking for a progress bar
+    def feature_corpus_figures(f, shown_top: str, progress=gr.Progress()):  # noqa: B008 - Gradio's way of asking for a progress bar
         if f is None:
-            return "", ""
+            return gr.skip(), "", ""
+        top = pages.top_texts(f) if WAITING in (shown_top or "") else gr.skip()
 
         def report(seconds):
             progress(None, desc=f"encoding the corpus' codes (once; they are kept on disk): {seconds:.0f}s")
 
-        return pages.histogram(f, progress=report), pages.cooccurring(f, progress=report)
+        return top, pages.histogram(f, progress=report), pages.cooccurring(f, progress=report)
 
     def on_link(evt: gr.EventData):
         return open_feature(evt.feature)
@@ -550,12 +564,12 @@ def build_app(explorer: Explorer):
                 families_html = gr.HTML(pages.families_list(), elem_id="overview-families", js_on_load=FEATURE_LINKS_JS)
 
         feature_outputs = [tabs, current, header, keywords, top_texts, neighbours, family, histogram, cooccurring]
-        figure_outputs = [histogram, cooccurring]
+        figure_outputs = [top_texts, histogram, cooccurring]
 
         def wire(event):
             opened = event(on_link, None, feature_outputs)
             opened.then(None, js=SCROLL_TO_FEATURE_JS)
-            opened.then(feature_corpus_figures, current, figure_outputs)
+            opened.then(feature_corpus_figures, [current, top_texts], figure_outputs)
 
         for linked in (results, neighbours, cooccurring, family, text_features, families_html, *steering.linked):
             wire(linked.click)
@@ -565,7 +579,7 @@ def build_app(explorer: Explorer):
         inspect_button.click(inspect, text, [text_summary, text_features])
         text.submit(inspect, text, [text_summary, text_features])
         timer.tick(tick, None, [status, timer])
-        demo.load(on_load, None, feature_outputs).then(feature_corpus_figures, current, figure_outputs)
+        demo.load(on_load, None, feature_outputs).then(feature_corpus_figures, [current, top_texts], figure_outputs)
     return demo
 
 

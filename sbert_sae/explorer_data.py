@@ -298,6 +298,12 @@ class Explorer:
             raise DatasetError(f"cannot open the corpus of {self.source}: {self._corpus_error}") from self._corpus_error
         return self._corpus
 
+    @property
+    def corpus_opening(self) -> bool:
+        """True while the corpus is being opened (its texts embedded, the first time: minutes
+        for a large one), so what needs it would wait."""
+        return self._corpus is None and self._corpus_error is None and self._corpus_thread is not None and self._corpus_thread.is_alive()
+
     def search_index(self):
         """The `SteerableIndex` over the corpus: the corpus' own, else (a corpus of published
         codes, without embeddings) one made by embedding its texts once through the cache."""

@@ -308,6 +308,62 @@ def test_a_link_opens_a_feature_page_directly(page, app, corpus):
     expect(page.locator("#feature-label")).to_have_text(sae.feature_labels[f])
 
 
+def test_a_feature_page_shows_while_the_corpus_is_still_being_embedded(page, run, corpus, wiki_small, tmp_path):
+    """The first start on a corpus embeds it (minutes for a large one): a feature's page, clicked
+    or linked, waited for that with nothing shown, because its strongest texts were found
+    before anything was sent. Now its page shows at once (the texts stored with its labels),
+    and the corpus' strongest texts follow once it is open. Here another process holds the
+    embedding cache's lock, as a second run embedding the same corpus would."""
+    import subprocess
+    import sys
+
+    from datasets import load_from_disk
+    from playwright.sync_api import expect
+
+    from sbert_sae.embeddings import cache_path
+    from sbert_sae.explorer import build_app, launch
+    from sbert_sae.explorer_data import Explorer
+
+    sae, texts, codes = corpus
+    f = _best_labelled(sae, codes)
+    cache = tmp_path / "cache"
+    folder = cache_path(load_from_disk(str(wiki_small)), cache_dir=cache)
+    lock = folder.parent.parent / "locks" / f"{folder.name}.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, filelock; lock = filelock.FileLock({str(lock)!r}); lock.acquire(); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    demo = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        explorer = Explorer.open(run, cache_dir=str(cache))
+        explorer.start_corpus()
+        demo = build_app(explorer)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        _, url, _ = launch(demo, host="127.0.0.1", port=port, block=False, quiet=True)
+        page.goto(f"{url}?feature={f}")
+        expect(page.locator("#feature-label")).to_have_text(sae.feature_labels[f])
+        assert explorer.corpus_opening
+        expect(page.locator("#feature-top-texts")).to_contain_text("opening the corpus")
+        holder.stdin.close()  # the other process is done: the corpus is embedded and opens
+        holder.wait(timeout=60)
+        column = codes[:, f]
+        strongest = texts[int(column.argmax())]
+        expect(page.locator("#feature-top-texts .sae-text .meta").first).to_contain_text(f"{float(column.max()):.3f}", timeout=TIMEOUT_MS)
+        expect(page.locator("#feature-top-texts .sae-text .body").first).to_have_text(strongest)
+        expect(page.locator("#feature-histogram")).to_contain_text(f"fires on {int((column > 0).sum())} of {len(texts)} texts")
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        if demo is not None:
+            demo.close()
+
+
 def test_the_page_requests_nothing_from_outside(page):
     """Every page above loaded fonts, scripts and data from the app alone."""
     assert OUTSIDE == []
