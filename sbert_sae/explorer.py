@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -207,6 +208,9 @@ class Pages:
     def search_results(self, query: str) -> str:
         rows = self.x.search_features(query, limit=100)
         if not rows:
+            q = (query or "").strip()
+            if re.fullmatch(r"#?[-+]?\d+", q):
+                return _empty(f"There is no feature {q.lstrip('#')}: features are numbered 0 to {self.x.n - 1}.")
             if not self.x.labelled:
                 return _empty("This SAE is not labelled: search by feature id (e.g. 12), or run `sbert-sae label`.")
             return _empty(f"No feature's label or keywords contain {query!r}.")
@@ -499,8 +503,9 @@ def build_app(explorer: Explorer):
         if "feature" in params:
             try:
                 return open_feature(params["feature"])
-            except gr.Error:
-                pass
+            except gr.Error as err:
+                # A link to a feature that is not there says so, not the blank start page.
+                return (gr.Tabs(selected=FEATURES_TAB), gr.skip(), _card("No such feature", _empty(f"?feature={params['feature']}: {err.message}"))) + (gr.skip(),) * 6
         return (gr.Tabs(),) + (gr.skip(),) * 8
 
     examples = _example_texts(explorer)

@@ -306,6 +306,9 @@ def test_a_link_opens_a_feature_page_directly(page, app, corpus):
     page.goto(f"{app[1]}?feature={f}")
     expect(page.locator("#feature-header [data-current-feature]")).to_have_attribute("data-current-feature", str(f))
     expect(page.locator("#feature-label")).to_have_text(sae.feature_labels[f])
+    # a link to a feature that is not there says so (it showed the blank start page)
+    page.goto(f"{app[1]}?feature=64")
+    expect(page.locator("#feature-header")).to_contain_text("?feature=64: unknown feature 64: features are numbered 0..63")
 
 
 def test_a_feature_page_shows_while_the_corpus_is_still_being_embedded(page, run, corpus, wiki_small, tmp_path):
@@ -384,6 +387,9 @@ def test_an_unlabelled_sae_opens_and_says_so(run, tmp_path):
     pages = Pages(explorer)
     assert "not labelled" in pages.search_results("") and "not labelled" in pages.feature_header(3)
     assert [r["feature"] for r in explorer.search_features("#3")] == [3]
+    # an id out of range is named as such, not taken for a label word ("not labelled")
+    assert "There is no feature 64: features are numbered 0 to 63." in pages.search_results("64")
+    assert "There is no feature -1" in pages.search_results("-1")
     assert "sbert-sae families" in pages.family(3)
     build_app(explorer).close()
     with pytest.raises(Exception, match="missing"):
