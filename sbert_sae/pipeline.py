@@ -243,12 +243,15 @@ def run_training(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    keep_finished: bool = False,
     loaded: tuple | None = None,
 ) -> list[RunResult]:
     """Train one SAE (or one per domain) and write each to its output folder.
 
-    `loaded`: the `(dataset, cache)` of `load_and_embed(data)` when the caller has them (a
-    sweep trains many SAEs on one corpus), else they are loaded here."""
+    `keep_finished`: with `resume`, a finished run trained with these very settings and data
+    is kept, not refused as "nothing to resume" (as a --per-domain run keeps its finished
+    domains). `loaded`: the `(dataset, cache)` of `load_and_embed(data)` when the caller has
+    them (a sweep trains many SAEs on one corpus), else they are loaded here."""
     out_dir = Path(out_dir)
     train_args.validate()
     SparseAutoencoderConfig(**dataclasses.asdict(sae_args), d_in=1)  # refuse impossible sizes before any work
@@ -309,7 +312,7 @@ def run_training(
     results = []
     # A --per-domain run stopped part-way resumes: the domains it finished are kept (when
     # trained with these very settings and data), the others continue or start.
-    finished = {folder for _, _, folder in groups if resume and data.per_domain and _is_finished_run(folder)}
+    finished = {folder for _, _, folder in groups if resume and (data.per_domain or keep_finished) and _is_finished_run(folder)}
     with contextlib.ExitStack() as locks:
         if main:
             for _, _, folder in groups:

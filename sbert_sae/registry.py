@@ -167,7 +167,9 @@ def _only_known(cls, values: dict, where: str) -> dict:
 def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, overwrite: bool = False, show_progress: bool = True, registry: str | Path | None = None, resume: bool = False) -> dict:
     """Train, label and (with `push`) publish the SAE a recipe describes, then register it.
     `resume`: continue the interrupted training in `out_dir` from its last checkpoint (labelling
-    resumes from its last saved block by itself)."""
+    resumes from its last saved block by itself); a run already trained with the recipe's
+    settings (and labelled) is not trained (or labelled) again: a release whose push failed
+    goes on from there."""
     from .hub import publish
     from .labels import LabelArguments
     from .pipeline import DataArguments, SaeArguments, run_labelling, run_training
@@ -192,9 +194,14 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
     train_args = TrainingArguments(**{**_only_known(TrainingArguments, training, f"{recipe.source} training"), "show_progress": show_progress})
     label_args = LabelArguments(**_only_known(LabelArguments, recipe.labels, f"{recipe.source} labels"))
     out_dir = Path(out_dir)
-    results = run_training(data, sae_args, train_args, out_dir, overwrite=overwrite, resume=resume)
+    results = run_training(data, sae_args, train_args, out_dir, overwrite=overwrite, resume=resume, keep_finished=True)
     run_dir = results[0].out_dir
-    summary = run_labelling(run_dir, data, label_args, show_progress=show_progress)
+    if resume and (run_dir / "feature_labels.json").exists():
+        # A run that replaces an SAE removes its labels: these are this SAE's.
+        logger.warning("%s is labelled already: not labelled again", run_dir)
+        summary = None
+    else:
+        summary = run_labelling(run_dir, data, label_args, show_progress=show_progress)
     from .utils import read_json
 
     metrics = read_json(run_dir / "metrics.json")

@@ -622,6 +622,35 @@ def test_an_interrupted_release_resumes_with_resume(wiki_small, tmp_path, monkey
     assert sae.config.n_latents == 32 and any(sae.feature_labels)
 
 
+def test_a_release_whose_push_failed_is_published_by_resume_without_training_again(hub, wiki_small, tmp_path, monkeypatch, capsys):
+    """A release that trained and labelled but could not push (the network, a token) said
+    "holds a finished run: nothing to resume" to --resume: the only way on was --overwrite,
+    training and labelling all over again. --resume now publishes the run as it is, when it
+    was trained with the recipe's settings."""
+    from sbert_sae.utils import weights_stamp
+
+    monkeypatch.setenv("SBERT_SAE_REGISTRY", str(tmp_path / "registry.yaml"))
+    recipe = tmp_path / "tiny.yaml"
+    text = (
+        f"name: tiny\nrepo_id: org/tiny-late\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n"
+        f'dataset: {{path: "{wiki_small}"}}\nsae: {{n_latents: 32, k: 4}}\n'
+        "training: {epochs: 2, batch_size: 32, report_to: none}\nlabels: {top_texts: 5}\n"
+    )
+    recipe.write_text(text)
+    out = tmp_path / "run"
+    assert main(["release", str(recipe), "--out", str(out), "--no-push", "-q"]) == 0
+    stamp, labels = weights_stamp(out), (out / "feature_labels.json").read_bytes()
+    capsys.readouterr()
+    assert main(["release", str(recipe), "--out", str(out), "--resume", "-q"]) == 0
+    assert "published to org/tiny-late" in capsys.readouterr().out
+    assert weights_stamp(out) == stamp and (out / "feature_labels.json").read_bytes() == labels  # neither trained nor labelled again
+    assert hub.files("org/tiny-late")["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    # A finished run of other settings is not published as the recipe's.
+    recipe.write_text(text.replace("k: 4", "k: 8"))
+    assert main(["release", str(recipe), "--out", str(out), "--resume", "-q"]) == 2
+    assert "settings changed" in capsys.readouterr().err
+
+
 def test_push_activations_of_a_corpus_in_several_files(hub, labelled_run, wiki_rows, tmp_path, capsys):
     """train, label, search and families take --dataset as several files; push --activations
     --dataset took one and stopped at the second ('unrecognized arguments: b.jsonl')."""
