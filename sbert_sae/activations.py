@@ -81,6 +81,12 @@ class FeatureIndex:
         return int(self.ptr[feature + 1] - self.ptr[feature])
 
 
+ENCODE_BATCH_ELEMENTS = 1 << 26
+"""At most this many pre-activations (batch rows x n_latents, float32: 256 MiB) are made at a
+time when a corpus is encoded: 8192 texts at a time, as before, made 1.5 GB of them for an SAE
+of 49,152 features, and twice that for one twice as wide."""
+
+
 @torch.no_grad()
 def encode_corpus(
     sae: SparseAutoencoder,
@@ -88,10 +94,12 @@ def encode_corpus(
     batch_size: int = 8192,
     show_progress: bool = False,
 ) -> SparseActivations:
-    """Top-k activations of every row of `embeddings` (n_texts, d_in), streamed in batches."""
+    """Top-k activations of every row of `embeddings` (n_texts, d_in), streamed in batches of
+    at most `batch_size` rows, fewer for a wide SAE (`ENCODE_BATCH_ELEMENTS`)."""
     from tqdm.auto import tqdm
 
     n, k = len(embeddings), sae.config.k
+    batch_size = max(1, min(batch_size, ENCODE_BATCH_ELEMENTS // sae.config.n_latents))
     values = np.empty((n, k), dtype=np.float32)
     indices = np.empty((n, k), dtype=np.int32)
     device = sae.W_dec.device

@@ -65,6 +65,41 @@ def test_by_feature_lists_each_features_texts_strongest_first_ties_in_row_order(
             assert list(zip(-index.acts_of(f), index.rows_of(f))) == expected
 
 
+def test_a_wide_sae_encodes_a_corpus_in_batches_of_bounded_pre_activations():
+    """Encoding a corpus makes (batch rows x n_latents) pre-activations at a time: for a wide
+    SAE the batches are cut so that they stay within ENCODE_BATCH_ELEMENTS, with the same codes."""
+    import torch
+
+    from sbert_sae import SparseAutoencoder, SparseAutoencoderConfig
+    from sbert_sae.activations import ENCODE_BATCH_ELEMENTS, encode_corpus
+
+    class Recording(SparseAutoencoder):
+        def pre_activations(self, x):
+            pre = super().pre_activations(x)
+            self.shapes.append(tuple(pre.shape))
+            return pre
+
+    torch.manual_seed(0)
+    n_latents = 32768
+    sae = Recording(SparseAutoencoderConfig(d_in=16, n_latents=n_latents, k=4))
+    sae.shapes = []
+    embeddings = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    codes = encode_corpus(sae, embeddings)
+    widest = ENCODE_BATCH_ELEMENTS // n_latents
+    assert widest < len(embeddings)  # the default 8192 rows would have been one batch of all
+    assert [rows for rows, _ in sae.shapes] == [widest, len(embeddings) - widest]
+    assert all(rows * width <= ENCODE_BATCH_ELEMENTS and width == n_latents for rows, width in sae.shapes)
+    assert codes.values.shape == codes.indices.shape == (3000, 4)
+    assert codes.values.dtype == np.float32 and codes.indices.dtype == np.int32
+    with torch.no_grad():
+        for start in range(0, 3000, 500):
+            v, i = sae.encode_topk(torch.from_numpy(embeddings[start : start + 500]))
+            assert np.array_equal(codes.values[start : start + 500], v.numpy()) and np.array_equal(codes.indices[start : start + 500], i.numpy())
+    sae.shapes = []
+    encode_corpus(sae, embeddings[:250], batch_size=100)  # a smaller batch asked for is kept
+    assert [rows for rows, _ in sae.shapes] == [100, 100, 50]
+
+
 def test_corpus_codes_are_kept_beside_the_cache_and_read_back(tmp_path, caplog):
     import torch
 
