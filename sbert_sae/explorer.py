@@ -560,12 +560,15 @@ def build_app(explorer: Explorer):
                     with gr.Column(scale=3):
                         gr.HTML(pages.overview(), elem_id="overview-metrics", js_on_load=None)
                     with gr.Column(scale=2):
+                        # Gradio's label floats over the image, hiding the plot's own title: the
+                        # plots carry their titles, and the tree a caption above it.
                         density = pages.density_plot()
                         if density:
-                            gr.Image(density, label="Feature density", show_label=True, interactive=False, elem_id="overview-density", buttons=["fullscreen"])
+                            gr.Image(density, label="Feature density", show_label=False, interactive=False, elem_id="overview-density", buttons=["fullscreen"])
                         graph = explorer.plot("family_graph.png")
                         if graph:
-                            gr.Image(graph, label="One family as a tree", interactive=False, buttons=["fullscreen"])
+                            gr.HTML('<div class="sae-note">One family as a tree (⛶ enlarges it)</div>', js_on_load=None)
+                            gr.Image(graph, label="One family as a tree", show_label=False, interactive=False, elem_id="overview-family-graph", buttons=["fullscreen"])
                 families_html = gr.HTML(pages.families_list(), elem_id="overview-families", js_on_load=FEATURE_LINKS_JS)
 
         feature_outputs = [tabs, current, header, keywords, top_texts, neighbours, family, histogram, cooccurring]

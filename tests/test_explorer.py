@@ -295,6 +295,13 @@ def test_overview_shows_metrics_and_families(page, run, corpus):
     else:
         expect(table).to_contain_text("no families")
     expect(page.locator("#overview-density img")).to_be_visible()
+    # nothing is drawn over the plots (Gradio's floating label hid the density plot's title)
+    for plot in ("#overview-density", "#overview-family-graph"):
+        image = page.locator(f"{plot} img").bounding_box()
+        for label in page.locator(f"{plot} label").all():
+            box = label.bounding_box()
+            if box:
+                assert box["y"] + box["height"] <= image["y"] or box["y"] >= image["y"] + image["height"], f"{plot}: {label.inner_text()!r} covers the plot"
     page.screenshot(path=str(ARTIFACTS / "4-overview.png"), full_page=True)
 
 
