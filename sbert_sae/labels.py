@@ -560,26 +560,8 @@ def label_features(
     doc_terms, vocab = document_terms(ctx.texts, tuple(args.ngram_range), min(args.min_df, n_texts))
     idf = np.log(n_texts / np.maximum(np.asarray(doc_terms.sum(axis=0)).ravel(), 1)).astype(np.float32)
     neg_weights = _row_matrix(ctx.hard_train, [np.full(len(h), 1.0 / max(1, len(h)), dtype=np.float32) for h in ctx.hard_train], n_feat, n_texts)
-    # A candidate must occur in 2 or more of the feature's texts (in 1, where no n-gram is in 2:
-    # a feature with a single text, or texts that share no word common enough to count).
-    presence = (_row_matrix(ctx.pos_rows, [np.ones(len(r), dtype=np.float32) for r in ctx.pos_rows], n_feat, n_texts) @ doc_terms).tocsr()
-    needed = np.clip(presence.max(axis=1).toarray().ravel(), 1, 2).astype(np.float32)
-    presence.data = (presence.data >= np.repeat(needed, np.diff(presence.indptr))).astype(np.float32)
-    lexical = ((ctx.weights @ doc_terms) - args.lexical_contrast * (neg_weights @ doc_terms)).multiply(presence).multiply(idf[None, :]).tocsr()
-    lexical.eliminate_zeros()
     features: dict[int, dict] = {int(f): e for f, e in (done or {}).items()}
-    cand_per_feature: list[np.ndarray] = []
-    for f in range(n_feat):
-        if f in features:
-            cand_per_feature.append(np.zeros(0, dtype=np.int64))
-            continue
-        start, stop = lexical.indptr[f], lexical.indptr[f + 1]
-        terms, scores = lexical.indices[start:stop], lexical.data[start:stop]
-        good = scores > 0
-        terms, scores = terms[good], scores[good]
-        if len(terms) > args.candidates:
-            terms = terms[np.argpartition(-scores, args.candidates - 1)[: args.candidates]]
-        cand_per_feature.append(terms)
+    cand_per_feature = lexical_candidates(ctx, doc_terms, idf, neg_weights, skip=features)
     lap("candidates")
 
     kw_model = KeyBERT(model=model)
@@ -698,6 +680,51 @@ def label_features(
         }
     )
     return LabelResult(features=features, summary=summary, settings=asdict(args))
+
+
+def lexical_candidates(
+    ctx: LabellingContext,
+    doc_terms: sp.csr_matrix,
+    idf: np.ndarray,
+    neg_weights: sp.csr_matrix,
+    skip=(),
+    chunk: int = 2048,
+) -> list[np.ndarray]:
+    """Each feature's best `args.candidates` n-grams (columns of `doc_terms`) by contrastive
+    c-TF-IDF over its labelling texts; none for the features in `skip` (labelled already).
+
+    The features go by in chunks: the (features x n-grams) products hold every n-gram of every
+    feature's texts, about 20 MB per thousand features, and only each row's best few are kept
+    (all features at once: 1 GB more for 49,152 features of a 20k-text corpus). Every row is
+    computed alone, so the chunking changes nothing in the result."""
+    args, n_feat, n_texts = ctx.args, ctx.n_features, doc_terms.shape[0]
+    out: list[np.ndarray] = []
+    for f0 in range(0, n_feat, chunk):
+        f1 = min(f0 + chunk, n_feat)
+        rows = ctx.pos_rows[f0:f1]
+        # A candidate must occur in 2 or more of the feature's texts (in 1, where no n-gram is
+        # in 2: a feature with a single text, or texts that share no word common enough to count).
+        presence = (_row_matrix(rows, [np.ones(len(r), dtype=np.float32) for r in rows], f1 - f0, n_texts) @ doc_terms).tocsr()
+        needed = np.clip(presence.max(axis=1).toarray().ravel(), 1, 2).astype(np.float32)
+        presence.data = (presence.data >= np.repeat(needed, np.diff(presence.indptr))).astype(np.float32)
+        lexical = ctx.weights[f0:f1] @ doc_terms
+        if args.lexical_contrast:  # at 0 (the default) the negatives' product would be thrown away
+            lexical = lexical - args.lexical_contrast * (neg_weights[f0:f1] @ doc_terms)
+        lexical = lexical.multiply(presence).multiply(idf[None, :]).tocsr()
+        lexical.eliminate_zeros()
+        lexical.sort_indices()
+        for f in range(f0, f1):
+            if f in skip:
+                out.append(np.zeros(0, dtype=np.int64))
+                continue
+            start, stop = lexical.indptr[f - f0], lexical.indptr[f - f0 + 1]
+            terms, scores = lexical.indices[start:stop], lexical.data[start:stop]
+            good = scores > 0
+            terms, scores = terms[good], scores[good]
+            if len(terms) > args.candidates:
+                terms = terms[np.argpartition(-scores, args.candidates - 1)[: args.candidates]]
+            out.append(terms)
+    return out
 
 
 def _separate_duplicates(ctx: LabellingContext, features: dict[int, dict], known: dict[str, np.ndarray], model, rounds: int = 3) -> list[int]:

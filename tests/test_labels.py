@@ -10,7 +10,7 @@ import torch
 
 from sbert_sae import ConfigError, DatasetError, ModelLoadError, SparseAutoencoder, SparseAutoencoderConfig
 from sbert_sae.cli import main
-from sbert_sae.labels import LabelArguments, document_terms, label_features, ngram_analyzer, prepare_labelling, score_labels
+from sbert_sae.labels import LabelArguments, _row_matrix, document_terms, label_features, lexical_candidates, ngram_analyzer, prepare_labelling, score_labels
 
 TOPICS = ("Mathematics", "Arts", "Biology and health sciences")
 
@@ -163,6 +163,45 @@ def test_scripts_without_spaces_give_short_character_ngrams_as_labels(minilm):
             for part in kw.split(", "):
                 assert 2 <= len(part) <= 4 and " " not in part, entry["label"]  # not a clause
                 assert any(part in t for t in own), (part, entry["label"])  # from the feature's own texts
+
+
+@pytest.mark.parametrize("contrast", [0.0, 0.5])
+def test_lexical_candidates_are_each_features_best_ngrams_whatever_the_chunk(corpus, contrast):
+    """The candidates, computed a few features at a time, are each feature's best n-grams by
+    contrastive c-TF-IDF, as a dense computation of one feature alone finds them: those in
+    2 or more of its labelling texts, scored by its activation weights times the rarity."""
+    texts, _, emb = corpus
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=48, k=4, base_model="sentence-transformers/all-MiniLM-L6-v2"))
+    args = LabelArguments(top_texts=15, negatives=30, score_texts=40, candidates=8, lexical_contrast=contrast)
+    ctx = prepare_labelling(sae, texts, emb, args)
+    doc_terms, _ = document_terms(ctx.texts, (1, 3), 3)
+    n_texts = len(texts)
+    idf = np.log(n_texts / np.maximum(np.asarray(doc_terms.sum(axis=0)).ravel(), 1)).astype(np.float32)
+    neg_weights = _row_matrix(ctx.hard_train, [np.full(len(h), 1.0 / max(1, len(h)), dtype=np.float32) for h in ctx.hard_train], ctx.n_features, n_texts)
+    skip = {1, 7}
+    chunked = lexical_candidates(ctx, doc_terms, idf, neg_weights, skip=skip, chunk=5)
+    whole = lexical_candidates(ctx, doc_terms, idf, neg_weights, skip=skip, chunk=10**6)
+    assert len(chunked) == len(whole) == ctx.n_features
+    assert all(np.array_equal(a, b) for a, b in zip(chunked, whole))
+    dense, neg = doc_terms.toarray().astype(np.float64), neg_weights.toarray()
+    weights = ctx.weights.toarray()
+    checked = 0
+    for f, picked in enumerate(chunked):
+        if f in skip:
+            assert len(picked) == 0
+            continue
+        in_texts = dense[ctx.pos_rows[f]].sum(0)
+        needed = min(2, max(1, in_texts.max(initial=0)))
+        score = (weights[f] @ dense - contrast * (neg[f] @ dense)) * (in_texts >= needed) * idf
+        positive = np.flatnonzero(score > 0)
+        assert len(picked) == min(args.candidates, len(positive)) and len(set(picked.tolist())) == len(picked)
+        assert set(picked.tolist()) <= set(positive.tolist())
+        left_out = np.setdiff1d(positive, picked)
+        if len(picked) and len(left_out):  # the best: nothing left out scores above a pick
+            assert score[left_out].max() <= score[picked].min() + 1e-5
+        checked += len(picked) > 0
+    assert checked > 20
 
 
 @pytest.mark.parametrize("processes", [1, 3])
