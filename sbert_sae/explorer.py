@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
 from .errors import SbertSaeError
 from .explorer_data import Explorer, keyword_spans
@@ -137,7 +138,10 @@ def _pct(value: float | None) -> str:
         return "–"
     if value == 0:
         return "0%"
-    return f"{value:.2%}" if value >= 0.0001 else f"{value:.1e}"
+    # one text in 10,000 or fewer: two significant digits, still a percentage
+    if value >= 0.0001:
+        return f"{value:.2%}"
+    return np.format_float_positional(value * 100, precision=2, fractional=False, trim="-") + "%"
 
 
 def _bar(value: float, top: float, width_em: float = 8.0, negative: bool = False) -> str:
@@ -228,7 +232,7 @@ class Pages:
         d = self.x.feature(f)
         chips = []
         if d["density"] is not None:
-            n_firing = f" ({d['n_firing']:,} texts)" if d.get("n_firing") is not None else ""
+            n_firing = f" ({d['n_firing']:,} text{'s' if d['n_firing'] != 1 else ''})" if d.get("n_firing") is not None else ""
             chips.append(f'<span class="sae-chip" title="share of the corpus\' texts this feature fires on">fires on <b>{_pct(d["density"])}</b>{n_firing}</span>')
         score = d["score"]
         if score.get("auroc") is not None:

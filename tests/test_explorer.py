@@ -403,6 +403,15 @@ def test_an_unlabelled_sae_opens_and_says_so(run, tmp_path):
         Explorer.open(tmp_path / "missing")
 
 
+def test_a_rare_features_share_reads_as_a_percentage():
+    """A feature firing on 1 text of 10,033 was shown as 'fires on 1.0e-04', a fraction among
+    percentages; it reads '0.01%' now."""
+    pytest.importorskip("gradio")
+    from sbert_sae.explorer import _pct
+
+    assert [_pct(v) for v in (1 / 10033, 3e-5, 1e-7, 0.0042, 0.0)] == ["0.01%", "0.003%", "0.00001%", "0.42%", "0%"]
+
+
 def test_explorer_of_a_hub_repo_reads_its_published_activations(hub, run, wiki_small, corpus, tmp_path):
     """An SAE trained on another machine (its training dataset is not here), published with
     its activations: the explorer shows texts and codes from the activations dataset, and
