@@ -232,8 +232,12 @@ class Pages:
         d = self.x.feature(f)
         chips = []
         if d["density"] is not None:
-            n_firing = f" ({d['n_firing']:,} text{'s' if d['n_firing'] != 1 else ''})" if d.get("n_firing") is not None else ""
-            chips.append(f'<span class="sae-chip" title="share of the corpus\' texts this feature fires on">fires on <b>{_pct(d["density"])}</b>{n_firing}</span>')
+            # Counted over the labelling or the training texts, not the corpus the histogram
+            # counts over: the chip says which, so that the two figures do not seem to disagree.
+            basis, n_texts = self.x.density_basis(f) or ("", None)
+            of = f" of {n_texts:,} {basis} texts" if n_texts else f" {basis} text{'s' if d['n_firing'] != 1 else ''}"
+            n_firing = f" ({d['n_firing']:,}{of})" if d.get("n_firing") is not None else ""
+            chips.append(f'<span class="sae-chip" title="share of the {basis} texts this feature fires on">fires on <b>{_pct(d["density"])}</b>{n_firing}</span>')
         score = d["score"]
         if score.get("auroc") is not None:
             cls = "good" if score["auroc"] >= 0.8 else ("bad" if score["auroc"] < 0.6 else "")

@@ -438,6 +438,14 @@ class Explorer:
             return float(self.train_counts[feature] / self.train_texts)
         return None
 
+    def density_basis(self, feature: int) -> tuple[str, int | None] | None:
+        """Which texts `density` counts over: ("labelling", n) or ("training", n); None without one."""
+        if self.entries.get(feature, {}).get("density") is not None:
+            return "labelling", (self.label_data.get("summary") or {}).get("n_texts")
+        if self.train_counts is not None and self.train_texts:
+            return "training", int(self.train_texts)
+        return None
+
     def search_features(self, query: str, limit: int = 50) -> list[dict]:
         """Features whose label or keywords match `query` (words, or a feature id such as 812 or
         #812), best first: the label equal to the query, then containing it, then a keyword

@@ -398,6 +398,11 @@ def test_an_unlabelled_sae_opens_and_says_so(run, tmp_path):
     assert "There is no feature 64: features are numbered 0 to 63." in pages.search_results("64")
     assert "There is no feature -1" in pages.search_results("-1")
     assert "sbert-sae families" in pages.family(3)
+    # its share is over the training texts, and says so (the histogram's is over the corpus)
+    import json
+
+    density = json.loads((folder / "feature_density.json").read_text())
+    assert f"({density['fire_counts'][3]:,} of {density['n_texts']:,} training texts)" in pages.feature_header(3)
     build_app(explorer).close()
     with pytest.raises(Exception, match="missing"):
         Explorer.open(tmp_path / "missing")
