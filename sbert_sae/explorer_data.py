@@ -576,7 +576,9 @@ class Explorer:
         if corpus is None or corpus.activations(timeout=timeout, progress=progress) is None:
             return None
         _, values = corpus.firing(f)
-        counts, edges = np.histogram(values, bins=bins) if len(values) else (np.zeros(0, dtype=np.int64), np.zeros(0))
+        # One value alone: numpy would span value ± 0.5, an axis from a negative activation.
+        span = (0.0, float(values[0])) if len(values) and values.min() == values.max() else None
+        counts, edges = np.histogram(values, bins=bins, range=span) if len(values) else (np.zeros(0, dtype=np.int64), np.zeros(0))
         return {"counts": counts, "edges": edges, "values": values, "n_firing": len(values), "n_texts": len(corpus)}
 
     def cooccurring(self, feature, top: int = 10, timeout: float | None = None, progress=None) -> list[dict] | None:

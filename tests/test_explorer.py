@@ -408,6 +408,26 @@ def test_an_unlabelled_sae_opens_and_says_so(run, tmp_path):
         Explorer.open(tmp_path / "missing")
 
 
+def test_the_activation_histogram_spans_the_activations(run, wiki_small, tmp_path):
+    """A feature firing on one text (or always with one value) had its histogram drawn from
+    value - 0.5 to value + 0.5 (numpy's default for a single value): an axis starting at a
+    negative activation. The axis now runs from 0 to the value. Over a corpus of one text,
+    every feature that fires has one value."""
+    from datasets import load_from_disk
+
+    from sbert_sae.explorer_data import Explorer
+
+    one = tmp_path / "one"
+    load_from_disk(str(wiki_small)).select([0]).save_to_disk(str(one))
+    explorer = Explorer.open(run, dataset=str(one), cache_dir=str(tmp_path / "cache"))
+    firing = [f for f in range(explorer.n) if explorer.activation_histogram(f)["n_firing"]]
+    assert firing
+    for f in firing:
+        hist = explorer.activation_histogram(f)
+        assert hist["edges"][0] == 0 and hist["edges"][-1] == pytest.approx(float(hist["values"][0])), f
+        assert hist["counts"].sum() == 1
+
+
 def test_a_rare_features_share_reads_as_a_percentage():
     """A feature firing on 1 text of 10,033 was shown as 'fires on 1.0e-04', a fraction among
     percentages; it reads '0.01%' now."""
