@@ -647,9 +647,9 @@ class Steering:
                     gr.Slider(-1, 2, value=0, step=0.05, visible=False, elem_id=f"steer-{i}", elem_classes=["steer-slider"]) for i in range(MAX_STEERED)
                 ]
                 self.apply = gr.Button("Search with steering", variant="primary", elem_id="steer-apply")
-                with gr.Accordion("Add a feature by its label", open=True):
+                with gr.Accordion("Add a feature by its label or id", open=True):
                     with gr.Row(equal_height=True):
-                        self.about = gr.Textbox(placeholder="e.g. galaxy", show_label=False, scale=3, elem_id="steer-about")
+                        self.about = gr.Textbox(placeholder="e.g. galaxy, or 812", show_label=False, scale=3, elem_id="steer-about")
                         self.find = gr.Button("Find", scale=1, min_width=70, elem_id="steer-find")
                     self.choice = gr.Dropdown(choices=[], label="Features whose label matches", interactive=True, elem_id="steer-choice")
                     self.add = gr.Button("Add a slider for it", elem_id="steer-add")
@@ -710,10 +710,18 @@ class Steering:
         if not (about or "").strip():
             gr.Warning("Type a word of the feature's label.")
             return gr.skip()
+        if re.fullmatch(r"\s*#?\d+\s*", about):
+            # An id: the one way to steer by a feature of an SAE without labels.
+            try:
+                f = self.x.check_feature(about)
+            except SbertSaeError as err:
+                raise gr.Error(str(err)) from None
+            choices = [(f"#{f} {self.x.display_label(f)}", f)]
+            return gr.Dropdown(choices=choices, value=f)
         try:
             matches = self._index().features_about(about, top=12)
         except SbertSaeError as err:
-            raise gr.Error(str(err)) from None
+            raise gr.Error(f"{err} (or type a feature's id, e.g. 12)") from None
         choices = [(f"#{m.feature} {m.label}", m.feature) for m in matches]
         return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
 

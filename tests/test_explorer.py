@@ -381,8 +381,8 @@ def test_the_page_requests_nothing_from_outside(page):
 
 # ------------------------------------------------------------ without a browser
 def test_an_unlabelled_sae_opens_and_says_so(run, tmp_path):
-    pytest.importorskip("gradio")
-    from sbert_sae.explorer import Pages, build_app
+    gr = pytest.importorskip("gradio")
+    from sbert_sae.explorer import Pages, Steering, build_app
     from sbert_sae.explorer_data import NOT_LABELLED, Explorer
 
     folder = tmp_path / "unlabelled"
@@ -398,6 +398,11 @@ def test_an_unlabelled_sae_opens_and_says_so(run, tmp_path):
     assert "There is no feature 64: features are numbered 0 to 63." in pages.search_results("64")
     assert "There is no feature -1" in pages.search_results("-1")
     assert "sbert-sae families" in pages.family(3)
+    # the Search tab steers by a feature given by its id (without labels, the only way)
+    steering = Steering(explorer)
+    assert steering.find_features("#3").choices == [("#3 (not labelled)", 3)]
+    with pytest.raises(gr.Error, match="unknown feature 64"):
+        steering.find_features("64")
     # its share is over the training texts, and says so (the histogram's is over the corpus)
     import json
 
