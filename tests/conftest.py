@@ -62,11 +62,20 @@ def hub(hub_server, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", "hf_sbert_sae_test_token")
+    # huggingface_hub < 1.0 (requests) caches a session per thread with an adapter that refuses
+    # every request when it was made offline, by any earlier test: made again, online.
+    import huggingface_hub.utils
+
+    reset_sessions = getattr(huggingface_hub.utils, "reset_sessions", None)
+    if reset_sessions is not None:
+        reset_sessions()
     hub_server.state.require_token = False
     hub_server.state.failures.clear()
     yield hub_server
     hub_server.state.require_token = False
     hub_server.state.failures.clear()
+    if reset_sessions is not None:
+        reset_sessions()  # and offline again after it
 
 
 @pytest.fixture(scope="session")
