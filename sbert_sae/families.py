@@ -307,7 +307,7 @@ def normalized_cooccurrence(cooc: sp.csr_matrix) -> sp.csr_matrix:
 
 
 # ------------------------------------------------------------ trees and families
-def edges(cooc: sp.csr_matrix, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def edges(cooc: sp.csr_matrix, threshold: float, chunk_entries: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The graph's edges `(i, j, w)`, i < j, with `w = C[i, j] / (min(C[i, i], C[j, j]) + 1) >= threshold`.
 
     The paper thresholds the row-normalised `C_norm` and hands the asymmetric matrix to
@@ -318,11 +318,28 @@ def edges(cooc: sp.csr_matrix, threshold: float) -> tuple[np.ndarray, np.ndarray
     paper's exp() of the weights changes no spanning tree: only their order counts.)
     """
     counts = np.asarray(cooc.diagonal(), dtype=np.int64)
-    upper = sp.triu(cooc, k=1).tocoo()
-    i, j = upper.row.astype(np.int64), upper.col.astype(np.int64)
-    w = upper.data.astype(np.float64) / (np.minimum(counts[i], counts[j]) + 1.0)
-    keep = w >= threshold
-    return i[keep], j[keep], w[keep]
+    cooc = cooc.tocsr()
+    cooc.sum_duplicates()  # one entry per pair, columns in order within a row
+    parts_i, parts_j, parts_w = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
+    # Rows in blocks of about `chunk_entries` stored pairs, in row order (the edges' order as
+    # before): every pair's row, column and weight at once (sp.triu, then float64 weights) was
+    # 0.9 GB above the matrix for n=49,152 on 10k texts (33M pairs, 6.5M edges kept).
+    r0, n = 0, cooc.shape[0]
+    while r0 < n:
+        r1 = max(r0 + 1, int(np.searchsorted(cooc.indptr, cooc.indptr[r0] + chunk_entries, side="right")) - 1)
+        r1 = min(r1, n)
+        span = slice(cooc.indptr[r0], cooc.indptr[r1])
+        i = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(cooc.indptr[r0 : r1 + 1]))
+        j = cooc.indices[span].astype(np.int64)
+        upper = j > i
+        i, j, c = i[upper], j[upper], cooc.data[span][upper]
+        w = c.astype(np.float64) / (np.minimum(counts[i], counts[j]) + 1.0)
+        keep = w >= threshold
+        parts_i.append(i[keep])
+        parts_j.append(j[keep])
+        parts_w.append(w[keep])
+        r0 = r1
+    return np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_w)
 
 
 def spanning_tree(graph: tuple[np.ndarray, np.ndarray, np.ndarray], counts: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

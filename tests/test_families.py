@@ -22,6 +22,7 @@ from sbert_sae.families import (
     compute_families,
     cooccurrence,
     deduplicate,
+    edges,
     families_document,
     family_label,
     feature_families,
@@ -116,6 +117,28 @@ def test_cooccurrence_from_sparse_codes_matches_the_dense_firing_matrix():
     norm = normalized_cooccurrence(got).toarray()
     np.fill_diagonal(expected, 0)
     assert norm == pytest.approx(expected / (firing.sum(0) + 1)[:, None])
+
+
+@pytest.mark.parametrize("chunk_entries", [1, 250, 1 << 22])
+def test_edges_are_the_pairs_above_the_threshold_in_row_order_whatever_the_chunk(chunk_entries):
+    """The graph's edges, read a block of rows at a time, are every pair i < j whose
+    C[i, j] / (min(C[i, i], C[j, j]) + 1) reaches the threshold, in row, then column order."""
+    rng = np.random.default_rng(1)
+    n_texts, k, n = 2000, 5, 60
+    indices = np.stack([rng.choice(n, k, replace=False) for _ in range(n_texts)]).astype(np.int32)
+    values = rng.random((n_texts, k)).astype(np.float32)
+    values[rng.random((n_texts, k)) < 0.2] = 0
+    cooc = cooccurrence(SparseActivations(values, indices, n))
+    dense = cooc.toarray()
+    counts = np.diag(dense)
+    weight = dense / (np.minimum(counts[:, None], counts[None, :]) + 1.0)
+    for threshold in (0.07, 0.1):
+        want_i, want_j = np.nonzero(np.triu(weight >= threshold, k=1) & (dense > 0))
+        i, j, w = edges(cooc, threshold, chunk_entries=chunk_entries)
+        assert 0 < len(i) < n * (n - 1) // 2
+        assert np.array_equal(i, want_i) and np.array_equal(j, want_j)
+        assert i.dtype == j.dtype == np.int64 and w.dtype == np.float64
+        assert np.array_equal(w, weight[want_i, want_j])
 
 
 def test_family_label_is_the_parents_label_and_the_keywords_children_share():
