@@ -32,9 +32,14 @@ def peak_mb() -> int:
 def measure(run: str, dataset: str, step: str, version: str) -> dict:
     import numpy as np
 
-    import sbert_sae.activations as activations
-    from sbert_sae import SparseAutoencoder
-    from sbert_sae.labels import LabelArguments, _row_matrix, document_terms, lexical_candidates, prepare_labelling
+    from sbert_sae import SparseAutoencoder, activations
+    from sbert_sae.labels import (
+        LabelArguments,
+        _row_matrix,
+        document_terms,
+        lexical_candidates,
+        prepare_labelling,
+    )
     from sbert_sae.pipeline import DataArguments, load_and_embed
 
     sae = SparseAutoencoder.from_pretrained(run)
