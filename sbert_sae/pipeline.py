@@ -38,16 +38,7 @@ RUN_FILES = ("config.json", "model.safetensors", "training_args.json", "metrics.
 # What a new run starts afresh (its training state): removed when --overwrite starts it. The
 # old run's results stay until the new run's are complete.
 TRAINING_STATE = ("checkpoints", "train_log.jsonl", "logs")
-# Files made from a run's SAE after training (labels, families, the activations' link): a run
-# that replaces it removes them, or they would be read as the new SAE's.
-DERIVED_FILES = (
-    "feature_labels.json",
-    "feature_labels.partial.json",
-    "families.json",
-    "families_cooccurrence.png",
-    "family_graph.png",
-    "activations.json",
-)
+LABELS_PARTIAL_FILE = "feature_labels.partial.json"  # the labels so far of a labelling that was stopped
 FINISHING = ".finishing"  # where a run's results are written before they replace the folder's
 
 
@@ -464,10 +455,15 @@ def _move_results_in(finishing: Path, folder: Path) -> None:
     """Replace the results in `folder` by the complete ones in `finishing`: the old run's labels
     and families go (they describe its SAE), then each new file is renamed into place. The
     checkpoints are removed only after this, so a run stopped here finishes with --resume."""
+    from .families import COOCCURRENCE_PLOT, FAMILIES_FILE, GRAPH_PLOT
+    from .hub import ACTIVATIONS_FILE
+    from .labels import LABELS_FILE
     from .utils import fsync_directory, fsync_folder
 
     fsync_folder(finishing)
-    for name in DERIVED_FILES:
+    # Made from the old SAE after its training (labels, families, the activations' link): they
+    # would be read as the new SAE's.
+    for name in (LABELS_FILE, LABELS_PARTIAL_FILE, FAMILIES_FILE, COOCCURRENCE_PLOT, GRAPH_PLOT, ACTIVATIONS_FILE):
         (folder / name).unlink(missing_ok=True)
     for path in sorted(finishing.iterdir(), key=lambda p: p.name == "model.safetensors"):
         path.replace(folder / path.name)  # the weights last: what loads is the new run only once all of it is there
@@ -564,7 +560,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
     model = load_sentence_transformer(data.model, revision=data.model_revision, device=data.device, encode_kwargs=data.encode_kwargs)
     # The corpus is encoded by the SAE once (every text, every feature): on the GPU where there is one.
     sae = sae.to(data.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    partial_path = sae_path / "feature_labels.partial.json"
+    partial_path = sae_path / LABELS_PARTIAL_FILE
     run_id = _labelling_id(sae_path, cache, label_args)
     done = {}
     if partial_path.exists():
