@@ -118,7 +118,10 @@ def _features_table(labels: dict, top: int = 20, min_firing: int = 5) -> str:
 
 
 def _is_local(dataset: str) -> bool:
-    return dataset.startswith((".", "/", "~")) or Path(dataset).exists() or dataset.count("/") != 1
+    """Whether a dataset name is (or can only be) a local path rather than an `org/name` Hub id."""
+    from .modeling_sbert_sae import _names_a_folder
+
+    return _names_a_folder(dataset) or Path(dataset).exists() or "/" not in dataset
 
 
 def _public_dataset_name(dataset) -> str:
