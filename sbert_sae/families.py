@@ -186,7 +186,8 @@ class FamilyResult:
     summary: dict
     settings: dict
     cooccurrence: sp.csr_matrix
-    """(n, n) int64 counts `C`; the diagonal holds each feature's firing count."""
+    """(n, n) counts `C` (int32: exact below 2^31 texts; see `cooccurrence`); the diagonal
+    holds each feature's firing count."""
     n_texts: int
 
     @property
@@ -217,10 +218,15 @@ def cooccurrence(
     None picks "scipy" on the CPU (measured faster there than "dense": 10k texts, n=6144,
     k=32, 1.5 s against 3.5 s), and on a GPU "dense" up to `dense_max_latents` features,
     else "merge" (H100, 200k texts: k=32, n=12288, 1.7 s dense against 15 s scipy).
+
+    The counts are int32 (int64 from 2^31 texts on, where int32 could overflow): no count
+    exceeds the number of texts, and int64 doubled the matrix's values (540 MB for the 67M
+    entries of n=49,152 on 10k texts).
     """
     from tqdm.auto import tqdm
 
     n, k = acts.n_latents, acts.indices.shape[1] if acts.indices.ndim == 2 else 0
+    count_dtype = np.int32 if len(acts) < 2**31 else np.int64
     device = torch.device(device or "cpu")
     if method is None:
         method = "scipy" if device.type == "cpu" else ("dense" if n <= dense_max_latents else "merge")
@@ -234,13 +240,13 @@ def cooccurrence(
         total = None
         starts = range(0, len(acts), chunk_rows)
         for start in tqdm(starts, desc="co-occurrence", unit="chunk", disable=not show_progress or len(starts) < 2):
-            a = _binary_rows(acts.values[start : start + chunk_rows], acts.indices[start : start + chunk_rows], n)
+            a = _binary_rows(acts.values[start : start + chunk_rows], acts.indices[start : start + chunk_rows], n, count_dtype)
             part = _gram(a)
             total = part if total is None else total + part
         if total is None:
-            return sp.csr_matrix((n, n), dtype=np.int64)
+            return sp.csr_matrix((n, n), dtype=count_dtype)
         total.sum_duplicates()  # sorted once (no-op after _gram); later conversions keep the order
-        return sp.csr_matrix((total.data.astype(np.int64), total.indices, total.indptr), shape=(n, n))
+        return sp.csr_matrix((total.data.astype(count_dtype, copy=False), total.indices, total.indptr), shape=(n, n))
     rows = max(1, min(chunk_rows, (1 << 24) // max(1, k * k)))  # at most 2^24 pairs (128 MiB of keys) a chunk
     starts = range(0, len(acts), rows)
     bar = dict(desc="co-occurrence", unit="chunk", disable=not show_progress or len(starts) < 2)
@@ -263,7 +269,7 @@ def cooccurrence(
         del flat
     # The keys come sorted (nonzero and unique sort them): rows and columns in order, so the
     # CSR arrays are read off them, without scipy's sort of ~10^8 (row, column) pairs.
-    keys_np, counts_np = keys_seen.cpu().numpy(), counts_seen.cpu().numpy()
+    keys_np, counts_np = keys_seen.cpu().numpy(), counts_seen.cpu().numpy().astype(count_dtype)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys_np // n, minlength=n), out=indptr[1:])
     out = sp.csr_matrix((counts_np, (keys_np % n).astype(np.int32), indptr), shape=(n, n))
@@ -289,17 +295,24 @@ def _gram(a: sp.csr_matrix, block: int = 512) -> sp.csr_matrix:
     return out
 
 
-def _binary_rows(values: np.ndarray, indices: np.ndarray, n: int) -> sp.csr_matrix:
-    """(rows, n) CSR with a 1 where a feature fires (value > 0) in a row."""
+def _binary_rows(values: np.ndarray, indices: np.ndarray, n: int, dtype=np.int32) -> sp.csr_matrix:
+    """(rows, n) CSR with a 1 (of `dtype`, which their products keep) where a feature fires (value > 0) in a row."""
     on = values > 0
     r = np.nonzero(on)[0]
-    return sp.csr_matrix((np.ones(len(r), dtype=np.int32), (r, indices[on].astype(np.int64))), shape=(len(values), n))
+    return sp.csr_matrix((np.ones(len(r), dtype=dtype), (r, indices[on].astype(np.int64))), shape=(len(values), n))
+
+
+def normalization(cooc: sp.csr_matrix) -> np.ndarray:
+    """(n,) float64 `1 / (C[i, i] + 1)`: row i of `C` times it is row i of `C_norm`."""
+    return 1.0 / (np.asarray(cooc.diagonal(), dtype=np.float64) + 1.0)
 
 
 def normalized_cooccurrence(cooc: sp.csr_matrix) -> sp.csr_matrix:
-    """`C_norm[i, j] = C[i, j] / (C[i, i] + 1)` (float64, diagonal dropped): about P(j | i)."""
-    counts = np.asarray(cooc.diagonal(), dtype=np.float64)
-    out = sp.diags(1.0 / (counts + 1.0)) @ cooc.astype(np.float64)
+    """`C_norm[i, j] = C[i, j] / (C[i, i] + 1)` (float64, diagonal dropped): about P(j | i).
+
+    The whole matrix as float64 (810 MB for n=49,152 on 10k texts, and as much again while
+    it was made): the block ratios read `C` with `normalization` instead (`_ratios`)."""
+    out = sp.diags(normalization(cooc)) @ cooc.astype(np.float64)
     out = out.tocsr()
     out.setdiag(0)
     out.eliminate_zeros()
@@ -518,28 +531,48 @@ def family_blocks(families: list[Family], n: int) -> np.ndarray:
     return block
 
 
-def block_ratio(norm: sp.csr_matrix, families: list[Family], blocks: np.ndarray | None = None) -> float | None:
+def block_ratio(norm: sp.csr_matrix, families: list[Family], blocks: np.ndarray | None = None, row_scale: np.ndarray | None = None) -> float | None:
     """The mean `C_norm` over ordered pairs of distinct features in one block (`family_blocks`),
     over its mean over the pairs of features in different blocks; None without two blocks'
-    worth of pairs or when the outside mean is 0."""
+    worth of pairs or when the outside mean is 0. `norm` is `C_norm`, or the counts `C` with
+    `row_scale=normalization(C)` (see `_ratios`)."""
     block = family_blocks(families, norm.shape[0]) if blocks is None else blocks
-    return _ratios(norm, block[:, None])[0]
+    return _ratios(norm, block[:, None], row_scale)[0]
 
 
-def _ratios(norm: sp.csr_matrix, blocks: np.ndarray) -> list[float | None]:
+def _ratios(norm: sp.csr_matrix, blocks: np.ndarray, row_scale: np.ndarray | None = None, chunk_entries: int = 1 << 22) -> list[float | None]:
     """The block ratio of each column of `blocks` (n, m): m block assignments at once.
 
     The sum over all pairs of members, `m^T C_norm m` for a member indicator m, takes one
     sparse product for every assignment together; the sum inside blocks reads `C_norm` at
     the pairs that share a block (the sum of squared block sizes), for every assignment in
     one pass over the matrix (`_values_at`).
+
+    With `row_scale`, row i of `norm` is read times `row_scale[i]`: the counts `C` with
+    `normalization(C)` are read as `C_norm` (its values to the bit), without a float64 copy
+    of the whole matrix (810 MB for n=49,152 on 10k texts, 67M entries). Its diagonal is
+    never counted, so it need not be dropped. The product goes a block of about
+    `chunk_entries` stored values at a time, so that integer counts are made float a
+    block at a time too.
     """
     norm = norm.tocsr()
+    n = norm.shape[0]
+    scale = np.ones(n) if row_scale is None else np.asarray(row_scale, dtype=np.float64)
     members = (blocks >= 0).astype(np.float64)
-    among_sums = np.einsum("ij,ij->j", members, np.asarray(norm @ members)) - norm.diagonal() @ members  # pairs of distinct features
+    product = np.zeros(members.shape)
+    r0 = 0
+    while r0 < n:
+        r1 = min(n, max(r0 + 1, int(np.searchsorted(norm.indptr, norm.indptr[r0] + chunk_entries, side="right")) - 1))
+        product[r0:r1] = norm[r0:r1] @ members
+        r0 = r1
+    product *= scale[:, None]
+    among_sums = np.einsum("ij,ij->j", members, product) - (norm.diagonal() * scale) @ members  # pairs of distinct features
     pairs = [_pairs_within_blocks(column) for column in blocks.T]
     which = np.repeat(np.arange(blocks.shape[1]), [len(a) for a, _ in pairs])
-    values = _values_at(norm, np.concatenate([a for a, _ in pairs] + [np.zeros(0, np.int64)]), np.concatenate([b for _, b in pairs] + [np.zeros(0, np.int64)]))
+    rows = np.concatenate([a for a, _ in pairs] + [np.zeros(0, np.int64)])
+    values = _values_at(norm, rows, np.concatenate([b for _, b in pairs] + [np.zeros(0, np.int64)]))
+    if row_scale is not None:
+        values *= scale[rows]
     inside_sums = np.bincount(which, weights=values, minlength=blocks.shape[1])
     out = []
     for column, among_sum, inside_sum in zip(blocks.T, among_sums, inside_sums):
@@ -555,21 +588,24 @@ def _ratios(norm: sp.csr_matrix, blocks: np.ndarray) -> list[float | None]:
     return out
 
 
-def _values_at(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray, block_rows: int = 512) -> np.ndarray:
-    """`m[rows, cols]` (0 where nothing is stored) in one pass over `m`:
+def _values_at(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray, block_rows: int | None = None) -> np.ndarray:
+    """`m[rows, cols]` (0 where nothing is stored), as float64, in one pass over `m`:
     each block of rows is spread into a dense buffer and the pairs in it read from there.
 
     (scipy's own lookup scans whole rows for each pair when there are few pairs, and a
     binary search per pair costs a dozen random reads: 7 s against 1 s for 21 x 1.5M pairs
-    in 57M entries.)"""
+    in 57M entries.) The buffer holds at most 2^22 values by default (512 rows up to 8192
+    columns): 512 rows of float64 were 200 MB for n=49,152."""
     out = np.zeros(len(rows), dtype=np.float64)
     if len(rows) == 0 or m.nnz == 0:
         return out
     m.sum_duplicates()  # one entry per (row, column), so that spreading a row writes each once
     n_rows = m.shape[0]
+    if block_rows is None:
+        block_rows = max(1, min(512, (1 << 22) // max(1, m.shape[1])))
     order = np.argsort(rows, kind="stable")
     edges = np.searchsorted(rows[order], np.arange(0, n_rows + block_rows, block_rows))
-    dense = np.zeros((block_rows, m.shape[1]), dtype=np.float64)
+    dense = np.zeros((block_rows, m.shape[1]), dtype=m.dtype)
     for b, r0 in enumerate(range(0, n_rows, block_rows)):
         if edges[b] == edges[b + 1]:
             continue
@@ -598,9 +634,9 @@ def _pairs_within_blocks(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a[keep], b[keep]
 
 
-def permuted_block_ratios(norm: sp.csr_matrix, families: list[Family], eligible: np.ndarray, permutations: int, seed: int = 0) -> list[float]:
+def permuted_block_ratios(norm: sp.csr_matrix, families: list[Family], eligible: np.ndarray, permutations: int, seed: int = 0, row_scale: np.ndarray | None = None) -> list[float]:
     """`block_ratio` of the same blocks after randomly permuting the eligible feature ids:
-    the same sizes, with members drawn at random."""
+    the same sizes, with members drawn at random (`norm`, `row_scale`: as `block_ratio`'s)."""
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(eligible)
     block = family_blocks(families, norm.shape[0])
@@ -609,7 +645,7 @@ def permuted_block_ratios(norm: sp.csr_matrix, families: list[Family], eligible:
         mapping = np.arange(norm.shape[0])
         mapping[pool] = rng.permutation(pool)
         moved[mapping, p] = block  # feature f's block now belongs to mapping[f]
-    return [r for r in _ratios(norm, moved) if r is not None]
+    return [r for r in _ratios(norm, moved, row_scale) if r is not None]
 
 
 # ------------------------------------------------------------ the whole
@@ -638,10 +674,10 @@ def compute_families(
     lap("trees")
     counts = np.asarray(cooc.diagonal(), dtype=np.int64)
     eligible = (counts > 0) & (counts <= args.max_density * max(1, len(acts)))
-    norm = normalized_cooccurrence(cooc)
-    ratio = block_ratio(norm, families)
+    scale = normalization(cooc)  # C_norm read off C, never made (see _ratios)
+    ratio = block_ratio(cooc, families, row_scale=scale)
     lap("block_ratio")
-    permuted = permuted_block_ratios(norm, families, eligible, args.permutations, args.seed) if families else []
+    permuted = permuted_block_ratios(cooc, families, eligible, args.permutations, args.seed, row_scale=scale) if families else []
     lap("permutations")
     sizes = [len(f.children) for f in families]
     summary = {
@@ -872,8 +908,9 @@ def plot_cooccurrence_blocks(result: FamilyResult, path: str | Path, max_feature
     from matplotlib.patches import Rectangle
 
     order, spans = _family_order(result.families, max_features)
-    norm = normalized_cooccurrence(result.cooccurrence)
-    matrix = norm[order][:, order].toarray()
+    # Only the shown features' rows of C_norm, not the whole matrix in float64 (see _ratios).
+    matrix = result.cooccurrence[order][:, order].toarray() * normalization(result.cooccurrence)[order][:, None]
+    np.fill_diagonal(matrix, 0.0)
     matrix[matrix <= 0] = np.nan
     fig, ax = plt.subplots(figsize=(8.5, 7.5))
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")

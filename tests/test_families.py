@@ -112,11 +112,39 @@ def test_cooccurrence_from_sparse_codes_matches_the_dense_firing_matrix():
     for method in ("scipy", "dense", "merge"):
         got = cooccurrence(acts, chunk_rows=700, method=method)
         assert got.shape == (n, n) and np.array_equal(got.toarray(), expected), method
-        assert got.dtype == np.int64 and got.has_sorted_indices, method
+        assert got.dtype == np.int32 and got.has_sorted_indices, method  # int64 doubled the values' memory
         assert all((np.diff(got.indices[a:b]) > 0).all() for a, b in zip(got.indptr[:-1], got.indptr[1:])), method
     norm = normalized_cooccurrence(got).toarray()
     np.fill_diagonal(expected, 0)
     assert norm == pytest.approx(expected / (firing.sum(0) + 1)[:, None])
+
+
+def test_block_ratios_read_off_the_counts_equal_those_of_the_normalised_matrix():
+    """`compute_families` reads C_norm off the int32 counts, a row's values times
+    `normalization` (never a float64 copy of the whole matrix): the same values to the bit,
+    and the same ratios, whatever rows the lookup's buffer holds."""
+    from sbert_sae.families import normalization
+
+    rng = np.random.default_rng(4)
+    n_texts, k, n = 2500, 6, 400
+    indices = np.stack([rng.choice(n, k, replace=False) for _ in range(n_texts)]).astype(np.int32)
+    values = rng.random((n_texts, k)).astype(np.float32)
+    acts = SparseActivations(values, indices, n)
+    cooc = cooccurrence(acts)
+    norm = normalized_cooccurrence(cooc)
+    scale = normalization(cooc)
+    rows, cols = rng.integers(0, n, 6000), rng.integers(0, n, 6000)
+    rows, cols = rows[rows != cols], cols[rows != cols]
+    for block_rows in (None, 7):
+        assert np.array_equal(_values_at(cooc, rows, cols, block_rows=block_rows) * scale[rows], _values_at(norm, rows, cols))
+    blocks = np.full((n, 5), -1)
+    for column in range(5):
+        chosen = rng.choice(n, 150, replace=False)
+        blocks[chosen, column] = rng.integers(0, 12, 150)
+    expected = _ratios(norm, blocks)
+    assert None not in expected
+    assert _ratios(cooc, blocks, scale, chunk_entries=100) == pytest.approx(expected, rel=1e-12)
+    assert _ratios(cooc, blocks, scale) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("chunk_entries", [1, 250, 1 << 22])
