@@ -2,7 +2,8 @@
 
 `--dataset` may be a Hub id (with config and split), a `save_to_disk` folder, a folder of
 data files, or parquet / JSON-lines / JSON / CSV / text files (a JSON file that is one object
-holding its records under a key, SQuAD's {"version": ..., "data": [...]}, with `--json-field`).
+holding its records under a key, {"version": ..., "data": [...]}, with `--json-field data`, or
+deeper, SQuAD's paragraphs, with a dotted path: `--json-field data.paragraphs`).
 Rows are addressed by their index in the loaded split ("row id") everywhere downstream, so
 every activation can be traced back to its text.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,16 +60,24 @@ def load_text_dataset(
         split: which split to use ("train", "test[:10%]", ...).
         revision: Hub revision (branch, tag or commit).
         json_field: the top-level key of JSON files that are one object each, under which
-            their records sit ("data" in SQuAD's {"version": ..., "data": [...]}).
+            their records sit ("data" in {"version": ..., "data": [...]}), or a dotted path to
+            records nested deeper, every list on the way gone through in order ("data.paragraphs"
+            in SQuAD's {"data": [{"title": ..., "paragraphs": [{"context": ...}]}]}; see
+            `_load_json_records`).
     """
     import datasets
 
     files = [source] if isinstance(source, str) else list(source)
     # datasets' json builder reads its `field` option; other builders refuse it as unknown.
     field_kwargs = {"field": json_field} if json_field is not None else {}
+    # A dotted path is walked here (datasets' `field` is one top-level key); a plain key is
+    # left to datasets as before, so its runs' embedding caches stay valid.
+    json_path = json_field is not None and "." in json_field
     try:
         if json_field is not None and not json_field:
             raise DatasetError("--json-field is empty: name the top-level key of the JSON object that holds the records")
+        if json_path and not all(json_field.split(".")):
+            raise DatasetError(f"--json-field {json_field!r} has an empty step: name keys joined by dots, e.g. data.paragraphs")
         if len(files) == 1 and Path(files[0]).is_dir() and _is_saved_dataset(Path(files[0])):
             if json_field is not None:
                 raise DatasetError(f"--json-field {json_field!r} applies to JSON files; {files[0]!r} is a save_to_disk dataset")
@@ -85,11 +95,19 @@ def load_text_dataset(
                 raise DatasetError(f"--json-field {json_field!r} applies to JSON files; {files} are {builder} files")
             kwargs = {"delimiter": "\t"} if all(f.lower().endswith(".tsv") for f in files) else dict(field_kwargs)
             _check_split_names(split, ["train"], source)  # data files given by name are one split, "train"
-            ds = datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
+            if json_path:
+                ds = _load_json_records({"train": files}, json_field, split, source)
+            else:
+                ds = datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
         elif len(files) == 1 and Path(files[0]).is_dir():
-            ds = datasets.load_dataset(files[0], name=config_name, split=split, **field_kwargs)
+            if json_path:
+                ds = _load_json_records(_folder_json_files(files[0], json_field), json_field, split, source)
+            else:
+                ds = datasets.load_dataset(files[0], name=config_name, split=split, **field_kwargs)
         elif len(files) == 1 and _looks_like_path(files[0]):
             raise DatasetError(f"dataset {files[0]!r} not found: no such file or folder")
+        elif json_path:
+            raise DatasetError(f"a dotted --json-field ({json_field!r}) reads local JSON files; {files[0]!r} is not one: download its files and pass them to --dataset")
         else:
             ds = datasets.load_dataset(files[0], name=config_name, split=split, revision=revision, **field_kwargs)
     except DatasetError:
@@ -101,7 +119,7 @@ def load_text_dataset(
             # datasets' DatasetGenerationError says only "An error occurred while generating the
             # dataset": the parser's own message names the file's problem and its row.
             detail += f" ({type(root).__name__}: {_one_line(str(root))})"
-        if json_field is not None:
+        if json_field is not None and not json_path:
             problem = _json_field_problem(files, json_field)
             if problem:
                 raise DatasetError(f"cannot load dataset {source!r} with --json-field {json_field!r}: {problem}") from err
@@ -141,6 +159,282 @@ def _json_field_problem(files: list[str], json_field: str) -> str | None:
         if not isinstance(top[json_field], (list, dict)):
             return f"key {json_field!r} of {name} holds a {type(top[json_field]).__name__}, not a list of records"
     return None
+
+
+JSON_RECORDS_DIR = "sbert_sae_json_records"
+"""Folder of the datasets cache holding the records a dotted --json-field found, as JSON lines."""
+_SCALARS = (str, int, float, bool)
+
+
+def _load_json_records(files_by_split: dict[str, list[str]], json_field: str, split: str, source):
+    """The records at the dotted path `json_field` of the JSON files of each split, as a
+    Dataset: the path is walked from each file's top object, key by key; where a step meets a
+    list every element is gone through in order, so "data.paragraphs" of SQuAD gives every
+    paragraph of every article, in file order (files in the order given). A key that itself
+    holds dots ("data.v1") is taken whole where an object has it.
+
+    Records that are strings become rows of a column "text", as datasets reads a list of
+    strings. The scalar fields (strings, numbers, booleans) of the objects the path passes
+    through below the top come along under their path ("data.title", SQuAD's article title),
+    unless a record has a field of that name. A field whose values pyarrow cannot type alike
+    (SQuAD v2's `qas` holds `plausible_answers` in some questions only, another file's
+    field is a string here and a number there) is kept as datasets' Json, each value as it
+    was: the text column loads whatever the others hold, and rows whose text is not a string
+    are skipped as usual.
+
+    The records are written once, as JSON lines with their features beside them, to a folder
+    of the datasets cache named by the path and the files' names, sizes and modification
+    times: every later load (label, search, explore...) reads that folder, so its dataset
+    fingerprint, and the embedding cache keyed by it, are the same; a changed file is read
+    afresh. Memory: one file's parsed objects at a time, and one column of it in Arrow.
+    """
+    import datasets
+
+    _check_split_names(split, list(files_by_split), source)
+    folder = _json_records_folder(files_by_split, json_field)
+    features = _read_json_records_features(folder)
+    if features is None:
+        features = _write_json_records(files_by_split, json_field, folder, source)
+    data_files = {name: [str(folder / f"{name}.jsonl")] for name in files_by_split}
+    return datasets.load_dataset("json", data_files=data_files, features=features, split=split)
+
+
+def _json_records_folder(files_by_split: dict[str, list[str]], json_field: str) -> Path:
+    import hashlib
+    import json
+
+    import datasets
+
+    stamps = {}
+    for name, files in files_by_split.items():
+        stamps[name] = []
+        for f in files:
+            stat = Path(f).stat()
+            stamps[name].append([str(Path(f).resolve()), stat.st_size, stat.st_mtime_ns])
+    key = json.dumps({"json_field": json_field, "files": stamps, "format": 1}, sort_keys=True)
+    return Path(datasets.config.HF_DATASETS_CACHE) / JSON_RECORDS_DIR / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _read_json_records_features(folder: Path):
+    """The features of records written before, or None (never written, or unreadable)."""
+    import json
+
+    import datasets
+
+    try:
+        recorded = json.loads((folder / "features.json").read_text(encoding="utf-8"))
+        return datasets.Features.from_dict(recorded["features"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_json_records(files_by_split: dict[str, list[str]], json_field: str, folder: Path, source):
+    """Write each split's records to `folder` as JSON lines; return (and write last, as the
+    mark that the folder is complete) their features."""
+    import json
+
+    import datasets
+    import pyarrow as pa
+
+    from .utils import atomic_write
+
+    steps = json_field.split(".")
+    types: dict[str, list] = {}  # field -> its Arrow type in each file; None where untypable
+    try:
+        _write_split_records(files_by_split, steps, json_field, folder, source, types)
+    except BaseException:
+        # Without its features.json the folder is never read: a walk that failed leaves none.
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    json_type = getattr(datasets, "Json", None)  # datasets >= 4.? only
+    features, mixed = {}, []
+    for field_name, seen in types.items():
+        arrow_type = _common_type(seen)
+        feature = None
+        if arrow_type is not None:
+            try:
+                feature = datasets.Features.from_arrow_schema(pa.schema([pa.field(field_name, arrow_type)]))[field_name]
+            except Exception:  # noqa: BLE001 - a type datasets has no feature for (an empty struct...)
+                feature = None
+        if feature is None:
+            mixed.append(field_name)
+            feature = json_type() if json_type is not None else datasets.Value("string")
+        elif feature == datasets.Value("null"):
+            feature = datasets.Value("string")  # null in every record: typed as text would be
+        features[field_name] = feature
+    if mixed:
+        how = "kept as JSON values" if json_type is not None else "kept as JSON text (this datasets version has no Json feature)"
+        logger.warning("fields %s of the records at %r hold values of several types: %s", mixed, json_field, how)
+        if json_type is None:
+            _encode_json_text(folder, list(files_by_split), mixed)
+    features = datasets.Features(features)
+    atomic_write(folder / "features.json", lambda tmp: Path(tmp).write_text(json.dumps({"json_field": json_field, "features": features.to_dict()}), encoding="utf-8"))
+    return features
+
+
+def _write_split_records(files_by_split: dict[str, list[str]], steps: list[str], json_field: str, folder: Path, source, types: dict[str, list]) -> None:
+    """Write each split's records, a file at a time, to `folder`/<split>.jsonl."""
+    import json
+
+    from .utils import atomic_write
+
+    for split_name, files in files_by_split.items():
+        count = 0
+
+        def write(tmp: str, files=files) -> None:
+            nonlocal count
+            with open(tmp, "w", encoding="utf-8") as out:
+                for name in files:
+                    records = _json_path_records(name, steps, json_field, source)
+                    _note_field_types(records, types)
+                    out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+                    count += len(records)
+
+        atomic_write(folder / f"{split_name}.jsonl", write)
+        if not count:
+            raise DatasetError(f"cannot load dataset {source!r} with --json-field {json_field!r}: it finds no records in {clip(str(files), 300)} (every list on the path is empty)")
+
+
+def _note_field_types(records: list[dict], types: dict[str, list], chunk: int = 20_000) -> None:
+    """Add each field's Arrow type over `records` (None where pyarrow cannot type its values
+    alike) to `types`, a field and `chunk` records at a time: beside the parsed records, one
+    chunk of one column in Arrow."""
+    import pyarrow as pa
+
+    names = dict.fromkeys(name for record in records for name in record)
+    for name in names:
+        seen = []
+        for start in range(0, len(records), chunk):
+            try:
+                seen.append(pa.array([record.get(name) for record in records[start : start + chunk]]).type)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                seen = [None]
+                break
+        types.setdefault(name, []).append(_common_type(seen))
+
+
+def _common_type(seen: list):
+    """The one Arrow type the types a field has in each file widen to, or None."""
+    import pyarrow as pa
+
+    if any(t is None for t in seen):
+        return None
+    known = list(dict.fromkeys(t for t in seen if not pa.types.is_null(t)))
+    if not known:
+        return pa.null()
+    if len(known) == 1:
+        return known[0]
+    try:
+        return pa.unify_schemas([pa.schema([pa.field("f", t)]) for t in known], promote_options="permissive").field("f").type
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+
+
+def _encode_json_text(folder: Path, splits: list[str], fields: list[str]) -> None:
+    """Without datasets' Json feature: the non-string values of `fields` become JSON text."""
+    import json
+
+    from .utils import atomic_write
+
+    for split_name in splits:
+        path = folder / f"{split_name}.jsonl"
+
+        def write(tmp: str, path=path) -> None:
+            with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as out:
+                for line in src:
+                    record = json.loads(line)
+                    for name in fields:
+                        value = record.get(name)
+                        if value is not None and not isinstance(value, str):
+                            record[name] = json.dumps(value, ensure_ascii=False)
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+        atomic_write(path, write)
+
+
+def _json_path_records(name: str, steps: list[str], json_field: str, source) -> list[dict]:
+    """The records at the path `steps` of the JSON file `name` (see `_load_json_records`)."""
+    top = _read_json_document(name, json_field, source)
+    records: list[dict] = []
+
+    def fail(problem: str) -> DatasetError:
+        return DatasetError(f"cannot load dataset {source!r} with --json-field {json_field!r}: {problem}")
+
+    def walk(value, i: int, where: str, keys: str, carried: dict) -> None:
+        if isinstance(value, list):
+            for j, item in enumerate(value):
+                walk(item, i, f"{where}[{j}]", keys, carried)
+            return
+        if i == len(steps):
+            if isinstance(value, dict):
+                records.append({**value, **{k: v for k, v in carried.items() if k not in value}} if carried else value)
+            elif isinstance(value, str):
+                records.append({"text": value, **carried})
+            elif "[" in where:
+                raise fail(f"{where} of {name} is a {type(value).__name__}, not a record (an object) or a text (a string)")
+            else:
+                raise fail(f"key {where!r} of {name} holds a {type(value).__name__}, not a list of records")
+            return
+        if not isinstance(value, dict):
+            if not where:
+                raise fail(f"{name} is a JSON {type(value).__name__}, not an object with key {steps[i]!r}: leave --json-field out")
+            raise fail(f"{where if '[' in where else f'key {where!r}'} of {name} holds a {type(value).__name__}, not an object with key {steps[i]!r}")
+        key, taken = None, 0
+        for j in range(len(steps) - i, 0, -1):  # a key holding dots ("data.v1") is taken whole
+            if ".".join(steps[i : i + j]) in value:
+                key, taken = ".".join(steps[i : i + j]), j
+                break
+        if key is None:
+            if not where:
+                raise fail(f"{name} has no top-level key {steps[i]!r}; its keys are {clip(str(list(value)), 300)}")
+            raise fail(f"{where} of {name} has no key {steps[i]!r} (step {i + 1} of the path); its keys are {clip(str(list(value)), 300)}")
+        if keys:  # an object below the top: its scalar fields come along, named by their path
+            carried = {**carried, **{f"{keys}.{k}": v for k, v in value.items() if k != key and isinstance(v, _SCALARS)}}
+        walk(value[key], i + taken, f"{where}.{key}" if where else key, f"{keys}.{key}" if keys else key, carried)
+
+    walk(top, 0, "", "", {})
+    return records
+
+
+def _read_json_document(name: str, json_field: str, source):
+    """The parsed JSON file `name` (.gz, .bz2, .xz read as such)."""
+    import bz2
+    import gzip
+    import json
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    opener = openers.get(Path(name).suffix.lower(), open)
+    if Path(name).suffix.lower() == ".zst":
+        raise DatasetError(f"--json-field {json_field!r} reads .json, .json.gz, .json.bz2 or .json.xz files: decompress {name}")
+    try:
+        with opener(name, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as err:
+        if opener is open and _is_json_lines(name):
+            problem = f"{name} holds JSON lines (one record a line), not one object: leave --json-field out"
+        else:
+            problem = f"{name} is not valid JSON ({type(err).__name__}: {_one_line(str(err))})"
+        raise DatasetError(f"cannot load dataset {source!r} with --json-field {json_field!r}: {problem}") from err
+    except OSError as err:
+        raise DatasetError(f"cannot read {name}: {err}") from err
+
+
+def _folder_json_files(folder: str, json_field: str) -> dict[str, list[str]]:
+    """The data files of each split of a folder, found as datasets finds them (train.json,
+    test.json, ...), for a dotted --json-field: JSON files only."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(folder), base_path=folder)
+    except Exception as err:  # noqa: BLE001 - datasets' EmptyDatasetError and kin
+        raise DatasetError(f"cannot find data files in folder {folder!r}: {err}") from err
+    files_by_split = {str(name): [str(f) for f in files] for name, files in found.items()}
+    for files in files_by_split.values():
+        others = sorted({_builder_for(f) for f in files} - {"json"})
+        if others:
+            raise DatasetError(f"--json-field {json_field!r} applies to JSON files; folder {folder!r} holds {others[0]} files")
+    return files_by_split
 
 
 def _is_json_lines(name: str) -> bool:
@@ -236,8 +530,14 @@ def require_column(ds, column: str, purpose: str) -> None:
             nested = [f"{name}.{field}" for name, feature in ds.features.items() if isinstance(feature, dict) for field in feature]
             hint = f"; pick one with --text-column (string columns: {_string_columns(ds) or 'none'}" + (f"; nested fields: {nested}" if nested else "") + ")"
             holder = _records_key(ds)
+            deeper = _nested_records_path(ds, column)
             if holder:
-                hint += f"; the JSON file is one object whose records appear to sit under key {holder!r}: pass --json-field {holder}"
+                # SQuAD's texts sit below the records under "data": name the whole path.
+                below = deeper if deeper and deeper[0] == holder else [holder]
+                hint += f"; the JSON file is one object whose records appear to sit under key {'.'.join(below)!r}: pass --json-field {'.'.join(below)}"
+            elif deeper:
+                path = ".".join(deeper)
+                hint += f"; field {path!r} of its records holds records with field {column!r}: add it to the --json-field path (--json-field KEY.{path})"
         raise DatasetError(f"{purpose} column {column!r} not in dataset; its columns are {ds.column_names}{hint}")
 
 
@@ -253,6 +553,36 @@ def _records_key(ds) -> str | None:
     if not lists:
         return None
     return max(lists, key=lambda name: len(ds[0][name] or []))
+
+
+def _nested_records_path(ds, column: str) -> list[str] | None:
+    """The keys from a list column of a JSON dataset down to nested records (objects in lists)
+    that have a field `column`: ["paragraphs"] when the articles of SQuAD read with
+    --json-field data have no "context" but their paragraphs do."""
+    import pyarrow as pa
+
+    def below(arrow_type, through_list: bool) -> list[str] | None:
+        while pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+            arrow_type, through_list = arrow_type.value_type, True
+        if not pa.types.is_struct(arrow_type):
+            return None
+        names = [arrow_type.field(i).name for i in range(arrow_type.num_fields)]
+        if through_list and column in names:
+            return []
+        for i, name in enumerate(names):
+            path = below(arrow_type.field(i).type, through_list)
+            if path is not None:
+                return [name, *path]
+        return None
+
+    if (ds.info.builder_name or "") != "json":
+        return None
+    for f in ds.data.schema:
+        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type):
+            path = below(f.type, False)
+            if path is not None:
+                return [f.name, *path]
+    return None
 
 
 def check_text_column_type(ds, text_column: str) -> None:

@@ -281,3 +281,117 @@ def test_a_json_object_holding_its_records_under_a_key_is_read_with_json_field(f
         load_text_dataset(str(files["csv"]), json_field="data")
     with pytest.raises(DatasetError, match=r"--json-field 'data' applies to JSON files; .*saved' is a save_to_disk dataset"):
         load_text_dataset(str(files["disk"]), json_field="data")
+
+
+def _squad(articles: list[tuple[str, list[str]]], version: str = "v2.0") -> dict:
+    """A SQuAD-shaped document: articles with a title and paragraphs, each paragraph its
+    context and questions (v2: an unanswerable one has plausible_answers, the others not)."""
+    data = []
+    for a, (title, contexts) in enumerate(articles):
+        paragraphs = []
+        for p, context in enumerate(contexts):
+            first = context.split()[0]
+            qas = [{"question": f"What does the passage start with? ({title})", "id": f"{a}-{p}-0", "answers": [{"text": first, "answer_start": 0}], "is_impossible": False}]
+            if p % 2:
+                qas.append({"question": "Who wrote it?", "id": f"{a}-{p}-1", "answers": [], "plausible_answers": [{"text": first, "answer_start": 0}], "is_impossible": True})
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": title, "paragraphs": paragraphs})
+    return {"version": version, "data": data}
+
+
+def test_a_dotted_json_field_reads_records_nested_in_lists_as_squad_holds_them(files, tmp_path):
+    # SQuAD holds its texts one level below "data": data[].paragraphs[].context. --json-field
+    # named one top-level key, so "data" gave the articles (title, paragraphs) and no option
+    # reached the paragraphs. A dotted path now walks every list on the way, in file order;
+    # the articles' titles come along as "data.title", the questions as they are.
+    from sbert_sae.pipeline import DataArguments, load_texts
+
+    texts = [r["text"] for r in ROWS]
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(_squad([("Cells", [texts[0], texts[3]]), ("Maths and arts", [texts[1], texts[2]])])))
+    # without the path, or with its first key only, the error names the path that holds "context"
+    with pytest.raises(DatasetError, match=r"records appear to sit under key 'data.paragraphs': pass --json-field data.paragraphs"):
+        load_texts(DataArguments(dataset=str(path), text_column="context"))
+    with pytest.raises(DatasetError, match=r"columns are \['title', 'paragraphs'\].*field 'paragraphs' of its records holds records with field 'context': add it to the --json-field path"):
+        load_texts(DataArguments(dataset=str(path), json_field="data", text_column="context"))
+    ds = load_text_dataset(str(path), json_field="data.paragraphs")
+    assert ds.column_names == ["context", "qas", "data.title"]
+    assert ds["context"] == [texts[0], texts[3], texts[1], texts[2]]
+    assert ds["data.title"] == ["Cells", "Cells", "Maths and arts", "Maths and arts"]
+    assert ds[1]["qas"][1]["plausible_answers"] == [{"text": "Mitochondria", "answer_start": 0}]
+    assert ds[0]["qas"][0]["answers"] == [{"text": "Photosynthesis", "answer_start": 0}]
+    # read again (another stage of the same run): the same dataset fingerprint, so the same
+    # embedding cache entry; the text and domain columns work as for any dataset
+    assert load_text_dataset(str(path), json_field="data.paragraphs")._fingerprint == ds._fingerprint
+    loaded = load_texts(DataArguments(dataset=str(path), json_field="data.paragraphs", text_column="context", domain_column="data.title"))
+    assert column_values(loaded.ds, "context", loaded.rows.row_ids) == ds["context"]
+    assert {k: v.tolist() for k, v in domain_row_ids(loaded.ds, "data.title", loaded.rows.row_ids).items()} == {"Cells": [0, 1], "Maths and arts": [2, 3]}
+    # several files in the order given, a split slice, a folder of them (train / test by name)
+    other = tmp_path / "dev.json"
+    other.write_text(json.dumps(_squad([("Art", [texts[2]])], version="1.1")))
+    assert load_text_dataset([str(other), str(path)], json_field="data.paragraphs", split="train[:2]")["context"] == [texts[2], texts[0]]
+    (tmp_path / "squad_folder").mkdir()
+    (tmp_path / "squad_folder" / "train.json").write_text(path.read_text())
+    (tmp_path / "squad_folder" / "test.json").write_text(other.read_text())
+    assert load_text_dataset(str(tmp_path / "squad_folder"), json_field="data.paragraphs", split="test")["context"] == [texts[2]]
+    assert load_text_dataset(str(tmp_path / "squad_folder"), json_field="data.paragraphs")["context"] == ds["context"]
+    # a path ending at strings gives a "text" column, as a list of strings does; a path through
+    # objects (no list), and a key that itself holds a dot, taken whole
+    assert load_text_dataset(str(path), json_field="data.paragraphs.context")["text"] == ds["context"]
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"corpus": {"en.v1": {"docs": [{"body": t} for t in texts]}, "lang": "en"}}))
+    assert load_text_dataset(str(nested), json_field="corpus.en.v1.docs")["body"] == texts
+    # a changed file is read afresh, not from the records written for it before
+    path.write_text(json.dumps(_squad([("Cells", [texts[3]])])))
+    assert load_text_dataset(str(path), json_field="data.paragraphs")["context"] == [texts[3]]
+
+
+def test_a_dotted_json_field_keeps_fields_of_mixed_types_and_the_text_column_loads(tmp_path):
+    # Records whose field holds a list in one file and a string in another (or a number here
+    # and a string there) cannot be typed alike by pyarrow: such a field is kept as JSON
+    # values, and a text column holding a number in one row loads, that row skipped.
+    texts = [r["text"] for r in ROWS]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"data": [{"paragraphs": [{"context": texts[0], "qas": [{"id": 1}], "rank": 1}, {"context": texts[1], "qas": [], "rank": "high"}]}]}))
+    second.write_text(json.dumps({"data": [{"paragraphs": [{"context": 7, "qas": "none"}, {"context": texts[2], "qas": {"id": "x"}}]}]}))
+    ds = load_text_dataset([str(first), str(second)], json_field="data.paragraphs")
+    assert [ds[i]["qas"] for i in range(4)] == [[{"id": 1}], [], "none", {"id": "x"}]
+    assert ds["rank"] == [1, "high", None, None]
+    rows = find_text_rows(ds, "context")
+    assert rows.row_ids.tolist() == [0, 1, 3] and rows.skipped == {"not a string": 1}
+    assert column_values(ds, "context", rows.row_ids) == texts[:3]
+
+
+def test_a_dotted_json_field_names_the_step_and_the_file_it_fails_at(files, tmp_path):
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(_squad([("Cells", [ROWS[0]["text"]]), ("Maths", [ROWS[1]["text"]])])))
+    with pytest.raises(DatasetError, match=r"--json-field 'data.paras'.*data\[0\] of .*squad.json has no key 'paras' \(step 2 of the path\); its keys are \['title', 'paragraphs'\]"):
+        load_text_dataset(str(path), json_field="data.paras")
+    with pytest.raises(DatasetError, match=r"squad.json has no top-level key 'articles'; its keys are \['version', 'data'\]"):
+        load_text_dataset(str(path), json_field="articles.paragraphs")
+    with pytest.raises(DatasetError, match=r"data\[0\].title of .*squad.json holds a str, not an object with key 'x'"):
+        load_text_dataset(str(path), json_field="data.title.x")
+    with pytest.raises(DatasetError, match=r"key 'version' of .*squad.json holds a str, not an object with key 'paragraphs'"):
+        load_text_dataset(str(path), json_field="version.paragraphs")
+    with pytest.raises(DatasetError, match=r"data\[0\].paragraphs\[0\].qas\[0\].is_impossible of .*squad.json is a bool, not a record"):
+        load_text_dataset(str(path), json_field="data.paragraphs.qas.is_impossible")
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"data": [{"title": "None yet", "paragraphs": []}]}))
+    with pytest.raises(DatasetError, match=r"--json-field 'data.paragraphs': it finds no records in .*empty.json"):
+        load_text_dataset(str(empty), json_field="data.paragraphs")
+    with pytest.raises(DatasetError, match=r"d.jsonl holds JSON lines \(one record a line\), not one object: leave --json-field out"):
+        load_text_dataset(str(files["jsonl"]), json_field="data.paragraphs")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"data": [{"paragraphs": [')
+    with pytest.raises(DatasetError, match=r"broken.json is not valid JSON \(JSONDecodeError: "):
+        load_text_dataset(str(broken), json_field="data.paragraphs")
+    with pytest.raises(DatasetError, match=r"--json-field 'data.paragraphs' applies to JSON files; .*d.csv'\] are csv files"):
+        load_text_dataset(str(files["csv"]), json_field="data.paragraphs")
+    with pytest.raises(DatasetError, match=r"--json-field 'data.paragraphs' applies to JSON files; .*saved' is a save_to_disk dataset"):
+        load_text_dataset(str(files["disk"]), json_field="data.paragraphs")
+    with pytest.raises(DatasetError, match=r"--json-field 'data.paragraphs' applies to JSON files; folder .*folder' holds parquet files"):
+        load_text_dataset(str(files["folder"]), json_field="data.paragraphs")
+    with pytest.raises(DatasetError, match=r"a dotted --json-field \('data.paragraphs'\) reads local JSON files; 'rajpurkar/squad' is not one"):
+        load_text_dataset("rajpurkar/squad", json_field="data.paragraphs")
+    with pytest.raises(DatasetError, match=r"--json-field 'data..context' has an empty step"):
+        load_text_dataset(str(path), json_field="data..context")
