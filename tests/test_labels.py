@@ -391,6 +391,42 @@ def test_label_reads_the_text_column_the_run_was_trained_on(wiki_small, tmp_path
     assert all(any(b.startswith(t.rstrip("…")) for b in bodies) for t in top)
 
 
+def test_a_run_on_squad_paragraphs_reads_them_again_by_its_dotted_json_field(wiki_small, tmp_path, capsys):
+    # SQuAD holds its texts at data[].paragraphs[].context, which no --json-field could reach.
+    # A run on `--json-field data.paragraphs` records the path; label and search, given the
+    # same file, read the same paragraphs and find their embeddings in the cache (no new entry).
+    import re
+
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(wiki_small)).select(range(0, 240, 2))
+    articles, contexts = [], []
+    for row in rows:  # an article per Wikipedia lead, a paragraph per half of its sentences
+        sentences = re.split(r"(?<=\.) ", row["text"])
+        halves = [" ".join(sentences[: len(sentences) // 2 or 1]), " ".join(sentences[len(sentences) // 2 or 1 :])]
+        paragraphs = [{"context": c, "qas": [{"question": f"What is {row['id']}?", "id": f"{row['id']}-{n}", "answers": [{"text": c.split()[0], "answer_start": 0}]}]} for n, c in enumerate(halves) if c]
+        articles.append({"title": row["id"], "paragraphs": paragraphs})
+        contexts += [p["context"] for p in paragraphs]
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"version": "1.1", "data": articles}))
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    small = ["--n-latents", "16", "-k", "2", "--epochs", "2", "--batch-size", "32", "-q", "--report-to", "none"]
+    assert main(["train", "--dataset", str(path), "--json-field", "data.paragraphs", "--text-column", "context", "--cache-dir", str(cache), "--out", str(run), *small]) == 0
+    recorded = json.loads((run / "training_args.json").read_text())["data"]
+    assert (recorded["json_field"], recorded["text_column"]) == ("data.paragraphs", "context")
+    entries = sorted(p.name for p in cache.iterdir())
+    assert main(["label", str(run), "--dataset", str(path), "--cache-dir", str(cache), "-q", "--top-texts", "5", "--min-df", "2"]) == 0
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    top = [t for entry in json.loads((run / "feature_labels.json").read_text())["features"].values() for t in entry.get("top_texts") or []]
+    normalised = [" ".join(c.split()) for c in contexts]
+    assert top and all(any(c.startswith(t.rstrip("…")) for c in normalised) for t in top)
+    capsys.readouterr()
+    assert main(["search", str(run), "cells and proteins", "--top", "3", "--json", "-q", "--cache-dir", str(cache)]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 3 and all(" ".join(h["text"].split()) in normalised for h in hits)
+    assert sorted(p.name for p in cache.iterdir()) == entries
+
+
 def test_a_run_on_a_json_object_file_reads_it_again_by_its_json_field(wiki_small, hub, tmp_path, capsys):
     # A JSON file holding its records under "data" ({"version": ..., "data": [...]}) could not be
     # trained on; with --json-field the run records the key, and label, push --activations and
