@@ -92,7 +92,7 @@ def ours(
     return {
         "samples_per_second": result.samples_per_second, "seconds": result.seconds, "heldout_fvu": heldout_fvu(result.sae, held),
         "dead_fraction": float((feature_fire_counts(result.sae, embeddings, train_pos) == 0).mean()),
-        "steps": result.steps, "lr": lr, "decoder_lr_scale": args.decoder_lr_scale, "lr_schedule": schedule, "cuda_graphs": cuda_graphs, "heldout_fvu_per_epoch": [round(v, 4) for v in curve],
+        "steps": result.steps, "lr": lr, "decoder_lr_scale": args.decoder_lr_scale, "lr_schedule": schedule, "cuda_graphs": cuda_graphs and torch.device(device).type == "cuda", "heldout_fvu_per_epoch": [round(v, 4) for v in curve],
     }
 
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--our-auxk-coef", type=float, default=None, help="sbert-sae's AuxK weight (default: the config's, 1/32; SAELens uses 1)")
     p.add_argument("--our-encoder-init-scale", type=float, default=None, help="norm of sbert-sae's encoder rows at initialisation (default: the config's, 0.1)")
     p.add_argument("--our-k-aux", type=int, default=None, help="sbert-sae's AuxK width (default: 2k; SAELens uses d_in / 2)")
-    p.add_argument("--heldout", type=int, default=10_000)
+    p.add_argument("--heldout", type=int, default=None, help="held-out rows (default: 10,000, or a tenth of the rows when fewer than 100,000)")
     p.add_argument("--no-saelens", action="store_true")
     p.add_argument("--precision-check", default=None, help="n:k:batch:epochs of an SAE trained in fp32 and bf16 (GPU)")
     p.add_argument("--out", default=None)
@@ -148,6 +148,10 @@ def main(argv=None) -> int:
         embeddings = np.ascontiguousarray(embeddings[np.sort(np.random.default_rng(0).permutation(len(embeddings))[: args.rows])])
     rng = np.random.default_rng(0)
     order = rng.permutation(len(embeddings))
+    if args.heldout is None:
+        args.heldout = min(10_000, len(embeddings) // 10)
+    if not 0 < args.heldout <= len(embeddings) - 2 * args.batch_size:
+        p.error(f"--heldout {args.heldout} leaves too few of the {len(embeddings)} rows to train on (at least 2 batches of {args.batch_size})")
     held_pos, train_pos = np.sort(order[: args.heldout]), np.sort(order[args.heldout :])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{len(train_pos)} training / {len(held_pos)} held-out rows, dim {embeddings.shape[1]}, batch {args.batch_size}, device {name}, torch {torch.__version__}", flush=True)

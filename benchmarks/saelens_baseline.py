@@ -106,7 +106,7 @@ def train_saelens_topk(
     autocast = cuda if autocast is None else autocast
     steps = epochs * (train.shape[0] // batch_size)
 
-    def make(total_steps: int):
+    def make(total_steps: int, passes: int):
         sae = SAE(SAECfg(d_in=train.shape[1], d_sae=n_latents, k=k, device=str(dev)))
         cfg = TrainerCfg(
             total_training_samples=total_steps * batch_size,
@@ -118,9 +118,9 @@ def train_saelens_topk(
             dead_feature_window=dead_feature_window,
         )
         gen = torch.Generator(device=dev).manual_seed(seed)
-        return Trainer(cfg=cfg, sae=sae, data_provider=_batches(train, batch_size, epochs, gen))
+        return Trainer(cfg=cfg, sae=sae, data_provider=_batches(train, batch_size, passes, gen))
 
-    warm = make(warmup_steps)
+    warm = make(warmup_steps, passes=warmup_steps)  # enough batches even when one pass holds fewer than warmup_steps
     for _ in range(warmup_steps):
         warm.step(next(warm.data_provider))
     del warm
@@ -128,7 +128,7 @@ def train_saelens_topk(
         torch.cuda.synchronize(dev)
 
     torch.manual_seed(seed)
-    trainer = make(steps)
+    trainer = make(steps, passes=epochs)
     t0 = time.perf_counter()
     sae = trainer.fit()
     if cuda:

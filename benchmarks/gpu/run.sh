@@ -10,42 +10,72 @@
 #   growth     bench_pipeline.py at 10k and 50k texts (target 6)
 #   processes  `sbert-sae embed` under accelerate launch, two processes on the one GPU (target 5)
 # The figures go into benchmarks/README.md by hand, with this command and the device named.
+# SMOKE=1 bash benchmarks/gpu/run.sh STAGE... runs every stage HERE, on the CPU, on 1,000 texts and
+# tiny SAEs: a minute's check that the script, its flags and the carried wheels work before a
+# GPU session spends its device time on them (its figures mean nothing).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUT"
+WORK=${TMPDIR:-/tmp}/sbert-sae-bench  # wheels, caches: not sent back with $OUT
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 export HF_HOME=/tmp/hf SBERT_SAE_CACHE=/tmp/sbert-sae-cache
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl/saelens/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site
 MODEL=.carry/minilm-fp16
 CORPUS=data/large/corpus.parquet
+DEVICE=cuda:0
+EMBED_SMALL= TRAIN_SMALL= PIPELINE_SMALL= GROWTH_SIZES=10000,50000
+if [ "${SMOKE:-0}" = 1 ]; then
+    DEVICE=cpu
+    CORPUS=$WORK/smoke-corpus.parquet
+    python3 -c "import pyarrow.parquet as pq, sys; pq.write_table(pq.read_table(sys.argv[1]).slice(0, 1000), sys.argv[2])" \
+        data/large/corpus.parquet "$CORPUS" || exit 1
+    EMBED_SMALL="--max-texts 200 --repeats 1"
+    TRAIN_SMALL="--sizes 512:16 --batch-size 256 --epochs 1"
+    PIPELINE_SMALL="--n 512 -k 16 --epochs 2"
+    GROWTH_SIZES=300,600
+    nvidia-smi() { echo "SMOKE: the CPU"; }
+fi
+# The device's image is Python 3.12 and lacks keybert and datasets; here (SMOKE) the virtual
+# environment has them, and only SAELens' wheels, pure Python, are added.
+WHEELS=$([ "${SMOKE:-0}" = 1 ] && echo .whl/saelens/*.whl || echo .whl/*.whl .whl/saelens/*.whl)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" $WHEELS || exit 1
+if [ "${SMOKE:-0}" = 1 ]; then  # what SAELens needs that the device's image has and the environment here may lack
+    python3 -m pip install -q --no-deps --target "$WORK/site" einops jaxtyping wadler-lindig requests urllib3 2>&1 | grep -v WARNING
+fi
+export PYTHONPATH=$PWD:$WORK/site
 
 stage() {
     case "$1" in
     embed) python3 benchmarks/bench_embed.py --dataset $CORPUS --where source=wikipedia --where kind=extract \
-               --model $MODEL --repeats 2 --variants fp16:4:65536,fp16:8:65536,bf16:4:65536,fp16:4:32768 --out "$OUT/embed.json" ;;
-    train) python3 benchmarks/bench_train_speed.py --dataset $CORPUS --model $MODEL --sizes 6144:32,24576:64 --eager \
-               --out "$OUT/train_speed.json" ;;
-    train98k) python3 benchmarks/bench_train_speed.py --dataset $CORPUS --model $MODEL --sizes 98304:64 \
-               --our-lr 0.01 --our-schedule wsd --out "$OUT/train_speed_98k.json" ;;
-    pipeline) python3 benchmarks/bench_pipeline.py --dataset $CORPUS --model $MODEL --out "$OUT/pipeline.json" ;;
-    growth) python3 benchmarks/bench_pipeline.py --dataset $CORPUS --model $MODEL --max-texts 10000,50000 \
-               --out "$OUT/pipeline_small.json" ;;
+               --model $MODEL --device $DEVICE --repeats 2 --variants fp16:4:65536,fp16:8:65536,bf16:4:65536,fp16:4:32768 \
+               $EMBED_SMALL --out "$OUT/embed.json" ;;
+    train) python3 benchmarks/bench_train_speed.py --dataset $CORPUS --model $MODEL --device $DEVICE --sizes 6144:32,24576:64 --eager \
+               $TRAIN_SMALL --out "$OUT/train_speed.json" ;;
+    train98k) python3 benchmarks/bench_train_speed.py --dataset $CORPUS --model $MODEL --device $DEVICE --sizes 98304:64 \
+               --our-lr 0.01 --our-schedule wsd $TRAIN_SMALL --out "$OUT/train_speed_98k.json" ;;
+    pipeline) python3 benchmarks/bench_pipeline.py --dataset $CORPUS --model $MODEL --device $DEVICE $PIPELINE_SMALL \
+               --out "$OUT/pipeline.json" ;;
+    growth) python3 benchmarks/bench_pipeline.py --dataset $CORPUS --model $MODEL --device $DEVICE --max-texts $GROWTH_SIZES \
+               $PIPELINE_SMALL --out "$OUT/pipeline_small.json" ;;
     processes)
         start=$(date +%s)
-        python3 -m sbert_sae embed --dataset $CORPUS --model $MODEL --device cuda:0 --cache-dir /tmp/one --quiet
+        python3 -m sbert_sae embed --dataset $CORPUS --model $MODEL --device $DEVICE --cache-dir "$WORK/one" --quiet
         echo "one process: $(( $(date +%s) - start )) s"
         start=$(date +%s)
         python3 -m accelerate.commands.launch --cpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
-            -m sbert_sae embed --dataset $CORPUS --model $MODEL --device cuda:0 --cache-dir /tmp/two --quiet
+            -m sbert_sae embed --dataset $CORPUS --model $MODEL --device $DEVICE --cache-dir "$WORK/two" --quiet
         echo "rc $? two processes: $(( $(date +%s) - start )) s"
-        python3 - <<'PY'
-import numpy as np, pathlib
-one, two = (sorted(pathlib.Path(d).rglob("*.npy")) for d in ("/tmp/one", "/tmp/two"))
+        python3 - "$WORK/one" "$WORK/two" <<'PY'
+import pathlib
+import sys
+
+import numpy as np
+
+one, two = (sorted(pathlib.Path(d).rglob("embeddings.npy")) for d in sys.argv[1:])
 a, b = np.load(one[0], mmap_mode="r"), np.load(two[0], mmap_mode="r")
 print("same rows:", a.shape == b.shape, "max |difference|:", float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()))
 PY
+        rm -rf "$WORK/one" "$WORK/two"
         ;;
     *) echo "unknown stage $1 (embed, train, train98k, pipeline, growth, processes)"; return 2 ;;
     esac
