@@ -7,9 +7,13 @@ Every expected failure prints one line (`sbert-sae: error: ...`) and exits non-z
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -30,6 +34,55 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> the option a user types for it (its first long spelling: --k, --cuda-graphs)."""
+    return {
+        action.dest: next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+        for action in parser._actions
+        if action.option_strings
+    }
+
+
+@contextlib.contextmanager
+def _naming_options(args, fields: dict[str, str]):
+    """Re-raise the package's errors raised inside naming the options the user typed, not the
+    settings' fields: `fields` maps a field to the dest of the option it was given from
+    ("lr must be > 0, got 0.0" -> "--lr must be > 0, got 0.0"). The Python API's own errors
+    keep naming the fields, which is what its callers wrote."""
+    flags = {field: args.option_flags[dest] for field, dest in fields.items() if dest in args.option_flags}
+    try:
+        yield
+    except SbertSaeError as err:
+        if not flags:
+            raise
+        # A field's name alone, not inside a longer name ("k" in "k_aux"), an option ("--k")
+        # or a quoted value ('lr' in "unknown trackers ['lr']").
+        names = "|".join(re.escape(field) for field in sorted(flags, key=len, reverse=True))
+        message = re.sub(rf"(?<![\w'\"-])({names})(?![\w'\"-])", lambda m: flags[m.group(1)], str(err))
+        if message == str(err):
+            raise
+        raise type(err)(message) from err
+
+
+def _settings(cls, args, renamed: dict[str, str] | None = None, check=None, **given):
+    """A settings dataclass (`cls`) built from the command's options and checked (its
+    `validate()`, then `check(settings)`), refusing a bad value by the option's name.
+
+    A field takes the value of the option whose dest is its name, or of the one `renamed`
+    names for it (`ngram_range` <- `--ngram`); `given` sets fields outright (their option,
+    if `renamed` names one, is still the one errors name)."""
+    fields = {f.name: f.name for f in dataclasses.fields(cls) if f.name in args.option_flags}
+    fields.update(renamed or {})
+    values = {field: getattr(args, dest) for field, dest in fields.items() if field not in given}
+    with _naming_options(args, fields):
+        settings = cls(**values, **given)
+        if hasattr(settings, "validate"):
+            settings.validate()
+        if check is not None:
+            check(settings)
+    return settings
 
 
 def _positive_int(text: str) -> int:
@@ -110,7 +163,7 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
     g.add_argument("--dataset-revision", default=None, help="revision of a Hub dataset")
     # label / families / search given the run's own dataset again read it as the run did.
     run_default = "" if with_model else " (default: the run's, when --dataset is the run's dataset)"
-    g.add_argument("--json-field", default=None, metavar="KEY", help=f'key under which JSON files that are one object each hold their records, e.g. data for {{"version": ..., "data": [...]}}; a dotted path reaches records nested deeper, going through every list on the way, e.g. data.paragraphs for SQuAD (each article\'s title comes along as column data.title){run_default}')
+    g.add_argument("--json-field", default=None, metavar="KEY", help=f'key under which JSON files that are one object each hold their records, e.g. data for {{"version": ..., "data": [...]}}{run_default}')
     g.add_argument("--max-rows", type=_positive_int, default=None, help="use only the first N rows")
     g.add_argument("--strict-text", action="store_true", help="refuse rows whose text is missing, not a string or empty (default: skip and count them)")
     g = p.add_argument_group("embedding")
@@ -294,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE, else $XDG_CACHE_HOME/sbert-sae, else ~/.cache/sbert-sae)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    for p in sub.choices.values():
+        # What errors about a setting name: the option it came from (see _naming_options).
+        p.set_defaults(option_flags=_option_flags(p))
     return parser
 
 
@@ -350,44 +406,24 @@ def _data_arguments(args):
     )
 
 
-def _training_and_sae_arguments(args, n_latents: int, k: int):
+def _training_and_sae_arguments(args, **sae_given):
+    """The TrainingArguments and SaeArguments of `train`/`sweep`'s options, checked as
+    run_training checks them (impossible SAE sizes included), before any text is read."""
+    from .configuration_sbert_sae import SparseAutoencoderConfig
     from .pipeline import SaeArguments
     from .trainer import TrainingArguments
 
-    train_args = TrainingArguments(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        decoder_lr_scale=args.decoder_lr_scale,
-        lr_schedule=args.lr_schedule,
-        warmup_fraction=args.warmup_fraction,
-        decay_fraction=args.decay_fraction,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
-        mixed_precision=args.mixed_precision,
-        cuda_graphs=args.cuda_graphs,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_min_seconds=args.checkpoint_min_seconds,
-        log_every=args.log_every,
-        report_to=args.report_to,
-        show_progress=not args.quiet,
-    )
-    sae_args = SaeArguments(
-        n_latents=n_latents,
-        k=k,
-        k_aux=args.k_aux,
-        auxk_coef=args.auxk_coef,
-        dead_threshold=args.dead_threshold,
-        normalize=args.normalize,
-        encoder_init_scale=args.encoder_init_scale,
-    )
+    train_args = _settings(TrainingArguments, args, show_progress=not args.quiet)
+    # sweep's --n/--k grids give the SAE sizes checked here: the largest n with the smallest k.
+    renamed = {"n_latents": "n_grid", "k": "k_grid"} if sae_given else None
+    sae_args = _settings(SaeArguments, args, renamed, check=lambda sae: SparseAutoencoderConfig(**dataclasses.asdict(sae), d_in=1), **sae_given)
     return train_args, sae_args
 
 
 def cmd_train(args) -> int:
     from .pipeline import run_training
 
-    train_args, sae_args = _training_and_sae_arguments(args, args.n_latents, args.k)
+    train_args, sae_args = _training_and_sae_arguments(args)
     results = run_training(_data_arguments(args), sae_args, train_args, args.out, overwrite=args.overwrite, resume=args.resume)
     for r in results:
         m = r.metrics
@@ -427,20 +463,8 @@ def cmd_label(args) -> int:
     from .labels import LabelArguments
     from .pipeline import run_labelling
 
-    label_args = LabelArguments(
-        top_texts=args.top_texts,
-        quantile_texts=args.quantile_texts,
-        negatives=args.negatives,
-        ngram_range=args.ngram,
-        min_df=args.min_df,
-        candidates=args.candidates,
-        keywords=args.keywords,
-        max_label_keywords=args.max_label_keywords,
-        heldout_fraction=args.label_heldout_fraction,
-        block_size=args.block_size,
-        seed=args.seed,
-    )
-    label_args.validate()  # a wrong value is named before anything is looked for
+    # A wrong value is named (by its option) before anything is looked for.
+    label_args = _settings(LabelArguments, args, {"ngram_range": "ngram", "heldout_fraction": "label_heldout_fraction"})
     if not Path(args.sae).is_dir():
         from .modeling_sbert_sae import _names_a_folder
 
@@ -466,18 +490,7 @@ def cmd_label(args) -> int:
 def cmd_families(args) -> int:
     from .families import COOCCURRENCE_PLOT, FAMILIES_FILE, GRAPH_PLOT, FamilyArguments, corpus_arguments, run_families
 
-    fam_args = FamilyArguments(
-        threshold=args.threshold,
-        min_out_degree=args.min_out_degree,
-        min_children=args.min_children,
-        removal_rounds=args.removal_rounds,
-        max_jaccard=args.max_jaccard,
-        max_density=args.max_density,
-        descend=not args.no_descend,
-        permutations=args.permutations,
-        seed=args.seed,
-    )
-    fam_args.validate()
+    fam_args = _settings(FamilyArguments, args, descend=not args.no_descend)
     started = time.perf_counter()
     overrides = {"cache_dir": args.cache_dir, "device": args.device, "embed_batch_size": args.embed_batch_size}
     data = corpus_arguments(args.sae, _data_arguments(args) if args.dataset else None, **overrides)
@@ -607,7 +620,8 @@ def cmd_compare(args) -> int:
     from .compare import COMPARISON_FILE, COMPARISON_PLOT, run_comparison
 
     started = time.perf_counter()
-    result, out = run_comparison(args.run_a, args.run_b, args.out, min_cosine=args.min_cosine)
+    with _naming_options(args, {"min_cosine": "min_cosine"}):
+        result, out = run_comparison(args.run_a, args.run_b, args.out, min_cosine=args.min_cosine)
     s = result.summary()
     med, rmed = s["matched_cosine"].get("median", float("nan")), s["random_cosine"].get("median", float("nan"))
     rmax = s["random_cosine"].get("max", float("nan"))
@@ -639,12 +653,16 @@ def _steering_targets(values: list[str], default: float | None, flag: str) -> di
         if strength is None:
             if default is None:
                 raise InputError(f"{flag} {value!r}: give the activation to set, e.g. {flag} {key}=0.3")
+            if not math.isfinite(default):  # search would name it "up strength for '12'", not the option
+                raise InputError(f"--strength must be a finite number, got {default!r}")
             targets[key] = default
             continue
         try:
             targets[key] = float(strength)
         except ValueError:
             raise InputError(f"{flag} {value!r}: {strength!r} is not a number") from None
+        if not math.isfinite(targets[key]):
+            raise InputError(f"{flag} {value!r}: {strength!r} is not a finite number")
     return targets
 
 
@@ -700,9 +718,11 @@ def cmd_search(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import SCALING_PLOT, SWEEP_FILE, SWEEP_TABLE, run_sweep
+    from .sweep import SCALING_PLOT, SWEEP_FILE, SWEEP_TABLE, check_grid, run_sweep
 
-    train_args, sae_args = _training_and_sae_arguments(args, max(args.n_grid), min(args.k_grid))
+    with _naming_options(args, {"n": "n_grid", "k": "k_grid"}):
+        check_grid(args.n_grid, args.k_grid)
+    train_args, sae_args = _training_and_sae_arguments(args, n_latents=max(args.n_grid), k=min(args.k_grid))
     started = time.perf_counter()
     out = Path(args.out)
     result = run_sweep(_data_arguments(args), args.n_grid, args.k_grid, train_args, out, sae_args, overwrite=args.overwrite, resume=args.resume, show_progress=not args.quiet)
@@ -770,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         _disable_library_progress_bars()
     try:
+        if getattr(args, "device", None) is not None:
+            from .base_model import check_device
+
+            with _naming_options(args, {"device": "device"}):
+                check_device(args.device)  # before any work, which may find it only later
         if args.command in ("train", "embed", "sweep"):
             from .launch import relaunch_for_cpu_launcher
 

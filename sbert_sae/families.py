@@ -96,6 +96,8 @@ class FamilyArguments:
             raise ConfigError(f"max_jaccard must be in [0, 1], got {self.max_jaccard!r}")
         if not 0 < self.max_density <= 1:
             raise ConfigError(f"max_density must be in (0, 1], got {self.max_density!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:  # numpy seeds are >= 0
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
 
 
 @dataclass

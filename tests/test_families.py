@@ -389,7 +389,7 @@ def test_an_empty_result_keeps_the_families_found_before(run_copy, capsys):
     [
         (["families", "/nonexistent/run"], "is not a folder"),
         (["families", "{run}", "--plot-family", "999"], "heads no family"),
-        (["families", "{run}", "--max-jaccard", "1.5"], "max_jaccard must be in [0, 1]"),
+        (["families", "{run}", "--max-jaccard", "1.5"], "--max-jaccard must be in [0, 1], got 1.5"),
         (["families", "{bare}"], "has no training_args.json"),
     ],
 )

@@ -530,6 +530,7 @@ def test_a_hostile_hub_repo_is_refused(case, hub, sae_folder, tmp_path):
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -837,6 +838,17 @@ LABEL_OPTIONS = {
     "--seed": lambda v: _int(v) is not None and _int(v) >= 0,
     "--ngram": lambda v: (lambda lo, hi: lo is not None and hi is not None and 1 <= lo <= hi <= 6)(_int(v.partition("-")[0]), _int(v.partition("-")[2] or v.partition("-")[0])),
 }
+FAMILY_OPTIONS = {
+    "--threshold": lambda v: _float(v) is not None and 0 < _float(v) < 1,
+    "--max-jaccard": lambda v: _float(v) is not None and 0 <= _float(v) <= 1,
+    "--max-density": lambda v: _float(v) is not None and 0 < _float(v) <= 1,
+    "--removal-rounds": lambda v: _int(v) is not None and _int(v) >= 0,
+    "--min-out-degree": _positive,
+    "--min-children": _positive,
+    "--permutations": _positive,
+    "--top": _positive,
+    "--seed": lambda v: _int(v) is not None and _int(v) >= 0,
+}
 OPTION_VALUES = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
@@ -863,8 +875,8 @@ def _assert_one_line_naming(code, lines, option, value, valid, target):
         assert target in line, f"{option}={value!r} is valid, yet: {line}"
         return
     assert target not in line, f"{option}={value!r} is invalid, yet reached: {line}"
-    names = {option, option.lstrip("-"), option.lstrip("-").replace("-", "_")}
-    assert any(name in line for name in names), line
+    # The option as typed, not the setting it fills ("lr must be > 0" left the user to guess).
+    assert re.search(rf"{re.escape(option)}(?![\w-])", line), f"{option} not named in: {line}"
     shown = {value, repr(value), value.strip()}
     for parse in (_int, _float):
         if parse(value) is not None:
@@ -893,6 +905,74 @@ def test_fuzzed_train_arguments_give_one_line_naming_the_value(nowhere, option, 
 def test_fuzzed_label_arguments_give_one_line_naming_the_value(nowhere, option, value):
     code, lines = _run_main(["label", str(nowhere.parent / "no-such-sae"), "--dataset", str(nowhere), "-q", f"{option}={value}"])
     _assert_one_line_naming(code, lines, option, value, LABEL_OPTIONS[option](value), "no-such-sae")
+
+
+@FUZZ
+@given(option=st.sampled_from(sorted(FAMILY_OPTIONS)), value=OPTION_VALUES)
+def test_fuzzed_families_arguments_give_one_line_naming_the_value(nowhere, option, value):
+    # --seed -1 escaped as numpy's "ValueError: expected non-negative integer" (exit 1).
+    code, lines = _run_main(["families", str(nowhere.parent / "no-such-sae"), "-q", f"{option}={value}"])
+    _assert_one_line_naming(code, lines, option, value, FAMILY_OPTIONS[option](value), "no-such-sae")
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["train", "--lr", "0"], "sbert-sae: error: --lr must be > 0, got 0.0"),
+        (["train", "--k", "64", "--n-latents", "32"], "sbert-sae: error: --k=64 is larger than --n-latents=32: --k must be in 1..--n-latents"),
+        (["train", "--decay-fraction", "0.9", "--warmup-fraction", "0.5"], "sbert-sae: error: --decay-fraction must be in [0, 1 - --warmup-fraction], got 0.9"),
+        (["train", "--report-to", "lr,k"], "sbert-sae: error: --report-to names unknown trackers ['lr', 'k']: use auto, none, or a comma list of "),
+        (["train", "--device", "meta"], "sbert-sae: error: --device 'meta' cannot run sbert-sae (use cpu, cuda, cuda:N or mps)"),
+        (["sweep", "--n", "16", "--k", "32"], "sbert-sae: error: --k must not exceed --n: --n=16 --k=32"),
+        (["sweep", "--n", "64", "--k", "4", "--encoder-init-scale", "0"], "sbert-sae: error: --encoder-init-scale must be a finite number > 0, got 0.0"),
+        (["label", "--quantile-texts", "-1"], "sbert-sae: error: --quantile-texts must be >= 0, got -1"),
+        (["families", "--seed", "-1"], "sbert-sae: error: --seed must be an integer >= 0, got -1"),
+    ],
+)
+def test_a_bad_option_is_named_as_typed_on_the_command_line_and_as_the_field_in_python(nowhere, argv, line):
+    """The settings' checks name their fields (lr, k_aux, ...), right for a Python caller; on
+    the command line the same check names the option the user typed."""
+    command, *options = argv
+    where = {
+        "train": ["--dataset", str(nowhere), "--out", str(nowhere.parent / "out")],
+        "sweep": ["--dataset", str(nowhere), "--out", str(nowhere.parent / "out")],
+        "label": [str(nowhere.parent / "no-such-sae"), "--dataset", str(nowhere)],
+        "families": [str(nowhere.parent / "no-such-sae")],
+    }[command]
+    code, lines = _run_main([command, *where, "-q", *options])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(line), (code, lines)
+    from sbert_sae.families import FamilyArguments
+    from sbert_sae.labels import LabelArguments
+    from sbert_sae.trainer import TrainingArguments
+
+    with pytest.raises(ConfigError, match=r"^lr must be > 0, got 0$"):
+        TrainingArguments(lr=0).validate()
+    with pytest.raises(ConfigError, match=r"^k=64 is larger than n_latents=32"):
+        SparseAutoencoderConfig(d_in=8, n_latents=32, k=64)
+    with pytest.raises(ConfigError, match=r"^quantile_texts must be >= 0"):
+        LabelArguments(quantile_texts=-1).validate()
+    with pytest.raises(ConfigError, match=r"^seed must be an integer >= 0, got -1$"):
+        FamilyArguments(seed=-1).validate()
+
+
+def test_a_bad_compare_or_search_option_is_named_as_typed(tmp_path):
+    """compare's --min-cosine is checked by run_comparison (min_cosine), search's strengths by
+    the index ("up strength for '0'"): both now name the option."""
+    from sbert_sae.compare import compare_saes
+
+    for name in ("a", "b"):
+        SparseAutoencoder(SparseAutoencoderConfig(d_in=8, n_latents=16, k=2)).save_pretrained(tmp_path / name)
+    code, lines = _run_main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "-q", "--min-cosine", "2"])
+    assert (code, lines) == (2, ["sbert-sae: error: --min-cosine must be in [-1, 1], got 2.0"])
+    with pytest.raises(InputError, match=r"^min_cosine must be in \[-1, 1\], got 2$"):
+        sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=8, n_latents=16, k=2))
+        compare_saes(sae, sae, min_cosine=2)
+    for options, line in (
+        (["--up", "0", "--strength", "nan"], "sbert-sae: error: --strength must be a finite number, got nan"),
+        (["--down", "0=inf"], "sbert-sae: error: --down '0=inf': 'inf' is not a finite number"),
+    ):
+        code, lines = _run_main(["search", str(tmp_path / "a"), "a query", "-q", *options])
+        assert (code, lines) == (2, [line])
 
 
 def test_an_sae_too_large_to_allocate_is_a_config_error():

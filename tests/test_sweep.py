@@ -77,7 +77,7 @@ def test_sweep_command_trains_the_grid_and_fits_it(wiki_small, tmp_path, capsys,
 def test_sweep_refuses_bad_grids_in_one_line(wiki_small, tmp_path, capsys):
     base = ["sweep", "--dataset", str(wiki_small), "--out", str(tmp_path / "s"), "-q", "--report-to", "none"]
     assert main([*base, "--n", "32", "--k", "64"]) == 2
-    assert "k must not exceed n: n=32 k=64" in capsys.readouterr().err
+    assert "--k must not exceed --n: --n=32 --k=64" in capsys.readouterr().err
     assert main([*base, "--n", "4000000000", "--k", "8"]) == 2
     err = capsys.readouterr().err
     assert "the grid does not fit in CPU memory: n=4000000000 k=8 needs ~" in err and err.count("\n") == 1

@@ -96,7 +96,7 @@ def test_an_out_that_is_a_file_is_refused_naming_it(wiki_small, tmp_path, capsys
     "args, fragment",
     [
         (["--text-column", "body"], "text column 'body' not in dataset; its columns are ['id', 'text', 'description', 'topic']"),
-        (["--n-latents", "16", "-k", "32"], "k=32 is larger than n_latents=16"),
+        (["--n-latents", "16", "-k", "32"], "--k=32 is larger than --n-latents=16"),  # the options, not the fields
         (["--domain-column", "topic", "--domain", "Geology"], "domain 'Geology' not found in column 'topic'"),
         (["--domain", "Arts"], "--domain needs --domain-column"),
     ],
