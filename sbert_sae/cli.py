@@ -163,7 +163,7 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
     g.add_argument("--dataset-revision", default=None, help="revision of a Hub dataset")
     # label / families / search given the run's own dataset again read it as the run did.
     run_default = "" if with_model else " (default: the run's, when --dataset is the run's dataset)"
-    g.add_argument("--json-field", default=None, metavar="KEY", help=f'key under which JSON files that are one object each hold their records, e.g. data for {{"version": ..., "data": [...]}}{run_default}')
+    g.add_argument("--json-field", default=None, metavar="KEY", help=f'key under which JSON files that are one object each hold their records, e.g. data for {{"version": ..., "data": [...]}}; a dotted path reaches records nested deeper, going through every list on the way, e.g. data.paragraphs for SQuAD (each article\'s title comes along as column data.title){run_default}')
     g.add_argument("--max-rows", type=_positive_int, default=None, help="use only the first N rows")
     g.add_argument("--strict-text", action="store_true", help="refuse rows whose text is missing, not a string or empty (default: skip and count them)")
     g = p.add_argument_group("embedding")

@@ -56,7 +56,9 @@ class DataArguments:
     """Revision of a Hub dataset."""
     json_field: str | None = None
     """The key of JSON files that are one object each under which the records sit ("data" in
-    SQuAD's {"version": ..., "data": [...]})."""
+    {"version": ..., "data": [...]}), or a dotted path to records nested deeper, every list on
+    the way gone through ("data.paragraphs": SQuAD's paragraphs, their article's title as
+    "data.title"). Recorded in training_args.json, so later stages read the same records."""
     domain_column: str | None = None
     """Column naming each text's knowledge domain."""
     domain: str | None = None
