@@ -408,7 +408,7 @@ def _read_json_document(name: str, json_field: str, source):
     if Path(name).suffix.lower() == ".zst":
         raise DatasetError(f"--json-field {json_field!r} reads .json, .json.gz, .json.bz2 or .json.xz files: decompress {name}")
     try:
-        with opener(name, "rt", encoding="utf-8") as f:
+        with opener(name, "rt", encoding="utf-8-sig") as f:  # a byte-order mark, as Windows editors write, is skipped
             return json.load(f)
     except ValueError as err:
         if opener is open and _is_json_lines(name):

@@ -341,6 +341,12 @@ def test_a_dotted_json_field_reads_records_nested_in_lists_as_squad_holds_them(f
     nested = tmp_path / "nested.json"
     nested.write_text(json.dumps({"corpus": {"en.v1": {"docs": [{"body": t} for t in texts]}, "lang": "en"}}))
     assert load_text_dataset(str(nested), json_field="corpus.en.v1.docs")["body"] == texts
+    # a file saved with a byte-order mark (as Windows editors do), gzip-compressed
+    import gzip
+
+    marked = tmp_path / "marked.json.gz"
+    marked.write_bytes(gzip.compress(b"\xef\xbb\xbf" + path.read_bytes()))
+    assert load_text_dataset(str(marked), json_field="data.paragraphs")["context"] == ds["context"]
     # a changed file is read afresh, not from the records written for it before
     path.write_text(json.dumps(_squad([("Cells", [texts[3]])])))
     assert load_text_dataset(str(path), json_field="data.paragraphs")["context"] == [texts[3]]
