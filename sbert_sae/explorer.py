@@ -39,6 +39,8 @@ WAITING = "waiting-for-corpus"
 """Class of the note of a part shown before the corpus was open: filled in once it is."""
 MAX_STEERED = 16
 """Most sliders the Search tab shows (the query's strongest features plus those added)."""
+NEAREST_SHOWN = 5
+"""Labels offered, as weak or near matches, for a label query that no label matches."""
 
 # A click on anything carrying data-feature opens that feature's page; links keep an href
 # (?feature=ID) so that they can still be opened in a new tab.
@@ -147,6 +149,12 @@ def _pct(value: float | None) -> str:
 def _bar(value: float, top: float, width_em: float = 8.0, negative: bool = False) -> str:
     share = 0.0 if top <= 0 else max(0.0, min(1.0, abs(value) / top))
     return f'<span class="sae-bar{" neg" if negative else ""}" style="width:{max(0.15, share * width_em):.2f}em"></span>'
+
+
+def _strength(match) -> str:
+    """How well a label matches a label query, in words, with the cosine of the two."""
+    word = {"words": "word match", "close": "close", "near": "near", "weak": "weak"}[match.strength]
+    return f"{word}, cos {match.score:.2f}"
 
 
 def _card(title: str, body: str) -> str:
@@ -651,7 +659,7 @@ class Steering:
                     with gr.Row(equal_height=True):
                         self.about = gr.Textbox(placeholder="e.g. galaxy, or 812", show_label=False, scale=3, elem_id="steer-about")
                         self.find = gr.Button("Find", scale=1, min_width=70, elem_id="steer-find")
-                    self.choice = gr.Dropdown(choices=[], label="Features whose label matches", interactive=True, elem_id="steer-choice")
+                    self.choice = gr.Dropdown(choices=[], label="Features whose label matches", info="word match: the label or its keywords hold the words; close, near, weak: how similar the label's meaning is (cos)", interactive=True, elem_id="steer-choice")
                     self.add = gr.Button("Add a slider for it", elem_id="steer-add")
             with gr.Column(scale=5):
                 self.summary = gr.HTML(_empty("Type a query and press Search."), elem_id="search-summary", js_on_load=FEATURE_LINKS_JS)
@@ -717,13 +725,22 @@ class Steering:
             except SbertSaeError as err:
                 raise gr.Error(str(err)) from None
             choices = [(f"#{f} {self.x.display_label(f)}", f)]
-            return gr.Dropdown(choices=choices, value=f)
+            return gr.Dropdown(choices=choices, value=f, label="The feature with this id")
         try:
             matches = self._index().features_about(about, top=12)
         except SbertSaeError as err:
             raise gr.Error(f"{err} (or type a feature's id, e.g. 12)") from None
-        choices = [(f"#{m.feature} {m.label}", m.feature) for m in matches]
-        return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+        found = [m for m in matches if m.matches]
+        if found:
+            shown, title = [m for m in matches if m.strength != "weak"], "Features whose label matches"
+        else:
+            # Nothing close (a typo, nonsense): the nearest few, said to be weak, none picked.
+            shown = matches[:NEAREST_SHOWN]
+            near = any(m.strength == "near" for m in shown)
+            title = f"No feature label matches “{about.strip()}”: the nearest ({'near or weak' if near else 'all weak'})"
+            gr.Warning(f"No feature label matches “{about.strip()}”; the list holds the nearest labels, {'near or weak' if near else 'all weak'} matches.")
+        choices = [(f"#{m.feature} {m.label} · {_strength(m)}", m.feature) for m in shown]
+        return gr.Dropdown(choices=choices, value=choices[0][1] if found else None, label=title)
 
     def add_feature(self, choice, slots: list[int], *values):
         if choice is None:

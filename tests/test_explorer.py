@@ -260,7 +260,7 @@ def test_steered_search_changes_the_results(page, run, corpus):
 
     page.locator("#steer-about textarea").fill(word)
     page.locator("#steer-find").click()
-    expect(page.locator("#steer-choice input")).to_have_value(f"#{chosen.feature} {chosen.label}")
+    expect(page.locator("#steer-choice input")).to_have_value(f"#{chosen.feature} {chosen.label} · word match, cos {chosen.score:.2f}")
     page.locator("#steer-add").click()
     slider = page.locator(".steer-slider", has_text=f"#{chosen.feature} ")
     expect(slider).to_be_visible()
@@ -277,6 +277,36 @@ def test_steered_search_changes_the_results(page, run, corpus):
     expect(page.locator("#steer-outcome")).to_contain_text(f"{new} of 10 results are new")
     expect(page.locator("#search-after .sae-hit .new")).to_have_count(new)
     page.screenshot(path=str(ARTIFACTS / "3-steered-search.png"), full_page=True)
+
+
+def test_a_label_query_no_label_matches_says_so(page, run):
+    """Nonsense typed to find a feature by its label: the app says no label matches and picks
+    none; the nearest labels are offered as weak matches, each with its cosine (it listed
+    the nearest labels as matches and picked the first)."""
+    from playwright.sync_api import expect
+
+    from sbert_sae.search import SteerableIndex
+
+    nearest = SteerableIndex.from_run(run).features_about("qwzxv", top=5)
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#steer-about textarea").fill("qwzxv")
+    page.locator("#steer-find").click()
+    choice = page.locator("#steer-choice")
+    expect(choice).to_contain_text("No feature label matches “qwzxv”: the nearest")
+    expect(choice.locator("input")).to_have_value("")
+    choice.locator("input").click()
+    options = page.locator("[role=option]")
+    expect(options).to_have_count(5)
+    assert options.all_inner_texts() == [f"#{m.feature} {m.label} · {m.strength}, cos {m.score:.2f}" for m in nearest]
+    assert all(m.strength == "weak" for m in nearest)
+    page.screenshot(path=str(ARTIFACTS / "3b-no-label-matches.png"), full_page=True)
+    page.keyboard.press("Escape")
+    # A word of a label: the dropdown says so again, and picks the best match.
+    word = max(next(label for label in SparseAutoencoder.from_pretrained(run).feature_labels if label).split(), key=len).strip(",")
+    page.locator("#steer-about textarea").fill(word)
+    page.locator("#steer-find").click()
+    expect(choice).to_contain_text("Features whose label matches")
+    expect(choice.locator("input")).not_to_have_value("")
 
 
 def test_overview_shows_metrics_and_families(page, run, corpus):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -114,6 +115,30 @@ def test_targets_by_label_query_and_by_family(index):
     assert ids == pytest.approx({f: 0.2 for f in resolved[f"family:{feature}"]})
     with pytest.raises(InputError, match="no families.json"):
         index.resolve({"family:3": 1.0}, "up")
+
+
+def test_a_label_query_that_no_label_is_near_gets_only_weak_matches(index):
+    """Nonsense, a typo or an emoji has a nearest label, but matches none: its matches say so."""
+    labels = index.sae.feature_labels
+    near, close = index.label_match_thresholds()
+    # Measured on the labels' own pairs: between what unrelated labels reach and a label itself.
+    assert 0.0 < near <= close < 1.0
+    for nonsense in ("qwzxv", "asdf jkl", "\U0001f642"):
+        matches = index.features_about(nonsense, top=5)
+        assert len(matches) == 5 and not any(m.matches for m in matches), [(m.label, m.strength, m.score) for m in matches]
+        assert {m.strength for m in matches} <= {"near", "weak"}
+        assert all(m.score < close for m in matches)
+    # A label's own words match it, by its words.
+    entries = index.sae.label_data["features"]
+    f = next(f for f, label in enumerate(labels) if label and max(map(len, label.split())) >= 6)
+    word = max(labels[f].split(), key=len).strip(",")
+    first = index.features_about(word, top=3)[0]
+    assert first.matches and first.strength == "words" and word in first.label
+    # A few letters inside a word are not the label's words ("art" is not in "party").
+    inside = word[1:-1]
+    haystacks = [" ".join([label or "", *(k["keyword"] for k in entries.get(g, {}).get("keywords", []))]) for g, label in enumerate(labels)]
+    assert not any(re.search(rf"\b{re.escape(inside)}\b", h) for h in haystacks)
+    assert all(m.strength != "words" for m in index.features_about(inside, top=5))
 
 
 def test_label_vectors_are_kept_for_the_next_index(index, labelled_run):
