@@ -231,6 +231,12 @@ def push_sae(
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} holds no SAE to push (config.json and model.safetensors are needed)")
+    from .labels import LABELS_FILE, label_scores_disagree
+
+    # Checked before anything is sent: a repo must not publish labels beside another labelling's scores.
+    disagreement = label_scores_disagree(_read_json(folder / LABELS_FILE), _read_json(folder / "metrics.json"))
+    if disagreement:
+        raise ModelLoadError(f"{folder} was not pushed: {disagreement}; run `sbert-sae label {folder}` again to finish it, then push")
     card = render_model_card(folder, repo_id, activations_repo=activations_repo, license_name=license_name, tags=tags)
     api = HfApi(token=token)
     try:

@@ -929,6 +929,36 @@ def unique_label_share(labels: list[str]) -> float:
     return sum(1 for label in labels if counts[label] == 1) / max(1, len(labels))
 
 
+# The figures of a labelling's summary that `metrics.json` carries beside the SAE's own.
+LABEL_METRIC_PREFIXES = ("label_", "n_labelled", "distinct_label", "centroid_")
+
+
+def label_metrics(summary: dict) -> dict:
+    """The label scores among `summary`'s figures (a labelling summary, or metrics.json)."""
+    return {k: v for k, v in summary.items() if k.startswith(LABEL_METRIC_PREFIXES)}
+
+
+def label_scores_disagree(labels: dict | None, metrics: dict | None) -> str | None:
+    """Why `metrics.json`'s label scores are not those of `feature_labels.json`, or None.
+
+    The labels file carries its own scores (its "summary"); `sbert-sae label` writes it, then
+    copies the scores into metrics.json: a labelling stopped between the two writes leaves new
+    labels beside the old scores (or none). The scores themselves are compared, not a digest of
+    the file, so that a copy of the labels written again (`save_pretrained`) still agrees, and a
+    run labelled before this check existed is judged alike."""
+    if not isinstance(labels, dict) or not isinstance(labels.get("summary"), dict):
+        return None  # no labels, or labels without scores: nothing to agree with
+    want = label_metrics(labels["summary"])
+    have = label_metrics(metrics) if isinstance(metrics, dict) else {}
+    if want == have:
+        return None
+    key = next(k for k in [*want, *(k for k in have if k not in want)] if want.get(k, ...) != have.get(k, ...))
+    return (
+        f"metrics.json's label scores are not those of {LABELS_FILE} ({key}: {have.get(key, 'none')} in metrics.json, "
+        f"{want.get(key, 'none')} in the labels): a labelling was stopped between writing the two"
+    )
+
+
 def summarize_scores(features: dict[int, dict]) -> dict:
     """Mean, median and share >= 0.8 of the held-out AUROC, Pearson r, share of unique labels, over labelled features."""
     scores = [e.get("score") or {} for e in features.values() if e.get("status") == "labelled"]

@@ -706,6 +706,13 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         link = getattr(self, "activations_link", None) or {}
         activations_revision = link.get("revision") if activations_repo is None else None
         activations_repo = activations_repo or link.get("repo_id")
+        from .labels import label_scores_disagree
+
+        # Named here, by where the SAE was loaded from: push_sae would name the temporary copy.
+        disagreement = label_scores_disagree(getattr(self, "label_data", None), getattr(self, "metrics", None))
+        if disagreement:
+            source = (getattr(self, "_extras_source", None) or ("this SAE",))[0]
+            raise ModelLoadError(f"{source} was not pushed: {disagreement}; run `sbert-sae label` on it again to finish it, then push")
         with tempfile.TemporaryDirectory(prefix="sbert-sae-push-") as tmp:
             self.save_pretrained(tmp)
             return push_sae(
@@ -753,7 +760,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     # ------------------------------------------------------- labels and metrics
     def load_extras(self, name_or_path: str, **hub_kwargs) -> None:
         """Read `feature_labels.json` and `metrics.json` from a folder or Hub repo, when present."""
-        from .labels import LABELS_FILE, parse_feature_labels
+        from .labels import LABELS_FILE, label_scores_disagree, parse_feature_labels
 
         # Files read later (families.json) must come from the revision the weights came from;
         # the token is not kept on the model.
@@ -764,6 +771,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if metrics is not None and not isinstance(metrics, dict):
             raise ModelLoadError(f"metrics.json of {name_or_path!r} is malformed: expected a JSON object, got a {type(metrics).__name__}")
         self.metrics = metrics or {}
+        disagreement = label_scores_disagree(self.label_data, self.metrics)
+        if disagreement:
+            local = os.path.isdir(name_or_path)
+            logger.warning("%s: %s; %s", name_or_path, disagreement, f"`sbert-sae label {name_or_path}` run again writes both anew" if local else f"the labels' own scores are in the summary of {LABELS_FILE}")
         link = _read_optional_json(name_or_path, "activations.json", hub_kwargs)
         if link is not None and not (isinstance(link, dict) and isinstance(link.get("repo_id"), str)):
             raise ModelLoadError(f"activations.json of {name_or_path!r} is malformed: expected an object with a 'repo_id' string")

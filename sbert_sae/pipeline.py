@@ -547,7 +547,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
 
     from .activations import corpus_codes
     from .base_model import load_sentence_transformer
-    from .labels import LABELS_FILE, LabelArguments, feature_labels_document, label_features
+    from .labels import LABELS_FILE, LabelArguments, feature_labels_document, label_features, label_metrics
     from .modeling_sbert_sae import SparseAutoencoder
     from .utils import read_json
 
@@ -588,10 +588,14 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
             codes=corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress),
         )
         dataset_name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
+        # Two files, each replaced whole, one after the other: a run stopped between them leaves
+        # the new labels beside metrics.json's old scores, which `label_scores_disagree` tells
+        # (loading warns, push refuses) and a rerun (resumed from the partial file) mends.
         write_json(sae_path / LABELS_FILE, feature_labels_document(result, sae, dataset=dataset_name), depth=2)  # a feature a line
+        pause_point("labels", 1)
         metrics_path = sae_path / "metrics.json"
         metrics = read_json(metrics_path) if metrics_path.exists() else {}
-        metrics.update({k: v for k, v in result.summary.items() if k.startswith(("label_", "n_labelled", "distinct_label", "centroid_"))})
+        metrics = {k: v for k, v in metrics.items() if k not in label_metrics(metrics)} | label_metrics(result.summary)
         write_json(metrics_path, metrics)
         partial_path.unlink(missing_ok=True)
     return result.summary

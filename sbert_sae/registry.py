@@ -164,6 +164,14 @@ def _only_known(cls, values: dict, where: str) -> dict:
     return values
 
 
+def _label_scores_disagree(run_dir: Path) -> str | None:
+    from .labels import LABELS_FILE, label_scores_disagree
+    from .utils import read_json
+
+    metrics = run_dir / "metrics.json"
+    return label_scores_disagree(read_json(run_dir / LABELS_FILE), read_json(metrics) if metrics.exists() else None)
+
+
 def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, overwrite: bool = False, show_progress: bool = True, registry: str | Path | None = None, resume: bool = False) -> dict:
     """Train, label and (with `push`) publish the SAE a recipe describes, then register it.
     `resume`: continue the interrupted training in `out_dir` from its last checkpoint (labelling
@@ -196,8 +204,9 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
     out_dir = Path(out_dir)
     results = run_training(data, sae_args, train_args, out_dir, overwrite=overwrite, resume=resume, keep_finished=True)
     run_dir = results[0].out_dir
-    if resume and (run_dir / "feature_labels.json").exists():
-        # A run that replaces an SAE removes its labels: these are this SAE's.
+    if resume and (run_dir / "feature_labels.json").exists() and not _label_scores_disagree(run_dir):
+        # A run that replaces an SAE removes its labels: these are this SAE's. A labelling
+        # stopped before it copied their scores into metrics.json is run again (it resumes).
         logger.warning("%s is labelled already: not labelled again", run_dir)
         summary = None
     else:

@@ -369,6 +369,77 @@ def test_killed_labelling_resumes_without_redoing_finished_features(labelled_run
     assert not (saes["killed"] / "feature_labels.partial.json").exists()
 
 
+def test_labelling_killed_between_its_labels_and_its_scores_is_named_and_a_rerun_makes_them_agree(labelled_run, wiki_small, hub, tmp_path, caplog, capsys):
+    """`sbert-sae label` writes feature_labels.json, then copies the labels' scores into
+    metrics.json. SIGKILLed between the two writes, it left the new labels beside the old
+    scores, and nothing said so: loading was silent and `push` published the pair. Loading now
+    warns, `push` refuses (naming both files, publishing nothing), and a rerun of `label`
+    ends with the two in agreement, which `push` then publishes."""
+    from sbert_sae.errors import ModelLoadError
+    from sbert_sae.labels import label_metrics
+
+    out = tmp_path / "relabelled"
+    shutil.copytree(labelled_run, out)
+    old_metrics = json.loads((out / "metrics.json").read_text())
+    label = ["label", out, "--dataset", wiki_small, "--top-texts", "10", "--seed", "7", "-q"]  # another held-out split: other scores
+    child = Child(label, tmp_path / "label.log", pause="labels:1")
+    child.wait_until_paused()
+    child.kill()
+    new_scores = label_metrics(json.loads((out / "feature_labels.json").read_text())["summary"])
+    assert new_scores != label_metrics(old_metrics)  # new labels ...
+    assert json.loads((out / "metrics.json").read_text()) == old_metrics  # ... beside the old scores
+
+    caplog.set_level(logging.WARNING, logger="sbert_sae")
+    loaded = SparseAutoencoder.from_pretrained(out)
+    assert "metrics.json's label scores are not those of feature_labels.json" in caplog.text
+    with pytest.raises(ModelLoadError, match=rf"{out} was not pushed: metrics.json's label scores are not those of feature_labels.json"):
+        loaded.push_to_hub("org/half-labelled")
+    capsys.readouterr()
+    assert run_cli("push", out, "org/half-labelled", "-q") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.json's label scores are not those of feature_labels.json" in err[0] and f"sbert-sae label {out}" in err[0], err
+    assert ("model", "org/half-labelled") not in hub.state.repos  # nothing published
+
+    caplog.clear()
+    assert run_cli(*label) == 0
+    assert "metrics.json's label scores are not those" in caplog.text  # the rerun says what it mends
+    metrics = json.loads((out / "metrics.json").read_text())
+    labels = json.loads((out / "feature_labels.json").read_text())
+    assert label_metrics(metrics) == label_metrics(labels["summary"]) == new_scores
+    assert {k: v for k, v in metrics.items() if k not in new_scores} == {k: v for k, v in old_metrics.items() if k not in new_scores}
+    assert not (out / "feature_labels.partial.json").exists()
+    caplog.clear()
+    SparseAutoencoder.from_pretrained(out)
+    assert "label scores are not those" not in caplog.text
+    assert run_cli("push", out, "org/half-labelled", "-q") == 0
+    files = hub.files("org/half-labelled")
+    assert label_metrics(json.loads(files["metrics.json"])) == label_metrics(json.loads(files["feature_labels.json"])["summary"]) == new_scores
+
+
+def test_a_release_killed_between_its_labels_and_its_scores_is_labelled_again_by_resume(hub, wiki_small, tmp_path, monkeypatch):
+    """`release --resume` takes a run that has feature_labels.json as labelled; one killed
+    between the labels and their scores would have been published with no label scores in
+    its metrics. It now finishes the labelling (from the partial file) and publishes the two in agreement."""
+    from sbert_sae.labels import label_metrics
+
+    monkeypatch.setenv("SBERT_SAE_REGISTRY", str(tmp_path / "registry.yaml"))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"name: tiny\nrepo_id: org/tiny-killed\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n"
+        f'dataset: {{path: "{wiki_small}"}}\nsae: {{n_latents: 32, k: 4}}\n'
+        "training: {epochs: 2, batch_size: 32, report_to: none}\nlabels: {top_texts: 5}\n"
+    )
+    out = tmp_path / "run"
+    child = Child(["release", recipe, "--out", out, "--no-push", "-q"], tmp_path / "release.log", pause="labels:1")
+    child.wait_until_paused()
+    child.kill()
+    assert (out / "feature_labels.json").exists() and not label_metrics(json.loads((out / "metrics.json").read_text()))
+    assert run_cli("release", recipe, "--out", out, "--resume", "-q") == 0
+    files = hub.files("org/tiny-killed")
+    published = label_metrics(json.loads(files["metrics.json"]))
+    assert published and published == label_metrics(json.loads(files["feature_labels.json"])["summary"])
+
+
 # ------------------------------------------------------------------ hostile files
 class Tripwire:
     """Unpickling this creates the file `marker`: a test that finds no marker knows nothing was unpickled."""
