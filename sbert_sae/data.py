@@ -537,7 +537,7 @@ def require_column(ds, column: str, purpose: str) -> None:
                 hint += f"; the JSON file is one object whose records appear to sit under key {'.'.join(below)!r}: pass --json-field {'.'.join(below)}"
             elif deeper:
                 path = ".".join(deeper)
-                hint += f"; field {path!r} of its records holds records with field {column!r}: add it to the --json-field path (--json-field KEY.{path})"
+                hint += f"; field {path!r} of its records holds records with field {column!r}: add '.{path}' to the end of the --json-field path"
         raise DatasetError(f"{purpose} column {column!r} not in dataset; its columns are {ds.column_names}{hint}")
 
 

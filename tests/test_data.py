@@ -312,7 +312,7 @@ def test_a_dotted_json_field_reads_records_nested_in_lists_as_squad_holds_them(f
     # without the path, or with its first key only, the error names the path that holds "context"
     with pytest.raises(DatasetError, match=r"records appear to sit under key 'data.paragraphs': pass --json-field data.paragraphs"):
         load_texts(DataArguments(dataset=str(path), text_column="context"))
-    with pytest.raises(DatasetError, match=r"columns are \['title', 'paragraphs'\].*field 'paragraphs' of its records holds records with field 'context': add it to the --json-field path"):
+    with pytest.raises(DatasetError, match=r"columns are \['title', 'paragraphs'\].*field 'paragraphs' of its records holds records with field 'context': add '.paragraphs' to the end of the --json-field path"):
         load_texts(DataArguments(dataset=str(path), json_field="data", text_column="context"))
     ds = load_text_dataset(str(path), json_field="data.paragraphs")
     assert ds.column_names == ["context", "qas", "data.title"]
