@@ -19,6 +19,12 @@ from .utils import atomic_write
 
 DENSE_THRESHOLD = 0.1
 
+REDUCE_ROWS = 4096
+"""Per-text figures are summed in float64 this many texts at a time, in the order given, and
+these sums added up in turn: a fixed grouping, so that a metric does not depend on the batch
+size (smaller for a wide SAE, see `batch_rows`). Summed per batch in float32, FVU and cosine
+moved in their 7th digit with the batch size."""
+
 METRIC_DESCRIPTIONS = {
     "heldout_fvu": "fraction of variance unexplained on held-out texts: sum ||x - x_hat||^2 / sum ||x - mean x||^2",
     "heldout_normalized_mse": "mean ||x - x_hat||^2 / mean ||x||^2 on held-out texts",
@@ -31,37 +37,61 @@ METRIC_DESCRIPTIONS = {
 }
 
 
+def batch_rows(sae: SparseAutoencoder, most: int = 4096) -> int:
+    """Texts per batch: at most `most`, and at most `ENCODE_BATCH_ELEMENTS` pre-activations
+    (texts x n_latents, float32: 256 MiB) at a time, as when a corpus is encoded: 4096 texts
+    made 805 MB of them for an SAE of 49,152 features (1365 texts now)."""
+    from . import activations
+
+    return max(1, min(most, activations.ENCODE_BATCH_ELEMENTS // sae.config.n_latents))
+
+
 @torch.no_grad()
 def _blocks(sae: SparseAutoencoder, embeddings: np.ndarray, positions: np.ndarray, batch_size: int):
+    """`(positions, prepared inputs, top-k values, top-k indices, reconstructions)` of equal
+    batches of at most `batch_size` texts (4096 texts in 4 batches of 1024 for at most 1365,
+    not 1365, 1365, 1365 and 1): the CPU's matrix product rounds a batch of 1 to 3 rows
+    otherwise than a larger one, which can change a text's top-k at a near tie."""
     device = sae.W_dec.device
-    for start in range(0, len(positions), batch_size):
-        rows = positions[start : start + batch_size]
+    if len(positions) == 0:
+        return
+    for rows in np.array_split(positions, -(-len(positions) // batch_size)):
         x = torch.from_numpy(np.array(embeddings[rows], dtype=np.float32)).to(device)
         prepared = sae.prepare_input(x, check_finite=False)
         values, indices = sae._topk(sae.pre_activations(prepared), sae.config.k)
-        yield prepared.float(), values, indices, sae.decode_topk(values, indices).float()
+        yield rows, prepared.float(), values, indices, sae.decode_topk(values, indices).float()
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SparseAutoencoder, embeddings: np.ndarray, positions: np.ndarray, batch_size: int = 4096) -> dict:
-    """FVU, normalised MSE, cosine and L0 over `embeddings[positions]`."""
+def reconstruction_metrics(sae: SparseAutoencoder, embeddings: np.ndarray, positions: np.ndarray, batch_size: int | None = None) -> dict:
+    """FVU, normalised MSE, cosine and L0 over `embeddings[positions]`, in batches of at most
+    `batch_size` texts (default: `batch_rows`).
+
+    Each text's figures are computed alone in float64 and summed in a fixed grouping
+    (`REDUCE_ROWS`), so the metrics do not depend on the batch size as long as the SAE's
+    outputs for a text do not (see `_blocks`).
+    """
+    batch_size = batch_size or batch_rows(sae)
     n = 0
-    residual = sq_norm = cos = l0 = 0.0
+    totals = np.zeros(4)  # squared residual, squared norm, cosine, firing features
     sum_x = None
-    sum_sq = 0.0
-    for x, values, _, x_hat in _blocks(sae, embeddings, positions, batch_size):
-        residual += float((x - x_hat).pow(2).sum())
-        sq_norm += float(x.pow(2).sum())
-        cos += float(F.cosine_similarity(x, x_hat, dim=1).sum())
-        l0 += float((values > 0).sum())
-        sum_x = x.sum(0) if sum_x is None else sum_x + x.sum(0)
-        sum_sq += float(x.pow(2).sum())
-        n += len(x)
+    for g0 in range(0, len(positions), REDUCE_ROWS):
+        group = positions[g0 : g0 + REDUCE_ROWS]
+        per_text, xs = [], []
+        for _, x, values, _, x_hat in _blocks(sae, embeddings, group, batch_size):
+            x, x_hat = x.double(), x_hat.double()
+            per_text.append(torch.stack([(x - x_hat).pow(2).sum(1), x.pow(2).sum(1), F.cosine_similarity(x, x_hat, dim=1), (values > 0).sum(1).double()], dim=1).cpu().numpy())
+            xs.append(x.cpu().numpy())
+        totals += np.concatenate(per_text).sum(0)
+        group_sum = np.concatenate(xs).sum(0)
+        sum_x = group_sum if sum_x is None else sum_x + group_sum
+        n += len(group)
     if n == 0:
         return {}
+    residual, sq_norm, cos, l0 = (float(t) for t in totals)
     # One row has no variance around its own mean: its error is normalised by its squared
     # norm instead, as `fraction_of_variance_unexplained` (and the training log) does.
-    total_variance = sum_sq - float(sum_x.pow(2).sum()) / n if n > 1 else sq_norm
+    total_variance = sq_norm - float((sum_x**2).sum()) / n if n > 1 else sq_norm
     return {
         "fvu": residual / max(total_variance, 1e-30),
         "normalized_mse": residual / max(sq_norm, 1e-30),
@@ -71,10 +101,11 @@ def reconstruction_metrics(sae: SparseAutoencoder, embeddings: np.ndarray, posit
 
 
 @torch.no_grad()
-def feature_fire_counts(sae: SparseAutoencoder, embeddings: np.ndarray, positions: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """(n_latents,) number of rows of `embeddings[positions]` on which each feature fires."""
+def feature_fire_counts(sae: SparseAutoencoder, embeddings: np.ndarray, positions: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """(n_latents,) number of rows of `embeddings[positions]` on which each feature fires
+    (in batches of at most `batch_size` texts, default `batch_rows`)."""
     counts = torch.zeros(sae.config.n_latents, dtype=torch.long, device=sae.W_dec.device)
-    for _, values, indices, _ in _blocks(sae, embeddings, positions, batch_size):
+    for _, _, values, indices, _ in _blocks(sae, embeddings, positions, batch_size or batch_rows(sae)):
         active = values > 0
         counts.scatter_add_(0, indices[active], torch.ones_like(indices[active]))
     return counts.cpu().numpy()
@@ -87,18 +118,20 @@ def neighbour_overlap(
     query_positions: np.ndarray,
     k: int = 10,
     max_queries: int = 2000,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     corpus_chunk: int = 65536,
 ) -> float:
     """Mean share of each query's k nearest corpus neighbours (cosine, itself excluded) that
-    are still among the k nearest when the search uses its reconstruction instead."""
+    are still among the k nearest when the search uses its reconstruction instead (queries
+    in batches of at most `batch_size`, default 512 within `batch_rows`' budget; the shared
+    neighbours are counted in integers, so the batch size changes no sum)."""
     device = sae.W_dec.device
+    batch_size = batch_size or batch_rows(sae, 512)
     queries = query_positions[:max_queries]
     if len(queries) == 0 or len(embeddings) <= k:
         return float("nan")
-    total = 0.0
-    for start, (prepared, _, _, x_hat) in zip(range(0, len(queries), batch_size), _blocks(sae, embeddings, queries, batch_size)):
-        rows = queries[start : start + batch_size]
+    shared = 0
+    for rows, prepared, _, _, x_hat in _blocks(sae, embeddings, queries, batch_size):
         neighbours = []
         for query in (F.normalize(prepared, dim=1), F.normalize(x_hat, dim=1)):
             best_scores = best_ids = None
@@ -118,8 +151,8 @@ def neighbour_overlap(
                 best_scores, best_ids = cand_scores, cand_ids
             neighbours.append(best_ids)
         a, b = neighbours
-        total += float((a.unsqueeze(2) == b.unsqueeze(1)).any(2).float().sum()) / k
-    return total / len(queries)
+        shared += int((a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum())
+    return shared / k / len(queries)
 
 
 def evaluate(

@@ -642,3 +642,27 @@ def test_a_domain_named_all_is_recorded_as_that_domain(wiki_small, tmp_path):
     out = tmp_path / "run"
     assert run_cli("train", "--dataset", tmp_path / "data", "--domain-column", "field", "--domain", "all", "--out", out, *SMALL) == 0
     assert json.loads((out / "training_args.json").read_text())["domain"] == "all"
+
+
+def test_metrics_do_not_depend_on_the_batch_size_and_a_wide_sae_takes_fewer_texts_a_batch(trained, wiki_small, monkeypatch):
+    """The metrics are the same to the bit whatever the batch size (per-text figures summed
+    in float64 in a fixed grouping; summed per batch in float32 they moved in the 7th digit),
+    and a batch holds at most `ENCODE_BATCH_ELEMENTS` pre-activations, as when encoding."""
+    from sbert_sae import activations
+    from sbert_sae.evaluation import _blocks, feature_fire_counts, neighbour_overlap, reconstruction_metrics
+    from sbert_sae.pipeline import DataArguments, load_and_embed
+
+    sae = SparseAutoencoder.from_pretrained(trained).eval()
+    _, cache = load_and_embed(DataArguments(dataset=str(wiki_small)), show_progress=False)
+    emb, positions = cache.embeddings, np.arange(len(cache.embeddings))
+    whole = reconstruction_metrics(sae, emb, positions, batch_size=len(positions))
+    for batch_size in (100, 37, 8):
+        assert reconstruction_metrics(sae, emb, positions, batch_size=batch_size) == whole, batch_size
+        assert np.array_equal(feature_fire_counts(sae, emb, positions, batch_size=batch_size), feature_fire_counts(sae, emb, positions, batch_size=len(positions)))
+        assert neighbour_overlap(sae, emb, positions, batch_size=batch_size) == neighbour_overlap(sae, emb, positions, batch_size=len(positions))
+    monkeypatch.setattr(activations, "ENCODE_BATCH_ELEMENTS", 50 * sae.config.n_latents)  # room for 50 texts' pre-activations
+    batches = []
+    monkeypatch.setattr(sae, "pre_activations", lambda x, own=sae.pre_activations: batches.append(len(x)) or own(x))
+    assert reconstruction_metrics(sae, emb, positions) == whole
+    assert max(batches) <= 50 and min(batches) >= 40 and sum(batches) == len(positions)  # equal batches, none of a few texts
+    assert all(len(rows) <= 50 for rows, *_ in _blocks(sae, emb, positions, 50))
