@@ -79,9 +79,10 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 # Test hook, tiny on purpose: SBERT_SAE_TEST_PAUSE="POINT:N:FLAG_FILE" makes the process write
-# FLAG_FILE (its pid) and sleep when it reaches POINT for the N-th time ("step" N of training,
-# the "checkpoint" of step N half-written, labelling "block" N saved), so that
-# tests/test_reliability.py can SIGKILL a real run exactly there. Unset, it is one lookup.
+# FLAG_FILE (its pid) and wait when it reaches POINT for the N-th time ("step" N of training,
+# the "checkpoint" of step N half-written, labelling "block" N saved, its "labels" written),
+# so that tests/test_reliability.py can SIGKILL a real run exactly there, or let it go on by
+# deleting FLAG_FILE (an hour at most). Unset, it is one lookup.
 TEST_PAUSE_ENV = "SBERT_SAE_TEST_PAUSE"
 
 
@@ -92,7 +93,9 @@ def pause_point(point: str, n: int) -> None:
     want, count, flag = spec.split(":", 2)
     if want == point and int(count) == n:
         Path(flag).write_text(str(os.getpid()))
-        time.sleep(3600)
+        deadline = time.monotonic() + 3600
+        while os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _json_default(value: Any):
@@ -174,34 +177,84 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
     except OSError as err:  # read-only, not allowed, a file where a parent folder should be
         raise OutputDirError(f"cannot make the folder {folder}: {err.strerror}") from err
     lock = folder / ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            owner = lock.read_text().strip() if lock.exists() else ""
+    try:
+        for _ in range(3):
+            if _create_lock(lock):
+                break
+            owner = _lock_owner(lock)
+            if owner is None:
+                continue  # released since: created anew
             pid, _, host = owner.partition("@")
             # Whether a process lives can be told only on its own machine: on a folder shared
             # by several machines, a live run elsewhere has a pid that is free here.
             if pid.isdigit() and host in ("", socket.gethostname()) and not _pid_alive(int(pid)):
-                lock.unlink(missing_ok=True)  # left by a run that was killed
-                continue
+                pause_point("stale-lock", 1)
+                if _take_over(lock, owner):  # left by a run that was killed
+                    break
+                continue  # another run replaced it first: whose it is now is read again
             if host and host != socket.gethostname():
                 raise OutputDirError(
                     f"{folder} is in use by another run (pid {pid} on {host}; lock file {lock}); "
                     f"if no run is writing there any more, delete {lock}"
-                ) from None
-            raise OutputDirError(f"{folder} is in use by another run (pid {pid or '?'}; lock file {lock})") from None
-        except OSError as err:  # a read-only disk, a folder of another user
-            raise OutputDirError(f"cannot write into {folder}: {err.strerror}") from err
-    else:
-        raise OutputDirError(f"cannot take the lock {lock}")
+                )
+            raise OutputDirError(f"{folder} is in use by another run (pid {pid or '?'}; lock file {lock})")
+        else:
+            raise OutputDirError(f"cannot take the lock {lock}")
+    except OSError as err:  # a read-only disk, a folder of another user
+        if isinstance(err, OutputDirError):
+            raise
+        raise OutputDirError(f"cannot write into {folder}: {err.strerror}") from err
     try:
-        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
-        os.close(fd)
         yield lock
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _create_lock(lock: Path) -> bool:
+    """Create `lock` holding this process' pid@host; False when it exists."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def _lock_owner(lock: Path) -> str | None:
+    """What `lock` holds (pid@host), None when there is no such file (released since it was found)."""
+    try:
+        return lock.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _take_over(lock: Path, stale: str) -> bool:
+    """Replace `lock`, found holding `stale` (a dead run's pid), by this process' own: True if
+    done, False if another run replaced or removed it first.
+
+    Several runs can find one stale lock at once. Each deleting it and creating its own, one
+    would delete the lock another had just made, and both would write the folder. The check
+    and the replacement are therefore made under a second lock beside it, filelock's (flock on
+    POSIX, msvcrt on Windows, freed with the process that holds it): the lock file is read
+    again there, and only the run that still finds `stale` in it replaces it."""
+    from filelock import FileLock, Timeout
+
+    # Not removed after use (filelock leaves it on POSIX): a run waiting on the removed file and
+    # one creating it anew would each hold a lock, on two files.
+    guard = FileLock(str(lock) + ".takeover")
+    try:
+        # Held for a read, a delete and a write; the timeout turns a guard that cannot be
+        # made (filelock retries some errors, on Windows) into a refusal rather than a hang.
+        with guard.acquire(timeout=60):
+            if _lock_owner(lock) != stale:
+                return False
+            lock.unlink()
+            return _create_lock(lock)
+    except Timeout:
+        raise OutputDirError(f"cannot take over the stale lock {lock}: its guard {guard.lock_file} stayed locked for 60 s") from None
 
 
 def weights_stamp(folder: str | os.PathLike) -> tuple | None:

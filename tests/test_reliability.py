@@ -440,6 +440,72 @@ def test_a_release_killed_between_its_labels_and_its_scores_is_labelled_again_by
     assert published and published == label_metrics(json.loads(files["feature_labels.json"])["summary"])
 
 
+# A real process holding a run folder's lock: it writes HELD once it has the lock and keeps
+# it until RELEASE exists; refused, it prints the one line and exits 2.
+HOLD_RUN_LOCK = """
+import sys, time
+from pathlib import Path
+from sbert_sae.errors import OutputDirError
+from sbert_sae.utils import run_lock
+folder, held, release = map(Path, sys.argv[1:])
+try:
+    with run_lock(folder):
+        held.write_text("held")
+        while not release.exists():
+            time.sleep(0.05)
+except OutputDirError as err:
+    print(err, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_two_runs_that_find_one_stale_lock_do_not_both_take_it(tmp_path):
+    """Two runs find the lock of a killed run in a folder. Each used to delete it and create its
+    own: the second deleted the lock the first had just made, and both wrote the folder. Here
+    both are stopped after judging the lock stale; the first is let go and takes the folder,
+    then the second: it now finds the first's lock and is refused, naming the first's pid."""
+    import socket
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    (folder / ".lock").write_text(f"{dead.stdout.strip()}@{socket.gethostname()}")  # left by a killed run
+    runs = {}
+    for name in ("a", "b"):
+        env = {**os.environ, TEST_PAUSE_ENV: f"stale-lock:1:{tmp_path / (name + '.paused')}"}
+        with open(tmp_path / f"{name}.log", "w") as err:
+            runs[name] = subprocess.Popen(
+                [sys.executable, "-c", HOLD_RUN_LOCK, str(folder), str(tmp_path / f"{name}.held"), str(tmp_path / f"{name}.release")], env=env, stderr=err
+            )
+    try:
+        for name, run in runs.items():
+            deadline = time.monotonic() + 300
+            while not (tmp_path / f"{name}.paused").exists():  # the stale lock read and judged
+                assert run.poll() is None and time.monotonic() < deadline, (tmp_path / f"{name}.log").read_text()
+                time.sleep(0.05)
+        (tmp_path / "a.paused").unlink()
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "a.held").exists():
+            assert runs["a"].poll() is None and time.monotonic() < deadline, (tmp_path / "a.log").read_text()
+            time.sleep(0.05)
+        (tmp_path / "b.paused").unlink()
+        deadline = time.monotonic() + 300
+        while runs["b"].poll() is None and not (tmp_path / "b.held").exists():
+            assert time.monotonic() < deadline, "the second run neither took the folder nor was refused"
+            time.sleep(0.05)
+        assert not (tmp_path / "b.held").exists(), "both runs hold the folder"
+        assert runs["b"].wait(timeout=60) == 2
+        assert f"{folder} is in use by another run (pid {runs['a'].pid}" in (tmp_path / "b.log").read_text()
+        assert (folder / ".lock").read_text() == f"{runs['a'].pid}@{socket.gethostname()}"
+        (tmp_path / "a.release").touch()
+        assert runs["a"].wait(timeout=60) == 0
+        assert not (folder / ".lock").exists()
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+
+
 # ------------------------------------------------------------------ hostile files
 class Tripwire:
     """Unpickling this creates the file `marker`: a test that finds no marker knows nothing was unpickled."""
