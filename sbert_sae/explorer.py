@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import SbertSaeError
 from .explorer_data import Explorer, keyword_spans
+from .families import family_tree, pick_family
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,14 @@ mark.kw {background: rgba(250, 204, 21, 0.45); color: inherit; border-radius: 3p
 .sae-hist rect.b {fill: #4c6ef5; opacity: 0.85;}
 .sae-hist text {fill: var(--body-text-color-subdued); font-size: 10px; font-family: var(--font-mono);}
 .sae-hist line {stroke: var(--border-color-primary);}
+.sae-tree {overflow-x: auto;}
+.sae-tree svg {display: block; font-size: 13px;}
+.sae-tree .edges path {stroke: #8a94a6; fill: none; stroke-width: 1.5;}
+.sae-tree circle.root {fill: #e03131;} .sae-tree circle.member {fill: #4c6ef5;}
+.sae-tree text {fill: var(--body-text-color);}
+.sae-tree a {cursor: pointer; text-decoration: none !important;} .sae-tree a:hover text {text-decoration: underline;}
+.sae-tree .fid {font-family: var(--font-mono); fill: var(--body-text-color-subdued);}
+.sae-tree .meta {fill: var(--body-text-color-subdued); font-size: 11px;}
 .sae-family-members {columns: 2; column-gap: 1.5rem; font-size: 0.86rem;}
 .sae-family-members div {break-inside: avoid; padding: 0.08rem 0;}
 .sae-hit {border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 0.45rem 0.7rem; margin-bottom: 0.45rem;}
@@ -197,6 +206,38 @@ def histogram_svg(counts, edges, width: int = 420, height: int = 150) -> str:
         f'<text x="{pad_l - 4}" y="{height - pad_b}" text-anchor="end">0</text>'
     )
     return f'<div class="sae-hist"><svg viewBox="0 0 {width} {height}" role="img" aria-label="activation histogram">{"".join(bars)}{axis}</svg></div>'
+
+
+def family_tree_svg(rows: list[tuple[int, int, int | None, float | None]], name, note, row_height: int = 26, indent: int = 24) -> str:
+    """A family's tree as inline SVG at the page's own text size, one member a row (the parent
+    on top, each child indented under its tree parent): `rows` are (feature, depth, tree
+    parent, weight) in tree order, `name(f)` a member's label, `note(f)` what follows it.
+    An edge is as thick as its weight; every member links to its page."""
+    y = {f: 14 + i * row_height for i, (f, *_) in enumerate(rows)}
+    x = {f: 12 + depth * indent for f, depth, _, _ in rows}
+    last_child: dict[int, int] = {}
+    for f, _, up, _ in rows:
+        if up is not None:
+            last_child[up] = f
+    lines = [f'<path d="M{x[u]},{y[u]} V{y[c]}"/>' for u, c in last_child.items()]
+    nodes = []
+    for f, depth, up, w in rows:
+        if up is not None:
+            lines.append(f'<path d="M{x[up]},{y[f]} H{x[f]}" style="stroke-width:{1 + 5 * (w or 0):.1f}"><title>P(#{up} fires | #{f} fires) = {_fmt(w, 2)}</title></path>')
+        label = name(f)
+        shown = label if len(label) <= 60 else label[:59] + "…"
+        nodes.append(
+            f'<a href="?feature={f}" data-feature="{f}"><title>#{f} {_e(label)}</title>'
+            f'<circle class="{"root" if up is None else "member"}" cx="{x[f]}" cy="{y[f]}" r="{7 if up is None else 5}"/>'
+            f'<text x="{x[f] + 12}" y="{y[f]}" dy="0.35em"><tspan class="fid">#{f}</tspan> {_e(shown)} <tspan class="meta">{_e(note(f, w))}</tspan></text></a>'
+        )
+    # No text is measured on the server: ~0.55 em a character is enough room for its row.
+    width = max(x[f] + 12 + 7.2 * (len(str(f)) + 2 + len(name(f)[:60])) + 6 * (len(note(f, w)) + 1) for f, _, _, w in rows) + 8
+    height = y[rows[-1][0]] + row_height // 2 + 4
+    return (
+        f'<div class="sae-tree"><svg width="{width:.0f}" height="{height}" role="img" aria-label="feature family tree">'
+        f'<g class="edges">{"".join(lines)}</g>{"".join(nodes)}</svg></div>'
+    )
 
 
 # ------------------------------------------------------------------ the pages
@@ -447,6 +488,36 @@ class Pages:
             f'<div class="sae-results"><table class="sae-table families"><tr><th>parent</th><th>family label</th><th>children</th><th>first children</th></tr>{rows}</table></div>',
         )
 
+    def family_tree(self, max_nodes: int = 40) -> str | None:
+        """The family `sbert-sae families` draws in family_graph.png (a mid-sized, tight one)
+        as a tree in the page, its text as large as the page's: the picture, scaled down to
+        the column, was unreadable until enlarged. None without families."""
+        family = pick_family(self.x.families)
+        if family is None:
+            return None
+        kids, weight = family_tree(family, max_nodes)
+        rows: list[tuple[int, int, int | None, float | None]] = []
+
+        def walk(f: int, depth: int, up: int | None) -> None:
+            rows.append((f, depth, up, weight.get(f)))
+            for c in kids.get(f, []):
+                walk(c, depth + 1, f)
+
+        walk(family.parent, 0, None)
+
+        def note(f: int, w: float | None) -> str:
+            share = self.x.density(f)
+            return " · ".join(part for part in (_pct(share) if share is not None else "", f"{w:.2f}" if w is not None else "") if part)
+
+        hidden = len(family.features) - len(rows)
+        more = f"; {hidden} deeper members not shown" if hidden else ""
+        head = (
+            f'<div class="sae-note">{feature_link(family.parent, self.x.display_label(family.parent))} and its {len(family.children)} children'
+            f"{_e(more)} · family label: <b>{_e(family.label or '–')}</b></div>"
+            '<div class="sae-note">after each member: the share of texts it fires on, then how often its tree parent fires with it (the line\'s width); click one to open it</div>'
+        )
+        return _card("One family as a tree", head + family_tree_svg(rows, self.x.display_label, note))
+
     def density_plot(self) -> str | None:
         """density.png beside the SAE, else one drawn from the features' firing counts."""
         path = self.x.plot("density.png")
@@ -581,10 +652,8 @@ def build_app(explorer: Explorer):
                         density = pages.density_plot()
                         if density:
                             gr.Image(density, label="Feature density", show_label=False, interactive=False, elem_id="overview-density", buttons=["fullscreen"])
-                        graph = explorer.plot("family_graph.png")
-                        if graph:
-                            gr.HTML('<div class="sae-note">One family as a tree (⛶ enlarges it)</div>', js_on_load=None)
-                            gr.Image(graph, label="One family as a tree", show_label=False, interactive=False, elem_id="overview-family-graph", buttons=["fullscreen"])
+                        tree = pages.family_tree()
+                        tree_html = gr.HTML(tree, elem_id="overview-family-tree", js_on_load=FEATURE_LINKS_JS) if tree else None
                 families_html = gr.HTML(pages.families_list(), elem_id="overview-families", js_on_load=FEATURE_LINKS_JS)
 
         feature_outputs = [tabs, current, header, keywords, top_texts, neighbours, family, histogram, cooccurring]
@@ -595,7 +664,7 @@ def build_app(explorer: Explorer):
             opened.then(None, js=SCROLL_TO_FEATURE_JS)
             opened.then(feature_corpus_figures, [current, top_texts], figure_outputs)
 
-        for linked in (results, neighbours, cooccurring, family, text_features, families_html, *steering.linked):
+        for linked in (results, neighbours, cooccurring, family, text_features, families_html, *([tree_html] if tree_html else []), *steering.linked):
             wire(linked.click)
         steering.wire()
         find.click(pages.search_results, query, results)

@@ -942,6 +942,24 @@ def _wrap(text: str, width: int = 18, lines: int = 3) -> str:
     return "\n".join(parts)
 
 
+def family_tree(family: Family, max_nodes: int = 40) -> tuple[dict[int, list[int]], dict[int, float | None]]:
+    """The part of `family`'s tree a picture shows: at most `max_nodes` members, shallow ones
+    first (so that a shown child's tree parent is shown too). Returns each shown member's
+    shown children, in the family's order, and each shown child's weight (None without)."""
+    kept = {family.parent}
+    kids: dict[int, list[int]] = {}
+    weight: dict[int, float | None] = {}
+    for i in sorted(range(len(family.children)), key=lambda i: (family.depth[i], i)):
+        if len(kept) >= max_nodes:
+            break
+        c, u = family.children[i], family.under[i]
+        if u in kept:
+            kept.add(c)
+            kids.setdefault(u, []).append(c)
+            weight[c] = family.weights[i] if family.weights else None
+    return kids, weight
+
+
 def plot_family_graph(family: Family, path: str | Path, counts: np.ndarray | None = None, n_texts: int | None = None, max_nodes: int = 40) -> None:
     """One family as its tree: the parent on top, each child one layer below its tree parent,
     leaves spread evenly and every node centred over its children; nodes named by their
@@ -951,18 +969,8 @@ def plot_family_graph(family: Family, path: str | Path, counts: np.ndarray | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kept = {family.parent}
-    kids: dict[int, list[int]] = {}
-    weight = {}
-    # Shallow members first, so a shown child's tree parent is always shown.
-    for i in sorted(range(len(family.children)), key=lambda i: (family.depth[i], i)):
-        if len(kept) >= max_nodes:
-            break
-        c, u = family.children[i], family.under[i]
-        if u in kept:
-            kept.add(c)
-            kids.setdefault(u, []).append(c)
-            weight[c] = family.weights[i] if family.weights else None
+    kids, weight = family_tree(family, max_nodes)
+    kept = {family.parent, *weight}
     labels = dict(zip(family.features, family.labels))
     x: dict[int, float] = {}
     y: dict[int, int] = {}

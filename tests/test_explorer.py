@@ -325,14 +325,46 @@ def test_overview_shows_metrics_and_families(page, run, corpus):
     else:
         expect(table).to_contain_text("no families")
     expect(page.locator("#overview-density img")).to_be_visible()
-    # nothing is drawn over the plots (Gradio's floating label hid the density plot's title)
-    for plot in ("#overview-density", "#overview-family-graph"):
+    # nothing is drawn over the plot (Gradio's floating label hid the density plot's title)
+    for plot in ("#overview-density",):
         image = page.locator(f"{plot} img").bounding_box()
         for label in page.locator(f"{plot} label").all():
             box = label.bounding_box()
             if box:
                 assert box["y"] + box["height"] <= image["y"] or box["y"] >= image["y"] + image["height"], f"{plot}: {label.inner_text()!r} covers the plot"
     page.screenshot(path=str(ARTIFACTS / "4-overview.png"), full_page=True)
+
+
+def test_the_family_tree_reads_at_the_pages_text_size(page, run):
+    """The overview's family tree is drawn in the page, its text as large as the page's, each
+    member a link (it was family_graph.png scaled down to the column: 2625 px wide in 480,
+    its labels 2-3 px high until enlarged)."""
+    from playwright.sync_api import expect
+
+    from sbert_sae.families import family_tree, pick_family
+
+    sae = SparseAutoencoder.from_pretrained(run)
+    family = pick_family(sae.feature_families())
+    assert family is not None, "the test SAE has no families: the tree cannot be checked"
+    _, weight = family_tree(family)
+    shown = [family.parent, *weight]
+    page.get_by_role("tab", name="Overview").click()
+    tree = page.locator("#overview-family-tree")
+    expect(tree.locator("svg")).to_be_visible()
+    members = tree.locator("svg [data-feature]")
+    expect(members).to_have_count(len(shown))
+    assert sorted(int(f) for f in members.evaluate_all("els => els.map(e => e.dataset.feature)")) == sorted(shown)
+    for f in shown:
+        expect(tree.locator(f'svg [data-feature="{f}"] text')).to_contain_text(f"#{f} {sae.feature_labels[f] or ''}".strip())
+    # As read on the page: every label's glyphs at least 12 px high, the tree no wider than its column.
+    heights = tree.locator("svg text").evaluate_all("els => els.map(e => e.getBoundingClientRect().height)")
+    assert min(heights) >= 12, heights
+    assert tree.locator("svg").bounding_box()["width"] <= tree.bounding_box()["width"]
+    tree.screenshot(path=str(ARTIFACTS / "4b-family-tree.png"))
+    # a member is a link to its page
+    child = shown[-1]
+    tree.locator(f'svg [data-feature="{child}"]').click()
+    expect(page.locator("#feature-header [data-current-feature]")).to_have_attribute("data-current-feature", str(child))
 
 
 def test_a_link_opens_a_feature_page_directly(page, app, corpus):
