@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-texts", type=_positive_int, default=label_defaults.top_texts, help=f"strongest firing texts per feature (default: {label_defaults.top_texts})")
     g.add_argument("--quantile-texts", type=int, default=label_defaults.quantile_texts, help=f"more firing texts across activation quantiles (default: {label_defaults.quantile_texts})")
     g.add_argument("--negatives", type=_positive_int, default=label_defaults.negatives, help=f"non-firing texts each candidate label is judged on, half the hardest (default: {label_defaults.negatives})")
-    g.add_argument("--ngram", type=_ngram_range, default=label_defaults.ngram_range, help="candidate n-gram lengths, e.g. 1-3 (default: 1-3)")
+    g.add_argument("--ngram", type=_ngram_range, default=label_defaults.ngram_range, help="candidate n-gram lengths in words, e.g. 1-3 (default: 1-3); runs of scripts without spaces (Chinese, Japanese, Thai, ...) give n-grams of characters or clusters instead")
     g.add_argument("--min-df", type=_positive_int, default=label_defaults.min_df, help=f"corpus texts an n-gram must occur in to be a candidate (default: {label_defaults.min_df})")
     g.add_argument("--candidates", type=_positive_int, default=label_defaults.candidates, help=f"lexical candidates per feature given to KeyBERT (default: {label_defaults.candidates})")
     g.add_argument("--keywords", type=_positive_int, default=label_defaults.keywords, help=f"keywords KeyBERT keeps per feature, the shortlist labels are made from (default: {label_defaults.keywords})")

@@ -56,18 +56,42 @@ _CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}<>\"“”«»…–—|/，。、�
 _WORD = re.compile(r"(?u)\b[^\W\d_][\w'\-]*[^\W_]\b|\b[^\W\d_]\b")
 # Scripts written without spaces between words: Han ideographs (with the iteration marks
 # 々 〆 〇), hiragana, katakana (with the prolonged-sound mark ー, not the word separator ・),
-# halfwidth katakana, Thai, Lao, Myanmar, Khmer. `_WORD` would make a whole clause of them one
-# "word"; each run of them is cut into character n-grams instead (`CHAR_NGRAM_RANGE`).
-_NO_SPACE_RUN = re.compile(
-    "[\u3005-\u3007\u3021-\u3029\u3038-\u303b\u3041-\u3096\u3099-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff"
-    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\u0e01-\u0e4e\u0e81-\u0ede\u1000-\u103f\u1050-\u108f\u1780-\u17d3"
-    "\U00020000-\U0003134f]+"
+# halfwidth katakana; and Thai, Lao, Myanmar, Khmer. `_WORD` would make a whole clause of them
+# one "word"; each run of them is cut into n-grams of characters (Han and kana,
+# `CHAR_NGRAM_RANGE`) or of clusters (the others, `CLUSTER_NGRAM_RANGE`) instead.
+_CJK = (
+    "\u3005-\u3007\u3021-\u3029\u3038-\u303b\u3041-\u3096\u3099-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff"
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f"
 )
+_SOUTHEAST_ASIAN = "\u0e01-\u0e4e\u0e81-\u0ede\u1000-\u103f\u1050-\u108f\u1780-\u17d3"
+_NO_SPACE_RUN = re.compile(f"[{_CJK}]+|[{_SOUTHEAST_ASIAN}]+")
+_SOUTHEAST_ASIAN_CHAR = re.compile(f"[{_SOUTHEAST_ASIAN}]")
 _HIRAGANA = re.compile("[\u3041-\u309f]")
+# Hiragana that never begins a word: the small kana (ぁ っ ゃ ...), ん, the iteration marks ゝ ゞ.
+_HIRAGANA_NOT_FIRST = frozenset("ぁぃぅぇぉっゃゅょゎゕゖんゝゞ")
+# What a word written in hiragana alone does not hold, for this is what the endings of verbs
+# and of polite speech are made of (咲きました, 咲いています, 行かない, ください), and what it
+# does not end with: a case particle (さくらが, ひまわりを). Japanese's stop words.
+_KANA_ENDINGS = re.compile("ます|まし|ませ|です|でし|てい|ない|ださ|して|した|する|った|って|られ|[がをにではへ]$")
+# Thai and Lao vowels written before the consonant they follow in speech (เ แ โ ใ ไ, ເ ແ ໂ ໃ ໄ),
+# and the coeng/virama of Khmer and Myanmar that stacks the next consonant under this one: the
+# next character belongs to the same cluster.
+_JOINS_NEXT = frozenset("\u0e40\u0e41\u0e42\u0e43\u0e44\u0ec0\u0ec1\u0ec2\u0ec3\u0ec4\u17d2\u1039")
+# Thai and Lao vowels and marks that are letters, not combining marks, yet never begin a
+# syllable (ะ า ำ ๅ ๆ, ະ າ ຳ ໆ): they belong to the cluster before.
+_JOINS_PREVIOUS = frozenset("\u0e30\u0e32\u0e33\u0e45\u0e46\u0eb0\u0eb2\u0eb3\u0ec6")
 CHAR_NGRAM_RANGE = (2, 4)
-"""Lengths, in characters, of the candidates cut from a run of a script without spaces: most
-Chinese and Japanese words are 2 characters, compounds 3-4 (single characters are too
-ambiguous to name a feature). `LabelArguments.ngram_range` counts words and does not apply."""
+"""Lengths, in characters, of the candidates cut from a run of Han and kana: most Chinese and
+Japanese words are 2 characters, compounds 3-4 (single characters are too ambiguous to name a
+feature). `LabelArguments.ngram_range` counts words and does not apply."""
+CLUSTER_NGRAM_RANGE = (2, 8)
+"""Lengths, in clusters (a consonant with its vowels and marks, as the script writes them
+together: โร|ง|พ|ยา|บา|ล), of the candidates cut from a run of Thai, Lao, Myanmar or Khmer:
+their words run longer than Chinese ones (โรงพยาบาล, hospital, is 6 clusters)."""
+FRAGMENT_SHARE = 0.9
+"""A candidate cut from a run without spaces is dropped when one a character or cluster longer
+that contains it occurs in at least this share of the texts it occurs in: it is then mostly a
+piece of that longer one (ฟุตบอ of ฟุตบอล, 噌汁 of 味噌汁), not a word of its own."""
 
 
 @dataclass
@@ -178,20 +202,69 @@ def ngram_analyzer(ngram_range: tuple[int, int]):
     return analyze
 
 
-def _char_ngrams(run: str) -> list[str]:
-    """The `CHAR_NGRAM_RANGE` n-grams of a run of a script without spaces, counted in
-    characters with their combining marks (Thai vowels and tones, kana voicing marks), none
-    starting or ending with hiragana: in Japanese, hiragana at the edge of a phrase is a
-    particle or an inflection (の, は, を, です), what English stop words are to words."""
-    chars: list[str] = []
+def _units(run: str) -> list[str]:
+    """A run of a script without spaces as the units its n-grams count: characters with their
+    combining marks (kana voicing marks, Thai vowels and tones above and below); for Thai,
+    Lao, Myanmar and Khmer, clusters, which also hold the vowel letters written before or
+    after their consonant and stacked consonants (`_JOINS_NEXT`, `_JOINS_PREVIOUS`)."""
+    clusters = _SOUTHEAST_ASIAN_CHAR.match(run) is not None
+    units: list[str] = []
+    joined = False  # the previous character takes this one into its unit
     for ch in run:
-        if chars and unicodedata.category(ch).startswith("M"):
-            chars[-1] += ch
+        if units and (joined or unicodedata.category(ch).startswith("M") or (clusters and ch in _JOINS_PREVIOUS)):
+            units[-1] += ch
         else:
-            chars.append(ch)
-    edge = [_HIRAGANA.match(c) is None for c in chars]
+            units.append(ch)
+        joined = clusters and ch in _JOINS_NEXT
+    return units
+
+
+def _char_ngrams(run: str) -> list[str]:
+    """The n-grams of a run of a script without spaces (`_units`): of Han and kana,
+    `CHAR_NGRAM_RANGE` characters, none starting or ending with hiragana (in Japanese,
+    hiragana at the edge of a phrase is a particle or an inflection: の, は, を, です, what
+    English stop words are to words), except a word written in hiragana alone (ひまわり,
+    おにぎり): 3 or more hiragana that do not start with one that never begins a word nor hold
+    an inflection or end with a particle (`_KANA_ENDINGS`); of
+    Thai, Lao, Myanmar and Khmer, `CLUSTER_NGRAM_RANGE` clusters. Pieces of longer
+    candidates are dropped later, once the corpus is counted (`FRAGMENT_SHARE`)."""
+    units = _units(run)
+    if _SOUTHEAST_ASIAN_CHAR.match(run) is not None:
+        lo, hi = CLUSTER_NGRAM_RANGE
+        return ["".join(units[i : i + n]) for n in range(lo, hi + 1) for i in range(len(units) - n + 1)]
+    kana = [_HIRAGANA.match(u) is not None for u in units]
     lo, hi = CHAR_NGRAM_RANGE
-    return ["".join(chars[i : i + n]) for n in range(lo, hi + 1) for i in range(len(chars) - n + 1) if edge[i] and edge[i + n - 1]]
+    out = []
+    for n in range(lo, hi + 1):
+        for i in range(len(units) - n + 1):
+            if not kana[i] and not kana[i + n - 1]:
+                out.append("".join(units[i : i + n]))
+            elif n >= 3 and all(kana[i : i + n]) and units[i][0] not in _HIRAGANA_NOT_FIRST:
+                word = "".join(units[i : i + n])
+                if _KANA_ENDINGS.search(word) is None:
+                    out.append(word)
+    return out
+
+
+def _fragments(terms: np.ndarray, counts: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Which of the `kept` `terms` (n-grams of runs without spaces only) are pieces of a longer
+    kept one: those one unit shorter than it, at its start or end, that occur in at most
+    1 / `FRAGMENT_SHARE` times the texts it occurs in (`counts`: texts per term)."""
+    index = {}
+    for i in np.flatnonzero(kept):
+        term = terms[i]
+        if _NO_SPACE_RUN.fullmatch(term) is not None:
+            index[term] = i
+    pieces = np.zeros(len(terms), dtype=bool)
+    for term, i in index.items():
+        units = _units(term)
+        if len(units) < 3:  # its pieces would be single units, never candidates
+            continue
+        for piece in ("".join(units[1:]), "".join(units[:-1])):
+            j = index.get(piece)
+            if j is not None and counts[i] >= FRAGMENT_SHARE * counts[j]:
+                pieces[j] = True
+    return pieces
 
 
 PARALLEL_TERMS_MIN_TEXTS = 20_000
@@ -201,7 +274,8 @@ PARALLEL_TERMS_MIN_TEXTS = 20_000
 def document_terms(texts: list[str], ngram_range: tuple[int, int], min_df: int, processes: int | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
     """The binary document-term matrix (n_texts, n_terms) float32 of `texts` over the n-grams
     (`ngram_analyzer`) found in at least `min_df` of them, and those n-grams, sorted: what
-    sklearn's `CountVectorizer(analyzer=..., min_df=min_df, binary=True)` gives.
+    sklearn's `CountVectorizer(analyzer=..., min_df=min_df, binary=True)` gives, less the
+    n-grams of runs without spaces that are mostly pieces of a longer one (`_fragments`).
 
     The analysis is pure Python and linear in the corpus (7.8 s of labelling 100k texts on
     an H100's host): with `processes` > 1 (default: up to 8 cores for corpora of at least
@@ -240,7 +314,9 @@ def document_terms(texts: list[str], ngram_range: tuple[int, int], min_df: int, 
         codes.append(global_code[local_offset + chunk_codes.astype(np.int64)])
         local_offset += len(chunk_terms)
     docs, codes = np.concatenate(docs), np.concatenate(codes)
-    frequent = np.bincount(codes, minlength=len(terms)) >= min_df
+    counts = np.bincount(codes, minlength=len(terms))
+    frequent = counts >= min_df
+    frequent &= ~_fragments(np.asarray(terms, dtype=object), counts, frequent)
     if not frequent.any():
         raise DatasetError(f"no candidate keyword occurs in {min_df} or more texts of the corpus: lower min_df (`sbert-sae label --min-df`), or label on a larger corpus")
     kept = np.asarray(terms, dtype=object)[frequent]

@@ -165,6 +165,138 @@ def test_scripts_without_spaces_give_short_character_ngrams_as_labels(minilm):
                 assert any(part in t for t in own), (part, entry["label"])  # from the feature's own texts
 
 
+# Short real sentences on three topics each, written for these tests: Thai (football, a
+# hospital, food) and Japanese (flowers whose names are written in hiragana, trains, food).
+THAI_TEXTS = {
+    "football": [
+        "นักฟุตบอลทีมชาติไทยลงสนามในคืนนี้",
+        "แฟนฟุตบอลหลายพันคนมาเชียร์ที่สนามกีฬา",
+        "ผู้รักษาประตูเซฟลูกยิงได้อย่างสวยงาม",
+        "ทีมฟุตบอลของโรงเรียนชนะการแข่งขันเมื่อวานนี้",
+        "กองหน้ายิงประตูได้สองลูกในครึ่งแรก",
+        "ผู้ตัดสินให้ใบเหลืองกับนักฟุตบอลคนนั้น",
+        "การแข่งขันฟุตบอลโลกจะเริ่มในเดือนหน้า",
+        "โค้ชสั่งให้นักฟุตบอลซ้อมวิ่งทุกเช้า",
+        "สนามฟุตบอลแห่งใหม่มีที่นั่งสามหมื่นที่",
+        "เขาเตะลูกฟุตบอลข้ามหัวผู้รักษาประตู",
+        "ทีมเยือนยิงประตูตีเสมอในนาทีสุดท้าย",
+        "เด็กๆ ชอบเล่นฟุตบอลหลังเลิกเรียน",
+    ],
+    "hospital": [
+        "คุณหมอตรวจคนไข้ที่โรงพยาบาลทุกวัน",
+        "พยาบาลวัดความดันโลหิตให้ผู้ป่วย",
+        "ผู้ป่วยต้องนอนพักที่โรงพยาบาลสามวัน",
+        "โรงพยาบาลประจำจังหวัดมีแพทย์ไม่พอ",
+        "แพทย์สั่งยาแก้ปวดให้คนไข้",
+        "พยาบาลฉีดวัคซีนให้เด็กที่โรงพยาบาล",
+        "คนไข้รอพบแพทย์ที่ห้องฉุกเฉินนานสองชั่วโมง",
+        "รถพยาบาลพาผู้ป่วยไปส่งโรงพยาบาลอย่างรวดเร็ว",
+        "แพทย์ผ่าตัดหัวใจให้ผู้ป่วยสูงอายุ",
+        "ผู้ป่วยโรคเบาหวานควรกินยาตามที่แพทย์สั่ง",
+        "โรงพยาบาลเปิดแผนกผู้ป่วยนอกตั้งแต่เช้า",
+        "พยาบาลดูแลผู้ป่วยตลอดทั้งคืน",
+    ],
+    "food": [
+        "แม่ทำต้มยำกุ้งรสชาติเผ็ดมาก",
+        "ร้านอาหารนี้ขายข้าวผัดกะเพราอร่อย",
+        "ส้มตำใส่มะละกอ มะนาว และพริก",
+        "เขาชอบกินข้าวเหนียวมะม่วงเป็นของหวาน",
+        "พ่อครัวผัดผักบุ้งด้วยไฟแรง",
+        "อาหารไทยใช้น้ำปลาและพริกเป็นเครื่องปรุง",
+        "แกงเขียวหวานไก่ใส่กะทิ มะเขือ และใบโหระพา",
+        "ร้านอาหารริมทางขายก๋วยเตี๋ยวตั้งแต่เช้า",
+        "เราทำอาหารเย็นกินด้วยกันที่บ้าน",
+        "ผัดไทยใส่กุ้ง เต้าหู้ และถั่วงอก",
+        "ต้มยำกุ้งเป็นอาหารไทยที่มีชื่อเสียง",
+        "ร้านอาหารนี้ใช้พริกสดและมะนาวทุกจาน",
+    ],
+}
+JAPANESE_TEXTS = {
+    "flowers": [
+        "夏になると、庭のひまわりが大きく咲きます。",
+        "ひまわりの種は鳥の好物です。",
+        "春の野原にはたんぽぽがたくさん咲いています。",
+        "たんぽぽの綿毛が風に飛ばされました。",
+        "小学生があさがおを育てて観察日記を書きます。",
+        "あさがおは朝に咲いて昼にしぼみます。",
+        "公園のさくらが満開になりました。",
+        "さくらの花びらが川に散っています。",
+        "ひまわり畑は黄色一色でした。",
+        "道ばたのたんぽぽは踏まれても元気です。",
+        "あさがおのつるが窓まで伸びました。",
+        "母は花屋でひまわりとさくらの枝を買いました。",
+    ],
+    "trains": [
+        "新幹線は東京から大阪まで二時間半で着きます。",
+        "朝の電車はいつも混雑しています。",
+        "駅のホームで次の電車を待ちました。",
+        "新幹線の切符を駅の窓口で買いました。",
+        "地下鉄の駅は階段が多いです。",
+        "電車が遅れたので会社に遅刻しました。",
+        "特急電車は小さな駅には止まりません。",
+        "駅員さんが乗り換えの方法を教えてくれました。",
+        "新幹線の窓から富士山が見えました。",
+        "終電に乗り遅れてタクシーで帰りました。",
+        "この駅から空港まで電車で三十分です。",
+        "新しい駅ビルにはレストランがたくさんあります。",
+    ],
+    "food": [
+        "母はおにぎりに梅干しを入れます。",
+        "寿司職人が新鮮な魚を握りました。",
+        "味噌汁には豆腐とわかめが入っています。",
+        "遠足のお弁当におにぎりを三つ作りました。",
+        "天ぷらは熱い油でからりと揚げます。",
+        "ラーメン屋の前に長い行列ができていました。",
+        "父は毎朝ご飯と味噌汁を食べます。",
+        "おにぎりは手で握って作ります。",
+        "回転寿司でまぐろとサーモンを食べました。",
+        "祖母の作る味噌汁は世界一おいしいです。",
+        "カレーライスは子どもに人気の料理です。",
+        "料理教室で天ぷらの揚げ方を習いました。",
+    ],
+}
+
+
+def test_thai_candidates_are_whole_words_not_pieces_of_them():
+    """Thai has no spaces and its words are longer than Chinese ones: 2-4-character n-grams
+    named no feature by a whole word (ฟุตบอล, football, and โรงพยาบาล, hospital, were only
+    pieces: ฟุตบ, ตบอล, งพยา), and n-grams split a vowel from its consonant (นเ, าบาล).
+    Candidates are now 2-8 clusters, a vowel always with its consonant, and a piece of a
+    longer candidate that occurs almost only inside it is dropped."""
+    texts = [t for topic in THAI_TEXTS.values() for t in topic]
+    _, terms = document_terms(texts, (1, 3), 3)
+    terms = set(terms.tolist())
+    assert {"ฟุตบอล", "นักฟุตบอล", "โรงพยาบาล", "พยาบาล", "ผู้ป่วย", "แพทย์", "คนไข้", "ร้านอาหาร", "อาหาร", "ประตู", "สนาม", "พริก"} <= terms
+    assert not {"ฟุตบ", "ตบอล", "ฟุตบอ", "โรงพ", "งพยา", "พยาบ", "าบาล", "ผู้ป่ว", "ร้านอ", "แพท"} & terms
+    grams = ngram_analyzer((1, 3))("เขาเตะลูกฟุตบอลข้ามหัวผู้รักษาประตู")
+    assert {"ฟุตบอล", "ประตู", "ลูกฟุตบอล"} <= set(grams)
+    assert not any(g.endswith(("เ", "แ", "โ", "ใ", "ไ")) or g.startswith(("า", "ะ", "ำ")) for g in grams)  # a vowel stays with its consonant
+
+
+def test_japanese_words_in_hiragana_and_whole_compounds_name_features(minilm):
+    """No candidate could start or end with hiragana (particles), so a word written in
+    hiragana alone (ひまわり, たんぽぽ) never was one: the flowers' feature went unlabelled,
+    and food's was named by a piece of 味噌汁 (噌汁). Now 3-4 hiragana are a candidate unless
+    they hold an inflection (ました, ています) or end with a particle, and pieces are dropped."""
+    texts = [t for topic in JAPANESE_TEXTS.values() for t in topic]
+    _, terms = document_terms(texts, (1, 3), 3)
+    assert {"ひまわり", "たんぽぽ", "あさがお", "さくら", "おにぎり", "味噌汁", "新幹線", "電車"} <= set(terms.tolist())
+    assert not any(("まし" in t or "てい" in t or "ます" in t) for t in terms) and not {"噌汁", "味噌", "新幹", "幹線", "ひまわ", "まわり"} & set(terms.tolist())
+    emb = minilm.encode(texts, batch_size=64, convert_to_numpy=True)
+    x = torch.nn.functional.normalize(torch.from_numpy(emb), dim=1)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=3, k=1, base_model="sentence-transformers/all-MiniLM-L6-v2"))
+    with torch.no_grad():  # one feature per topic, as in `planted`
+        sae.W_enc.copy_(torch.stack([torch.nn.functional.normalize(x[12 * i : 12 * i + 12].mean(0), dim=0) for i in range(3)]))
+        sae.b_enc.zero_()
+        sae.b_pre.zero_()
+        sae.W_dec.copy_(sae.W_enc)
+    result = label_features(sae, texts, emb, minilm, LabelArguments(top_texts=10, negatives=10, score_texts=10), show_progress=False)
+    flowers = result.features[0]
+    assert flowers["status"] == "labelled", flowers
+    assert set(flowers["label"].split(", ")) <= {"ひまわり", "たんぽぽ", "あさがお", "さくら"}, flowers["label"]
+    assert result.features[2]["label"] == "味噌汁", result.features[2]["label"]
+
+
 @pytest.mark.parametrize("contrast", [0.0, 0.5])
 def test_lexical_candidates_are_each_features_best_ngrams_whatever_the_chunk(corpus, contrast):
     """The candidates, computed a few features at a time, are each feature's best n-grams by
