@@ -95,6 +95,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:  # else the explorer's server stopped with "OverflowError: bind(): port must be 0-65535" (exit 1)
+        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     values = []
     for part in text.split(","):
@@ -342,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default=None, help="the corpus' text column (default: the training run's, else text)")
     p.add_argument("--revision", default=None, help="revision of a Hub repo")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_positive_int, default=None, help="port (default: 7860, or the next free one)")
+    p.add_argument("--port", type=_port, default=None, help="port (default: 7860, or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE, else $XDG_CACHE_HOME/sbert-sae, else ~/.cache/sbert-sae)")

@@ -1112,6 +1112,14 @@ def test_a_bad_compare_or_search_option_is_named_as_typed(tmp_path):
         assert (code, lines) == (2, [line])
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "70000", "x"])
+def test_a_port_out_of_range_is_refused_by_its_option(port):
+    # 70000 reached the explorer's server, which stopped with "OverflowError: bind(): port
+    # must be 0-65535" (exit 1) after the SAE had been loaded.
+    code, lines = _run_main(["explore", "no-such-sae", "--port", port, "--no-browser", "-q"])
+    assert code == 2 and len(lines) == 1 and "--port" in lines[0] and repr(port) in lines[0], (code, lines)
+
+
 def test_an_sae_too_large_to_allocate_is_a_config_error():
     with pytest.raises(ConfigError, match=r"n_latents=1099511627776 and d_in=1099511627776 needs .* GiB"):
         SparseAutoencoder(SparseAutoencoderConfig(d_in=2**40, n_latents=2**40, k=1))
