@@ -481,6 +481,11 @@ class SteerableIndex:
                 match = self.features_about(key, top=1)[0]
                 members, name = [match.feature], key
                 logger.debug("%s %r -> feature %d %r", role, key, match.feature, match.label)
+                if not match.matches:
+                    # Steered all the same (the caller asked for it), but not in silence.
+                    logger.warning(
+                        "no feature label matches %r: steering (%s) the nearest, #%d %r, a %s match (cos %.2f); name a feature by its id to choose another", key, role, match.feature, match.label, match.strength, match.score
+                    )
             else:
                 members = [self._check_feature(key, role)]
                 name = str(int(key))

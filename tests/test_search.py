@@ -141,6 +141,23 @@ def test_a_label_query_that_no_label_is_near_gets_only_weak_matches(index):
     assert all(m.strength != "words" for m in index.features_about(inside, top=5))
 
 
+def test_steering_by_a_label_query_no_label_matches_warns(index, caplog):
+    """`--up qwzxv` steered the nearest label's feature without a word; it now says that no
+    label matches, which feature it took, and how weak a match that is."""
+    import logging
+
+    nearest = index.features_about("qwzxv", top=1)[0]
+    with caplog.at_level(logging.WARNING, logger="sbert_sae.search"):
+        ids, _ = index.resolve({"qwzxv": 0.5}, "up")
+    assert ids == {nearest.feature: 0.5}
+    assert f"no feature label matches 'qwzxv': steering (up) the nearest, #{nearest.feature} {nearest.label!r}, a {nearest.strength} match" in caplog.text
+    caplog.clear()
+    label = next(label for label in index.sae.feature_labels if label)
+    with caplog.at_level(logging.WARNING, logger="sbert_sae.search"):
+        index.resolve({label: 0.5}, "up")
+    assert "no feature label matches" not in caplog.text
+
+
 def test_label_vectors_are_kept_for_the_next_index(index, labelled_run):
     import os
     import shutil
