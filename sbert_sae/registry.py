@@ -178,6 +178,7 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
     resumes from its last saved block by itself); a run already trained with the recipe's
     settings (and labelled) is not trained (or labelled) again: a release whose push failed
     goes on from there."""
+    from .configuration_sbert_sae import SparseAutoencoderConfig
     from .hub import publish
     from .labels import LabelArguments
     from .pipeline import DataArguments, SaeArguments, run_labelling, run_training
@@ -201,6 +202,17 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
     training = {k: v for k, v in recipe.training.items() if k != "heldout_fraction"}
     train_args = TrainingArguments(**{**_only_known(TrainingArguments, training, f"{recipe.source} training"), "show_progress": show_progress})
     label_args = LabelArguments(**_only_known(LabelArguments, recipe.labels, f"{recipe.source} labels"))
+    # Every setting is checked before the training: a bad label setting stopped the release
+    # only once the SAE was trained, and an error named the setting but not the recipe.
+    for section, check in (
+        ("sae", lambda: SparseAutoencoderConfig(**dataclasses.asdict(sae_args), d_in=1)),
+        ("training", train_args.validate),
+        ("labels", label_args.validate),
+    ):
+        try:
+            check()
+        except ConfigError as err:
+            raise ConfigError(f"the recipe {recipe.source}: {section}: {err}") from err
     out_dir = Path(out_dir)
     results = run_training(data, sae_args, train_args, out_dir, overwrite=overwrite, resume=resume, keep_finished=True)
     run_dir = results[0].out_dir

@@ -525,6 +525,24 @@ def test_a_recipe_with_a_mistyped_key_is_refused_before_training(line, fragment,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        # Refused only once the SAE was trained (dataset d does not exist: it would be named first).
+        ("labels: {quantile_texts: -1}", "labels: quantile_texts must be >= 0, got -1"),
+        ("training: {lr: 0}", "training: lr must be > 0, got 0"),
+        ("training: {seed: -1}", "training: seed must be an integer in [0, 2**32), got -1"),
+    ],
+)
+def test_a_recipe_with_a_bad_setting_names_the_recipe_and_its_section_before_training(line, fragment, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"name: x\nrepo_id: org/x\nbase_model: m\ndataset: {{path: {tmp_path / 'no-such-data'}}}\nsae: {{n_latents: 8, k: 2}}\n{line}\n")
+    assert main(["release", str(recipe), "--out", str(tmp_path / "o"), "--no-push", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sbert-sae: error: the recipe {recipe}: {fragment}"], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_recipe_dataset_setting_it_does_not_know_is_named(tmp_path, capsys):
     """dataset: {text_colum: body} (or heldout_fraction under dataset) was ignored: the
     release trained on the 'text' column (or 5% held out) without a word."""
