@@ -70,9 +70,10 @@ _HIRAGANA = re.compile("[\u3041-\u309f]")
 # Hiragana that never begins a word: the small kana (ぁ っ ゃ ...), ん, the iteration marks ゝ ゞ.
 _HIRAGANA_NOT_FIRST = frozenset("ぁぃぅぇぉっゃゅょゎゕゖんゝゞ")
 # What a word written in hiragana alone does not hold, for this is what the endings of verbs
-# and of polite speech are made of (咲きました, 咲いています, 行かない, ください), and what it
-# does not end with: a case particle (さくらが, ひまわりを). Japanese's stop words.
-_KANA_ENDINGS = re.compile("ます|まし|ませ|です|でし|てい|ない|ださ|して|した|する|った|って|られ|[がをにではへ]$")
+# and of polite speech are made of (咲きました, 咲いています, 行かない, ください), nor を, only
+# ever a particle, and what it does not end with: a case particle (さくらが, ひまわりに).
+# Japanese's stop words.
+_KANA_ENDINGS = re.compile("ます|まし|ませ|です|でし|てい|ない|ださ|して|した|する|った|って|られ|を|[がにではへ]$")
 # Thai and Lao vowels written before the consonant they follow in speech (เ แ โ ใ ไ, ເ ແ ໂ ໃ ໄ),
 # and the coeng/virama of Khmer and Myanmar that stacks the next consonant under this one: the
 # next character belongs to the same cluster.
