@@ -67,6 +67,10 @@ _SOUTHEAST_ASIAN = "\u0e01-\u0e4e\u0e81-\u0ede\u1000-\u103f\u1050-\u108f\u1780-\
 _NO_SPACE_RUN = re.compile(f"[{_CJK}]+|[{_SOUTHEAST_ASIAN}]+")
 _SOUTHEAST_ASIAN_CHAR = re.compile(f"[{_SOUTHEAST_ASIAN}]")
 _HIRAGANA = re.compile("[\u3041-\u309f]")
+# A run of katakana (with the prolonged-sound mark) is one loanword or a few run together:
+# コンピューター, インターネット. They run longer than `CHAR_NGRAM_RANGE`, so a longer run is
+# also a candidate whole.
+_KATAKANA_RUN = re.compile("[\u30a1-\u30fa\u30fc-\u30ff\uff66-\uff9f]{2,}")
 # Hiragana that never begins a word: the small kana (ぁ っ ゃ ...), ん, the iteration marks ゝ ゞ.
 _HIRAGANA_NOT_FIRST = frozenset("ぁぃぅぇぉっゃゅょゎゕゖんゝゞ")
 # What a word written in hiragana alone does not hold, for this is what the endings of verbs
@@ -226,8 +230,8 @@ def _char_ngrams(run: str) -> list[str]:
     hiragana at the edge of a phrase is a particle or an inflection: の, は, を, です, what
     English stop words are to words), except a word written in hiragana alone (ひまわり,
     おにぎり): 3 or more hiragana that do not start with one that never begins a word nor hold
-    an inflection or end with a particle (`_KANA_ENDINGS`); of
-    Thai, Lao, Myanmar and Khmer, `CLUSTER_NGRAM_RANGE` clusters. Pieces of longer
+    an inflection or end with a particle (`_KANA_ENDINGS`), and a run of katakana longer than
+    that whole (コンピューター: `_KATAKANA_RUN`); of Thai, Lao, Myanmar and Khmer, `CLUSTER_NGRAM_RANGE` clusters. Pieces of longer
     candidates are dropped later, once the corpus is counted (`FRAGMENT_SHARE`)."""
     units = _units(run)
     if _SOUTHEAST_ASIAN_CHAR.match(run) is not None:
@@ -244,6 +248,7 @@ def _char_ngrams(run: str) -> list[str]:
                 word = "".join(units[i : i + n])
                 if _KANA_ENDINGS.search(word) is None:
                     out.append(word)
+    out.extend(word for word in _KATAKANA_RUN.findall(run) if len(_units(word)) > hi)
     return out
 
 

@@ -284,6 +284,8 @@ def test_japanese_words_in_hiragana_and_whole_compounds_name_features(minilm):
     assert not any(("まし" in t or "てい" in t or "ます" in t) for t in terms) and not {"噌汁", "味噌", "新幹", "幹線", "ひまわ", "まわり"} & set(terms.tolist())
     grams = ngram_analyzer((1, 3))("庭でひまわりをそだてる")
     assert "ひまわり" in grams and not any("を" in g for g in grams), grams  # を is only ever the particle
+    grams = ngram_analyzer((1, 3))("新しいコンピューターでインターネットを見る")
+    assert {"コンピューター", "インターネット"} <= set(grams), grams  # loanwords longer than 4 characters, whole
     emb = minilm.encode(texts, batch_size=64, convert_to_numpy=True)
     x = torch.nn.functional.normalize(torch.from_numpy(emb), dim=1)
     sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=3, k=1, base_model="sentence-transformers/all-MiniLM-L6-v2"))
