@@ -932,16 +932,6 @@ def plot_cooccurrence_blocks(result: FamilyResult, path: str | Path, max_feature
     plt.close(fig)
 
 
-def _wrap(text: str, width: int = 18, lines: int = 3) -> str:
-    import textwrap
-
-    parts = textwrap.wrap(text, width) or [""]
-    if len(parts) > lines:
-        parts = parts[:lines]
-        parts[-1] = parts[-1][: width - 1] + "…"
-    return "\n".join(parts)
-
-
 def family_tree(family: Family, max_nodes: int = 40) -> tuple[dict[int, list[int]], dict[int, float | None]]:
     """The part of `family`'s tree a picture shows: at most `max_nodes` members, shallow ones
     first (so that a shown child's tree parent is shown too). Returns each shown member's
@@ -960,56 +950,72 @@ def family_tree(family: Family, max_nodes: int = 40) -> tuple[dict[int, list[int
     return kids, weight
 
 
+GRAPH_WIDTH_IN = 8.0
+"""Width of family_graph.png in inches: drawn at 200 dpi (1600 px) and shown at about half that
+in a model card (~800 px), where its 11 pt text is ~15 px high."""
+
+
 def plot_family_graph(family: Family, path: str | Path, counts: np.ndarray | None = None, n_texts: int | None = None, max_nodes: int = 40) -> None:
-    """One family as its tree: the parent on top, each child one layer below its tree parent,
-    leaves spread evenly and every node centred over its children; nodes named by their
-    labels (feature ids where they have none), edges as thick as `C_norm[child, parent]`."""
+    """One family as a vertical tree, as the explorer draws it: one member a row, the parent
+    on top, each child indented under its tree parent; each named by its id and label (cut to
+    the row), then the share of texts it fires on and `C_norm[child, parent]`, which is also
+    its edge's width. The figure is `GRAPH_WIDTH_IN` wide whatever the family and grows by a
+    row a member, so its text stays readable in a model card (a layered tree spread the
+    leaves across 2600 px of 7 pt text: 2-3 px high at the card's width)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kids, weight = family_tree(family, max_nodes)
-    kept = {family.parent, *weight}
     labels = dict(zip(family.features, family.labels))
-    x: dict[int, float] = {}
-    y: dict[int, int] = {}
-    next_leaf = [0]
+    rows: list[tuple[int, int, int | None]] = []
 
-    def place(node: int, depth: int) -> None:
-        y[node] = depth
-        below = kids.get(node, [])
-        for c in below:
-            place(c, depth + 1)
-        if below:
-            x[node] = (x[below[0]] + x[below[-1]]) / 2
-        else:
-            x[node] = next_leaf[0]
-            next_leaf[0] += 1
+    def walk(node: int, depth: int, up: int | None) -> None:
+        rows.append((node, depth, up))
+        for c in kids.get(node, []):
+            walk(c, depth + 1, node)
 
-    place(family.parent, 0)
-    n_leaves, n_layers = next_leaf[0], max(y.values()) + 1
-    fig, ax = plt.subplots(figsize=(min(30, max(7, 1.25 * n_leaves)), max(3.5, 2.1 * n_layers)))
-    for u, below in kids.items():
-        for c in below:
-            w = weight.get(c)
-            ax.plot([x[u], x[c]], [-y[u], -y[c]], color="0.55", linewidth=0.5 + 3 * (w or 0.1), zorder=1)
-            if w is not None:
-                ax.text((x[u] + x[c]) / 2, -(y[u] + y[c]) / 2, f"{w:.2f}", fontsize=6, color="0.35", ha="center", va="center", zorder=2, bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
-    for node in kept:
-        density = "" if counts is None or not n_texts else f"\n{counts[node] / n_texts:.2%}"
-        name = _wrap(labels.get(node) or "(no label)")
-        ax.scatter([x[node]], [-y[node]], s=160 if node == family.parent else 70, color="tab:red" if node == family.parent else "tab:blue", zorder=3)
-        top = node == family.parent
-        ax.text(x[node], -y[node] + (0.12 if top else -0.12), f"#{node}{density}\n{name}", fontsize=7, ha="center", va="bottom" if top else "top", zorder=4, bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=1))
-    hidden = len(family.children) + 1 - len(kept)
-    title = f"Feature family of #{family.parent}: {family.label or '(no labels)'} ({len(family.children)} children)"
-    if hidden:
-        title += f"; {hidden} deeper members not shown"
-    ax.set_title(_wrap(title, 120, 2), fontsize=10)
-    ax.set_xlim(-0.7, max(n_leaves - 1, 0) + 0.7)
-    ax.set_ylim(-(n_layers - 1) - 0.9, 0.9)
+    walk(family.parent, 0, None)
+    row_in, indent_in, top_in, font = 0.34, 0.32, 1.05, 11
+    height = top_in + row_in * (len(rows) + 0.3)
+    fig = plt.figure(figsize=(GRAPH_WIDTH_IN, height))
+    # One axes over the whole figure, in inches, y downward: text goes where it is drawn.
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, GRAPH_WIDTH_IN)
+    ax.set_ylim(height, 0)
     ax.axis("off")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=150)
+    x = {node: 0.25 + depth * indent_in for node, depth, _ in rows}
+    y = {node: top_in + (i + 0.5) * row_in for i, (node, _, _) in enumerate(rows)}
+    for u, below in kids.items():
+        ax.plot([x[u], x[u]], [y[u], y[below[-1]]], color="0.6", linewidth=1, zorder=1, solid_capstyle="butt")
+        for c in below:
+            ax.plot([x[u], x[c]], [y[c], y[c]], color="0.6", linewidth=1 + 5 * (weight.get(c) or 0), zorder=1, solid_capstyle="butt")
+    densities = counts is not None and bool(n_texts)
+    # About 0.55 em a character: what fits between a member's dot and the right edge.
+    chars_per_in = 72 / (0.55 * font)
+    for node, _, up in rows:
+        root = up is None
+        ax.scatter([x[node]], [y[node]], s=90 if root else 40, color="tab:red" if root else "tab:blue", zorder=3)
+        notes = [f"{counts[node] / n_texts:.2%}"] if densities else []
+        if weight.get(node) is not None:
+            notes.append(f"{weight[node]:.2f}")
+        note = " · ".join(notes)
+        room = int((GRAPH_WIDTH_IN - x[node] - 0.3) * chars_per_in) - len(f"#{node} ") - len(note)
+        name = labels.get(node) or "(no label)"
+        if len(name) > room:
+            name = name[: max(room - 1, 1)] + "…"
+        shown = ax.text(x[node] + 0.14, y[node], f"#{node} {name}", fontsize=font, va="center", fontweight="bold" if root else "normal", zorder=4)
+        if note:
+            ax.annotate(note, xy=(1, 0.5), xycoords=shown, xytext=(5, 0), textcoords="offset points", fontsize=font - 1, color="0.4", va="center", zorder=4)
+    hidden = len(family.features) - len(rows)
+    title = f"Feature family of #{family.parent}: {family.label or '(no labels)'}"
+    room = int((GRAPH_WIDTH_IN - 0.4) * 72 / (0.62 * (font + 2)))  # bold: ~0.62 em a character
+    title = title if len(title) <= room else title[: room - 1] + "…"
+    ax.text(0.2, 0.27, title, fontsize=font + 2, fontweight="bold", va="center")
+    children = f"{len(family.children)} children" + (f" ({hidden} deeper ones not shown)" if hidden else "")
+    after = ("the share of texts it fires on, then " if densities else "") + "P(its tree parent fires | it fires), the line's width"
+    ax.text(0.2, 0.56, children, fontsize=font - 2, color="0.35", va="center")
+    ax.text(0.2, 0.8, f"after each member: {after}", fontsize=font - 2, color="0.35", va="center")
+    save_figure(fig, path, dpi=200)
     plt.close(fig)
