@@ -14,6 +14,7 @@ from .errors import (
     OutputDirError,
     ResumeError,
     SbertSaeError,
+    SettingsChangedError,
 )
 from .families import Family, FamilyArguments
 from .modeling_sbert_sae import SparseAutoencoder, SparseAutoencoderOutput
@@ -35,6 +36,7 @@ __all__ = [
     "OutputDirError",
     "ResumeError",
     "SbertSaeError",
+    "SettingsChangedError",
     "SearchResult",
     "SparseAutoencoder",
     "SparseAutoencoderConfig",

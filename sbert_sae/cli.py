@@ -85,6 +85,29 @@ def _settings(cls, args, renamed: dict[str, str] | None = None, check=None, **gi
     return settings
 
 
+@contextlib.contextmanager
+def _naming_resumed_settings(args, sae_renamed: dict[str, str] | None = None):
+    """Re-raise a refused --resume (the run in --out was made with other settings) naming
+    the options the user typed, not the keys the run records: "--seed 0 -> 4", not
+    "training_args.seed: 0 -> 4". `sae_renamed`: SAE fields given by an option of another
+    dest (sweep's n_latents <- --n)."""
+    from .errors import SettingsChangedError
+    from .pipeline import SaeArguments
+    from .trainer import TrainingArguments
+
+    try:
+        yield
+    except SettingsChangedError as err:
+        flags = args.option_flags
+        sae_fields = {f.name: f.name for f in dataclasses.fields(SaeArguments)}
+        sae_fields.update(sae_renamed or {})
+        sae_fields.update(base_model="model", base_model_revision="model_revision")
+        names = {f"training_args.{f.name}": flags[f.name] for f in dataclasses.fields(TrainingArguments) if f.name in flags}
+        names.update({f"config.{field}": flags[dest] for field, dest in sae_fields.items() if dest in flags})
+        names["data"] = "the training texts (of the dataset, --max-rows, --heldout-fraction and --seed)"
+        raise err.naming(names) from err
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -431,7 +454,8 @@ def cmd_train(args) -> int:
     from .pipeline import run_training
 
     train_args, sae_args = _training_and_sae_arguments(args)
-    results = run_training(_data_arguments(args), sae_args, train_args, args.out, overwrite=args.overwrite, resume=args.resume)
+    with _naming_resumed_settings(args):
+        results = run_training(_data_arguments(args), sae_args, train_args, args.out, overwrite=args.overwrite, resume=args.resume)
     for r in results:
         m = r.metrics
         if not m.get("n_heldout"):
@@ -732,7 +756,8 @@ def cmd_sweep(args) -> int:
     train_args, sae_args = _training_and_sae_arguments(args, n_latents=max(args.n_grid), k=min(args.k_grid))
     started = time.perf_counter()
     out = Path(args.out)
-    result = run_sweep(_data_arguments(args), args.n_grid, args.k_grid, train_args, out, sae_args, overwrite=args.overwrite, resume=args.resume, show_progress=not args.quiet)
+    with _naming_resumed_settings(args, {"n_latents": "n_grid", "k": "k_grid"}):
+        result = run_sweep(_data_arguments(args), args.n_grid, args.k_grid, train_args, out, sae_args, overwrite=args.overwrite, resume=args.resume, show_progress=not args.quiet)
     print("     n    k  held-out FVU  train FVU   dead  train FLOPs")
     for r in result.rows:
         print(f"{r['n']:>6} {r['k']:>4}  {r['heldout_fvu']:.4f}        {r['train_fvu']:.4f}     {r['dead_fraction']:5.1%}  {r['train_flops']:.2e}")

@@ -24,7 +24,7 @@ from .base_model import DEFAULT_MODEL
 from .configuration_sbert_sae import SparseAutoencoderConfig
 from .data import TextRows, column_values, domain_row_ids, find_text_rows, flatten_for, load_text_dataset, require_column, split_heldout
 from .embeddings import EmbeddingCache, cache_path, embed_dataset
-from .errors import DatasetError, OutputDirError, ResumeError
+from .errors import DatasetError, OutputDirError, ResumeError, SettingsChangedError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
 from .trainer import TrainingArguments, check_finished_run, check_resume, data_identity, list_checkpoints, make_accelerator, train
 from .utils import atomic_write, check_weights_unchanged, clip, domain_slugs, pause_point, read_json, run_lock, weights_stamp, write_json
@@ -326,10 +326,13 @@ def run_training(
                 train_rows, _ = split_heldout(rows, data.heldout_fraction, domain_args.seed)
                 config = _sae_config(sae_args, data, cache.dim if cache is not None else 1)
                 data_id = data_identity(cache_name, np.searchsorted(row_ids, train_rows))
-                if folder in finished:
-                    check_finished_run(folder, config, domain_args, data_id, len(train_rows), d_in_of_run=cache is None)
-                else:
-                    check_resume(folder, config, domain_args, data_id, len(train_rows), d_in_of_checkpoint=cache is None)
+                try:
+                    if folder in finished:
+                        check_finished_run(folder, config, domain_args, data_id, len(train_rows), d_in_of_run=cache is None)
+                    else:
+                        check_resume(folder, config, domain_args, data_id, len(train_rows), d_in_of_checkpoint=cache is None)
+                except SettingsChangedError as err:
+                    raise _seeds_as_given(err, data, name) from err
         if cache is None and any(folder not in finished for _, _, folder in groups):
             cache = embed_texts(texts, data, accelerator, show_progress=show)
         if main:
@@ -361,7 +364,25 @@ def _domain_training_args(data: DataArguments, train_args: TrainingArguments, na
         return train_args
     # Each domain's SAE starts from its own random decoder: with one seed for all, the SAEs of
     # different domains share their initial directions and look alike to `compare`.
-    return dataclasses.replace(train_args, seed=(train_args.seed + zlib.crc32(name.encode()) % 100_003) % 2**32)
+    return dataclasses.replace(train_args, seed=(train_args.seed + _domain_seed_offset(name)) % 2**32)
+
+
+def _domain_seed_offset(name: str) -> int:
+    return zlib.crc32(name.encode()) % 100_003
+
+
+def _seeds_as_given(err: SettingsChangedError, data: DataArguments, name: str) -> SettingsChangedError:
+    """`err` with a domain's recorded seeds (`_domain_training_args`) as the seed given for
+    the whole run: a changed --seed 0 -> 3 read as the domain's 52716 -> 52719."""
+    if not data.per_domain:
+        return err
+
+    def given(key: str, value):
+        if key != "training_args.seed" or isinstance(value, bool) or not isinstance(value, int):
+            return value
+        return (value - _domain_seed_offset(name)) % 2**32
+
+    return err.naming({}, values=given)
 
 
 def _sae_config(sae_args: SaeArguments, data: DataArguments, d_in: int) -> SparseAutoencoderConfig:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, SettingsChangedError
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,14 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
         except ConfigError as err:
             raise ConfigError(f"the recipe {recipe.source}: {section}: {err}") from err
     out_dir = Path(out_dir)
-    results = run_training(data, sae_args, train_args, out_dir, overwrite=overwrite, resume=resume, keep_finished=True)
+    try:
+        results = run_training(data, sae_args, train_args, out_dir, overwrite=overwrite, resume=resume, keep_finished=True)
+    except SettingsChangedError as err:
+        # Named as the recipe names them ("sae: k: 4 -> 8"), not as the run records them ("config.k").
+        names = {f"config.{f.name}": f"sae: {f.name}" for f in dataclasses.fields(SaeArguments)}
+        names.update({f"training_args.{f.name}": f"training: {f.name}" for f in dataclasses.fields(TrainingArguments)})
+        names.update({"config.base_model": "base_model", "data": "the training texts (of the dataset, heldout_fraction and seed)"})
+        raise err.naming(names, prefix=f"the recipe {recipe.source}: ") from err
     run_dir = results[0].out_dir
     if resume and (run_dir / "feature_labels.json").exists() and not _label_scores_disagree(run_dir):
         # A run that replaces an SAE removes its labels: these are this SAE's. A labelling

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .configuration_sbert_sae import SparseAutoencoderConfig
-from .errors import ConfigError, InputError, OutputDirError, ResumeError, SbertSaeError
+from .errors import ConfigError, InputError, OutputDirError, ResumeError, SbertSaeError, SettingsChangedError
 from .modeling_sbert_sae import SparseAutoencoder
 from .utils import append_jsonl, atomic_write, fsync_directory, fsync_folder, is_disk_full, pause_point, read_json, write_json
 
@@ -315,8 +315,8 @@ def _read_checkpoint(path: Path, signature: dict, n_latents: int, out_dir: Path)
     other settings; any other exception when it is damaged."""
     model_state, opt_state, groups, trainer_tensors, state = load_checkpoint(path)
     if state["signature"] != signature:
-        changed = _diff(state["signature"], signature)
-        raise ResumeError(f"cannot resume {out_dir}: the run's settings changed ({changed}); use --overwrite to start again")
+        changes = _diff(state["signature"], signature)
+        raise SettingsChangedError(f"cannot resume {out_dir}: the run's settings changed ({{changes}}); use --overwrite to start again", changes)
     for name in ("samples_since_fired", "epoch_fires"):
         if trainer_tensors[name].shape != (n_latents,):
             raise ValueError(f"{name} has shape {tuple(trainer_tensors[name].shape)}")
@@ -398,7 +398,7 @@ def check_finished_run(
         raise ResumeError(f"{out_dir} holds a finished run whose settings are not recorded (made by an older sbert-sae, or damaged): use --overwrite to train it again")
     current = json.loads(json.dumps(run_signature(config, args, data_id)))
     if saved != current:
-        raise ResumeError(f"cannot keep the finished run in {out_dir}: the run's settings changed ({_diff(saved, current)}); use --overwrite to train it again")
+        raise SettingsChangedError(f"cannot keep the finished run in {out_dir}: the run's settings changed ({{changes}}); use --overwrite to train it again", _diff(saved, current))
 
 
 def _run_config(config: SparseAutoencoderConfig, n_train: int) -> SparseAutoencoderConfig:
@@ -859,14 +859,13 @@ def heldout_fvu(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096)
     return float(fraction_of_variance_unexplained(torch.cat(reconstructions), torch.cat(inputs)))
 
 
-def _diff(old: dict, new: dict, prefix: str = "") -> str:
+def _diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """Every `(key, old value, new value)` that differs, nested keys dotted ("training_args.seed")."""
     changes = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            inner = _diff(a, b, f"{prefix}{key}.")
-            if inner:
-                changes.append(inner)
+            changes.extend(_diff(a, b, f"{prefix}{key}."))
         elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return "; ".join(changes)
+            changes.append((f"{prefix}{key}", a, b))
+    return changes

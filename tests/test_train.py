@@ -188,14 +188,23 @@ def test_a_resume_that_is_refused_is_refused_before_any_embedding(wiki_small, tm
 
     fresh = tmp_path / "fresh-cache"
     for out, extra, fragment in (
-        ("broken", ["--seed", "4"], "training_args.seed: 0 -> 4"),
-        ("broken", ["--n-latents", "128"], "config.n_latents: 256 -> 128"),
+        # Named by the option typed, not by the key the run records (training_args.seed).
+        ("broken", ["--seed", "4"], "; --seed 0 -> 4)"),  # after the training texts, which the seed's held-out split changes
+        ("broken", ["--n-latents", "128"], "the run's settings changed (--n-latents 256 -> 128)"),
         ("done", [], "holds a finished run: nothing to resume"),
     ):
         assert run_cli(*common, *extra, "--out", tmp_path / out, "--resume", "--cache-dir", fresh) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], err
         assert not fresh.exists(), f"--resume {extra} embedded before it was refused"
+    # The Python API names the settings as its caller wrote them: the fields.
+    from sbert_sae.errors import SettingsChangedError
+    from sbert_sae.pipeline import DataArguments, SaeArguments, run_training
+    from sbert_sae.trainer import TrainingArguments
+
+    with pytest.raises(SettingsChangedError, match=r"training_args\.seed: 0 -> 4") as refused:
+        run_training(DataArguments(dataset=str(wiki_small), max_rows=120, cache_dir=str(fresh)), SaeArguments(n_latents=256, k=8), TrainingArguments(seed=4, report_to="none"), tmp_path / "broken", resume=True)
+    assert "--seed" not in str(refused.value) and ("training_args.seed", 0, 4) in refused.value.changes
     assert run_cli(*common, "--out", tmp_path / "broken", "--resume", "--cache-dir", fresh) == 0
     assert (tmp_path / "broken" / "model.safetensors").exists() and (fresh / "embeddings").is_dir()
 
@@ -226,7 +235,8 @@ def test_a_per_domain_run_stopped_part_way_resumes_keeping_the_domains_it_finish
     fresh = tmp_path / "fresh-cache"
     assert run_cli(*common, "--resume", "--seed", "3", "--cache-dir", fresh) == 2  # other settings: refused, before embedding
     err = capsys.readouterr().err
-    assert f"cannot keep the finished run in {arts}" in err and "training_args.seed: " in err and not fresh.exists()
+    # The seed the user gave for the whole run (each domain records its own, derived from it).
+    assert f"cannot keep the finished run in {arts}" in err and "; --seed 0 -> 3)" in err and not fresh.exists()
 
     assert run_cli(*common, "--resume") == 0
     assert (arts / "model.safetensors").read_bytes() == kept
