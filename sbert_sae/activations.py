@@ -7,8 +7,10 @@ labelling, families and the explorer read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +183,8 @@ def corpus_codes(
             logger.warning("could not read the corpus codes in %s (%s): computing them again", folder, err)
         else:
             if values.shape == (len(embeddings), sae.config.k) and indices.shape == values.shape:
+                with contextlib.suppress(OSError):  # when they were last used (`sbert-sae cache remove --codes --older-than`)
+                    os.utime(paths[0])
                 return SparseActivations(values=values, indices=indices, n_latents=sae.config.n_latents)
     codes = encode_corpus(sae, embeddings, show_progress=show_progress)
     if paths is not None:

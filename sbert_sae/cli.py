@@ -377,6 +377,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE, else $XDG_CACHE_HOME/sbert-sae, else ~/.cache/sbert-sae)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    p = sub.add_parser(
+        "cache",
+        parents=[common],
+        help="list the embedding caches, label vectors and JSON records sbert-sae keeps, or remove some",
+        description="What sbert-sae keeps between runs: embedding caches (with the SAE codes kept beside them) and label vectors "
+        "under $SBERT_SAE_CACHE (default ~/.cache/sbert-sae), and the records a dotted --json-field found, under "
+        "$HF_DATASETS_CACHE/sbert_sae_json_records. Anything removed is made again by the next run that needs it.",
+    )
+    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION")
+    cache_sub.required = True
+    cache_dir_help = "embedding cache (default: $SBERT_SAE_CACHE, else $XDG_CACHE_HOME/sbert-sae, else ~/.cache/sbert-sae)"
+    q = cache_sub.add_parser("list", aliases=["scan"], parents=[common], help="one line per entry: what it holds, status, size, last use, its SAE codes; totals")
+    q.add_argument("--json", action="store_true", help="print the entries as JSON, for scripts")
+    q.add_argument("--cache-dir", default=None, help=cache_dir_help)
+    q = cache_sub.add_parser(
+        "remove",
+        aliases=["rm"],
+        parents=[common],
+        help="remove entries (whole, or only their SAE codes); an entry another process is filling is skipped",
+        description="Remove the entries every given selector picks. Each goes whole or not at all: it is renamed aside, then deleted. "
+        "An entry another process is filling (it holds the entry's lock) is left in place.",
+    )
+    q.add_argument("ids", nargs="*", metavar="ID", help="entry ids or unique prefixes of them, as `sbert-sae cache list` prints")
+    q.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="entries (or, with --codes, codes files) no run has used for more than DAYS days")
+    q.add_argument("--partial", action="store_true", help="entries whose filling was interrupted, or that are damaged (the next run redoes them anyway)")
+    q.add_argument("--codes", action="store_true", help="remove only the SAE codes kept inside the selected embedding caches, not the embeddings")
+    q.add_argument("--kind", action="append", choices=("embeddings", "json-records", "label-vectors"), default=None, help="only entries of this kind (repeatable)")
+    q.add_argument("--all", dest="all_entries", action="store_true", help="every entry (narrowed by the other selectors given)")
+    q.add_argument("--dry-run", action="store_true", help="print what would be removed and the space it takes; remove nothing")
+    q.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation (needed when not on a terminal)")
+    q.add_argument("--cache-dir", default=None, help=cache_dir_help)
+    for q in cache_sub.choices.values():
+        q.set_defaults(option_flags=_option_flags(q))
     for p in sub.choices.values():
         # What errors about a setting name: the option it came from (see _naming_options).
         p.set_defaults(option_flags=_option_flags(p))
@@ -803,7 +836,52 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info, "explore": cmd_explore, "compare": cmd_compare, "search": cmd_search, "sweep": cmd_sweep}
+def cmd_cache(args) -> int:
+    from . import cache
+
+    scan = cache.scan_cache(args.cache_dir)
+    if args.cache_command in ("list", "scan"):
+        if args.json:
+            print(json.dumps({"cache_dir": str(scan.cache_dir), "records_dir": str(scan.records_dir), "entries": [e.to_json() for e in scan.entries], "size": scan.size, "trash_size": scan.trash_size}, indent=2))
+            return 0
+        print(f"cache: {scan.cache_dir}; JSON records: {scan.records_dir}")
+        for entry in scan.entries:
+            print("\n".join(cache.describe(entry)))
+        counts = ", ".join(f"{sum(e.kind == kind for e in scan.entries)} {kind}" for kind in cache.KINDS)
+        n_codes = sum(len(e.codes) for e in scan.entries)
+        codes_size = sum(c.size for e in scan.entries for c in e.codes)
+        print(f"{len(scan.entries)} entr{'y' if len(scan.entries) == 1 else 'ies'} ({counts}): {cache.format_size(scan.size + codes_size)}, of which {n_codes} SAE codes files {cache.format_size(codes_size)}")
+        if scan.trash_size:
+            print(f"left half removed by an interrupted `cache remove`: {cache.format_size(scan.trash_size)} (the next remove deletes it)")
+        return 0
+    picked = cache.select(scan, args.ids, older_than_days=args.older_than, partial=args.partial, codes=args.codes, all_entries=args.all_entries, kinds=args.kind)
+    names = [f"{e.id} ({e.kind}, {e.status}, {cache.format_size(e.size + sum(c.size for c in e.codes))})" for e in picked.entries]
+    names += [f"{e.id} codes-{c.digest} ({cache.format_size(c.size)})" for e, c in picked.codes]
+    if not names:
+        if scan.trash_size and not args.dry_run:
+            cache.empty_trash(scan)
+            print(f"deleted {cache.format_size(scan.trash_size)} left half removed by an interrupted `cache remove`")
+        print("nothing to remove: no entry matches")
+        return 0
+    noun = ("codes file", "codes files") if args.codes else ("entry", "entries")
+    what = f"{len(names)} {noun[len(names) != 1]}, {cache.format_size(picked.size)}"
+    if args.dry_run:
+        print(f"would remove {what}:")
+        print("\n".join(f"  {name}" for name in names))
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InputError(f"not on a terminal, so not asked: pass --yes to remove {what} (or --dry-run to see them)")
+        print("\n".join(f"  {name}" for name in names))
+        if input(f"remove {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 0
+    result = cache.remove(scan, picked)
+    print(f"removed {len(result.removed)}, freed {cache.format_size(result.freed)}" + (f"; skipped {len(result.skipped)}" if result.skipped else ""))
+    return EXIT_ERROR if result.skipped else 0
+
+
+COMMANDS = {"cache": cmd_cache, "train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info, "explore": cmd_explore, "compare": cmd_compare, "search": cmd_search, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,9 @@ every activation can be traced back to its text.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -194,9 +196,37 @@ def _load_json_records(files_by_split: dict[str, list[str]], json_field: str, sp
     folder = _json_records_folder(files_by_split, json_field)
     features = _read_json_records_features(folder)
     if features is None:
-        features = _write_json_records(files_by_split, json_field, folder, source)
+        # One process writes a folder at a time (and `sbert-sae cache remove` leaves a folder
+        # being written alone); a second one waits, then reads what the first wrote.
+        with _json_records_lock(folder):
+            features = _read_json_records_features(folder)
+            if features is None:
+                features = _write_json_records(files_by_split, json_field, folder, source)
     data_files = {name: [str(folder / f"{name}.jsonl")] for name in files_by_split}
     return datasets.load_dataset("json", data_files=data_files, features=features, split=split)
+
+
+def json_records_lock_path(folder: Path) -> Path:
+    """The lock file held while the records folder `folder` is written."""
+    return folder.parent / ".locks" / f"{folder.name}.lock"
+
+
+@contextlib.contextmanager
+def _json_records_lock(folder: Path):
+    from filelock import FileLock, Timeout
+
+    path = json_records_lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.warning("another process is writing the JSON records in %s: waiting for it to finish", folder)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _json_records_folder(files_by_split: dict[str, list[str]], json_field: str) -> Path:
@@ -291,6 +321,11 @@ def _write_split_records(files_by_split: dict[str, list[str]], steps: list[str],
                     count += len(records)
 
         atomic_write(folder / f"{split_name}.jsonl", write)
+        # datasets fingerprints a local file by its modification time, and the embedding cache
+        # is keyed by that fingerprint: records written again (after `sbert-sae cache remove`)
+        # are the same records, stamped alike, so their embeddings are found, not made again.
+        newest = max(Path(name).stat().st_mtime_ns for name in files)
+        os.utime(folder / f"{split_name}.jsonl", ns=(newest, newest))
         if not count:
             raise DatasetError(f"cannot load dataset {source!r} with --json-field {json_field!r}: it finds no records in {clip(str(files), 300)} (every list on the path is empty)")
 

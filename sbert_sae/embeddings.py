@@ -161,6 +161,7 @@ def embed_dataset(
     text_rows: TextRows | None = None,
     accelerator=None,
     prefix_of=None,
+    source: dict | None = None,
 ) -> EmbeddingCache:
     """Embed `ds[text_column]` with a sentence-transformers model, or read the cached result.
 
@@ -183,6 +184,8 @@ def embed_dataset(
             it). Rows cached for it, or for another number of its first rows, with the same
             model, settings and column, are copied from the largest such cache instead of
             being embedded again; only the rows none holds are embedded.
+        source: what the dataset was loaded from (path or Hub id, split...), recorded in
+            meta.json for `sbert-sae cache list`; it does not key the cache.
     """
     encode_kwargs = check_encode_kwargs(encode_kwargs)
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
@@ -194,7 +197,7 @@ def embed_dataset(
     root, folder = spot.folder.parent, spot.folder
     if (folder / "complete.json").exists():
         try:
-            return open_cache(folder)
+            return _used(open_cache(folder))
         except DatasetError:
             pass  # embedded again below, once the cache is locked
 
@@ -217,7 +220,7 @@ def embed_dataset(
         finished = _finished_cache(folder, rank)
         barrier()
         if finished is not None:
-            return finished
+            return _used(finished)
         rows = text_rows or find_text_rows(ds, text_column, on_bad=on_bad_text)
         n = len(rows.row_ids)
         # A finished cache of the family holding this cache's first rows: those are copied, not embedded.
@@ -313,6 +316,7 @@ def embed_dataset(
                 "skipped": rows.skipped,
                 "skipped_examples": rows.examples,
                 "family": family,
+                **({"source": source} if source else {}),
             }
             if donor is not None:
                 meta["copied_from"] = {"cache": donor[0].path.name, "rows": donor[1]}
@@ -321,7 +325,22 @@ def embed_dataset(
             for progress in folder.glob("progress*.json"):
                 progress.unlink()
         barrier()
-        return open_cache(folder)
+        return _used(open_cache(folder))
+
+
+LAST_USED_FILE = "last-used"
+"""An empty file in a cache folder whose modification time is when a run last read the cache
+(`sbert-sae cache remove --older-than`): access times are not kept on many file systems."""
+
+
+def _used(cache: EmbeddingCache) -> EmbeddingCache:
+    """`cache`, its last use noted; a cache that cannot be written (shared, read-only) still reads."""
+    stamp = cache.path / LAST_USED_FILE
+    try:
+        stamp.touch()
+    except OSError:
+        pass
+    return cache
 
 
 def _finished_cache(folder: Path, rank: int) -> EmbeddingCache | None:
@@ -340,6 +359,11 @@ def _finished_cache(folder: Path, rank: int) -> EmbeddingCache | None:
         return None
 
 
+def lock_path(folder: Path) -> Path:
+    """The lock file a process filling the cache `folder` holds (`<cache>/locks/<name>.lock`)."""
+    return folder.parent.parent / "locks" / f"{folder.name}.lock"
+
+
 @contextlib.contextmanager
 def _cache_lock(folder: Path):
     """Hold the lock of the cache `folder` (an OS lock, freed when its process dies, however it
@@ -347,14 +371,14 @@ def _cache_lock(folder: Path):
     `locks` folder: a run refused before it embeds anything leaves no cache folder."""
     from filelock import FileLock, Timeout
 
-    locks = folder.parent.parent / "locks"
+    locks = lock_path(folder).parent
     failure = f"cannot write the embedding cache {folder}: {{}}; pass a writable --cache-dir (or set SBERT_SAE_CACHE)"
     try:
         locks.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DatasetError(failure.format(err.strerror)) from err
     # flock on POSIX, msvcrt's locking on Windows: both are freed with the process.
-    lock = FileLock(locks / f"{folder.name}.lock")
+    lock = FileLock(lock_path(folder))
     try:
         try:
             lock.acquire(timeout=0)

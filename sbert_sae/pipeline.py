@@ -190,8 +190,18 @@ def embed_texts(texts: LoadedTexts, data: DataArguments, accelerator=None, show_
         text_rows=texts.rows,
         accelerator=accelerator,
         prefix_of=texts.whole,
+        source=_source(data),
         **_cache_settings(data),
     )
+
+
+def _source(data: DataArguments) -> dict:
+    """What `data`'s texts were loaded from, as `sbert-sae cache list` shows it."""
+    source = {"dataset": data.dataset, "split": data.split}
+    for name in ("config_name", "revision", "json_field", "max_rows"):
+        if getattr(data, name) is not None:
+            source[name] = getattr(data, name)
+    return source
 
 
 def embedding_cache_name(texts: LoadedTexts, data: DataArguments, accelerator=None) -> str:

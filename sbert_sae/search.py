@@ -24,9 +24,11 @@ Search is exact (one matrix product over the corpus, chunked) up to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,6 +423,8 @@ class SteerableIndex:
             try:
                 vectors = np.load(path, allow_pickle=False)
                 if vectors.shape[0] == len(labels):
+                    with contextlib.suppress(OSError):  # when they were last used (`sbert-sae cache remove --older-than`)
+                        os.utime(path)
                     return torch.from_numpy(vectors)
             except (OSError, ValueError):
                 pass  # unreadable: embed again and replace it
