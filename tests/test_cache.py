@@ -190,6 +190,16 @@ def test_an_entry_another_process_is_filling_is_skipped(corpora, tmp_path, capsy
     assert _entries(cache_dir) == []
 
 
+def test_a_damaged_entry_is_listed_so_and_taken_by_partial(corpora, tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    entry = _entry_of(_entries(cache_dir), corpora[0])
+    row_ids = cache_dir / "embeddings" / entry["id"] / "row_ids.npy"
+    row_ids.write_bytes(row_ids.read_bytes()[:60])  # cut short, as by a full disk
+    assert _entry_of(_entries(cache_dir), corpora[0])["status"] == "damaged"
+    assert main(["cache", "remove", "--partial", "--yes", "--cache-dir", str(cache_dir)]) == 0
+    assert [e["id"] for e in _entries(cache_dir)] == [_entry_of(_entries(cache_dir), corpora[1])["id"]]
+
+
 def test_clear_errors_for_an_unknown_id_or_a_missing_cache(corpora, tmp_path, capsys, monkeypatch):
     cache_dir = tmp_path / "cache"
     assert main(["cache", "remove", "ffffffff", "--yes", "--cache-dir", str(cache_dir)]) == 2
@@ -215,6 +225,24 @@ def test_json_records_are_listed_and_removed_whole(tmp_path, wiki_rows, capsys, 
     records = [e for e in entries if e["kind"] == "json-records"]
     assert len(records) == 1 and records[0]["status"] == "complete" and records[0]["details"] == {"splits": ["train"], "json_field": "data.items"}
     assert _entry_of(entries, data)["rows"] == 10
+    # Records another process is writing (it holds their lock) are left alone.
+    from sbert_sae.data import json_records_lock_path
+
+    records_folder = tmp_path / "datasets" / "sbert_sae_json_records" / records[0]["id"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, filelock; lock = filelock.FileLock({str(json_records_lock_path(records_folder))!r}); lock.acquire(); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["cache", "remove", "--kind", "json-records", "--all", "--yes", "--cache-dir", str(tmp_path / "cache")]) == 1
+        assert f"skipped {records[0]['id']}: another process is writing it" in capsys.readouterr().out
+        assert (records_folder / "features.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
     assert main(["cache", "remove", "--kind", "json-records", "--all", "--yes", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert [e["kind"] for e in _entries(tmp_path / "cache")] == ["embeddings"]
     # Written again by the next run, the same records with the same fingerprint: their
@@ -227,8 +255,8 @@ def test_json_records_are_listed_and_removed_whole(tmp_path, wiki_rows, capsys, 
 
 def test_a_removal_killed_midway_leaves_no_half_entry(corpora, tmp_path, capsys):
     """An entry is renamed out of `embeddings/` before it is deleted: a `cache remove` killed
-    while deleting leaves its rest in `.trash`, which no run reads as a cache (the next one
-    embeds again) and the next remove deletes."""
+    while deleting leaves its rest in `.trash`, which no run reads as a cache and the next
+    remove deletes."""
     from test_reliability import Child
 
     cache_dir = tmp_path / "cache"
@@ -242,7 +270,8 @@ def test_a_removal_killed_midway_leaves_no_half_entry(corpora, tmp_path, capsys)
     assert main(["cache", "list", "--cache-dir", str(cache_dir)]) == 0
     out = capsys.readouterr().out
     assert entry["id"] not in out and "left half removed by an interrupted `cache remove`" in out
-    _embed(corpora[0], cache_dir)  # nothing of the removed entry is taken as its cache
-    assert open_cache(cache_dir / "embeddings" / entry["id"]).embeddings.shape == (19, 384)
+    # Nothing of it is left where runs look for caches (`embeddings/`): the next run embeds
+    # again (test_remove_by_id_then_a_run_embeds_again), and the next remove deletes the rest.
+    assert not any((cache_dir / "embeddings").glob(f"{entry['id']}*"))
     assert main(["cache", "remove", "--older-than", "1", "--yes", "--cache-dir", str(cache_dir)]) == 0
-    assert not list((cache_dir / ".trash").iterdir()) and len(_entries(cache_dir)) == 2
+    assert not list((cache_dir / ".trash").iterdir()) and len(_entries(cache_dir)) == 1
