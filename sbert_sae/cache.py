@@ -426,14 +426,19 @@ def describe(entry: CacheEntry) -> list[str]:
         source = d.get("source") or {}
         dataset = source.get("dataset")
         dataset = ", ".join(dataset) if isinstance(dataset, list) else dataset
-        what = [f"model {d.get('model', '?')}" + (f"@{d['revision']}" if d.get("revision") else "")]
+        what = []  # meta.json, which says what the vectors are of, is written when they are complete
+        if d.get("model"):
+            what.append(f"model {d['model']}" + (f"@{d['revision']}" if d.get("revision") else ""))
         if dataset:
             what.append(f"dataset {dataset}" + "".join(f" {k}={source[k]}" for k in ("config_name", "split", "json_field", "max_rows") if source.get(k) is not None))
-        what.append(f"fingerprint {d.get('dataset_fingerprint', '?')}")
-        what.append(f"column {d.get('text_column', '?')}")
+        if d.get("dataset_fingerprint"):
+            what.append(f"fingerprint {d['dataset_fingerprint']}")
+        if d.get("text_column"):
+            what.append(f"column {d['text_column']}")
         if "rows_done" in d:
             what.append(f"{d['rows_done']} of {entry.rows} rows embedded")
-        lines.append("    " + ", ".join(what))
+        if what:
+            lines.append("    " + ", ".join(what))
         for c in entry.codes:
             shape = f"{c.rows} x k={c.k}" if c.rows is not None else "unreadable"
             lines.append(f"    codes {c.digest}: {shape}, {format_size(c.size)}, used {format_time(c.last_used)}")

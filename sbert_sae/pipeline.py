@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -197,7 +198,10 @@ def embed_texts(texts: LoadedTexts, data: DataArguments, accelerator=None, show_
 
 def _source(data: DataArguments) -> dict:
     """What `data`'s texts were loaded from, as `sbert-sae cache list` shows it."""
-    source = {"dataset": data.dataset, "split": data.split}
+    # A local path as an absolute one: `cache list` may be run from anywhere.
+    given = [data.dataset] if isinstance(data.dataset, str) else list(data.dataset)
+    given = [str(Path(d).resolve()) if os.path.exists(d) else d for d in given]
+    source = {"dataset": given[0] if len(given) == 1 else given, "split": data.split}
     for name in ("config_name", "revision", "json_field", "max_rows"):
         if getattr(data, name) is not None:
             source[name] = getattr(data, name)
