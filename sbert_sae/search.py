@@ -116,10 +116,17 @@ class SearchResult:
 
 LABEL_MATCH_QUANTILES = (0.999, 0.9999)
 """A label is a near match of a query when their cosine reaches the first of these quantiles
-of the cosines between two of the SAE's own labels, a close match at the second (see
-`SteerableIndex.label_match_thresholds`)."""
+of the cosines of unrelated pairs (`LabelFinder.thresholds`), a close match at the second."""
 LABEL_PAIRS_SAMPLE = 2048
 """Labels (picked at random, seeded) whose every pair gives those quantiles: ~2M pairs."""
+REFERENCE_WORDS = 1024
+"""Words of the base model's own vocabulary (picked at random, seeded) whose every pair, ~520k
+pairs, is the model's reference for the cut-offs: how near two words of it get by chance."""
+REFERENCE_PAIRS_WEIGHT = 100_000
+"""How many of an SAE's label pairs the model's reference counts as: the pairs a 99.99th
+percentile needs for 10 pairs above it. An SAE with far more label pairs (2M from 2048
+labels) has cut-offs of its own; one of tens of labels (~1700 pairs: its 99.99th
+percentile is its closest pair) has about the model's."""
 STRENGTHS = ("words", "close", "near", "weak")
 """How well a label matches a query, best first: "words" (the label or its keywords hold
 every word of the query), then by the cosine of their embeddings."""
@@ -138,6 +145,171 @@ class FeatureMatch:
     def matches(self) -> bool:
         """Whether the label is a match at all ("words" or "close"), not only the nearest."""
         return self.strength in ("words", "close")
+
+
+class LabelFinder:
+    """Finds an SAE's features by their labels, as the Search and Features tabs and `--up
+    <words>` do: the labels or keywords that hold a query's words, then the labels nearest
+    to it by the base model's embeddings, each with how strong a match it is."""
+
+    def __init__(self, sae: SparseAutoencoder):
+        self.sae = sae
+        self._labelled: list[int] | None = None
+        self._vectors: torch.Tensor | None = None
+        self._haystacks: list[str] | None = None
+        self._thresholds: tuple[float, float] | None = None
+
+    @property
+    def labelled(self) -> list[int]:
+        """The features with a label, in id order."""
+        if self._labelled is None:
+            self._labelled = [f for f, label in enumerate(self.sae.feature_labels) if label]
+        return self._labelled
+
+    def vectors(self) -> torch.Tensor:
+        """(len(labelled), d) unit vectors of the labels, kept in the cache folder (keyed by
+        the model and the labels) so that a label search is quick the next time too:
+        embedding 6144 labels takes ~10 s on a CPU."""
+        if self._vectors is None:
+            labels = self.sae.feature_labels
+            self._vectors = _embedded_kept(self.sae, [labels[f] for f in self.labelled], "label-vectors")
+        return self._vectors
+
+    def _holds_words(self, j: int, words: list[str]) -> bool:
+        if self._haystacks is None:
+            labels = self.sae.feature_labels
+            features = (getattr(self.sae, "label_data", None) or {}).get("features", {})
+            self._haystacks = [
+                " | ".join([labels[f] or "", *(k.get("keyword", "") for k in features.get(f, {}).get("keywords", []) if isinstance(k, dict))]).lower()
+                for f in self.labelled
+            ]
+        return all(_holds_word(self._haystacks[j], w) for w in words)
+
+    def find(self, query: str, top: int = 10) -> list[FeatureMatch]:
+        """Labelled features whose label is nearest to `query` (cosine of the base model's
+        embeddings), best first; features whose label or keywords hold every word of the
+        query come first. Each match says how strong it is (`FeatureMatch.strength`): a
+        query that no label is near (a typo, nonsense) still gets its nearest labels, all
+        "weak"."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError(f"a label query must be a non-empty string, got {query!r}")
+        if not self.labelled:
+            raise InputError("this SAE has no feature labels to search: run `sbert-sae label` on it first")
+        labels = self.sae.feature_labels
+        q = F.normalize(self.sae.embed_texts([query]).float(), dim=-1).cpu()[0]
+        scores = (self.vectors() @ q).numpy()
+        near, close = self.thresholds()
+        words = query.lower().split()
+        literal = np.array([self._holds_words(j, words) for j in range(len(self.labelled))], dtype=bool)
+        # Every label that holds the words (however far down by cosine), then by cosine.
+        ranked = np.lexsort((-scores, ~literal))[:top]
+
+        def strength(j: int) -> str:
+            if literal[j]:
+                return "words"
+            return "close" if scores[j] >= close else "near" if scores[j] >= near else "weak"
+
+        return [FeatureMatch(self.labelled[j], float(scores[j]), labels[self.labelled[j]], strength(j)) for j in ranked]
+
+    def label_pair_cosines(self) -> np.ndarray:
+        """The cosines between two different labels: all pairs of up to `LABEL_PAIRS_SAMPLE`
+        of them (two features with one label are one label: their cosine of 1 says nothing)."""
+        labels = self.sae.feature_labels
+        _, first = np.unique(np.asarray([labels[f] for f in self.labelled], dtype=object), return_index=True)
+        rows = np.sort(first)
+        if len(rows) > LABEL_PAIRS_SAMPLE:
+            rows = np.sort(np.random.default_rng(0).choice(rows, LABEL_PAIRS_SAMPLE, replace=False))
+        if len(rows) < 2:
+            return np.zeros(0, dtype=np.float32)
+        sample = self.vectors()[torch.from_numpy(rows)]
+        return (sample @ sample.T).numpy()[np.triu_indices(len(rows), 1)]
+
+    def reference_pair_cosines(self) -> np.ndarray:
+        """The cosines between two words of the base model's own vocabulary: all pairs of
+        `REFERENCE_WORDS` of them, picked at random (seeded). Empty where the model's
+        tokenizer lists no words."""
+        words = reference_words(self.sae.base_sentence_transformer())
+        if len(words) < 2:
+            return np.zeros(0, dtype=np.float32)
+        # Beside the label vectors, where `sbert-sae cache` lists and prunes them.
+        vectors = _embedded_kept(self.sae, words, "label-vectors")
+        return (vectors @ vectors.T).numpy()[np.triu_indices(len(words), 1)]
+
+    def thresholds(self) -> tuple[float, float]:
+        """(near, close): the cosines a label needs with a query to be a near or a close match.
+
+        The `LABEL_MATCH_QUANTILES` (99.9th, 99.99th percentiles) of the cosines of unrelated
+        pairs, measured with the SAE's own base model, so that they hold for any model and
+        language (one model's unrelated texts have a cosine of 0.1, another's of 0.7): a
+        query as near a label as one unrelated pair in a thousand (ten thousand) is a near
+        (close) match. Unrelated pairs are pairs of the SAE's labels, and pairs of words of
+        the model's vocabulary (`reference_pair_cosines`) counted as `REFERENCE_PAIRS_WEIGHT`
+        label pairs: the quantiles are those of the two pooled, each label pair weighing
+        one, the words' pairs as many as that weight together. So an SAE of thousands of
+        labels has cut-offs of its own (6144 Wikipedia labels: near 0.50, close 0.67, the
+        same as from its labels alone), and one of tens has about the model's: 59 labels
+        give 1711 pairs, whose 99.99th percentile is their closest pair, two labels of one
+        topic (0.80 where the model's reference says 0.69). With no words and fewer than two
+        different labels there is nothing to measure: only the query's words can match."""
+        if self._thresholds is None:
+            pairs = self.label_pair_cosines() if self.labelled else np.zeros(0, dtype=np.float32)
+            try:
+                reference = self.reference_pair_cosines()
+            except Exception as err:  # noqa: BLE001 - a model without a usable vocabulary: the labels alone
+                logger.warning("no reference words from the base model's vocabulary (%s): the label match cut-offs come from the labels alone", err)
+                reference = np.zeros(0, dtype=np.float32)
+            values = np.concatenate([pairs, reference]).astype(np.float64)
+            if len(values) == 0:
+                self._thresholds = (float("inf"), float("inf"))
+            else:
+                weights = np.concatenate([np.ones(len(pairs)), np.full(len(reference), REFERENCE_PAIRS_WEIGHT / max(len(reference), 1))])
+                order = np.argsort(values, kind="stable")
+                cumulative = np.cumsum(weights[order])
+                cumulative /= cumulative[-1]
+                near, close = (float(values[order][min(np.searchsorted(cumulative, q), len(values) - 1)]) for q in LABEL_MATCH_QUANTILES)
+                self._thresholds = (near, close)
+        return self._thresholds
+
+
+def reference_words(model, n: int = REFERENCE_WORDS) -> list[str]:
+    """`n` whole words of the model's tokenizer vocabulary, picked at random (seeded): tokens
+    that start a word (no '##' continuation; with the '▁' or 'Ġ' word mark where the
+    vocabulary uses one), letters only, 3+ letters (2+ in scripts written without spaces).
+    They speak the model's languages, whatever those are."""
+    tokenizer = getattr(model, "tokenizer", None)
+    vocab = tokenizer.get_vocab() if tokenizer is not None and hasattr(tokenizer, "get_vocab") else {}
+    marked = [t for t in vocab if t[:1] in ("\u2581", "\u0120")]
+    tokens = [t[1:] for t in marked] if len(marked) > len(vocab) // 10 else [t for t in vocab if not t.startswith("##")]
+    words = sorted({t for t in tokens if t.isalpha() and len(t) >= (2 if _UNSPACED.search(t) else 3)})
+    if len(words) <= n:
+        return words
+    return [words[i] for i in np.sort(np.random.default_rng(0).choice(len(words), n, replace=False))]
+
+
+def _embedded_kept(sae: SparseAutoencoder, texts: list[str], folder: str) -> torch.Tensor:
+    """(len(texts), d) unit vectors of `texts` by the SAE's base model, kept in the cache
+    folder's `folder` (keyed by the model and the texts) and read back from there."""
+    from .embeddings import default_cache_dir
+    from .utils import atomic_write
+
+    config = sae.config
+    key = hashlib.sha256(json.dumps([config.base_model, config.base_model_revision, config.base_model_kwargs, texts]).encode()).hexdigest()[:20]
+    path = default_cache_dir() / folder / f"{key}.npy"
+    if path.is_file():
+        try:
+            vectors = np.load(path, allow_pickle=False)
+            if vectors.shape[0] == len(texts):
+                with contextlib.suppress(OSError):  # when they were last used (`sbert-sae cache remove --older-than`)
+                    os.utime(path)
+                return torch.from_numpy(vectors)
+        except (OSError, ValueError):
+            pass  # unreadable: embed again and replace it
+    vectors = F.normalize(sae.embed_texts(texts).float(), dim=-1).cpu()
+    try:
+        atomic_write(path, lambda tmp: save_npy(tmp, vectors.numpy()))
+    except OSError as err:
+        logger.warning("could not keep the vectors in %s: %s", path.parent, err)
+    return vectors
 
 
 class SteerableIndex:
@@ -182,8 +354,7 @@ class SteerableIndex:
         self._corpus: torch.Tensor | None = None
         self._codes: SparseActivations | None = None
         self._row_position: dict[int, int] | None = None
-        self._label_vectors: torch.Tensor | None = None
-        self._label_thresholds: tuple[float, float] | None = None
+        self.label_finder = LabelFinder(sae)
         self._families = None
         self._fire_counts: np.ndarray | None = None
         self._fingerprint: str | None = None
@@ -341,99 +512,12 @@ class SteerableIndex:
         return int(feature)
 
     def features_about(self, query: str, top: int = 10) -> list[FeatureMatch]:
-        """Labelled features whose label is nearest to `query` (cosine of the base model's
-        embeddings), best first; features whose label or keywords hold every word of the
-        query come first. Each match says how strong it is (`FeatureMatch.strength`): a
-        query that no label is near (a typo, nonsense) still gets its nearest labels, all
-        "weak"."""
-        if not isinstance(query, str) or not query.strip():
-            raise InputError(f"a label query must be a non-empty string, got {query!r}")
-        labels = self.sae.feature_labels
-        labelled = [f for f, label in enumerate(labels) if label]
-        if not labelled:
-            raise InputError("this SAE has no feature labels to search: run `sbert-sae label` on it first")
-        vectors = self._labels_embedded(labelled)
-        q = F.normalize(self.sae.embed_texts([query]).float(), dim=-1).cpu()[0]
-        scores = (vectors @ q).numpy()
-        near, close = self.label_match_thresholds()
-        words = query.lower().split()
-        data = getattr(self.sae, "label_data", None) or {}
-        features = data.get("features", {})
-
-        def literal(f: int) -> bool:
-            entry = features.get(f, {})
-            haystack = " | ".join([labels[f] or "", *(k.get("keyword", "") for k in entry.get("keywords", []) if isinstance(k, dict))]).lower()
-            return all(_holds_word(haystack, w) for w in words)
-
-        def strength(j: int) -> str:
-            if literal(labelled[j]):
-                return "words"
-            return "close" if scores[j] >= close else "near" if scores[j] >= near else "weak"
-
-        order = np.argsort(-scores)
-        ranked = sorted(order[: max(top * 20, 200)], key=lambda j: (not literal(labelled[j]), -scores[j]))
-        return [FeatureMatch(labelled[j], float(scores[j]), labels[labelled[j]], strength(j)) for j in ranked[:top]]
-
-    def _labels_embedded(self, labelled: list[int]) -> torch.Tensor:
-        if self._label_vectors is None:
-            labels = self.sae.feature_labels
-            self._label_vectors = self._embed_labels([labels[f] for f in labelled])
-        return self._label_vectors
+        """`LabelFinder.find`: features by their labels, best first, each with its strength."""
+        return self.label_finder.find(query, top=top)
 
     def label_match_thresholds(self) -> tuple[float, float]:
-        """(near, close): the cosines a label needs with a query to be a near or a close match.
-
-        Measured on this SAE's own labels with its own base model, so that they hold for any
-        model and language (one model's unrelated texts have a cosine of 0.1, another's of
-        0.7): the `LABEL_MATCH_QUANTILES` of the cosines between two different labels, all
-        pairs of up to `LABEL_PAIRS_SAMPLE` of them. A query as near a label as the nearest
-        one pair of labels in a thousand (ten thousand) is a near (close) match; nonsense
-        stays below (on the 6144 labels of the quick start's SAE: near 0.50, close 0.68;
-        "galaxy" reaches 1.0 and "french cuisine" 0.73, "qwzxv" 0.43). With fewer than two
-        different labels there is nothing to measure: only the query's words can match."""
-        if self._label_thresholds is None:
-            labels = self.sae.feature_labels
-            labelled = [f for f, label in enumerate(labels) if label]
-            vectors = self._labels_embedded(labelled) if labelled else torch.zeros(0, 1)
-            # Two features with one label are one label: their cosine of 1 says nothing.
-            _, first = np.unique(np.asarray([labels[f] for f in labelled], dtype=object), return_index=True)
-            rows = np.sort(first)
-            if len(rows) > LABEL_PAIRS_SAMPLE:
-                rows = np.sort(np.random.default_rng(0).choice(rows, LABEL_PAIRS_SAMPLE, replace=False))
-            if len(rows) < 2:
-                self._label_thresholds = (float("inf"), float("inf"))
-            else:
-                sample = vectors[torch.from_numpy(rows)]
-                pairs = (sample @ sample.T).numpy()[np.triu_indices(len(rows), 1)]
-                near, close = np.quantile(pairs, LABEL_MATCH_QUANTILES)
-                self._label_thresholds = (float(near), float(close))
-        return self._label_thresholds
-
-    def _embed_labels(self, labels: list[str]) -> torch.Tensor:
-        """(len(labels), d) unit vectors of the labels by the base model, kept in the cache
-        folder (keyed by the model and the labels) so that a label search is quick the next
-        time too: embedding 6144 labels takes ~10 s on a CPU."""
-        from .embeddings import default_cache_dir
-        from .utils import atomic_write
-
-        config = self.sae.config
-        key = hashlib.sha256(json.dumps([config.base_model, config.base_model_revision, config.base_model_kwargs, labels]).encode()).hexdigest()[:20]
-        path = default_cache_dir() / "label-vectors" / f"{key}.npy"
-        if path.is_file():
-            try:
-                vectors = np.load(path, allow_pickle=False)
-                if vectors.shape[0] == len(labels):
-                    with contextlib.suppress(OSError):  # when they were last used (`sbert-sae cache remove --older-than`)
-                        os.utime(path)
-                    return torch.from_numpy(vectors)
-            except (OSError, ValueError):
-                pass  # unreadable: embed again and replace it
-        vectors = F.normalize(self.sae.embed_texts(labels).float(), dim=-1).cpu()
-        try:
-            atomic_write(path, lambda tmp: save_npy(tmp, vectors.numpy()))
-        except OSError as err:
-            logger.warning("could not keep the label vectors in %s: %s", path.parent, err)
-        return vectors
+        """`LabelFinder.thresholds`: (near, close), the cosines a near or close match needs."""
+        return self.label_finder.thresholds()
 
     def family_members(self, parent: int) -> list[int]:
         from .families import Family

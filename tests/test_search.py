@@ -141,6 +141,58 @@ def test_a_label_query_that_no_label_is_near_gets_only_weak_matches(index):
     assert all(m.strength != "words" for m in index.features_about(inside, top=5))
 
 
+# Words of the test corpus' topics (arts, mathematics, biology) in other words than its labels'.
+IN_TOPIC_WORDS = """melody songs orchestra sculpture painter opera cinema movie poem algebra calculus
+triangle probability statistics botany trees flowers banana fishes zoology mammals ballet dancing
+theater piano violin guitar polygon japan french literature poems artwork blossom harvest equation""".split()
+
+
+def test_a_few_labels_get_cut_offs_that_real_words_reach(index):
+    """The 59 labels of the test SAE give 1711 label pairs, whose 99.99th percentile is their
+    closest pair, two labels of one topic: the cut-offs were near 0.78, close 0.80, and a
+    word of the corpus' topics ('songs' for 'music, instrument', 'piano', 'movie' for
+    'film') was a weak match 2 times in 3. The model's own word pairs now count as 100,000
+    label pairs: most such words are near or close, and random letters still are not."""
+    from sbert_sae.search import LABEL_MATCH_QUANTILES, REFERENCE_PAIRS_WEIGHT
+
+    finder = index.label_finder
+    pairs, reference = finder.label_pair_cosines(), finder.reference_pair_cosines()
+    assert 0 < len(pairs) < REFERENCE_PAIRS_WEIGHT / 10 and len(reference) > REFERENCE_PAIRS_WEIGHT
+    near, close = finder.thresholds()
+    # About the model's reference, as so few label pairs weigh little against it.
+    model_near, model_close = np.quantile(reference, LABEL_MATCH_QUANTILES)
+    assert near == pytest.approx(model_near, abs=0.05) and close == pytest.approx(model_close, abs=0.06)
+    best = [finder.find(w, top=1)[0] for w in IN_TOPIC_WORDS]
+    by_meaning = [m for m in best if m.strength != "words"]
+    assert len(by_meaning) >= 25
+    reached = [m for m in by_meaning if m.strength in ("close", "near")]
+    assert len(reached) >= 0.6 * len(by_meaning), [(w, m.label, m.strength, round(m.score, 2)) for w, m in zip(IN_TOPIC_WORDS, best)]
+    assert any(m.strength == "close" for m in by_meaning)
+    rng = np.random.default_rng(0)
+    letters = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), int(rng.integers(4, 9)))) for _ in range(60)]
+    nonsense = [finder.find(w, top=1)[0] for w in letters]
+    assert not any(m.matches for m in nonsense)
+    assert sum(m.strength == "near" for m in nonsense) <= 3
+
+
+def test_reference_words_are_whole_words_of_any_vocabulary():
+    """WordPiece ('##' marks a piece), SentencePiece ('▁' marks a word's start) and byte-level
+    BPE ('Ġ'): the reference words are whole words of letters, in any script."""
+    from types import SimpleNamespace
+
+    from sbert_sae.search import reference_words
+
+    def model(tokens):
+        return SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: {t: i for i, t in enumerate(tokens)}))
+
+    assert reference_words(model(["[CLS]", "[unused3]", "music", "##ing", "piano", "12", "of", "été", "音楽"])) == ["music", "piano", "été", "音楽"]
+    assert reference_words(model(["<s>", "\u2581music", "ing", "\u2581piano", "\u2581of", "\u2581音楽", "abc"])) == ["music", "piano", "音楽"]
+    assert reference_words(model(["\u0120music", "ing", "\u0120piano", "abc"])) == ["music", "piano"]
+    assert reference_words(model([f"word{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(600)]), n=100) == sorted(reference_words(model([f"word{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(600)]), n=100))
+    assert len(reference_words(model([f"w{chr(97 + i % 26)}{chr(97 + i // 26)}x" for i in range(600)]), n=100)) == 100
+    assert reference_words(SimpleNamespace()) == []
+
+
 def test_steering_by_a_label_query_no_label_matches_warns(index, caplog):
     """`--up qwzxv` steered the nearest label's feature without a word; it now says that no
     label matches, which feature it took, and how weak a match that is."""
@@ -168,12 +220,12 @@ def test_label_vectors_are_kept_for_the_next_index(index, labelled_run):
     first = SteerableIndex.from_run(labelled_run, device="cpu")
     first.features_about("cells")
     kept = list(folder.glob("*.npy"))
-    assert len(kept) == 1
+    assert len(kept) == 2  # the labels', and the model's reference words' (the match cut-offs)
     again = SteerableIndex.from_run(labelled_run, device="cpu")
     calls = []
     again.sae.embed_texts = lambda texts, **kw: calls.append(list(texts)) or index.sae.embed_texts(texts, **kw)
     assert [m.feature for m in again.features_about("cells", top=5)] == [m.feature for m in first.features_about("cells", top=5)]
-    assert calls == [["cells"]]  # only the query was embedded: the labels' vectors were read back
+    assert calls == [["cells"]]  # only the query was embedded: the labels' and the words' vectors were read back
 
 
 def test_bad_targets_are_refused_with_the_value_named(index, labelled_run):
