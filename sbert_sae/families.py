@@ -25,10 +25,11 @@ holding it), against the same ratio for families whose feature ids were permuted
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -280,20 +281,49 @@ def cooccurrence(
 
 
 def _gram(a: sp.csr_matrix, block: int = 512) -> sp.csr_matrix:
-    """`a^T a` (n, n) with sorted indices, its rows computed in blocks by a thread pool."""
+    """`a^T a` (n, n) with sorted indices, its rows computed in blocks by a thread pool.
+
+    Each block is copied, as it comes, into arrays made once for the whole product: holding
+    every block and then `sp.vstack`ing them held the product twice (525 MB for the 254 MB of
+    n=49,152 on 10k texts). The arrays are made as long as the product can be (row i holds at
+    most the entries of the rows of `a` where i fires, and at most n) but untouched: memory is
+    taken only where a block is written, and the unwritten end is given back (`resize`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     at = a.T.tocsr()
+    n = at.shape[0]
+    bound = int(np.minimum(at @ np.diff(a.indptr).astype(np.int64), n).sum())
+    index_dtype = np.int32 if max(bound, n) < 2**31 else np.int64
+    indices = np.empty(bound, dtype=index_dtype)
+    data = np.empty(bound, dtype=a.dtype)  # the product's dtype: a^T's and a's are a's
+    indptr = np.zeros(n + 1, dtype=index_dtype)
 
     def rows(r0: int) -> sp.csr_matrix:
         product = at[r0 : r0 + block] @ a
         product.sort_indices()
         return product
 
-    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
-        parts = list(pool.map(rows, range(0, at.shape[0], block)))
-    out = sp.vstack(parts, format="csr")
-    out.has_sorted_indices = True  # each block's rows are sorted, and vstack keeps them
+    filled = 0
+    workers = usable_cores()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # At most twice the workers' blocks computed ahead of the one copied (pool.map would
+        # run every block at once and hold those that finish before their turn).
+        starts = iter(range(0, n, block))
+        pending = deque((r0, pool.submit(rows, r0)) for r0 in itertools.islice(starts, 2 * workers))
+        while pending:
+            r0, future = pending.popleft()
+            product = future.result()
+            pending.extend((r, pool.submit(rows, r)) for r in itertools.islice(starts, 1))
+            size = product.nnz
+            indices[filled : filled + size] = product.indices[:size]
+            data[filled : filled + size] = product.data[:size]
+            indptr[r0 + 1 : r0 + 1 + product.shape[0]] = filled + product.indptr[1:]
+            filled += size
+            del product, future
+    indices.resize(filled, refcheck=False)
+    data.resize(filled, refcheck=False)
+    out = sp.csr_matrix((data, indices, indptr), shape=(n, a.shape[1]))
+    out.has_sorted_indices = True  # each block's rows are sorted, and the blocks come in order
     return out
 
 
@@ -323,7 +353,8 @@ def normalized_cooccurrence(cooc: sp.csr_matrix) -> sp.csr_matrix:
 
 # ------------------------------------------------------------ trees and families
 def edges(cooc: sp.csr_matrix, threshold: float, chunk_entries: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The graph's edges `(i, j, w)`, i < j, with `w = C[i, j] / (min(C[i, i], C[j, j]) + 1) >= threshold`.
+    """The graph's edges `(i, j, w)`, i < j, with `w = C[i, j] / (min(C[i, i], C[j, j]) + 1) >= threshold`,
+    in row, then column order; the ids int32 (int64 from 2^31 features on), the weights float64.
 
     The paper thresholds the row-normalised `C_norm` and hands the asymmetric matrix to
     networkx as an undirected graph, which keeps whichever of `C_norm[i, j]` and
@@ -335,7 +366,10 @@ def edges(cooc: sp.csr_matrix, threshold: float, chunk_entries: int = 1 << 22) -
     counts = np.asarray(cooc.diagonal(), dtype=np.int64)
     cooc = cooc.tocsr()
     cooc.sum_duplicates()  # one entry per pair, columns in order within a row
-    parts_i, parts_j, parts_w = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
+    # int64 ids were a third of the edges' memory (6.5M edges at n=49,152 on 10k texts: 148
+    # MB, 99 MB with int32) and were copied again by every tree.
+    id_dtype = np.int32 if cooc.shape[0] < 2**31 else np.int64
+    parts_i, parts_j, parts_w = [np.zeros(0, id_dtype)], [np.zeros(0, id_dtype)], [np.zeros(0)]
     # Rows in blocks of about `chunk_entries` stored pairs, in row order (the edges' order as
     # before): every pair's row, column and weight at once (sp.triu, then float64 weights) was
     # 0.9 GB above the matrix for n=49,152 on 10k texts (33M pairs, 6.5M edges kept).
@@ -344,8 +378,8 @@ def edges(cooc: sp.csr_matrix, threshold: float, chunk_entries: int = 1 << 22) -
         r1 = max(r0 + 1, int(np.searchsorted(cooc.indptr, cooc.indptr[r0] + chunk_entries, side="right")) - 1)
         r1 = min(r1, n)
         span = slice(cooc.indptr[r0], cooc.indptr[r1])
-        i = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(cooc.indptr[r0 : r1 + 1]))
-        j = cooc.indices[span].astype(np.int64)
+        i = np.repeat(np.arange(r0, r1, dtype=id_dtype), np.diff(cooc.indptr[r0 : r1 + 1]))
+        j = cooc.indices[span].astype(id_dtype, copy=False)
         upper = j > i
         i, j, c = i[upper], j[upper], cooc.data[span][upper]
         w = c.astype(np.float64) / (np.minimum(counts[i], counts[j]) + 1.0)
@@ -358,23 +392,40 @@ def edges(cooc: sp.csr_matrix, threshold: float, chunk_entries: int = 1 << 22) -
 
 
 def spanning_tree(graph: tuple[np.ndarray, np.ndarray, np.ndarray], counts: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Maximum spanning forest of the eligible features' edges (`edges`), each edge oriented
-    from the denser feature (more firing texts; ties: the lower id) to the sparser.
+    """Maximum spanning forest of the eligible features' edges (`edges`, in row order), each
+    edge oriented from the denser feature (more firing texts; ties: the lower id) to the sparser.
 
     Returns `(parents, children, weights)` of the tree's edges.
     """
     from scipy.sparse.csgraph import minimum_spanning_tree
 
     i, j, w = graph
+    if len(i) > 1 and not ((i[1:] > i[:-1]) | ((i[1:] == i[:-1]) & (j[1:] > j[:-1]))).all():
+        # Not from `edges`: put in row, then column order, as scipy's COO -> CSR conversion did
+        # (the order decides which of equal weights the tree takes).
+        order = np.lexsort((j, i))
+        i, j, w = i[order], j[order], w[order]
     keep = eligible[i] & eligible[j]
-    i, j, w = i[keep], j[keep], w[keep]
-    if len(w) == 0:
+    n = len(counts)
+    # The eligible edges go straight into the CSR arrays csgraph works on: the edges come in
+    # row, then column order, so each row's entries are already in place and only the row
+    # starts are counted. (Filtering the edges, then a COO -> CSR conversion and csgraph's
+    # own copy of it held the eligible edges three more times: the families' peak at
+    # n=49,152.) csgraph may overwrite these arrays: they are this tree's alone.
+    index_dtype = np.int32 if max(n, len(w)) < 2**31 else np.int64
+    indices = j[keep].astype(index_dtype, copy=False)
+    if len(indices) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0)
-    n = len(counts)
+    indptr = np.zeros(n + 1, dtype=index_dtype)
+    np.cumsum(np.bincount(i[keep], minlength=n), out=indptr[1:])
     # Weights in (0, 1]: the minimum spanning forest of 2 - w is the maximum one of w, and
     # every stored weight stays > 0 (csgraph reads 0 as no edge).
-    tree = minimum_spanning_tree(sp.csr_matrix((2.0 - w, (i, j)), shape=(n, n))).tocoo()
+    data = w[keep]
+    np.subtract(2.0, data, out=data)
+    graph_csr = sp.csr_matrix((data, indices, indptr), shape=(n, n))
+    graph_csr.has_sorted_indices = True
+    tree = minimum_spanning_tree(graph_csr, overwrite=True).tocoo()
     a, b, weight = tree.row.astype(np.int64), tree.col.astype(np.int64), 2.0 - tree.data
     a_first = (counts[a] > counts[b]) | ((counts[a] == counts[b]) & (a < b))
     return np.where(a_first, a, b), np.where(a_first, b, a), weight
