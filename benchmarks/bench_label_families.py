@@ -59,7 +59,10 @@ def measure(run: Path, cache_dir: str | None, device: str | None) -> dict:
             sync()
             record = {"seconds": round(time.perf_counter() - t0, 2), "peak_gpu_gb": peak_gpu_gb(), "peak_rss_gb": peak_rss_gb()}
             if stage == "label":
-                record["parts"] = value.get("seconds")
+                # Wall-clock seconds of each stage (they overlap across two threads) and, from
+                # the revisions that record it, the CPU seconds of the thread that ran each; a
+                # baseline from before holds the wall times alone, as "seconds".
+                record["parts"] = {"wall_seconds": value.get("wall_seconds", value.get("seconds")), "thread_cpu_seconds": value.get("thread_cpu_seconds")}
                 record["label_auroc_mean"] = value.get("label_auroc_mean")
             else:
                 record["inside_compute_families"] = value.summary.get("seconds")

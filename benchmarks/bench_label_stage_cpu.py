@@ -1,9 +1,10 @@
 """CPU seconds of each labelling stage, counted in the thread that runs it, for SAEs of several
 widths on one corpus: what grows with the number of features.
 
-`feature_labels.json`'s "seconds" are wall-clock laps, and the stages overlap: the base model
-embeds one block's candidates and labels in a worker thread while the main thread runs KeyBERT
-and the label choice on the next. On a few shared cores each stage's lap then holds the other
+`feature_labels.json`'s "wall_seconds" ("seconds" in files from before "thread_cpu_seconds"
+was recorded beside them) are wall-clock laps, and the stages overlap: the base model embeds
+one block's candidates and labels in a worker thread while the main thread runs KeyBERT and
+the label choice on the next. On a few shared cores each stage's lap then holds the other
 thread's work too, more so the more blocks there are (none overlap with a single block), and
 the laps look as if they grew faster than the features. Here torch runs on one thread, so that
 `time.thread_time` of a call is that call's own compute, whatever runs beside it.
@@ -80,7 +81,8 @@ def main() -> None:
                     "cpu_s": {k: round(v, 2) for k, v in sorted(cpu.items())},
                     "cpu_ms_per_labelled_feature": {k: round(1000 * v / max(1, labelled), 2) for k, v in sorted(cpu.items())},
                     "calls": dict(sorted(calls.items())),
-                    "laps_s": result.summary["seconds"],
+                    "laps_s": result.summary.get("wall_seconds", result.summary.get("seconds")),
+                    "recorded_thread_cpu_s": result.summary.get("thread_cpu_seconds"),
                 }
             ),
             flush=True,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sbert_sae.families import FamilyArguments, run_families  # noqa: E402
-from sbert_sae.labels import LabelArguments  # noqa: E402
+from sbert_sae.labels import LabelArguments, label_stage_seconds  # noqa: E402
 from sbert_sae.pipeline import DataArguments, SaeArguments, load_and_embed, run_labelling, run_training  # noqa: E402
 from sbert_sae.trainer import TrainingArguments  # noqa: E402
 from sbert_sae.utils import read_json  # noqa: E402
@@ -63,7 +63,9 @@ def run_once(args, max_texts: int | None, work: Path) -> dict:
     n_train = int(n_texts * (1 - data.heldout_fraction))
     stages["train"]["samples_per_second"] = round(n_train * args.epochs / stages["train"]["seconds"])
     label_summary = stage("label", lambda: run_labelling(out, data, LabelArguments(), show_progress=False))
-    stages["label"]["parts"] = label_summary.get("seconds") if isinstance(label_summary, dict) else None
+    # Per labelling stage: wall-clock seconds (stages overlap across two threads) and the CPU
+    # seconds of the thread that ran each (see labels.label_stage_seconds).
+    stages["label"]["parts"] = label_stage_seconds(label_summary) if isinstance(label_summary, dict) else None
     stages["label"]["features_per_second"] = round(args.n / stages["label"]["seconds"], 1)
     families = stage("families", lambda: run_families(out, data, FamilyArguments(), show_progress=False))
     stages["families"]["inside_compute_families"] = families.summary.get("seconds")

@@ -516,6 +516,9 @@ class LabellingContext:
     contrast_train: list[np.ndarray]
     contrast_held: list[np.ndarray]
     timings: dict[str, float] = field(default_factory=dict)
+    """Wall-clock seconds of the stages run so far ("examples")."""
+    thread_cpu_timings: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of the same stages, of the thread that ran them (`time.thread_time`)."""
 
     @property
     def n_features(self) -> int:
@@ -545,7 +548,7 @@ def prepare_labelling(
         raise ConfigError(f"embeddings are {embeddings.shape[1]}-d but the SAE reads d_in={sae.config.d_in}")
     if n_texts < 4:
         raise DatasetError(f"need at least 4 texts to label and score features, got {n_texts}")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     if codes is not None and (len(codes) != n_texts or codes.n_latents != sae.config.n_latents):
         raise ConfigError(f"codes of {len(codes)} texts and {codes.n_latents} features do not fit {n_texts} texts and an SAE of {sae.config.n_latents}")
     acts = encode_corpus(sae, embeddings) if codes is None else codes
@@ -592,6 +595,7 @@ def prepare_labelling(
         contrast_train=contrast_sets(hard_train, acts, train_pool, args.negatives, np.random.default_rng([args.seed, 0])),
         contrast_held=contrast_sets(hard_held, acts, held_pool, args.score_texts, np.random.default_rng([args.seed, 1])),
         timings={"examples": round(time.perf_counter() - t0, 3)},
+        thread_cpu_timings={"examples": round(time.thread_time() - cpu0, 3)},
     )
 
 
@@ -627,14 +631,25 @@ def label_features(
 
     ctx = context or prepare_labelling(sae, texts, embeddings, args, row_ids, codes=codes)
     args = ctx.args
+    # Each stage's wall-clock seconds, and the CPU seconds of the thread that ran it: the
+    # stages overlap (the base model embeds in a worker thread while this one runs KeyBERT and
+    # the label choice), so on a loaded machine a stage's wall time holds the other thread's
+    # work too (see `label_stage_seconds`).
     timings = dict(ctx.timings)
-    clock = time.perf_counter()
+    cpu = dict(ctx.thread_cpu_timings)
+    clock, cpu_clock = time.perf_counter(), time.thread_time()
 
     def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
+        nonlocal clock, cpu_clock
+        now, cpu_now = time.perf_counter(), time.thread_time()
         timings[name] = round(now - clock, 3)
-        clock = now
+        cpu[name] = round(cpu_now - cpu_clock, 3)
+        clock, cpu_clock = now, cpu_now
+
+    def add(name: str, wall: float, thread_cpu: float | None = None) -> None:
+        timings[name] = timings.get(name, 0.0) + wall
+        if thread_cpu is not None:
+            cpu[name] = cpu.get(name, 0.0) + thread_cpu
 
     n_feat, n_texts = ctx.n_features, len(ctx.texts)
 
@@ -662,25 +677,26 @@ def label_features(
     known: dict[str, np.ndarray] = {}
 
     def embed(phrases: list[str], stage: str):
-        tick = time.perf_counter()
-        return stage, phrases, _embed(model, phrases, args.batch_size, show_progress=False), time.perf_counter() - tick
+        tick, cpu_tick = time.perf_counter(), time.thread_time()  # the worker thread's own CPU time
+        vectors = _embed(model, phrases, args.batch_size, show_progress=False)
+        return stage, phrases, vectors, time.perf_counter() - tick, time.thread_time() - cpu_tick
 
     def collect(future) -> None:
         """Wait for an embedding task and keep its vectors (only this thread touches `known`)."""
         tick = time.perf_counter()
-        stage, phrases, vectors, seconds = future.result()
-        timings["wait"] = timings.get("wait", 0.0) + time.perf_counter() - tick
-        timings[stage] = timings.get(stage, 0.0) + seconds
+        stage, phrases, vectors, seconds, thread_cpu = future.result()
+        add("wait", time.perf_counter() - tick)  # this thread idle: no CPU time to count
+        add(stage, seconds, thread_cpu)
         known.update(zip(phrases, vectors))
 
     def finish(block: list[int], drafts: dict[int, dict]) -> None:
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.thread_time()
         features.update(_finish_labels(ctx, drafts, known))
         labels = {f: features[f]["label"] for f in block if features[f].get("label")}
         scores, _ = score_labels(ctx, labels, model, known_embeddings=known)
         for f, score in scores.items():
             features[f]["score"] = score
-        timings["score"] = timings.get("score", 0.0) + time.perf_counter() - tick
+        add("score", time.perf_counter() - tick, time.thread_time() - cpu_tick)
         bar.update(len(block))
         if on_block is not None:
             on_block(features)
@@ -694,7 +710,7 @@ def label_features(
         pending = None
         for b, block in enumerate(blocks):
             collect(candidates_ready[b])
-            tick = time.perf_counter()
+            tick, cpu_tick = time.perf_counter(), time.thread_time()
             alive = [f for f in block if len(cand_per_feature[f])]
             phrases = sorted({str(vocab[t]) for f in alive for t in cand_per_feature[f]})
             phrase_index = {p: i for i, p in enumerate(phrases)}
@@ -718,8 +734,8 @@ def label_features(
             if len(alive) == 1:  # KeyBERT returns a flat list for a single document
                 keybert_out = [keybert_out]
             keywords_of = dict(zip(alive, keybert_out))
-            timings["keybert"] = timings.get("keybert", 0.0) + time.perf_counter() - tick
-            tick = time.perf_counter()
+            add("keybert", time.perf_counter() - tick, time.thread_time() - cpu_tick)
+            tick, cpu_tick = time.perf_counter(), time.thread_time()
             drafts = _draft_labels(ctx, block, keywords_of, phrase_emb, phrase_index)
             # The label is the string "a, b, c", whose embedding is not quite the mean of its
             # keywords': embed each combined label once (needed to score it anyway), and keep the
@@ -728,7 +744,7 @@ def label_features(
             labels_ready = worker.submit(embed, combined, "embed_labels")
             if b + 2 < len(blocks):
                 candidates_ready.append(worker.submit(embed, new_phrases[b + 2], "embed_candidates"))
-            timings["choose"] = timings.get("choose", 0.0) + time.perf_counter() - tick
+            add("choose", time.perf_counter() - tick, time.thread_time() - cpu_tick)
             if pending is not None:
                 collect(pending[0])
                 finish(*pending[1:])
@@ -737,16 +753,17 @@ def label_features(
             collect(pending[0])
             finish(*pending[1:])
     bar.close()
-    tick = time.perf_counter()
+    tick, cpu_tick = time.perf_counter(), time.thread_time()
     renamed = _separate_duplicates(ctx, features, known, model)
     if renamed:
         scores, _ = score_labels(ctx, {f: features[f]["label"] for f in renamed}, model, known_embeddings=known)
         for f, score in scores.items():
             features[f]["score"] = score
-    timings["separate_duplicates"] = time.perf_counter() - tick
+    add("separate_duplicates", time.perf_counter() - tick, time.thread_time() - cpu_tick)
     for name in ("wait", "embed_candidates", "keybert", "choose", "embed_labels", "score", "separate_duplicates"):
         timings[name] = round(timings.get(name, 0.0), 3)
-    clock = time.perf_counter()
+        if name != "wait":
+            cpu[name] = round(cpu.get(name, 0.0), 3)
 
     summary = summarize_scores(features)
     statuses = [e["status"] for e in features.values()]
@@ -758,7 +775,10 @@ def label_features(
             "n_unlabelled": statuses.count("unlabelled"),
             "n_texts": n_texts,
             "n_candidates_embedded": len(seen),
-            "seconds": timings,
+            # Two figures a stage, named apart: files before these held the wall times alone,
+            # as "seconds" (read both with `label_stage_seconds`).
+            "wall_seconds": timings,
+            "thread_cpu_seconds": cpu,
         }
     )
     return LabelResult(features=features, summary=summary, settings=asdict(args))
@@ -1013,6 +1033,23 @@ def unique_label_share(labels: list[str]) -> float:
 
 # The figures of a labelling's summary that `metrics.json` carries beside the SAE's own.
 LABEL_METRIC_PREFIXES = ("label_", "n_labelled", "distinct_label", "centroid_")
+
+
+def label_stage_seconds(summary: dict) -> dict[str, dict[str, float] | None]:
+    """A labelling summary's time per stage: {"wall_seconds": ..., "thread_cpu_seconds": ...}.
+
+    "wall_seconds": wall-clock seconds of each stage. The stages overlap: the base model embeds
+    ("embed_candidates", "embed_labels") in a worker thread while the main thread runs
+    "keybert", "choose" and "score", so on a loaded machine a stage's wall time holds the
+    other thread's work too, and grows faster than the stage's own; "wait" is the main
+    thread waiting for the worker. "thread_cpu_seconds": CPU seconds of the thread that ran
+    each stage (`time.thread_time`): its own work, whatever runs beside it (torch's intra-op
+    threads, when it uses several, are not counted: there the embedding stages read low).
+    Files written before these two held the wall times alone, as "seconds": read as
+    "wall_seconds", with "thread_cpu_seconds" None."""
+    wall = summary.get("wall_seconds", summary.get("seconds"))
+    cpu = summary.get("thread_cpu_seconds")
+    return {"wall_seconds": wall if isinstance(wall, dict) else None, "thread_cpu_seconds": cpu if isinstance(cpu, dict) else None}
 
 
 def label_metrics(summary: dict) -> dict:

@@ -596,3 +596,32 @@ def test_a_run_on_a_json_object_file_reads_it_again_by_its_json_field(wiki_small
     other = tmp_path / "other.jsonl"
     other.write_text("\n".join(json.dumps({"body": b}) for b in bodies[:20]) + "\n")
     assert main(["label", str(run), "--dataset", str(other), "-q", "--top-texts", "5", "--min-df", "2"]) == 0
+
+
+def test_each_stage_has_its_wall_time_and_its_threads_cpu_time_named_apart(labelled_run, tmp_path):
+    """The labelling stages overlap across two threads, so their wall-clock laps (the only
+    figures, as "seconds") read on a loaded machine as if a stage grew faster than its work.
+    feature_labels.json now holds both, named apart: "wall_seconds" and "thread_cpu_seconds"
+    (`time.thread_time` of the thread that ran the stage, which can never pass its wall
+    time); a file written before, with "seconds" alone, still loads and reads as wall time."""
+    import shutil
+
+    summary = json.loads((labelled_run / "feature_labels.json").read_text())["summary"]
+    assert "seconds" not in summary, summary
+    wall, cpu = summary["wall_seconds"], summary["thread_cpu_seconds"]
+    stages = {"examples", "candidates", "embed_candidates", "keybert", "choose", "embed_labels", "score", "separate_duplicates"}
+    assert set(wall) == stages | {"wait"} and set(cpu) == stages  # waiting is no work of its own
+    assert all(0 <= cpu[s] <= wall[s] + 0.005 for s in stages), (wall, cpu)  # a thread's CPU time fits in its wall time
+
+    from sbert_sae.labels import label_stage_seconds
+
+    assert label_stage_seconds(summary) == {"wall_seconds": wall, "thread_cpu_seconds": cpu}
+
+    old = tmp_path / "old"
+    shutil.copytree(labelled_run, old)
+    data = json.loads((old / "feature_labels.json").read_text())
+    data["summary"]["seconds"] = data["summary"].pop("wall_seconds")
+    del data["summary"]["thread_cpu_seconds"]
+    (old / "feature_labels.json").write_text(json.dumps(data))
+    sae = SparseAutoencoder.from_pretrained(old)
+    assert sae.label_data["features"] and label_stage_seconds(sae.label_data["summary"]) == {"wall_seconds": wall, "thread_cpu_seconds": None}
