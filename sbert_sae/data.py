@@ -195,6 +195,10 @@ def _load_json_records(files_by_split: dict[str, list[str]], json_field: str, sp
     _check_split_names(split, list(files_by_split), source)
     folder = _json_records_folder(files_by_split, json_field)
     features = _read_json_records_features(folder)
+    if features is not None:
+        # When they were last read (`sbert-sae cache remove --older-than`); a read-only cache still reads.
+        with contextlib.suppress(OSError):
+            (folder / "last-used").touch()
     if features is None:
         # One process writes a folder at a time (and `sbert-sae cache remove` leaves a folder
         # being written alone); a second one waits, then reads what the first wrote.

@@ -220,11 +220,20 @@ def test_json_records_are_listed_and_removed_whole(tmp_path, wiki_rows, capsys, 
     monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     data = tmp_path / "articles.json"
     data.write_text(json.dumps({"data": [{"title": "wiki", "items": [{"text": r["text"]} for r in wiki_rows[:10]]}]}))
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(data, (ten_days_ago, ten_days_ago))  # a file written long ago, read every day
     assert main(["embed", "--dataset", str(data), "--json-field", "data.items", "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
     entries = _entries(tmp_path / "cache")
     records = [e for e in entries if e["kind"] == "json-records"]
     assert len(records) == 1 and records[0]["status"] == "complete" and records[0]["details"] == {"splits": ["train"], "json_field": "data.items"}
     assert _entry_of(entries, data)["rows"] == 10
+    # Records a run reads are in use, however long ago they were written.
+    for path in (tmp_path / "datasets" / "sbert_sae_json_records").rglob("*"):
+        if path.suffix != ".jsonl":  # whose time is their source's: datasets' fingerprint of them
+            os.utime(path, (ten_days_ago, ten_days_ago))
+    assert main(["embed", "--dataset", str(data), "--json-field", "data.items", "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+    assert main(["cache", "remove", "--older-than", "5", "--kind", "json-records", "--yes", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
     # Records another process is writing (it holds their lock) are left alone.
     from sbert_sae.data import json_records_lock_path
 
