@@ -91,6 +91,13 @@ def test_list_shows_each_entry_its_rows_size_and_codes(corpora, tmp_path, capsys
     assert f"codes {first['codes'][0]['digest']}: 19 x k=3" in out and f"dataset {corpora[0]}" in out
     assert "2 entries (2 embeddings, 0 json-records, 0 label-vectors)" in out and "1 SAE codes files" in out
 
+    # Codes a run reads are in use however long ago they were made; codes no run reads go.
+    ten_days_ago = time.time() - 10 * 86400
+    for path in folder.glob("codes-*"):
+        os.utime(path, (ten_days_ago, ten_days_ago))
+    corpus_codes(sae, open_cache(folder).embeddings, folder=folder)  # read back, not computed
+    assert main(["cache", "remove", "--codes", "--older-than", "5", "--yes", "--cache-dir", str(cache_dir)]) == 0
+    assert "nothing to remove" in capsys.readouterr().out and len(list(folder.glob("codes-*"))) == 2
     # --codes removes the codes alone; the vectors stay and read as before.
     assert main(["cache", "remove", first["id"][:6], "--codes", "--yes", "--cache-dir", str(cache_dir)]) == 0
     assert not list(folder.glob("codes-*")) and open_cache(folder).embeddings.shape == (19, 384)
