@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION")
     cache_sub.required = True
     cache_dir_help = "embedding cache (default: $SBERT_SAE_CACHE, else $XDG_CACHE_HOME/sbert-sae, else ~/.cache/sbert-sae)"
-    q = cache_sub.add_parser("list", aliases=["scan"], parents=[common], help="one line per entry: what it holds, status, size, last use, its SAE codes; totals")
+    q = cache_sub.add_parser("list", aliases=["ls", "scan"], parents=[common], help="one line per entry: what it holds, status, size, last use, its SAE codes; totals")
     q.add_argument("--json", action="store_true", help="print the entries as JSON, for scripts")
     q.add_argument("--cache-dir", default=None, help=cache_dir_help)
     q = cache_sub.add_parser(
@@ -840,7 +840,7 @@ def cmd_cache(args) -> int:
     from . import cache
 
     scan = cache.scan_cache(args.cache_dir)
-    if args.cache_command in ("list", "scan"):
+    if args.cache_command in ("list", "ls", "scan"):
         if args.json:
             print(json.dumps({"cache_dir": str(scan.cache_dir), "records_dir": str(scan.records_dir), "entries": [e.to_json() for e in scan.entries], "size": scan.size, "trash_size": scan.trash_size}, indent=2))
             return 0

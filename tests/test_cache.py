@@ -85,7 +85,7 @@ def test_list_shows_each_entry_its_rows_size_and_codes(corpora, tmp_path, capsys
     first = _entry_of(_entries(cache_dir), corpora[0])
     assert [(c["rows"], c["k"], len(c["paths"])) for c in first["codes"]] == [(19, 3, 2)]
     capsys.readouterr()
-    assert main(["cache", "list", "--cache-dir", str(cache_dir)]) == 0
+    assert main(["cache", "ls", "--cache-dir", str(cache_dir)]) == 0  # as `hf cache ls`
     out = capsys.readouterr().out
     assert f"{first['id']}  embeddings    complete  19 x 384 float32" in out
     assert f"codes {first['codes'][0]['digest']}: 19 x k=3" in out and f"dataset {corpora[0]}" in out
