@@ -105,6 +105,8 @@ def _naming_resumed_settings(args, sae_renamed: dict[str, str] | None = None):
         names = {f"training_args.{f.name}": flags[f.name] for f in dataclasses.fields(TrainingArguments) if f.name in flags}
         names.update({f"config.{field}": flags[dest] for field, dest in sae_fields.items() if dest in flags})
         names["data"] = "the training texts (of the dataset, --max-rows, --heldout-fraction and --seed)"
+        if "heldout_fraction" in flags:
+            names["data.heldout_fraction"] = flags["heldout_fraction"]
         raise err.naming(names) from err
 
 

@@ -57,5 +57,14 @@ class SettingsChangedError(ResumeError):
         return SettingsChangedError(prefix + self.template, changes, {**self.names, **names})
 
 
+class ReusedRunSettingsError(SettingsChangedError, InputError):
+    """A finished run a command would reuse as its own (a sweep's grid point) was made with
+    other settings than the ones given (`changes`, as `SettingsChangedError`'s)."""
+
+    def naming(self, names: dict[str, str], prefix: str = "", values=None) -> "ReusedRunSettingsError":
+        named = super().naming(names, prefix, values)
+        return ReusedRunSettingsError(named.template, named.changes, named.names)
+
+
 class HubError(SbertSaeError, OSError):
     """A push to or a read from the Hub failed (the message says which repo, why, and what to do)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, ReusedRunSettingsError
 from .utils import atomic_write, read_json, save_figure, write_json
 
 logger = logging.getLogger(__name__)
@@ -152,24 +152,27 @@ def check_reusable(folder: Path, data, sae_args, train_args, cache_name: str) ->
         return
     recorded = read_json(folder / "training_args.json")
     was_training, was_sae, was_data = recorded.get("training") or {}, recorded.get("sae") or {}, recorded.get("data") or {}
+    # Keyed as a resumed run's changes are (`trainer.run_signature`), so that the CLI names
+    # them by its options as it does those: (key, recorded, given).
     differ = []
     for name in REUSE_TRAINING_SETTINGS:
         now = getattr(train_args, name)
         if name in was_training and _normal(was_training[name]) != _normal(now):
-            differ.append(f"{name} {was_training[name]!r}, not {now!r}")
+            differ.append((f"training_args.{name}", was_training[name], now))
     for name in REUSE_SAE_SETTINGS:
         now = getattr(sae_args, name)
         if now is not None and name in was_sae and _normal(was_sae[name]) != _normal(now):
-            differ.append(f"{name} {was_sae[name]!r}, not {now!r}")
+            differ.append((f"config.{name}", was_sae[name], now))
     if "heldout_fraction" in was_data and _normal(was_data["heldout_fraction"]) != _normal(data.heldout_fraction):
-        differ.append(f"heldout_fraction {was_data['heldout_fraction']!r}, not {data.heldout_fraction!r}")
+        differ.append(("data.heldout_fraction", was_data["heldout_fraction"], data.heldout_fraction))
     was_cache = recorded.get("embedding_cache")
     if was_cache and Path(was_cache).name != cache_name:
-        differ.append(f"other data or embeddings (dataset {was_data.get('dataset')!r}, max_rows {was_data.get('max_rows')!r}, model {was_data.get('model')!r})")
+        source = ("dataset", "max_rows", "model")
+        differ.append(("data", {k: was_data.get(k) for k in source}, {k: getattr(data, k, None) for k in source}))
     if differ:
-        raise InputError(
-            f"{folder} was trained with other settings than this sweep's ({'; '.join(differ)}): "
-            "pass --overwrite to train the grid again, or give another --out"
+        raise ReusedRunSettingsError(
+            f"{folder} was trained with other settings than this sweep's ({{changes}}): pass --overwrite to train the grid again, or give another --out",
+            differ,
         )
 
 

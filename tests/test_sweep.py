@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,8 +99,17 @@ def test_a_rerun_with_other_settings_refuses_points_trained_with_the_old_ones(wi
     capsys.readouterr()
     assert main([*base, "--epochs", "3"]) == 2
     err = capsys.readouterr().err
-    assert "n32-k4 was trained with other settings than this sweep's (epochs 1, not 3)" in err and "--overwrite" in err
+    # Named by the option typed (it said "epochs 1, not 3", the setting's field).
+    assert "n32-k4 was trained with other settings than this sweep's (--epochs 1 -> 3)" in err and "--overwrite" in err
     assert err.count("\n") == 1
+    # The Python API names the settings by their fields, and the error is still an InputError.
+    from sbert_sae.pipeline import DataArguments, SaeArguments
+    from sbert_sae.sweep import check_reusable
+    from sbert_sae.trainer import TrainingArguments
+
+    cache_name = Path(json.loads((out / "n32-k4" / "training_args.json").read_text())["embedding_cache"]).name
+    with pytest.raises(InputError, match=r"training_args\.epochs: 1 -> 3"):
+        check_reusable(out / "n32-k4", DataArguments(dataset=str(wiki_small)), SaeArguments(n_latents=32, k=4), TrainingArguments(epochs=3, batch_size=32), cache_name)
     assert (out / "n32-k4" / "model.safetensors").stat().st_mtime_ns == weights
     assert json.loads((out / "sweep.json").read_text())["rows"][0] == first
     # The same settings reuse it; --overwrite trains it again with the new ones.
