@@ -3,7 +3,8 @@
 `sbert-sae explore runs/wiki` (or a Hub repo id) serves it on 127.0.0.1; `hub/space/app.py`
 serves the same app as a Hugging Face Space. Four tabs:
 
-- **Features**: find features by label, keyword or id; a feature's page (label, keywords and
+- **Features**: find features by id, or by words as the Search tab does (a label's or
+  keywords' words, else a label's meaning, each with its strength); a feature's page (label, keywords and
   their scores, held-out label score, density, activation histogram, strongest texts with the
   keywords marked, nearest features by decoder cosine, features firing with it, its family).
 - **Texts**: a text's active features as a bar chart, and how well the SAE rebuilds it.
@@ -80,6 +81,8 @@ table.sae-table tr, table.sae-table th, table.sae-table td {border-left: none !i
 table.sae-table th {text-align: left; font-weight: 600; color: var(--body-text-color-subdued); border-bottom: 1px solid var(--border-color-primary); padding: 0.3rem 0.4rem;}
 table.sae-table td {border-bottom: 1px solid var(--border-color-primary); padding: 0.3rem 0.4rem; vertical-align: top;}
 table.sae-table td.num {text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap;}
+.sae-match {display: block; font-size: 0.78rem; color: var(--body-text-color-subdued);}
+.sae-match.words, .sae-match.close {color: var(--body-text-color);}
 table.sae-table tr:hover td {background: var(--background-fill-secondary);}
 a.feat {color: var(--link-text-color, #3b5bdb); text-decoration: none; cursor: pointer;}
 a.feat:hover {text-decoration: underline;}
@@ -160,10 +163,23 @@ def _bar(value: float, top: float, width_em: float = 8.0, negative: bool = False
     return f'<span class="sae-bar{" neg" if negative else ""}" style="width:{max(0.15, share * width_em):.2f}em"></span>'
 
 
-def _strength(match) -> str:
+def _strength(strength: str, cos: float) -> str:
     """How well a label matches a label query, in words, with the cosine of the two."""
-    word = {"words": "word match", "close": "close", "near": "near", "weak": "weak"}[match.strength]
-    return f"{word}, cos {match.score:.2f}"
+    word = {"words": "word match", "close": "close", "near": "near", "weak": "weak"}[strength]
+    return f"{word}, cos {cos:.2f}"
+
+
+STRENGTH_NOTE = "word match: the label or its keywords hold the words; close, near, weak: how similar the label's meaning is (cos)"
+
+
+def _offered(matches: list, strength_of) -> tuple[list, str | None]:
+    """What a label query lists of its matches (best first), in both the Features and the
+    Search tab: with a word or close match, every match but the weak ones, and None; else
+    (a typo, nonsense) the nearest `NEAREST_SHOWN`, and the words saying that none matches."""
+    if any(strength_of(m) in ("words", "close") for m in matches):
+        return [m for m in matches if strength_of(m) != "weak"], None
+    nearest = matches[:NEAREST_SHOWN]
+    return nearest, "near or weak" if any(strength_of(m) == "near" for m in nearest) else "all weak"
 
 
 def _card(title: str, body: str) -> str:
@@ -259,17 +275,29 @@ class Pages:
 
     # -------------------------------------------------------------- features
     def search_results(self, query: str) -> str:
-        rows = self.x.search_features(query, limit=100)
+        q = (query or "").strip()
+        try:
+            rows = self.x.search_features(query, limit=100)
+        except SbertSaeError as err:
+            return _empty(str(err))
         if not rows:
-            q = (query or "").strip()
             if re.fullmatch(r"#?[-+]?\d+", q):
                 return _empty(f"There is no feature {q.lstrip('#')}: features are numbered 0 to {self.x.n - 1}.")
             if not self.x.labelled:
                 return _empty("This SAE is not labelled: search by feature id (e.g. 12), or run `sbert-sae label`.")
-            return _empty(f"No feature's label or keywords contain {query!r}.")
-        head = "Best-scored features" if not (query or "").strip() else f"{len(rows)} feature{'s' if len(rows) != 1 else ''}"
+            return _empty("No feature has a held-out label score to rank by: type words of a label, or a feature id.")
+        by_label = "cos" in rows[0]
+        if by_label:
+            # As the Search tab finds a feature: by the label's words, else by its meaning.
+            rows, none = _offered(rows, lambda r: r["match"])
+            head = f"No feature label matches “{q}”: the nearest ({none})" if none else f"{len(rows)} feature{'s' if len(rows) != 1 else ''}"
+        else:
+            head = "Best-scored features" if not q else "The feature with this id"
+        # How well each label matches goes under it: the column is too narrow for a fourth.
         body = "".join(
-            f'<tr><td>{feature_link(r["feature"], r["label"])}</td><td class="num">{_pct(r["density"])}</td><td class="num">{_fmt(r["auroc"], 2)}</td></tr>'
+            f'<tr><td>{feature_link(r["feature"], r["label"])}'
+            + (f'<span class="sae-match {r["match"]}" title="{_e(STRENGTH_NOTE)}">{_e(_strength(r["match"], r["cos"]))}</span>' if by_label else "")
+            + f'</td><td class="num">{_pct(r["density"])}</td><td class="num">{_fmt(r["auroc"], 2)}</td></tr>'
             for r in rows
         )
         return (
@@ -607,7 +635,7 @@ def build_app(explorer: Explorer):
                     with gr.Column(scale=2, min_width=330):
                         with gr.Row():
                             query = gr.Textbox(
-                                placeholder="a word of a label or keyword, or a feature id (812)",
+                                placeholder="words of a label or keyword, what it is about, or a feature id (812)",
                                 show_label=False,
                                 scale=4,
                                 elem_id="feature-query",
@@ -728,7 +756,7 @@ class Steering:
                     with gr.Row(equal_height=True):
                         self.about = gr.Textbox(placeholder="e.g. galaxy, or 812", show_label=False, scale=3, elem_id="steer-about")
                         self.find = gr.Button("Find", scale=1, min_width=70, elem_id="steer-find")
-                    self.choice = gr.Dropdown(choices=[], label="Features whose label matches", info="word match: the label or its keywords hold the words; close, near, weak: how similar the label's meaning is (cos)", interactive=True, elem_id="steer-choice")
+                    self.choice = gr.Dropdown(choices=[], label="Features whose label matches", info=STRENGTH_NOTE, interactive=True, elem_id="steer-choice")
                     self.add = gr.Button("Add a slider for it", elem_id="steer-add")
             with gr.Column(scale=5):
                 self.summary = gr.HTML(_empty("Type a query and press Search."), elem_id="search-summary", js_on_load=FEATURE_LINKS_JS)
@@ -799,17 +827,15 @@ class Steering:
             matches = self._index().features_about(about, top=12)
         except SbertSaeError as err:
             raise gr.Error(f"{err} (or type a feature's id, e.g. 12)") from None
-        found = [m for m in matches if m.matches]
-        if found:
-            shown, title = [m for m in matches if m.strength != "weak"], "Features whose label matches"
-        else:
+        shown, none = _offered(matches, lambda m: m.strength)
+        if none:
             # Nothing close (a typo, nonsense): the nearest few, said to be weak, none picked.
-            shown = matches[:NEAREST_SHOWN]
-            near = any(m.strength == "near" for m in shown)
-            title = f"No feature label matches “{about.strip()}”: the nearest ({'near or weak' if near else 'all weak'})"
-            gr.Warning(f"No feature label matches “{about.strip()}”; the list holds the nearest labels, {'near or weak' if near else 'all weak'} matches.")
-        choices = [(f"#{m.feature} {m.label} · {_strength(m)}", m.feature) for m in shown]
-        return gr.Dropdown(choices=choices, value=choices[0][1] if found else None, label=title)
+            title = f"No feature label matches “{about.strip()}”: the nearest ({none})"
+            gr.Warning(f"No feature label matches “{about.strip()}”; the list holds the nearest labels, {none} matches.")
+        else:
+            title = "Features whose label matches"
+        choices = [(f"#{m.feature} {m.label} · {_strength(m.strength, m.score)}", m.feature) for m in shown]
+        return gr.Dropdown(choices=choices, value=None if none else choices[0][1], label=title)
 
     def add_feature(self, choice, slots: list[int], *values):
         if choice is None:

@@ -31,7 +31,7 @@ from .activations import SparseActivations, published_activations
 from .errors import DatasetError, InputError, ModelLoadError, SbertSaeError
 from .families import FAMILIES_FILE, Family, parse_families
 from .modeling_sbert_sae import SparseAutoencoder, _read_optional_json
-from .search import DatasetTexts, SteerableIndex
+from .search import DatasetTexts, FeatureMatch, LabelFinder, SteerableIndex
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ class Explorer:
         self._corpus_thread: threading.Thread | None = None
         with torch.no_grad():
             self._directions = F.normalize(sae.W_dec.detach().float(), dim=1)
-        self._haystack = [self._search_text(f) for f in range(self.n)]
+        self.label_finder = LabelFinder(sae)
+        """Finds features by their labels for both the Features and the Search tab."""
         self._families_of: dict[int, list[int]] = {}
         for i, fam in enumerate(self.families):
             for f in fam.features:
@@ -316,6 +317,7 @@ class Explorer:
 
                 data = DataArguments(dataset=corpus.name, text_column="text", cache_dir=self._cache_dir)
                 index = SteerableIndex.build(self.sae, data)
+                index.label_finder = self.label_finder  # its label vectors and cut-offs, once
                 # Its rows are positions in the activations dataset; a hit names the text's row
                 # in the original dataset (its `id`), as the feature pages do.
                 index.row_ids = corpus.row_ids[index.row_ids]
@@ -419,11 +421,6 @@ class Explorer:
         status = self.entries.get(feature, {}).get("status")
         return f"({status})" if status and status != "labelled" else "(no label)"
 
-    def _search_text(self, f: int) -> str:
-        entry = self.entries.get(f, {})
-        words = [entry.get("label") or ""] + [k.get("keyword", "") for k in entry.get("keywords") or [] if isinstance(k, dict)]
-        return " | ".join(w.lower() for w in words if w)
-
     def auroc(self, feature: int) -> float | None:
         return ((self.entries.get(feature, {}).get("score") or {}).get("auroc"))
 
@@ -447,45 +444,28 @@ class Explorer:
         return None
 
     def search_features(self, query: str, limit: int = 50) -> list[dict]:
-        """Features whose label or keywords match `query` (words, or a feature id such as 812 or
-        #812), best first: the label equal to the query, then containing it, then a keyword
-        containing it, then all its words somewhere; ties by held-out label AUROC. An empty
-        query lists the best-scored features."""
+        """Features by `query`: a feature id (812 or #812); words, found as the Search tab
+        finds a feature (`LabelFinder.find`: labels or keywords that hold the words, then
+        labels by meaning, each with its strength: "words", "close", "near" or "weak"), best
+        first; or, for an empty query, the best-scored features."""
         q = " ".join((query or "").lower().split())
-        found: list[tuple[tuple, int, str]] = []
         if re.fullmatch(r"#?\d+", q):
             f = int(q.lstrip("#"))
-            if 0 <= f < self.n:
-                found.append(((9, 0.0), f, "id"))
-        elif not q:
+            return [self._row(f, "id")] if 0 <= f < self.n else []
+        if not q:
             # An AUROC over a handful of firing texts is luck: those come after the rest.
             scored = [f for f in range(self.n) if self.auroc(f) is not None and self.labels[f]]
             scored.sort(key=lambda f: (self._score_texts(f) < MIN_SCORE_TEXTS, -(self.auroc(f) or 0), f))
             return [self._row(f, "best scored") for f in scored[:limit]]
-        else:
-            words = q.split()
-            for f, hay in enumerate(self._haystack):
-                if not hay or not all(w in hay for w in words):
-                    continue
-                label = (self.labels[f] or "").lower()
-                keywords = hay.split(" | ")[1:] if self.labels[f] else hay.split(" | ")
-                parts = [p.strip() for p in label.split(",")]
-                if q == label or q in parts:
-                    rank, why = 4, "label"
-                elif q in label:
-                    rank, why = 3, "label"
-                elif q in keywords:
-                    rank, why = 2, "keyword"
-                elif any(q in k for k in keywords):
-                    rank, why = 1.5, "keyword"
-                else:
-                    rank, why = 1, "words"
-                found.append(((rank, self.auroc(f) or 0.0), f, why))
-        found.sort(key=lambda t: (-t[0][0], -t[0][1], t[1]))
-        return [self._row(f, why) for _, f, why in found[:limit]]
+        if not self.label_finder.labelled:
+            return []
+        return [self._row(m.feature, m.strength, m) for m in self.label_finder.find(q, top=limit)]
 
-    def _row(self, f: int, match: str) -> dict:
-        return {"feature": f, "label": self.display_label(f), "density": self.density(f), "auroc": self.auroc(f), "match": match}
+    def _row(self, f: int, match: str, found: FeatureMatch | None = None) -> dict:
+        row = {"feature": f, "label": self.display_label(f), "density": self.density(f), "auroc": self.auroc(f), "match": match}
+        if found is not None:
+            row["cos"] = found.score
+        return row
 
     def feature(self, feature) -> dict:
         """A feature's card: label, status, keywords with scores, held-out score, density."""

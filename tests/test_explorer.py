@@ -309,6 +309,40 @@ def test_a_label_query_no_label_matches_says_so(page, run):
     expect(choice.locator("input")).not_to_have_value("")
 
 
+def test_features_find_matches_by_meaning_and_says_when_none_does(page, run):
+    """The Features tab's Find matched text only: a word that no label or keyword holds
+    ('paintings' for the feature 'painting') found nothing, and nonsense said 'No feature's
+    label or keywords contain' and offered nothing. It now finds as the Search tab does:
+    labels holding the words, then labels close or near in meaning, each row with its
+    strength and cosine; with no match, it says so and lists the nearest five, weak."""
+    from playwright.sync_api import expect
+
+    from sbert_sae.search import LabelFinder
+
+    finder = LabelFinder(SparseAutoencoder.from_pretrained(run))
+    word, best = next((w, m) for w in ("paintings", "poems", "movie", "statistics", "mammals") if (m := finder.find(w, top=1)[0]).strength == "close")
+    page.get_by_role("tab", name="Features").click()
+    page.locator("#feature-query textarea").fill(word)
+    page.locator("#feature-find").click()
+    links = page.locator("#feature-results a.feat")
+    expect(links.first).to_have_attribute("data-feature", str(best.feature))
+    matches = [m for m in finder.find(word, top=100) if m.strength != "weak"]
+    expect(links).to_have_count(len(matches))
+    assert [int(f) for f in links.evaluate_all("els => els.map(e => e.dataset.feature)")] == [m.feature for m in matches]
+    strengths = page.locator("#feature-results .sae-match")
+    assert strengths.all_inner_texts() == [f"{'word match' if m.strength == 'words' else m.strength}, cos {m.score:.2f}" for m in matches]
+    page.screenshot(path=str(ARTIFACTS / "1b-features-find-by-meaning.png"), full_page=True)
+
+    page.locator("#feature-query textarea").fill("qwzxv")
+    page.locator("#feature-find").click()
+    expect(page.locator("#feature-results .sae-note")).to_contain_text("No feature label matches “qwzxv”: the nearest (all weak)")
+    nearest = finder.find("qwzxv", top=5)
+    expect(links).to_have_count(5)
+    assert [int(f) for f in links.evaluate_all("els => els.map(e => e.dataset.feature)")] == [m.feature for m in nearest]
+    assert strengths.all_inner_texts() == [f"weak, cos {m.score:.2f}" for m in nearest]
+    page.screenshot(path=str(ARTIFACTS / "1c-features-find-no-match.png"), full_page=True)
+
+
 def test_overview_shows_metrics_and_families(page, run, corpus):
     from playwright.sync_api import expect
 
