@@ -275,7 +275,7 @@ def _write_json_records(files_by_split: dict[str, list[str]], json_field: str, f
     steps = json_field.split(".")
     types: dict[str, list] = {}  # field -> its Arrow type in each file; None where untypable
     try:
-        _write_split_records(files_by_split, steps, json_field, folder, source, types)
+        records_written = _write_split_records(files_by_split, steps, json_field, folder, source, types)
     except BaseException:
         # Without its features.json the folder is never read: a walk that failed leaves none.
         shutil.rmtree(folder, ignore_errors=True)
@@ -296,22 +296,30 @@ def _write_json_records(files_by_split: dict[str, list[str]], json_field: str, f
         elif feature == datasets.Value("null"):
             feature = datasets.Value("string")  # null in every record: typed as text would be
         features[field_name] = feature
+    as_text = []
     if mixed:
         how = "kept as JSON values" if json_type is not None else "kept as JSON text (this datasets version has no Json feature)"
         logger.warning("fields %s of the records at %r hold values of several types: %s", mixed, json_field, how)
         if json_type is None:
-            _encode_json_text(folder, list(files_by_split), mixed)
+            as_text = mixed
+    # Objects were given their field's keys one file and `NESTED_CHUNK` records at a time
+    # (`_normalise_nested`); across files or chunks a key may still be missing somewhere.
+    several = sum(len(files) for files in files_by_split.values()) > 1 or records_written > NESTED_CHUNK
+    fill = {name: _common_type(seen) for name, seen in types.items() if name not in mixed and several and _holds_struct(_common_type(seen))}
+    if fill or as_text:
+        _rewrite_records(folder, list(files_by_split), fill, as_text)
     features = datasets.Features(features)
     atomic_write(folder / "features.json", lambda tmp: Path(tmp).write_text(json.dumps({"json_field": json_field, "features": features.to_dict()}), encoding="utf-8"))
     return features
 
 
-def _write_split_records(files_by_split: dict[str, list[str]], steps: list[str], json_field: str, folder: Path, source, types: dict[str, list]) -> None:
-    """Write each split's records, a file at a time, to `folder`/<split>.jsonl."""
+def _write_split_records(files_by_split: dict[str, list[str]], steps: list[str], json_field: str, folder: Path, source, types: dict[str, list]) -> int:
+    """Write each split's records, a file at a time, to `folder`/<split>.jsonl; return how many."""
     import json
 
     from .utils import atomic_write
 
+    total = 0
     for split_name, files in files_by_split.items():
         count = 0
 
@@ -320,6 +328,7 @@ def _write_split_records(files_by_split: dict[str, list[str]], steps: list[str],
             with open(tmp, "w", encoding="utf-8") as out:
                 for name in files:
                     records = _json_path_records(name, steps, json_field, source)
+                    _normalise_nested(records)
                     _note_field_types(records, types)
                     out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
                     count += len(records)
@@ -332,6 +341,53 @@ def _write_split_records(files_by_split: dict[str, list[str]], steps: list[str],
         os.utime(folder / f"{split_name}.jsonl", ns=(newest, newest))
         if not count:
             raise DatasetError(f"cannot load dataset {source!r} with --json-field {json_field!r}: it finds no records in {clip(str(files), 300)} (every list on the path is empty)")
+        total += count
+    return total
+
+
+NESTED_CHUNK = 20_000
+"""Records typed (and their objects given the same keys) at a time: one chunk of one field in Arrow."""
+
+
+def _sorted_keys(value):
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value
+
+
+def _holds_struct(arrow_type) -> bool:
+    import pyarrow as pa
+
+    if arrow_type is None:
+        return False
+    if pa.types.is_struct(arrow_type):
+        return True
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return _holds_struct(arrow_type.value_type)
+    return False
+
+
+def _normalise_nested(records: list, chunk: int = NESTED_CHUNK) -> None:
+    """Give the objects inside the records' fields (not the records' own fields, the columns)
+    every key their field's other objects have (None where absent) and their keys in sorted
+    order, in place, `chunk` records at a time. datasets up to 3.x types a struct with its
+    fields sorted, and cannot cast one whose fields come in another order or lack one
+    (SQuAD's questions hold question, id, answers, and in v2 some plausible_answers too):
+    written so, the lines load on every version as they do on the newest."""
+    import pyarrow as pa
+
+    nested = dict.fromkeys(name for record in records if isinstance(record, dict) for name, value in record.items() if isinstance(value, (dict, list)))
+    for name in nested:
+        for start in range(0, len(records), chunk):
+            part = [r for r in records[start : start + chunk] if isinstance(r, dict) and name in r]
+            try:  # pyarrow's one type for the values gives each object the keys the others have
+                values = pa.array([r[name] for r in part]).to_pylist()
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                values = [r[name] for r in part]  # not typable alike: kept as JSON values, as they are
+            for record, value in zip(part, values):
+                record[name] = _sorted_keys(value)
 
 
 def _note_field_types(records: list[dict], types: dict[str, list], chunk: int = 20_000) -> None:
@@ -369,9 +425,15 @@ def _common_type(seen: list):
         return None
 
 
-def _encode_json_text(folder: Path, splits: list[str], fields: list[str]) -> None:
-    """Without datasets' Json feature: the non-string values of `fields` become JSON text."""
+def _rewrite_records(folder: Path, splits: list[str], fill: dict, as_text: list[str], chunk: int = NESTED_CHUNK) -> None:
+    """Rewrite each split's records: the objects of the fields in `fill` given every key of
+    the field's type over all files (None where absent, keys sorted, see `_normalise_nested`);
+    without datasets' Json feature, the non-string values of the fields `as_text` as JSON
+    text. The file keeps its time (the dataset's fingerprint, see `_write_split_records`)."""
+    import itertools
     import json
+
+    import pyarrow as pa
 
     from .utils import atomic_write
 
@@ -380,15 +442,26 @@ def _encode_json_text(folder: Path, splits: list[str], fields: list[str]) -> Non
 
         def write(tmp: str, path=path) -> None:
             with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as out:
-                for line in src:
-                    record = json.loads(line)
-                    for name in fields:
-                        value = record.get(name)
-                        if value is not None and not isinstance(value, str):
-                            record[name] = json.dumps(value, ensure_ascii=False)
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                while lines := list(itertools.islice(src, chunk)):
+                    records = [json.loads(line) for line in lines]
+                    for name, arrow_type in fill.items():
+                        part = [r for r in records if name in r]
+                        try:
+                            values = pa.array([r[name] for r in part], type=arrow_type).to_pylist()
+                        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                            continue
+                        for record, value in zip(part, values):
+                            record[name] = _sorted_keys(value)
+                    for record in records:
+                        for name in as_text:
+                            value = record.get(name)
+                            if value is not None and not isinstance(value, str):
+                                record[name] = json.dumps(value, ensure_ascii=False)
+                    out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
+        stamp = path.stat().st_mtime_ns
         atomic_write(path, write)
+        os.utime(path, ns=(stamp, stamp))
 
 
 def _json_path_records(name: str, steps: list[str], json_field: str, source) -> list[dict]:

@@ -36,8 +36,10 @@ def embedded(tmp_path_factory, wiki_rows):
 
 
 @pytest.fixture
-def corpora(embedded, tmp_path):
-    """The two corpora, their cache copied to `tmp_path / "cache"` for the test to change."""
+def corpora(embedded, tmp_path, monkeypatch):
+    """The two corpora, their cache copied to `tmp_path / "cache"` for the test to change; the
+    datasets cache, where JSON records of other tests may lie, is one of the test's own."""
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     folders, cache = embedded
     shutil.copytree(cache, tmp_path / "cache")
     return folders
