@@ -30,6 +30,7 @@ from sbert_sae.base_model import DEFAULT_MODEL, load_sentence_transformer  # noq
 from sbert_sae.data import find_text_rows, load_text_dataset  # noqa: E402
 from sbert_sae.text_encoder import EncodeSettings, TextEncoder  # noqa: E402
 from sbert_sae.utils import usable_cores  # noqa: E402
+
 from measure import peak_gpu_gb, peak_rss_gb, reset_peak, sync, write_results  # noqa: E402
 
 

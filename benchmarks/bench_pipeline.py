@@ -30,6 +30,7 @@ from sbert_sae.labels import LabelArguments, label_stage_seconds  # noqa: E402
 from sbert_sae.pipeline import DataArguments, SaeArguments, load_and_embed, run_labelling, run_training  # noqa: E402
 from sbert_sae.trainer import TrainingArguments  # noqa: E402
 from sbert_sae.utils import read_json  # noqa: E402
+
 from measure import peak_gpu_gb, peak_rss_gb, reset_peak, sync, write_results  # noqa: E402
 
 

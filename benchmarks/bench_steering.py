@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import peak_rss_gb, write_results  # noqa: E402
-
 from sbert_sae.search import SteerableIndex  # noqa: E402
 from sbert_sae.steering_eval import comparison_table, draw_triples, evaluate_steering, plot_steering, points_document  # noqa: E402
+
+from measure import peak_rss_gb, write_results  # noqa: E402
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sbert_sae.base_model import DEFAULT_MODEL, load_sentence_transformer  # noqa: E402
 from sbert_sae.data import column_values, find_text_rows, load_text_dataset  # noqa: E402

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sbert_sae.configuration_sbert_sae import SparseAutoencoderConfig  # noqa: E402
 from sbert_sae.evaluation import feature_fire_counts  # noqa: E402
 from sbert_sae.trainer import TrainingArguments, heldout_fvu, train  # noqa: E402
+
 from measure import peak_gpu_gb, reset_peak, sync, write_results  # noqa: E402
 
 

@@ -237,7 +237,7 @@ def family_tree_svg(rows: list[tuple[int, int, int | None, float | None]], name,
             last_child[up] = f
     lines = [f'<path d="M{x[u]},{y[u]} V{y[c]}"/>' for u, c in last_child.items()]
     nodes = []
-    for f, depth, up, w in rows:
+    for f, _, up, w in rows:
         if up is not None:
             lines.append(f'<path d="M{x[up]},{y[f]} H{x[f]}" style="stroke-width:{1 + 5 * (w or 0):.1f}"><title>P(#{up} fires | #{f} fires) = {_fmt(w, 2)}</title></path>')
         label = name(f)

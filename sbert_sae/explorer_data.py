@@ -205,7 +205,6 @@ class Explorer:
         app shows what the labels hold.
         """
         from .base_model import pick_device
-
         from .registry import resolve
 
         source = str(source)

@@ -13,8 +13,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .errors import HubError, ModelLoadError, SbertSaeError
 from .configuration_sbert_sae import SparseAutoencoderConfig
+from .errors import HubError, ModelLoadError, SbertSaeError
 from .evaluation import METRIC_DESCRIPTIONS
 from .utils import read_json
 

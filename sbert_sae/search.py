@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .activations import SparseActivations, save_npy, codes_paths, corpus_codes, encoder_fingerprint
+from .activations import SparseActivations, codes_paths, corpus_codes, encoder_fingerprint, save_npy
 from .data import column_values
 from .errors import InputError
 from .modeling_sbert_sae import SparseAutoencoder

@@ -230,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
             if "resolve" in segments:
                 i = segments.index("resolve")
                 return self._resolve(repo_type, "/".join(segments[:i]), segments[i + 1], "/".join(segments[i + 2 :]), head)
-        except Exception as err:  # a bug in the fixture should show up as a 500, not hang a client
+        except Exception as err:  # noqa: BLE001 - a bug in the fixture should show up as a 500, not hang a client
             return self._error(500, None, f"{type(err).__name__}: {err}", head=head)
         self._error(404, None, f"no route for {self.command} {self.path}", head=head)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from sbert_sae import embeddings as emb
 from sbert_sae.data import load_text_dataset

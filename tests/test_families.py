@@ -18,6 +18,8 @@ from sbert_sae.cli import main
 from sbert_sae.families import (
     Family,
     FamilyArguments,
+    _ratios,
+    _values_at,
     block_ratio,
     compute_families,
     cooccurrence,
@@ -31,7 +33,6 @@ from sbert_sae.families import (
     normalized_cooccurrence,
     permuted_block_ratios,
 )
-from sbert_sae.families import _ratios, _values_at
 
 
 # ------------------------------------------------------------ a tree known by hand

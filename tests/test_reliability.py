@@ -646,8 +646,9 @@ def test_pickles_and_remote_code_beside_good_weights_are_never_run(sae_folder, t
 
 @pytest.mark.parametrize("case", ["weights cut in the data", "header shape swapped", "only pytorch_model.bin", "labels id out of range"])
 def test_a_hostile_hub_repo_is_refused(case, hub, sae_folder, tmp_path):
-    import sbert_sae
     from huggingface_hub import HfApi
+
+    import sbert_sae
 
     spoil, error, fragments = HOSTILE_FOLDERS[case]
     marker = tmp_path / "unpickled"

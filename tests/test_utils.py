@@ -6,7 +6,6 @@ import json
 import math
 
 import numpy as np
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
