@@ -135,13 +135,20 @@ def _public_dataset_name(dataset) -> str:
     return ", ".join(f"`{name}`" for name in names)
 
 
+def _source_of_texts(text_column: str | None, json_field: str | None) -> str:
+    """Where in the dataset the texts were read, for the cards: the column, and for a JSON
+    file the records' path (`--json-field data.paragraphs`): a SQuAD file has no top-level
+    column `context`, so the column alone does not say how to read the texts again."""
+    return (f"records at `{json_field}`, " if json_field else "") + f"column `{text_column}`"
+
+
 def _training_summary(args: dict, config: dict) -> str:
     if not args:
         return ""
     data, training = args.get("data", {}), args.get("training", {})
     dataset = _public_dataset_name(data.get("dataset"))
     parts = [
-        f"- data: {dataset} (column `{data.get('text_column')}`"
+        f"- data: {dataset} ({_source_of_texts(data.get('text_column'), data.get('json_field'))}"
         + (f", domain `{args['domain']}`" if args.get("domain") else "")
         + f"), {data.get('heldout_fraction', 0):.0%} of texts held out",
         f"- SAE: n_latents={config.get('n_latents')}, k={config.get('k')}, k_aux={config.get('k_aux')}, AuxK coefficient {config.get('auxk_coef')}, inputs {config.get('normalize')}-normalised",
@@ -362,7 +369,7 @@ def push_activations(
             card = DatasetCard.load(repo_id, repo_type="dataset", token=token)
             card.text = (
                 f"\n# Sparse activations of {sae_repo or 'an sbert-sae SAE'}\n\n"
-                f"One row per text of {dataset_name} (column `{data.text_column}`), encoded by the sparse autoencoder "
+                f"One row per text of {dataset_name} ({_source_of_texts(data.text_column, data.json_field)}), encoded by the sparse autoencoder "
                 + (f"[`{sae_repo}`](https://huggingface.co/{sae_repo})" if sae_repo else "")
                 + f" (n_latents={sae.config.n_latents}, k={sae.config.k}) on the `{sae.config.base_model}` embeddings: "
                 "`indices` are the features that fire on the text, strongest first, and `values` their activations; "

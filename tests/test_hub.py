@@ -730,3 +730,25 @@ def test_registering_a_release_keeps_the_registry_files_comments(tmp_path):
     register("other", {"repo_id": "org/other"}, path)
     assert path.read_text().splitlines()[: len(comments)] == comments
     assert set(load_registry(path)) == {"tiny", "other"} and load_registry(path)["tiny"]["k"] == 4
+
+
+def test_activations_of_a_run_on_records_under_a_dotted_json_field_and_the_cards_name_the_path(hub, wiki_rows, tmp_path, capsys):
+    """A run trained on SQuAD-shaped JSON (--json-field data.paragraphs --text-column context)
+    is pushed with its activations: their texts are the paragraphs, `id` their rows in file
+    order. Both cards said only "`squad.json` (column `context`)", a column the file does not
+    have at its top level; they now say where the records are."""
+    from test_data import _squad
+
+    texts = sorted((r["text"] for r in wiki_rows), key=len)[:24]
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps(_squad([(f"Article {a}", texts[a * 6 : a * 6 + 6]) for a in range(4)])))
+    run = tmp_path / "run"
+    train = ["train", "--dataset", str(squad), "--json-field", "data.paragraphs", "--text-column", "context", "--out", str(run)]
+    assert main([*train, "--n-latents", "16", "-k", "2", "--epochs", "1", "--batch-size", "8", "-q", "--report-to", "none"]) == 0
+    assert main(["push", str(run), "org/squad-sae", "--activations", "-q"]) == 0
+    acts = SparseAutoencoder.from_pretrained("org/squad-sae").load_activations()
+    assert acts["id"] == list(range(24)) and acts["text"] == texts
+    source = "a local dataset, `squad.json` (records at `data.paragraphs`, column `context`)"
+    assert source in hub.files("org/squad-sae-activations", repo_type="dataset")["README.md"].decode()
+    readme = hub.files("org/squad-sae")["README.md"].decode()
+    assert f"- data: {source}" in readme and str(tmp_path) not in readme
