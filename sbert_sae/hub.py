@@ -117,6 +117,34 @@ def _features_table(labels: dict, top: int = 20, min_firing: int = 5) -> str:
     return "\n".join(rows)
 
 
+def _plots_section(folder: Path) -> str:
+    """The card's pictures of the SAE, by their paths in the repo (the Hub shows a card's
+    relative image links from the revision shown): the density histogram and, after
+    `sbert-sae families`, one family as a tree and the co-occurrence of all of them. The
+    plots were uploaded and the card showed none of them."""
+    from .families import COOCCURRENCE_PLOT, FAMILIES_FILE, GRAPH_PLOT
+
+    parts = []
+    if (folder / "density.png").is_file():
+        parts.append("### Feature density\n\nHow many texts each feature fires on (`feature_density.json` holds the counts):\n\n![Feature density histogram](density.png)")
+    families = _read_json(folder / FAMILIES_FILE)
+    summary, settings = families.get("summary") or {}, families.get("settings") or {}
+    if summary.get("n_families"):
+        eligible = "features that fire" + (f" on at most {settings['max_density']:.0%} of texts" if isinstance(settings.get("max_density"), (int, float)) else "")
+        text = (
+            f"### Families\n\n{summary['n_families']} feature families (a parent feature and the sparser features that fire with it, "
+            f"O'Neill et al. 2024) hold {summary.get('n_features_in_families', '?')} of the {summary.get('n_eligible_features', '?')} "
+            f"{eligible}; `families.json` lists them, and `SparseAutoencoder.feature_families()` reads it."
+        )
+        if (folder / GRAPH_PLOT).is_file():
+            plotted = summary.get("plotted_family")
+            text += f"\n\n{f'The family of feature {plotted}' if plotted is not None else 'One of them'} as a tree:\n\n![A feature family as a tree]({GRAPH_PLOT})"
+        if (folder / COOCCURRENCE_PLOT).is_file():
+            text += f"\n\nHow often the features of each family fire together: [{COOCCURRENCE_PLOT}]({COOCCURRENCE_PLOT})."
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
 def _is_local(dataset: str) -> bool:
     """Whether a dataset name is (or can only be) a local path rather than an `org/name` Hub id."""
     from .modeling_sbert_sae import _names_a_folder
@@ -209,6 +237,7 @@ def render_model_card(folder: str | Path, repo_id: str, activations_repo: str | 
         training_summary=_training_summary(args, config),
         metrics_table=_metrics_table(metrics),
         features_table=_features_table(labels),
+        plots=_plots_section(folder),
         activations_repo=activations_repo,
     )
     return card

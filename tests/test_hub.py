@@ -68,14 +68,23 @@ def test_from_pretrained_by_repo_id_and_revision_gives_labels_and_metrics(hub, l
     assert old.feature_labels[0] != "renamed" and not torch.equal(old.b_pre, local.b_pre)
 
 
-def test_families_travel_with_a_push(hub, labelled_run, tmp_path):
+def test_families_travel_with_a_push_and_the_card_shows_the_plots(hub, labelled_run, tmp_path):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(labelled_run, run)
     assert main(["families", str(run), "--permutations", "2", "-q"]) == 0
     assert main(["push", str(run), "org/with-families", "-q"]) == 0
-    assert {"families.json", "families_cooccurrence.png", "family_graph.png"} <= set(hub.files("org/with-families"))
+    files = hub.files("org/with-families")
+    assert {"families.json", "families_cooccurrence.png", "family_graph.png"} <= set(files)
+    # The plots were uploaded and the card showed none of them: it now shows the density
+    # histogram and the family tree by their paths in the repo, and says how many families.
+    readme = files["README.md"].decode()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert images == ["density.png", "family_graph.png"], images
+    assert all(image in files for image in images)
+    summary = json.loads(files["families.json"])["summary"]
+    assert f"{summary['n_families']} feature families" in readme and f"The family of feature {summary['plotted_family']} as a tree" in readme
     local = SparseAutoencoder.from_pretrained(run).feature_families()
     remote = SparseAutoencoder.from_pretrained("org/with-families").feature_families()
     assert local and [(f.parent, f.children, f.label) for f in remote] == [(f.parent, f.children, f.label) for f in local]
