@@ -455,7 +455,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 raise ConfigError(
                     f"base model {self.config.base_model!r} makes {dim}-d embeddings but this SAE reads d_in={self.config.d_in}"
                 )
-            self._base_model = model
+            # Kept outside the module tree: as a submodule its weights would be the SAE's
+            # (state_dict, save_pretrained, push_to_hub, .half()).
+            object.__setattr__(self, "_base_model", model)
         return self._base_model
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:

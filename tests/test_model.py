@@ -391,3 +391,15 @@ def test_encode_texts_uses_the_base_model(minilm):
     assert torch.allclose(z, expected, atol=1e-5)
     with pytest.raises(InputError, match="texts\\[1\\] is int"):
         sae.encode_texts(["ok", 3])
+
+
+def test_saving_after_encoding_texts_writes_the_sae_alone(minilm, tmp_path):
+    # The base model the SAE loads to embed texts is not one of its weights: a save after
+    # encode_texts wrote its 90 MB into model.safetensors, which from_pretrained then refused.
+    sae = make_sae(d=384, n=256, k=8, base_model="sentence-transformers/all-MiniLM-L6-v2")
+    sae.encode_texts(["The cell is the basic unit of life."])
+    assert sorted(sae.state_dict()) == ["W_dec", "W_enc", "b_enc", "b_pre"]
+    sae.save_pretrained(tmp_path)
+    loaded = SparseAutoencoder.from_pretrained(tmp_path)
+    assert torch.equal(loaded.W_enc, sae.W_enc)
+    assert (tmp_path / "model.safetensors").stat().st_size < 1_000_000
