@@ -476,7 +476,14 @@ def push_sparse_encoder(folder: str | Path, repo_id: str, private: bool | None =
 
     from .modeling_sbert_sae import SparseAutoencoder
 
-    encoder = SparseAutoencoder.from_pretrained(folder).to_sparse_encoder(device="cpu")
+    sae = SparseAutoencoder.from_pretrained(folder)
+    encoder = sae.to_sparse_encoder(device="cpu")
+    # sentence-transformers' card reads these: without them its usage snippet loads
+    # SparseEncoder("sparse_encoder_model_id") and the base model is "Unknown".
+    encoder.model_card_data.model_id = repo_id
+    if sae.config.base_model and not _is_local(sae.config.base_model):  # a Hub id, not a folder of this machine
+        encoder.model_card_data.base_model = sae.config.base_model
+        encoder.model_card_data.base_model_revision = sae.config.base_model_revision
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

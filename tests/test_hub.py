@@ -426,6 +426,11 @@ def test_push_as_sentence_transformers_loads_with_sparse_encoder_alone(hub, labe
     theirs = remote.encode(texts, convert_to_tensor=True)
     theirs = theirs.to_dense() if theirs.is_sparse else theirs
     assert torch.allclose(theirs.float(), ours.float(), atol=1e-5)
+    # sentence-transformers' card told its readers to load SparseEncoder("sparse_encoder_model_id")
+    # and said the base model was unknown: it names the repo and the base model now.
+    readme = hub.files("org/wiki-sparse-encoder")["README.md"].decode()
+    assert 'SparseEncoder("org/wiki-sparse-encoder")' in readme and "sparse_encoder_model_id" not in readme
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in _card_metadata(readme)
 
 
 def test_train_push_to_hub_publishes_the_run(hub, wiki_small, tmp_path, capsys):
