@@ -610,7 +610,15 @@ def make_accelerator(args: TrainingArguments, out_dir: str | Path, device: str |
 
     from .base_model import check_device
 
+    from accelerate.state import AcceleratorState
+
     probe = torch.device(check_device(device)) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Accelerate keeps one state per process and refuses an Accelerator with another mixed
+    # precision or device than the first ("AcceleratorState has already been initialized"):
+    # a second run in one process (a notebook, a sweep, the tests) starts its own. The
+    # processes' setup (PartialState: ranks, backend) is kept.
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision=resolve_mixed_precision(args.mixed_precision, probe),
         cpu=probe.type == "cpu",

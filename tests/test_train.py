@@ -52,6 +52,15 @@ def test_output_folder_holds_a_complete_run(trained):
     assert log[-1]["epoch"] == 4 and "heldout_fvu" in log[-1]
 
 
+def test_a_second_run_in_one_process_may_use_another_precision(wiki_small, tmp_path):
+    # Accelerate keeps its state per process: a run in bf16 after one in fp32, in one Python
+    # process (a notebook, a sweep), failed with 'AcceleratorState has already been initialized'.
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        assert run_cli("train", "--dataset", wiki_small, "--out", out, *SMALL, "--epochs", "1", "--mixed-precision", precision) == 0
+        assert json.loads((out / "training_args.json").read_text())["training"]["mixed_precision"] == precision
+
+
 def test_trained_sae_loads_and_encodes(trained, wiki_small):
     from datasets import load_from_disk
 
