@@ -8,8 +8,8 @@ import json
 import math
 import os
 import re
+import secrets
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,7 +21,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old or the new file, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not tempfile.mkstemp: its files are 0600 whatever the umask, so a run's model, metrics and
+    # labels could be read by their owner alone (a shared /shared/runs, a Space's files).
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        except FileExistsError:
+            continue
+        break
     os.close(fd)
     try:
         write(tmp)

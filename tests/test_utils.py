@@ -134,3 +134,19 @@ def test_corpus_codes_are_kept_beside_the_cache_and_read_back(tmp_path, caplog):
     assert isinstance(corpus_codes(sae, embeddings, tmp_path).values, np.memmap)
     shorter = corpus_codes(sae, embeddings[:100], tmp_path)
     assert len(shorter) == 100 and np.array_equal(shorter.indices, expected.indices[:100])
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    # Atomic writes went through tempfile.mkstemp, whose files are 0600: a run's model and
+    # metrics were unreadable to anyone else on a shared disk.
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "metrics.json", {"fvu": 0.3})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
+    assert read_json(tmp_path / "metrics.json") == {"fvu": 0.3}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
