@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-density", type=float, default=fam_defaults.max_density, help=f"leave out features firing on more than this share of texts (default: {fam_defaults.max_density})")
     g.add_argument("--no-descend", action="store_true", help="only roots head families, not qualifying children inside them")
     g.add_argument("--permutations", type=_positive_int, default=fam_defaults.permutations, help=f"random permutations the block ratio is compared with (default: {fam_defaults.permutations})")
-    g.add_argument("--plot-family", type=int, default=None, metavar="FEATURE", help="draw the family this feature heads (default: the largest)")
+    g.add_argument("--plot-family", type=int, default=None, metavar="FEATURE", help="draw the family this feature heads (default: a mid-sized family whose members fire most with their tree parents)")
     g.add_argument("--top", type=_positive_int, default=10, help="families to print (default: 10)")
     g.add_argument("--seed", type=int, default=fam_defaults.seed, help=f"seed of the permutations the block ratio is compared with (default: {fam_defaults.seed})")
 
