@@ -243,6 +243,18 @@ def render_model_card(folder: str | Path, repo_id: str, activations_repo: str | 
     return card
 
 
+def _check_pushable(folder: Path) -> None:
+    """Refuse, before anything is sent, a folder without an SAE, or whose labels sit beside
+    another labelling's scores in metrics.json (a repo must not publish that pair)."""
+    from .labels import LABELS_FILE, label_scores_disagree
+
+    if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} holds no SAE to push (config.json and model.safetensors are needed)")
+    disagreement = label_scores_disagree(_read_json(folder / LABELS_FILE), _read_json(folder / "metrics.json"))
+    if disagreement:
+        raise ModelLoadError(f"{folder} was not pushed: {disagreement}; run `sbert-sae label {folder}` again to finish it, then push")
+
+
 def push_sae(
     folder: str | Path,
     repo_id: str,
@@ -265,14 +277,7 @@ def push_sae(
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
-    if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder} holds no SAE to push (config.json and model.safetensors are needed)")
-    from .labels import LABELS_FILE, label_scores_disagree
-
-    # Checked before anything is sent: a repo must not publish labels beside another labelling's scores.
-    disagreement = label_scores_disagree(_read_json(folder / LABELS_FILE), _read_json(folder / "metrics.json"))
-    if disagreement:
-        raise ModelLoadError(f"{folder} was not pushed: {disagreement}; run `sbert-sae label {folder}` again to finish it, then push")
+    _check_pushable(folder)
     card = render_model_card(folder, repo_id, activations_repo=activations_repo, license_name=license_name, tags=tags)
     api = HfApi(token=token)
     try:
@@ -445,6 +450,8 @@ def publish(
     """Push a trained run: optionally its corpus' activations first (dataset repo
     `activations_repo`, default `<repo_id>-activations`), then the SAE and its card."""
     result = {"repo_id": repo_id}
+    # Before the activations go up: a refused SAE must leave no dataset repo behind either.
+    _check_pushable(Path(folder))
     if activations:
         from .modeling_sbert_sae import SparseAutoencoder
 

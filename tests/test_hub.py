@@ -766,3 +766,20 @@ def test_activations_of_a_run_on_records_under_a_dotted_json_field_and_the_cards
     assert source in hub.files("org/squad-sae-activations", repo_type="dataset")["README.md"].decode()
     readme = hub.files("org/squad-sae")["README.md"].decode()
     assert f"- data: {source}" in readme and str(tmp_path) not in readme
+
+
+def test_push_with_activations_of_labels_beside_another_labellings_scores_publishes_nothing(hub, labelled_run, tmp_path, capsys):
+    """push refused labels whose scores in metrics.json are another labelling's, but with
+    --activations only after the activations were uploaded: the dataset repo was created and
+    filled, the model repo not. The check now comes before anything is sent."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["label_auroc_mean"] = 0.5
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["push", str(run), "org/half", "--activations", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run} was not pushed: metrics.json's label scores are not those of feature_labels.json" in err[0], err
+    assert ("model", "org/half") not in hub.state.repos and ("dataset", "org/half-activations") not in hub.state.repos
