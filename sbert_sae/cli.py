@@ -107,6 +107,12 @@ def _naming_resumed_settings(args, sae_renamed: dict[str, str] | None = None):
         names["data"] = "the training texts (of the dataset, --max-rows, --heldout-fraction and --seed)"
         if "heldout_fraction" in flags:
             names["data.heldout_fraction"] = flags["heldout_fraction"]
+        # Settings left to their default follow others (k_aux is 2k, dead_threshold one epoch's
+        # texts): a change of theirs is the other change's, not an option to pass again.
+        for field, derived in (("k_aux", "2k"), ("dead_threshold", "one epoch")):
+            key = f"config.{field}"
+            if key in names and getattr(args, field, None) is None:
+                names[key] += f" (not given: {derived})"
         raise err.naming(names) from err
 
 

@@ -200,6 +200,8 @@ def test_a_resume_that_is_refused_is_refused_before_any_embedding(wiki_small, tm
         # Named by the option typed, not by the key the run records (training_args.seed).
         ("broken", ["--seed", "4"], "; --seed 0 -> 4)"),  # after the training texts, which the seed's held-out split changes
         ("broken", ["--n-latents", "128"], "the run's settings changed (--n-latents 256 -> 128)"),
+        # k_aux follows k when not given: named as such, not as an option typed.
+        ("broken", ["-k", "4"], "the run's settings changed (--k 8 -> 4; --k-aux (not given: 2k) 16 -> 8)"),
         ("done", [], "holds a finished run: nothing to resume"),
     ):
         assert run_cli(*common, *extra, "--out", tmp_path / out, "--resume", "--cache-dir", fresh) == 2
