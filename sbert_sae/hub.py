@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 
 from .configuration_sbert_sae import SparseAutoencoderConfig
 from .errors import HubError, ModelLoadError, SbertSaeError
 from .evaluation import METRIC_DESCRIPTIONS
-from .utils import read_json
+from .utils import dumps_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,34 @@ def _plots_section(folder: Path) -> str:
             text += f"\n\nHow often the features of each family fire together: [{COOCCURRENCE_PLOT}]({COOCCURRENCE_PLOT})."
         parts.append(text)
     return "\n\n".join(parts)
+
+
+_ABSOLUTE_PATH = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)")
+
+
+def _without_local_paths(value):
+    """`value` (parsed JSON) with every string that is an absolute local path (/home/me/corpus,
+    ~/data, C:\\corpus, \\\\server\\share) cut to its last part, as the cards name local files:
+    a published repo should not tell the publisher's user name and folders, and those paths
+    mean nothing on another machine anyway."""
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item) for item in value]
+    if isinstance(value, str) and _ABSOLUTE_PATH.match(value) and "\n" not in value:
+        return re.split(r"[\\/]", value.rstrip("/\\"))[-1] or value
+    return value
+
+
+def _published_file(path: Path):
+    """What is uploaded for the run file `path`: the file itself, or for its JSON files (the
+    run's settings, labels, families...) their content without local paths, as bytes.
+    config.json is sent as it is: its base model is what loads the SAE's text encoder."""
+    if path.suffix != ".json" or path.name == "config.json":
+        return str(path)
+    data = read_json(path)
+    public = _without_local_paths(data)
+    return str(path) if public == data else (dumps_json(public) + "\n").encode("utf-8")
 
 
 def _is_local(dataset: str) -> bool:
@@ -285,7 +314,7 @@ def push_sae(
         with tempfile.TemporaryDirectory(prefix="sbert-sae-card-") as tmp:
             card_path = Path(tmp) / "README.md"
             card.save(card_path)
-            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in SAE_FILES if (folder / name).is_file()]
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=_published_file(folder / name)) for name in SAE_FILES if (folder / name).is_file()]
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card_path)))
             if activations_repo:
                 link = {"repo_id": activations_repo, "revision": activations_revision, "repo_type": "dataset"}

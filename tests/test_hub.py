@@ -47,6 +47,12 @@ def test_push_writes_weights_labels_metrics_plots_and_a_card(hub, labelled_run, 
     assert 'SparseAutoencoder.from_pretrained("org/minilm-wiki-sae")' in readme
     assert "n_latents=64, k=4" in readme  # how it was trained, from training_args.json
     assert str(labelled_run) not in readme and "/tmp/" not in readme  # no local paths in a published card
+    # nor in the published settings, labels and metrics: local files by their last part only
+    for name, content in files.items():
+        if name.endswith(".json") and name != "config.json":
+            assert "/tmp/" not in content.decode(), name
+    assert json.loads(files["training_args.json"])["data"]["dataset"] == "wiki_small"
+    assert json.loads((labelled_run / "training_args.json").read_text())["data"]["dataset"].startswith("/")  # kept for --resume
 
 
 def test_from_pretrained_by_repo_id_and_revision_gives_labels_and_metrics(hub, labelled_run):
