@@ -607,10 +607,9 @@ def _trackers(args: TrainingArguments) -> list[str]:
 def make_accelerator(args: TrainingArguments, out_dir: str | Path, device: str | None = None):
     """An `Accelerator` for `args`: the device (or the best one), mixed precision, trackers."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from .base_model import check_device
-
-    from accelerate.state import AcceleratorState
 
     probe = torch.device(check_device(device)) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Accelerate keeps one state per process and refuses an Accelerator with another mixed
@@ -826,7 +825,11 @@ def train(
     if graphed is not None:
         graphed.release()
     if accelerator.log_with:
-        accelerator.end_training()
+        # Not accelerator.end_training(): it also destroys the process group, and the
+        # processes still meet after training (the held-out metrics, a --per-domain run's next
+        # domain): a run of several processes with a tracker failed there.
+        for tracker in accelerator.trackers:
+            tracker.finish()
     unwrapped.eval()
     return TrainResult(
         sae=unwrapped,
