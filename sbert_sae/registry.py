@@ -221,6 +221,10 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
         names = {f"config.{f.name}": f"sae: {f.name}" for f in dataclasses.fields(SaeArguments)}
         names.update({f"training_args.{f.name}": f"training: {f.name}" for f in dataclasses.fields(TrainingArguments)})
         names.update({"config.base_model": "base_model", "data": "the training texts (of the dataset, heldout_fraction and seed)"})
+        # A setting the recipe leaves out that follows another (k_aux is 2k) is not one to write in.
+        for field, derived in (("k_aux", "2k"), ("dead_threshold", "one epoch")):
+            if getattr(sae_args, field) is None:
+                names[f"config.{field}"] += f" (not given: {derived})"
         raise err.naming(names, prefix=f"the recipe {recipe.source}: ") from err
     run_dir = results[0].out_dir
     if resume and (run_dir / "feature_labels.json").exists() and not _label_scores_disagree(run_dir):
