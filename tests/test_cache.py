@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -61,6 +62,23 @@ def _entries(cache_dir) -> list[dict]:
 
 def _entry_of(entries, folder) -> dict:
     return next(e for e in entries if e["kind"] == "embeddings" and e["details"]["source"]["dataset"] == str(folder))
+
+
+@contextmanager
+def _lock_held_by_another_process(lock_file):
+    """While inside, a separate process holds the filelock `lock_file`, as a run filling an entry does."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, filelock; lock = filelock.FileLock({str(lock_file)!r}); lock.acquire(); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
 
 
 def _disk(path) -> int:
@@ -174,14 +192,7 @@ def test_an_entry_another_process_is_filling_is_skipped(corpora, tmp_path, capsy
     busy, free = _entry_of(entries, corpora[0]), _entry_of(entries, corpora[1])
     busy_folder = cache_dir / "embeddings" / busy["id"]
     (busy_folder / "complete.json").unlink()  # as it is while being filled
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, filelock; lock = filelock.FileLock({str(lock_path(busy_folder))!r}); lock.acquire(); print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _lock_held_by_another_process(lock_path(busy_folder)):
         assert _entry_of(_entries(cache_dir), corpora[0])["status"] == "filling"
         capsys.readouterr()
         assert main(["cache", "remove", "--all", "--yes", "--cache-dir", str(cache_dir)]) == 1
@@ -190,9 +201,6 @@ def test_an_entry_another_process_is_filling_is_skipped(corpora, tmp_path, capsy
         assert (busy_folder / "embeddings.npy").exists() and (busy_folder / "meta.json").exists()
         assert main(["cache", "remove", "--partial", "--yes", "--cache-dir", str(cache_dir)]) == 0  # "filling" is not "partial"
         assert busy_folder.exists()
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     # Once the process is gone, the interrupted entry is "partial" and --partial takes it.
     assert [e["status"] for e in _entries(cache_dir)] == ["partial"]
     assert main(["cache", "remove", "--partial", "--yes", "--cache-dir", str(cache_dir)]) == 0
@@ -247,20 +255,10 @@ def test_json_records_are_listed_and_removed_whole(tmp_path, wiki_rows, capsys, 
     from sbert_sae.data import json_records_lock_path
 
     records_folder = tmp_path / "datasets" / "sbert_sae_json_records" / records[0]["id"]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, filelock; lock = filelock.FileLock({str(json_records_lock_path(records_folder))!r}); lock.acquire(); print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _lock_held_by_another_process(json_records_lock_path(records_folder)):
         assert main(["cache", "remove", "--kind", "json-records", "--all", "--yes", "--cache-dir", str(tmp_path / "cache")]) == 1
         assert f"skipped {records[0]['id']}: another process is writing it" in capsys.readouterr().out
         assert (records_folder / "features.json").exists()
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     assert main(["cache", "remove", "--kind", "json-records", "--all", "--yes", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert [e["kind"] for e in _entries(tmp_path / "cache")] == ["embeddings"]
     # Written again by the next run, the same records with the same fingerprint: their
