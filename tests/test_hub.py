@@ -625,7 +625,7 @@ def test_a_missing_folder_or_an_unknown_short_name_is_named_as_such(hub, tmp_pat
     assert len(err) == 1 and "no released SAE's short name" in err[0] and "sbert-sae list" in err[0], err
 
 
-def test_an_interrupted_release_resumes_with_resume(wiki_small, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_release_resumes_with_resume(wiki_small, tmp_path, monkeypatch, capsys, training_crashes_at_step):
     """A release stopped mid-training was refused on its next run with "pass --overwrite to
     replace it or --resume to continue it", but release had no --resume (argparse: unrecognized
     arguments): only --overwrite, training again from the start, was left."""
@@ -638,18 +638,8 @@ def test_an_interrupted_release_resumes_with_resume(wiki_small, tmp_path, monkey
         "labels: {top_texts: 5}\n"
     )
     out = tmp_path / "run"
-    calls = {"n": 0}
-    real = SparseAutoencoder.set_decoder_norm_to_unit
-
-    def dies_at_step_12(self):
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise RuntimeError("simulated crash")
-        return real(self)
-
-    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", dies_at_step_12)
-    assert main(["release", str(recipe), "--out", str(out), "--no-push", "-q"]) == 1
-    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", real)
+    with training_crashes_at_step(12):
+        assert main(["release", str(recipe), "--out", str(out), "--no-push", "-q"]) == 1
     assert (out / "checkpoints").is_dir() and not (out / "model.safetensors").exists()
     capsys.readouterr()
     assert main(["release", str(recipe), "--out", str(out), "--no-push", "-q"]) == 2

@@ -144,23 +144,13 @@ def test_one_domain(wiki_small, tmp_path):
     assert json.loads((out / "split.json").read_text())["n_train"] + json.loads((out / "split.json").read_text())["n_heldout"] == 80
 
 
-def test_interrupted_run_resumes_to_the_same_model(wiki_small, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_model(wiki_small, tmp_path, training_crashes_at_step):
     """A run that dies mid-training, resumed with --resume, ends bitwise equal to one that did not."""
     common = ["train", "--dataset", wiki_small, *SMALL, "--checkpoint-every", "5", "--checkpoint-min-seconds", "0", "--seed", "3"]
     assert run_cli(*common, "--out", tmp_path / "whole") == 0
 
-    calls = {"n": 0}
-    real = SparseAutoencoder.set_decoder_norm_to_unit
-
-    def dies_at_step_12(self):
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise RuntimeError("simulated crash")
-        return real(self)
-
-    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", dies_at_step_12)
-    assert run_cli(*common, "--out", tmp_path / "broken") == 1
-    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", real)
+    with training_crashes_at_step(12):
+        assert run_cli(*common, "--out", tmp_path / "broken") == 1
     checkpoints = sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir())
     assert checkpoints == ["step-000000005", "step-000000010"]
     assert not (tmp_path / "broken" / "model.safetensors").exists()
@@ -174,23 +164,13 @@ def test_interrupted_run_resumes_to_the_same_model(wiki_small, tmp_path, monkeyp
         assert torch.equal(whole[name], resumed[name]), name
 
 
-def test_a_resume_that_is_refused_is_refused_before_any_embedding(wiki_small, tmp_path, monkeypatch, capsys):
+def test_a_resume_that_is_refused_is_refused_before_any_embedding(wiki_small, tmp_path, capsys, training_crashes_at_step):
     """--resume into checkpoints of other settings, or into a finished run, embedded the whole
     dataset and only then refused: both are now refused before the texts are embedded (nothing
     is written to a fresh cache), and a resume that is not refused still continues."""
     common = ["train", "--dataset", wiki_small, *SMALL, "--checkpoint-every", "5", "--checkpoint-min-seconds", "0", "--max-rows", "120"]
-    calls = {"n": 0}
-    real = SparseAutoencoder.set_decoder_norm_to_unit
-
-    def dies_at_step_7(self):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("simulated crash")
-        return real(self)
-
-    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", dies_at_step_7)
-    assert run_cli(*common, "--out", tmp_path / "broken") == 1
-    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", real)
+    with training_crashes_at_step(7):
+        assert run_cli(*common, "--out", tmp_path / "broken") == 1
     assert [p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()] == ["step-000000005"]
     assert run_cli(*common, "--out", tmp_path / "done") == 0
     capsys.readouterr()
@@ -220,24 +200,14 @@ def test_a_resume_that_is_refused_is_refused_before_any_embedding(wiki_small, tm
     assert (tmp_path / "broken" / "model.safetensors").exists() and (fresh / "embeddings").is_dir()
 
 
-def test_a_per_domain_run_stopped_part_way_resumes_keeping_the_domains_it_finished(wiki_small, tmp_path, monkeypatch, capsys):
+def test_a_per_domain_run_stopped_part_way_resumes_keeping_the_domains_it_finished(wiki_small, tmp_path, capsys, training_crashes_at_step):
     """--per-domain --resume after a crash in the second domain refused the first domain's
     finished folder ('nothing to resume'), so such a run could only start again: the finished
     domains are now kept (when trained with these settings and data), the rest resume."""
     out = tmp_path / "domains"
     common = ["train", "--dataset", wiki_small, "--out", out, "--domain-column", "topic", "--per-domain", *SMALL, "--checkpoint-every", "2", "--checkpoint-min-seconds", "0"]
-    calls = {"n": 0}
-    real = SparseAutoencoder.set_decoder_norm_to_unit
-
-    def dies_in_the_second_domain(self):
-        calls["n"] += 1
-        if calls["n"] == 13:  # 8 steps a domain
-            raise RuntimeError("simulated crash")
-        return real(self)
-
-    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", dies_in_the_second_domain)
-    assert run_cli(*common) == 1
-    monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", real)
+    with training_crashes_at_step(13):  # 8 steps a domain
+        assert run_cli(*common) == 1
     arts, biology, maths = out / "arts", out / "biology-and-health-sciences", out / "mathematics"
     assert (arts / "metrics.json").exists() and (biology / "checkpoints").is_dir() and not (maths / "model.safetensors").exists()
     kept = (arts / "model.safetensors").read_bytes()
