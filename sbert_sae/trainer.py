@@ -448,9 +448,11 @@ class FiringStats:
     running_l0: torch.Tensor
 
     @torch.no_grad()
-    def record(self, out, batch_rows: int, local_rows: int, reduce=None) -> None:
+    def record(self, out, batch_rows: int, local_rows: int, reduce=None, counted: bool = True) -> None:
+        """Count the features `out` fired (not when `counted` is False: a borrowed row) into
+        the firing statistics; `reduce` sums a tensor over the processes."""
         fired = torch.zeros_like(self.epoch_fires)
-        active = out.latent_values > 0
+        active = (out.latent_values > 0) & counted
         fired.scatter_add_(0, out.latent_indices.flatten(), active.flatten().long())
         if reduce is not None:
             fired = reduce(fired)
@@ -763,16 +765,25 @@ def train(
             out = graphed.run(feed.data, local, batch_rows)
             optimizer.step()
         else:
-            x = feed.batch(local)
+            # A batch shorter than the processes (an epoch's last) leaves some process no
+            # rows: it still takes part in the gradient all-reduce, on one borrowed row whose
+            # loss weighs nothing and whose firings are not counted.
+            x = feed.batch(local if len(local) else global_batch[:1])
             with accelerator.autocast():
                 out = model(x, dead_features=dead_features, check_finite=False)
-            accelerator.backward(out.loss)
+            if world > 1:
+                # Gradients are averaged over the processes: weighted by each one's share of
+                # the rows, the average is the global batch's, as one process would take it,
+                # also when the rows do not divide evenly.
+                accelerator.backward(out.loss * (world * len(local) / batch_rows))
+            else:
+                accelerator.backward(out.loss)
             unwrapped.remove_gradient_parallel_to_decoder()
             if args.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            stats.record(out, batch_rows, len(local), reduce=(lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None)
+            stats.record(out, batch_rows, len(local), reduce=(lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None, counted=len(local) > 0)
         unwrapped.set_decoder_norm_to_unit()
         running_steps += 1
         samples_done += batch_rows
