@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -104,3 +105,27 @@ def test_the_trainer_takes_the_steps_of_the_recipe_in_plain_torch(tmp_path):
         silent[fired] = 0
     for name, p in result.sae.named_parameters():
         torch.testing.assert_close(p.detach(), params[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_run_resumed_while_features_are_dead_ends_bitwise_equal(tmp_path, training_crashes_at_step):
+    """Resumed from a checkpoint taken between two dead-feature checks, with AuxK at work, the
+    run continues as it would have: counters, dead ids, Adam's moments, data order and rate."""
+    from sbert_sae.trainer import TrainingArguments, train
+
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 3, size=16)).astype(np.float32)
+    args = TrainingArguments(epochs=4, batch_size=32, seed=5, report_to="none", show_progress=False, checkpoint_every=5, checkpoint_min_seconds=0, log_every=1)
+
+    def run(out):
+        config = SparseAutoencoderConfig(d_in=16, n_latents=64, k=4, dead_threshold=64)
+        return train(config, args, data, np.arange(20, 300), np.arange(20), out, resume=True)
+
+    whole = run(tmp_path / "whole")
+    with training_crashes_at_step(23), pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "broken")
+    resumed = run(tmp_path / "broken")
+    assert resumed.history[0]["step"] == 21  # from the checkpoint of step 20, dead ids of step 16
+    assert any(r["auxk_loss"] > 0 for r in whole.history if r["step"] > 20), "AuxK not at work after the checkpoint"
+    for name, tensor in whole.sae.state_dict().items():
+        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    assert resumed.history == whole.history[20:]
