@@ -728,7 +728,9 @@ def train(
         autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         graphed = GraphedSteps(unwrapped, stats, autocast_dtype, args.grad_clip, capture=dev.type == "cuda")
         graphed.set_dead(dead_features)
-    if accelerator.log_with and start_step == 0:
+    if accelerator.log_with:
+        # Also when resuming: without trackers accelerator.log writes nothing, and the resumed
+        # part of the learning curve went nowhere.
         accelerator.init_trackers("sbert-sae", config=tracker_config(args, config))
 
     history: list[dict] = []

@@ -595,6 +595,33 @@ def test_a_run_with_a_prompt_reports_to_tensorboard(wiki_small, tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
+def test_a_resumed_run_goes_on_reporting_to_tensorboard(tmp_path, training_crashes_at_step):
+    # The trackers were started only by a run from step 0: a resumed run logged its steps to
+    # none, and TensorBoard's curves ended where the run had been interrupted.
+    pytest.importorskip("tensorboard")  # in the test extras: runs in CI
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    data = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    args = TrainingArguments(epochs=2, batch_size=32, report_to="tensorboard", show_progress=False, checkpoint_every=5, checkpoint_min_seconds=0, log_every=1)
+
+    def run():
+        return train(SparseAutoencoderConfig(d_in=16, n_latents=64, k=4), args, data, np.arange(20, 300), np.arange(20), tmp_path, resume=True)
+
+    with training_crashes_at_step(8), pytest.raises(RuntimeError, match="simulated crash"):
+        run()
+    assert run().steps == 18
+    steps = set()
+    for events in (tmp_path / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if "train/fvu" in accumulator.Tags()["scalars"]:
+            steps |= {event.step for event in accumulator.Scalars("train/fvu")}
+    assert steps == set(range(1, 19))
+
+
 def test_a_corpus_or_domain_too_small_to_train_is_refused_not_skipped_silently(wiki_small, tmp_path, capsys):
     # A 2-text corpus (or a --domain of 2 texts) used to log "domain 'all' has only 2 texts:
     # skipped" and exit 0 with nothing written; it is now refused, and an earlier run in --out is kept.
