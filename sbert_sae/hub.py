@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .configuration_sbert_sae import SparseAutoencoderConfig
-from .errors import HubError, ModelLoadError, SbertSaeError
+from .errors import ConfigError, HubError, ModelLoadError, SbertSaeError
 from .evaluation import METRIC_DESCRIPTIONS
 from .utils import dumps_json, read_json
 
@@ -163,14 +163,69 @@ def _without_local_paths(value):
     return value
 
 
-def _published_file(path: Path):
+def _is_local_model(name: str) -> bool:
+    """Whether a base model name is a folder of this machine rather than a Hub id, as the
+    loader reads it (an existing folder first, see `base_model.resolve_model_path`)."""
+    from .modeling_sbert_sae import _names_a_folder
+
+    return _names_a_folder(name) or Path(name).expanduser().is_dir()
+
+
+def _checked_hub_id(name: str, option: str) -> str:
+    """`name` if it can be a Hub model id (`org/name`); ConfigError naming `option` otherwise."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or _is_local_model(name):
+        raise ConfigError(f"{option} {name!r} is a local path, not a Hub model id (ORG/NAME)")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise ConfigError(f"{option} {name!r} is not a Hub model id (ORG/NAME): {err}") from None
+    return name
+
+
+def published_base_model(config: dict, base_model_id: str | None = None, where: str = "the SAE was not pushed", option: str = "--base-model-id") -> tuple[str | None, str | None]:
+    """The base model (a Hub id) and its revision that a published copy of the SAE with
+    `config` names, in its config.json and its card: `base_model_id` when given; else the
+    recorded `base_model` when it is a Hub id; else the Hub id its local folder is a copy of
+    (`base_model.hub_id_of_folder`). A folder that tells none is refused (ConfigError: `where`,
+    then the folder and `option`): published, its path would leak the publisher's folders and load
+    nothing on another machine. The run folder itself keeps its path (resume, local loading)."""
+    from .base_model import hub_id_of_folder
+
+    recorded, revision = config.get("base_model"), config.get("base_model_revision")
+    if base_model_id is not None:
+        base_model_id = _checked_hub_id(base_model_id, option)
+        # A revision recorded for another model (or for a folder, where it meant nothing) is not this one's.
+        return base_model_id, (revision if base_model_id == recorded else None)
+    if not recorded or not _is_local_model(recorded):
+        return recorded, revision
+    origin = hub_id_of_folder(recorded)
+    if origin is not None:
+        return origin, None
+    raise ConfigError(
+        f"{where}: the base model is the local folder {recorded}, which nobody else can load; give its Hub id with {option} ORG/NAME"
+    )
+
+
+def _published_file(path: Path, base_model: tuple[str | None, str | None]):
     """What is uploaded for the run file `path`: the file itself, or for its JSON files (the
     run's settings, labels, families...) their content without local paths, as bytes.
-    config.json is sent as it is: its base model is what loads the SAE's text encoder."""
-    if path.suffix != ".json" or path.name == "config.json":
+    config.json and the labels name the base model by `base_model` (its Hub id and revision,
+    `published_base_model`): config.json's base model is what loads the SAE's text encoder."""
+    from .labels import LABELS_FILE
+
+    if path.suffix != ".json":
         return str(path)
     data = read_json(path)
-    public = _without_local_paths(data)
+    if path.name == "config.json":
+        public = {**data, "base_model": base_model[0]}
+        if "base_model_revision" in data or base_model[1] is not None:
+            public["base_model_revision"] = base_model[1]
+    else:
+        public = _without_local_paths(data)
+        if path.name == LABELS_FILE and isinstance(public, dict) and "base_model" in public:
+            public["base_model"] = base_model[0]
     return str(path) if public == data else (dumps_json(public) + "\n").encode("utf-8")
 
 
@@ -219,9 +274,18 @@ def _training_summary(args: dict, config: dict) -> str:
     return "\n".join(parts)
 
 
-def render_model_card(folder: str | Path, repo_id: str, activations_repo: str | None = None, license_name: str | None = None, datasets: list[str] | None = None, tags: list[str] | None = None):
+def render_model_card(
+    folder: str | Path,
+    repo_id: str,
+    activations_repo: str | None = None,
+    license_name: str | None = None,
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    base_model_id: str | None = None,
+):
     """The `huggingface_hub.ModelCard` of the SAE in `folder`, rendered from `MODEL_CARD.md`
-    (`tags`: more tags for its metadata, after sbert-sae's own)."""
+    (`tags`: more tags for its metadata, after sbert-sae's own; `base_model_id`: the base
+    model's Hub id, see `published_base_model`)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     folder = Path(folder)
@@ -237,7 +301,7 @@ def render_model_card(folder: str | Path, repo_id: str, activations_repo: str | 
         datasets = [dataset] if isinstance(dataset, str) and not _is_local(dataset) else []
     if activations_repo:
         datasets = [*datasets, activations_repo]
-    base_model = config.get("base_model")
+    base_model, _ = published_base_model(config, base_model_id, where=f"no card for {folder}")
     dataset_id = datasets[0] if datasets else (Path(dataset).name if isinstance(dataset, str) else "corpus")
     eval_results = [
         EvalResult(task_type="feature-extraction", dataset_type=dataset_id, dataset_name=dataset_id, metric_type=metric, metric_name=title, metric_value=float(metrics[metric]))
@@ -297,24 +361,29 @@ def push_sae(
     commit_description: str | None = None,
     create_pr: bool = False,
     tags: list[str] | None = None,
+    base_model_id: str | None = None,
 ) -> str:
     """Upload the SAE in `folder` (and its card) to the model repo `repo_id`; returns the commit sha.
     With `activations_repo`, the card links the activations dataset and `activations.json`
     records it (and its revision) for `SparseAutoencoder.load_activations`. With `create_pr`,
-    the commit opens a pull request (`refs/pr/N`) instead of moving `revision`."""
+    the commit opens a pull request (`refs/pr/N`) instead of moving `revision`. The published
+    config.json and card name the base model by its Hub id (`base_model_id`, or see
+    `published_base_model`); a base model that is a local folder with no known Hub id is
+    refused before any repo is made."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     _check_pushable(folder)
-    card = render_model_card(folder, repo_id, activations_repo=activations_repo, license_name=license_name, tags=tags)
+    base_model = published_base_model(_read_json(folder / "config.json"), base_model_id, where=f"{folder} was not pushed")
+    card = render_model_card(folder, repo_id, activations_repo=activations_repo, license_name=license_name, tags=tags, base_model_id=base_model[0])
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory(prefix="sbert-sae-card-") as tmp:
             card_path = Path(tmp) / "README.md"
             card.save(card_path)
-            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=_published_file(folder / name)) for name in SAE_FILES if (folder / name).is_file()]
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=_published_file(folder / name, base_model)) for name in SAE_FILES if (folder / name).is_file()]
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card_path)))
             if activations_repo:
                 link = {"repo_id": activations_repo, "revision": activations_revision, "repo_type": "dataset"}
@@ -395,13 +464,17 @@ def push_activations(
     token: str | None = None,
     max_shard_size: str = "500MB",
     show_progress: bool = False,
+    base_model_id: str | None = None,
 ) -> str:
     """Push the corpus' sparse activations as a dataset repo (parquet, one row per text,
     written through an on-disk Arrow file and uploaded in shards), with a card that names
-    the SAE and the corpus. Returns the dataset repo's commit sha."""
+    the SAE, its base model (by its Hub id, see `published_base_model`) and the corpus.
+    Returns the dataset repo's commit sha."""
     import datasets
     from huggingface_hub import DatasetCard, HfApi
     from huggingface_hub.errors import HfHubHTTPError
+
+    base_model, _ = published_base_model(sae.config.to_dict(), base_model_id, where=f"the activations of {sae_repo or 'the SAE'} were not pushed")
 
     features = datasets.Features(
         {
@@ -434,7 +507,7 @@ def push_activations(
                 f"\n# Sparse activations of {sae_repo or 'an sbert-sae SAE'}\n\n"
                 f"One row per text of {dataset_name} ({_source_of_texts(data.text_column, data.json_field)}), encoded by the sparse autoencoder "
                 + (f"[`{sae_repo}`](https://huggingface.co/{sae_repo})" if sae_repo else "")
-                + f" (n_latents={sae.config.n_latents}, k={sae.config.k}) on the `{sae.config.base_model}` embeddings: "
+                + f" (n_latents={sae.config.n_latents}, k={sae.config.k}) on the `{base_model}` embeddings: "
                 "`indices` are the features that fire on the text, strongest first, and `values` their activations; "
                 "`id` is the text's row in the corpus.\n\n"
                 "```python\nfrom datasets import load_dataset\n\n"
@@ -475,12 +548,17 @@ def publish(
     commit_message: str = "Upload sbert-sae SAE",
     license_name: str | None = None,
     show_progress: bool = False,
+    base_model_id: str | None = None,
+    base_model_option: str = "--base-model-id",
 ) -> dict:
     """Push a trained run: optionally its corpus' activations first (dataset repo
-    `activations_repo`, default `<repo_id>-activations`), then the SAE and its card."""
+    `activations_repo`, default `<repo_id>-activations`), then the SAE and its card, both
+    naming the base model by its Hub id (`base_model_id`, see `published_base_model`;
+    `base_model_option` is how a refusal names the setting)."""
     result = {"repo_id": repo_id}
     # Before the activations go up: a refused SAE must leave no dataset repo behind either.
     _check_pushable(Path(folder))
+    base_model_id, _ = published_base_model(_read_json(Path(folder) / "config.json"), base_model_id, where=f"{folder} was not pushed", option=base_model_option)
     if activations:
         from .modeling_sbert_sae import SparseAutoencoder
 
@@ -488,7 +566,9 @@ def publish(
         data = data or training_data_arguments(folder)
         activations_repo = activations_repo or f"{repo_id}-activations"
         result["activations_repo"] = activations_repo
-        result["activations_sha"] = push_activations(sae, data, activations_repo, sae_repo=repo_id, private=private, token=token, show_progress=show_progress)
+        result["activations_sha"] = push_activations(
+            sae, data, activations_repo, sae_repo=repo_id, private=private, token=token, show_progress=show_progress, base_model_id=base_model_id
+        )
     result["sha"] = push_sae(
         folder,
         repo_id,
@@ -499,14 +579,24 @@ def publish(
         activations_repo=result.get("activations_repo"),
         activations_revision=result.get("activations_sha"),
         license_name=license_name,
+        base_model_id=base_model_id,
     )
     return result
 
 
-def push_sparse_encoder(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None, revision: str | None = None, commit_message: str = "Upload SparseEncoder made with sbert-sae") -> str:
+def push_sparse_encoder(
+    folder: str | Path,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload SparseEncoder made with sbert-sae",
+    base_model_id: str | None = None,
+) -> str:
     """Publish the SAE in `folder` as a sentence-transformers `SparseEncoder` (base model +
     the SAE's encoder) to its own model repo, loadable with `SparseEncoder(repo_id)` and no
-    sbert-sae. Returns the commit sha."""
+    sbert-sae; its card names the base model's Hub id (`base_model_id`, see
+    `published_base_model`) when there is one. Returns the commit sha."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -517,9 +607,17 @@ def push_sparse_encoder(folder: str | Path, repo_id: str, private: bool | None =
     # sentence-transformers' card reads these: without them its usage snippet loads
     # SparseEncoder("sparse_encoder_model_id") and the base model is "Unknown".
     encoder.model_card_data.model_id = repo_id
-    if sae.config.base_model and not _is_local(sae.config.base_model):  # a Hub id, not a folder of this machine
-        encoder.model_card_data.base_model = sae.config.base_model
-        encoder.model_card_data.base_model_revision = sae.config.base_model_revision
+    try:
+        base_model, base_model_revision = published_base_model(sae.config.to_dict(), base_model_id, where=f"{folder} was not pushed")
+    except ConfigError:
+        if base_model_id is not None:
+            raise
+        # The SparseEncoder holds the base model's weights: it loads without the folder, and
+        # its card names no base model rather than a path of this machine.
+        base_model = base_model_revision = None
+    if base_model:
+        encoder.model_card_data.base_model = base_model
+        encoder.model_card_data.base_model_revision = base_model_revision
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

