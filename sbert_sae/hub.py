@@ -38,7 +38,6 @@ SAE_FILES = (
     "family_graph.png",
 )
 TEMPLATE_NAME = "MODEL_CARD.md"
-CARD_METRICS = ("heldout_fvu", "heldout_cosine", "heldout_l0", "dead_fraction", "dense_fraction", "neighbour_overlap_at_10", "label_auroc_mean", "label_auroc_median", "label_auroc_share_above_0.8")
 
 
 def _hub_error(err: Exception, what: str, repo_id: str) -> HubError:
@@ -86,19 +85,58 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
 
 
-def _metrics_table(metrics: dict) -> str:
-    rows = ["| metric | value | meaning |", "| --- | --- | --- |"]
-    for name in CARD_METRICS:
+# What each figure of the card is measured on: the SAE's held-out texts, its training texts,
+# or the texts its labelling kept out to score the labels on (a share of the whole corpus).
+CARD_METRIC_TEXTS = {
+    "heldout_fvu": "heldout",
+    "heldout_cosine": "heldout",
+    "heldout_l0": "heldout",
+    "dead_fraction": "train",
+    "dense_fraction": "train",
+    "neighbour_overlap_at_10": "heldout",
+    "label_auroc_mean": "labelling",
+    "label_auroc_median": "labelling",
+    "label_auroc_share_above_0.8": "labelling",
+}
+
+
+def _count(n, what: str) -> str:
+    return f"{n:,} {what}" if isinstance(n, int) and not isinstance(n, bool) else what
+
+
+def _labelling_texts(labels: dict) -> str:
+    """The texts a labelling scored its labels on, as `feature_labels.json` records them."""
+    fraction = (labels.get("settings") or {}).get("heldout_fraction")
+    n_texts = (labels.get("summary") or {}).get("n_texts")
+    share = f"the {fraction:.0%} of " if isinstance(fraction, (int, float)) else "the share of "
+    return share + _count(n_texts, "corpus texts") + " kept out of labelling"
+
+
+def _measured_on(name: str, metrics: dict, labels: dict) -> str:
+    texts = CARD_METRIC_TEXTS[name]
+    if texts == "heldout":
+        return _count(metrics.get("n_heldout"), "held-out texts") + (" (their neighbours: among all corpus texts)" if name.startswith("neighbour_") else "")
+    if texts == "train":
+        return _count(metrics.get("n_train"), "training texts")
+    return _labelling_texts(labels)
+
+
+def _metrics_table(metrics: dict, labels: dict | None = None) -> str:
+    """The card's figures, each with the texts it was measured on: the dead and dense
+    fractions (training texts) and the label scores (texts kept out of labelling) sat under
+    a heading that said all were measured on held-out texts."""
+    rows = ["| metric | value | measured on | meaning |", "| --- | --- | --- | --- |"]
+    for name in CARD_METRIC_TEXTS:
         value = metrics.get(name)
         if value is None:
             continue
-        meaning = METRIC_DESCRIPTIONS.get(name, {"label_auroc_mean": "mean AUROC of the labels predicting where their feature fires, on held-out texts", "label_auroc_median": "median of the same", "label_auroc_share_above_0.8": "share of labelled features with AUROC >= 0.8"}.get(name, ""))
+        meaning = METRIC_DESCRIPTIONS.get(name, {"label_auroc_mean": "mean AUROC of the labels predicting where their feature fires", "label_auroc_median": "median of the same", "label_auroc_share_above_0.8": "share of labelled features with AUROC >= 0.8"}.get(name, ""))
         meaning = meaning.replace("|", "\\|")
         if isinstance(value, float) and not value.is_integer():
             value = f"{value:#.4g}"  # 0.3100, not 0.31: four significant digits, always shown
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = int(value)
-        rows.append(f"| `{name}` | {value} | {meaning} |")
+        rows.append(f"| `{name}` | {value} | {_measured_on(name, metrics, labels or {})} | {meaning} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
@@ -111,7 +149,13 @@ def _features_table(labels: dict, top: int = 20, min_firing: int = 5) -> str:
     scored = sorted(solid or scored, key=lambda item: -item[1]["score"]["auroc"])
     if not scored:
         return ""
-    rows = ["| feature | label | held-out AUROC | held-out firing texts | density |", "| --- | --- | --- | --- | --- |"]
+    n_texts = (labels.get("summary") or {}).get("n_texts")
+    rows = [
+        f"AUROC and firing texts are counted on {_labelling_texts(labels)}; density is the share of all {_count(n_texts, 'corpus texts')} the feature fires on.",
+        "",
+        "| feature | label | held-out AUROC | held-out firing texts | density |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for f, e in scored[:top]:
         label = str(e["label"]).replace("|", "\\|")
         rows.append(f"| {f} | {label} | {e['score']['auroc']:.3f} | {e['score'].get('n_firing', '')} | {e.get('density', 0):.4f} |")
@@ -328,7 +372,7 @@ def render_model_card(
         n_latents=config.get("n_latents"),
         k=config.get("k"),
         training_summary=_training_summary(args, config),
-        metrics_table=_metrics_table(metrics),
+        metrics_table=_metrics_table(metrics, labels),
         features_table=_features_table(labels),
         plots=_plots_section(folder),
         activations_repo=activations_repo,

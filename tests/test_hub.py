@@ -889,3 +889,28 @@ def test_train_and_release_refuse_a_local_base_model_they_cannot_publish_before_
     assert json.loads(hub.files("org/trained-local")["config.json"])["base_model"] == DEFAULT_MODEL
     assert json.loads((out / "config.json").read_text())["base_model"] == str(model)
 
+
+def test_the_card_says_which_texts_each_figure_was_measured_on(labelled_run):
+    """The card's "Metrics (held-out texts)" listed the dead and dense fractions, measured on the
+    training texts, and the label scores, measured on the texts the labelling kept out. Each
+    figure now names its texts, with the counts metrics.json and feature_labels.json record."""
+    from sbert_sae.hub import render_model_card
+
+    card = str(render_model_card(labelled_run, "org/x"))
+    metrics = json.loads((labelled_run / "metrics.json").read_text())
+    labels = json.loads((labelled_run / "feature_labels.json").read_text())
+    assert "held-out texts)" not in re.sub(r"\| .*", "", card)  # no heading claims one split for all
+    rows = dict(re.findall(r"^\| `(\w[\w.]*)` \| [^|]+ \| ([^|]+) \|", card, flags=re.M))
+    labelling = f"the 25% of {labels['summary']['n_texts']} corpus texts kept out of labelling"
+    expected = {
+        "heldout_fvu": f"{metrics['n_heldout']} held-out texts",
+        "heldout_l0": f"{metrics['n_heldout']} held-out texts",
+        "dead_fraction": f"{metrics['n_train']} training texts",
+        "dense_fraction": f"{metrics['n_train']} training texts",
+        "label_auroc_mean": labelling,
+        "label_auroc_share_above_0.8": labelling,
+    }
+    assert {name: rows.get(name, "").strip() for name in expected} == expected
+    assert rows["neighbour_overlap_at_10"].startswith(f"{metrics['n_heldout']} held-out texts")
+    assert f"AUROC and firing texts are counted on {labelling}; density is the share of all {labels['summary']['n_texts']} corpus texts" in card
+
