@@ -6,8 +6,10 @@ features, gradient clipping, mixed precision where the device has it, checkpoint
 a killed run resumes from, and metrics to a progress bar, a JSON-lines log and
 Accelerate's trackers. On one GPU, full batches replay the step's gradient work from a
 captured CUDA graph (`GraphedSteps`). Under `accelerate launch` every process reads the same cached
-embeddings and takes its share of each global batch; gradients are averaged, so the run
-matches one process with the same global batch size.
+embeddings and takes its share of each global batch; each process' loss is weighted by its
+share of the batch's rows and the gradients are averaged, so the run follows one process with
+the same global batch size: closely, not bitwise, since each process normalises its error by
+the variance of its own rows (the FVU), not of the whole batch.
 """
 
 from __future__ import annotations
