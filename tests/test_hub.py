@@ -914,3 +914,28 @@ def test_the_card_says_which_texts_each_figure_was_measured_on(labelled_run):
     assert rows["neighbour_overlap_at_10"].startswith(f"{metrics['n_heldout']} held-out texts")
     assert f"AUROC and firing texts are counted on {labelling}; density is the share of all {labels['summary']['n_texts']} corpus texts" in card
 
+
+def test_the_stored_card_of_the_default_sae_is_laid_out_as_a_push_renders_it_today(labelled_run):
+    """hub/cards/minilm-wiki-6k.README.md, the card kept for the default SAE, predated the
+    card's Plots section and its metrics' "measured on" column: it showed what no push
+    publishes any more. Its headings and table headers are those a push renders today (for
+    a labelled SAE published with its activations), in the same order."""
+    from pathlib import Path
+
+    from sbert_sae.hub import render_model_card
+
+    def layout(card: str) -> list[str]:
+        lines = card.split("\n")
+        body = lines[lines.index("---", 1) + 1 :]  # after the metadata
+        return [line for i, line in enumerate(body) if line.startswith("#") or (line.startswith("| ") and i + 1 < len(body) and body[i + 1].startswith("| ---"))]
+
+    stored = (Path(__file__).resolve().parents[1] / "hub" / "cards" / "minilm-wiki-6k.README.md").read_text(encoding="utf-8")
+    rendered = str(render_model_card(labelled_run, "sbert-sae/minilm-wiki-6k", activations_repo="sbert-sae/minilm-wiki-6k-activations"))
+    assert layout(stored) == layout(rendered)
+    assert "## Plots" in layout(stored) and "| metric | value | measured on | meaning |" in layout(stored)
+
+    def metadata_keys(card: str) -> list[str]:
+        return [line.split(":")[0] for line in _card_metadata(card).split("\n") if line and not line.startswith((" ", "-"))]
+
+    assert metadata_keys(stored) == metadata_keys(rendered)
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2\n" in stored
