@@ -11,7 +11,8 @@ An entry is removed whole or not at all: it is renamed into its root's `.trash` 
 atomic step: a run never finds half an entry where the entry was), then deleted; what a
 crash leaves in `.trash` is deleted by the next `remove`. An entry another process is
 filling holds its lock (`<cache>/locks/<id>.lock`, the one `embed_dataset` takes); it is
-skipped, never waited for.
+skipped, never waited for. Lock files are deleted as they are let go; those killed runs (or
+older versions) left, which no process holds, are deleted as the cache is scanned.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .utils import pause_point, read_json
+from .utils import PathLock, pause_point, prune_locks, read_json
 
 KINDS = ("embeddings", "json-records", "label-vectors")
 TRASH = ".trash"
@@ -119,6 +120,10 @@ def scan_cache(cache_dir: str | os.PathLike | None = None) -> CacheScan:
             entries.append(_label_vectors_entry(path))
     for folder in _children(records, dirs=True):
         entries.append(_records_entry(folder))
+    # The lock files of entries gone (removed, or by hand) that no process holds: an entry's
+    # own, if free, went as its status was read (`_lock_held`).
+    prune_locks(root / "locks")
+    prune_locks(records / ".locks")
     trash = _tree_size(root / TRASH) + _tree_size(records / TRASH)
     return CacheScan(cache_dir=root, records_dir=records, entries=entries, trash_size=trash)
 
@@ -170,16 +175,15 @@ def _npy_shape(path: Path) -> tuple[tuple[int, ...], str] | None:
 
 
 def _lock_held(lock_file: Path) -> bool:
-    """Whether another process holds `lock_file` now (never waits; a lock never taken is not held)."""
-    from filelock import FileLock, Timeout
-
+    """Whether another process holds `lock_file` now (never waits; a lock never taken is not
+    held). One no process holds is deleted as it is let go: left by a killed run, or by a
+    version that kept its lock files."""
     if not lock_file.exists():
         return False
-    lock = FileLock(lock_file)
+    lock = PathLock(lock_file)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
+        if not lock.acquire(timeout=0):
+            return True
     except OSError:
         return False
     lock.release()
@@ -355,8 +359,6 @@ def remove(scan: CacheScan, selection: Selection, log=print) -> Removal:
 def _remove_one(entry: CacheEntry, paths: list[Path], size: int, name: str, result: Removal, log) -> None:
     import contextlib
 
-    from filelock import FileLock, Timeout
-
     from .data import json_records_lock_path
     from .embeddings import lock_path
 
@@ -365,17 +367,18 @@ def _remove_one(entry: CacheEntry, paths: list[Path], size: int, name: str, resu
     with contextlib.ExitStack() as stack:
         if lock_file is not None:
             # Taken even where no lock file is there yet: a process starting to fill the entry
-            # now creates and takes the same one, and waits while this one holds it.
-            lock = FileLock(lock_file(entry.path))
+            # now creates and takes the same one, and waits while this one holds it. The lock
+            # file is deleted as it is let go, the entry moved aside (`PathLock`).
+            lock = PathLock(lock_file(entry.path))
             try:
                 lock_file(entry.path).parent.mkdir(parents=True, exist_ok=True)
-                lock.acquire(timeout=0)
-            except Timeout:  # an OSError too: caught first
-                result.skipped.append(f"{name}: another process is writing it (it holds {lock_file(entry.path)}); left in place")
-                log(f"skipped {result.skipped[-1]}")
-                return
+                got = lock.acquire(timeout=0)
             except OSError as err:
                 result.skipped.append(f"{name}: its lock {lock_file(entry.path)} cannot be taken ({err.strerror or err}); left in place")
+                log(f"skipped {result.skipped[-1]}")
+                return
+            if not got:
+                result.skipped.append(f"{name}: another process is writing it (it holds {lock_file(entry.path)}); left in place")
                 log(f"skipped {result.skipped[-1]}")
                 return
             stack.callback(lock.release)

@@ -217,14 +217,14 @@ def json_records_lock_path(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def _json_records_lock(folder: Path):
-    from filelock import FileLock, Timeout
+    """Hold the lock of the records folder `folder`, waiting while another process holds it;
+    its file is deleted as it is let go (`PathLock`)."""
+    from .utils import PathLock
 
     path = json_records_lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    lock = PathLock(path)
+    if not lock.acquire(timeout=0):
         logger.warning("another process is writing the JSON records in %s: waiting for it to finish", folder)
         lock.acquire()
     try:

@@ -368,8 +368,10 @@ def lock_path(folder: Path) -> Path:
 def _cache_lock(folder: Path):
     """Hold the lock of the cache `folder` (an OS lock, freed when its process dies, however it
     dies), waiting while another process holds it. The lock file is kept apart, in the cache's
-    `locks` folder: a run refused before it embeds anything leaves no cache folder."""
-    from filelock import FileLock, Timeout
+    `locks` folder: a run refused before it embeds anything leaves no cache folder. It is
+    deleted as the lock is let go (`PathLock`): a lock file outlives its run only when the run
+    was killed, and `sbert-sae cache list/remove` delete those."""
+    from .utils import PathLock
 
     locks = lock_path(folder).parent
     failure = f"cannot write the embedding cache {folder}: {{}}; pass a writable --cache-dir (or set SBERT_SAE_CACHE)"
@@ -377,12 +379,9 @@ def _cache_lock(folder: Path):
         locks.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DatasetError(failure.format(err.strerror)) from err
-    # flock on POSIX, msvcrt's locking on Windows: both are freed with the process.
-    lock = FileLock(lock_path(folder))
+    lock = PathLock(lock_path(folder))
     try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        if not lock.acquire(timeout=0):
             logger.warning("another process is embedding into %s: waiting for it to finish", folder)
             lock.acquire()
     except OSError as err:

@@ -174,6 +174,118 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(_finite(record), default=_json_default) + "\n")
 
 
+class PathLock:
+    """An exclusive OS lock on the file `path`, freed with the process that holds it however it
+    dies (flock on POSIX; on Windows filelock's msvcrt lock), whose file its holder deletes as it
+    lets go: a lock file lies there only while it is held, or after its holder was killed
+    (`prune_locks` deletes those).
+
+    Deleting a lock file is safe because a taker checks, once the OS has given it the lock,
+    that `path` still names the file it locked. A process that opened the file before its
+    holder deleted it is given the lock on the deleted file as the holder lets go, while a third
+    may have made the file anew and locked that: without the check both would hold the lock,
+    on two files. With it the first finds the name gone, or another file there, and starts
+    again on what `path` names now. (Windows refuses to delete a file another process has open,
+    and filelock deletes its own there.)"""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._windows = None
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Take the lock, waiting at most `timeout` seconds (None: as long as it takes, 0: not
+        at all) while another process holds it: True once held, False when not got in time.
+        Raises OSError when the lock file cannot be made or locked."""
+        if os.name == "nt":
+            from filelock import FileLock, Timeout
+
+            lock = FileLock(self.path)
+            try:
+                lock.acquire(timeout=-1 if timeout is None else timeout)
+            except Timeout:
+                return False
+            self._windows = lock
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            fd = self._open()
+            try:
+                got = self._lock(fd, wait=deadline is None)
+                if got and _names_file(self.path, fd):
+                    self._fd = fd
+                    return True
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+            if got:
+                continue  # deleted while this one waited on it: locked again as the name is now
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
+        except OSError as err:
+            # Another user's lock file in a shared cache, a read-only disk: flock needs no write access.
+            if not self.path.exists() or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            return os.open(self.path, os.O_RDONLY)
+
+    @staticmethod
+    def _lock(fd: int, wait: bool) -> bool:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if not wait and err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        if self._windows is not None:
+            self._windows.release()
+            self._windows = None
+            return
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            # Deleted while still held; see the class docstring for why that is safe.
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        finally:
+            os.close(fd)  # frees the lock
+
+
+def _names_file(path: Path, fd: int) -> bool:
+    """Whether `path` names the open file `fd` (not deleted, nor made anew)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(st, os.fstat(fd))
+
+
+def prune_locks(folder: str | os.PathLike, pattern: str = "*.lock") -> None:
+    """Delete the lock files in `folder` no process holds (left by killed processes, or by
+    versions that kept their lock files), each taken first, never waited for."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.glob(pattern):
+        lock = PathLock(path)
+        try:
+            if lock.acquire(timeout=0):
+                lock.release()
+        except OSError:  # another user's, a read-only disk: left
+            pass
+
+
 @contextlib.contextmanager
 def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold `folder/.lock` for the duration of a run; a second run into the folder is refused."""

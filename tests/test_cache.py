@@ -207,6 +207,100 @@ def test_an_entry_another_process_is_filling_is_skipped(corpora, tmp_path, capsy
     assert _entries(cache_dir) == []
 
 
+def test_lock_files_go_once_no_process_holds_them(corpora, tmp_path, capsys):
+    """Every entry ever filled left its lock file in <cache>/locks/ for good, and so did every
+    one removed. A lock file is now deleted as its lock is let go; those that killed runs or
+    older versions left, which no process holds, go as the cache is listed; one a process
+    holds stays."""
+    cache_dir = tmp_path / "cache"
+    locks = cache_dir / "locks"
+    assert sorted(p.name for p in locks.iterdir()) == []  # the two runs that filled the entries
+    first = _entry_of(_entries(cache_dir), corpora[0])
+    (locks / f"{first['id']}.lock").touch()  # left by a killed run, or an older version
+    (locks / "0123abcd.lock").touch()  # the same, of an entry removed since
+    with _lock_held_by_another_process(locks / "feedbeef.lock"):  # of an entry being started
+        assert first["id"] in {e["id"] for e in _entries(cache_dir)}
+        assert sorted(p.name for p in locks.iterdir()) == ["feedbeef.lock"]
+    _entries(cache_dir)
+    assert sorted(p.name for p in locks.iterdir()) == []
+    assert main(["cache", "remove", first["id"], "--yes", "--cache-dir", str(cache_dir)]) == 0
+    assert f"removed {first['id']}" in capsys.readouterr().out
+    assert sorted(p.name for p in locks.iterdir()) == []
+
+
+# A real process filling a cache entry: it takes the entry's lock (`_cache_lock`, as
+# `embed_dataset` does), writes HELD once it has it, and keeps it until RELEASE exists.
+HOLD_CACHE_LOCK = """
+import sys, time
+from pathlib import Path
+from sbert_sae.embeddings import _cache_lock
+folder, held, release = map(Path, sys.argv[1:])
+with _cache_lock(folder):
+    held.write_text("held")
+    while not release.exists():
+        time.sleep(0.05)
+"""
+
+
+def _flock_waiters() -> set[int]:
+    """The pids of the processes waiting for a flock now (Linux's /proc/locks: '1: -> FLOCK ...')."""
+    waiting = set()
+    for line in open("/proc/locks").read().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "->" and fields[2] == "FLOCK":
+            waiting.add(int(fields[5]))
+    return waiting
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells a process waiting for a flock by /proc/locks (Linux)")
+def test_two_processes_cannot_both_fill_an_entry_after_its_lock_file_went(tmp_path):
+    """The classic race of deleting a lock file: B waits for the lock of an entry on its file;
+    its holder deletes the file as it lets go; B is given the lock on the deleted file, while C
+    makes the file anew and locks that. Unless B finds that the name no longer names the file
+    it locked, B and C both fill the entry. Here exactly one holds it, the other waits."""
+    from sbert_sae.embeddings import _cache_lock
+
+    folder = tmp_path / "cache" / "embeddings" / "0123abcd"
+    release = tmp_path / "release"
+    procs = {}
+
+    def start(name):
+        with open(tmp_path / f"{name}.log", "w") as err:
+            procs[name] = subprocess.Popen([sys.executable, "-c", HOLD_CACHE_LOCK, str(folder), str(tmp_path / f"{name}.held"), str(release)], stderr=err)
+
+    def held():
+        return sorted(name for name in procs if (tmp_path / f"{name}.held").exists())
+
+    def alive():
+        for name, proc in procs.items():
+            assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()
+
+    try:
+        with _cache_lock(folder):  # this process fills the entry
+            start("b")
+            deadline = time.monotonic() + 300
+            while procs["b"].pid not in _flock_waiters():  # b waits on the lock file as it is now
+                alive()
+                assert time.monotonic() < deadline, "b never waited for the lock"
+                time.sleep(0.05)
+        assert not lock_path(folder).exists()  # deleted as it was let go
+        start("c")
+        deadline = time.monotonic() + 300
+        while not (len(held()) == 2 or (len(held()) == 1 and {procs[n].pid for n in procs if n not in held()} <= _flock_waiters())):
+            alive()
+            assert time.monotonic() < deadline, "neither b nor c took the lock"
+            time.sleep(0.05)
+        assert len(held()) == 1, "b and c both hold the lock of the entry"
+        release.touch()  # each lets go in turn
+        for name, proc in procs.items():
+            assert proc.wait(timeout=120) == 0, (tmp_path / f"{name}.log").read_text()
+        assert held() == ["b", "c"] and sorted(p.name for p in lock_path(folder).parent.iterdir()) == []
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_a_damaged_entry_is_listed_so_and_taken_by_partial(corpora, tmp_path, capsys):
     cache_dir = tmp_path / "cache"
     entry = _entry_of(_entries(cache_dir), corpora[0])
@@ -244,6 +338,7 @@ def test_json_records_are_listed_and_removed_whole(tmp_path, wiki_rows, capsys, 
     records = [e for e in entries if e["kind"] == "json-records"]
     assert len(records) == 1 and records[0]["status"] == "complete" and records[0]["details"] == {"splits": ["train"], "json_field": "data.items"}
     assert _entry_of(entries, data)["rows"] == 10
+    assert list((tmp_path / "datasets" / "sbert_sae_json_records" / ".locks").iterdir()) == []  # let go, deleted
     # Records a run reads are in use, however long ago they were written.
     for path in (tmp_path / "datasets" / "sbert_sae_json_records").rglob("*"):
         if path.suffix != ".jsonl":  # whose time is their source's: datasets' fingerprint of them
