@@ -324,6 +324,9 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
         if isinstance(err, OutputDirError):
             raise
         raise OutputDirError(f"cannot write into {folder}: {err.strerror}") from err
+    # A takeover's guard, left by a run killed as it took the lock.
+    with contextlib.suppress(OSError):
+        prune_locks(folder, f"{lock.name}.takeover")
     try:
         yield lock
     finally:
@@ -352,29 +355,26 @@ def _lock_owner(lock: Path) -> str | None:
 
 
 def _take_over(lock: Path, stale: str) -> bool:
-    """Replace `lock`, found holding `stale` (a dead run's pid), by this process' own: True if
-    done, False if another run replaced or removed it first.
+    """Replace `lock`, found holding `stale` (a dead run's pid), by this process'
+    own: True if done, False if another run replaced or removed it first.
 
     Several runs can find one stale lock at once. Each deleting it and creating its own, one
     would delete the lock another had just made, and both would write the folder. The check
-    and the replacement are therefore made under a second lock beside it, filelock's (flock on
-    POSIX, msvcrt on Windows, freed with the process that holds it): the lock file is read
-    again there, and only the run that still finds `stale` in it replaces it."""
-    from filelock import FileLock, Timeout
-
-    # Not removed after use (filelock leaves it on POSIX): a run waiting on the removed file and
-    # one creating it anew would each hold a lock, on two files.
-    guard = FileLock(str(lock) + ".takeover")
+    and the replacement are therefore made under a second lock beside it, `<lock>.takeover`
+    (a `PathLock`: freed with the process that holds it, and deleted as it is let go): the
+    lock file is read again there, and only the run that still finds `stale` in it replaces it."""
+    guard = PathLock(str(lock) + ".takeover")
+    # Held for a read, a delete and a write; the timeout turns a guard that cannot be made
+    # (filelock retries some errors, on Windows) into a refusal rather than a hang.
+    if not guard.acquire(timeout=60):
+        raise OutputDirError(f"cannot take over the stale lock {lock}: its guard {guard.path} stayed locked for 60 s")
     try:
-        # Held for a read, a delete and a write; the timeout turns a guard that cannot be
-        # made (filelock retries some errors, on Windows) into a refusal rather than a hang.
-        with guard.acquire(timeout=60):
-            if _lock_owner(lock) != stale:
-                return False
-            lock.unlink()
-            return _create_lock(lock)
-    except Timeout:
-        raise OutputDirError(f"cannot take over the stale lock {lock}: its guard {guard.lock_file} stayed locked for 60 s") from None
+        if _lock_owner(lock) != stale:
+            return False
+        lock.unlink()
+        return _create_lock(lock)
+    finally:
+        guard.release()
 
 
 def weights_stamp(folder: str | os.PathLike) -> tuple | None:
