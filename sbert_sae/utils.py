@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
+import logging
 import math
 import os
 import re
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import OutputDirError
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -286,6 +290,12 @@ def prune_locks(folder: str | os.PathLike, pattern: str = "*.lock") -> None:
             pass
 
 
+# How old an empty run lock must be to be taken for a dead run's. Runs write their lock whole
+# (`_create_lock`); an empty one was left by an older version killed between making its lock
+# file and writing its pid into it, or is one such version's that is starting right now.
+EMPTY_LOCK_STALE_S = 30
+
+
 @contextlib.contextmanager
 def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold `folder/.lock` for the duration of a run; a second run into the folder is refused."""
@@ -304,6 +314,20 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
             owner = _lock_owner(lock)
             if owner is None:
                 continue  # released since: created anew
+            if owner == "":
+                age = _age(lock)
+                if age is None:
+                    continue  # released since
+                if age < EMPTY_LOCK_STALE_S:
+                    raise OutputDirError(
+                        f"{folder} is in use by a run that is starting, or was by one killed as it started: its lock file {lock} is empty; "
+                        f"an empty lock is taken for a dead run's once {EMPTY_LOCK_STALE_S} s old: run again then, or delete {lock} if no run is starting there"
+                    )
+                logger.warning("%s: taking over the empty lock file %s, left %.0f s ago by a run killed as it started", folder, lock, age)
+                pause_point("stale-lock", 1)
+                if _take_over(lock, owner):
+                    break
+                continue  # another run replaced it first: whose it is now is read again
             pid, _, host = owner.partition("@")
             # Whether a process lives can be told only on its own machine: on a folder shared
             # by several machines, a live run elsewhere has a pid that is free here.
@@ -324,9 +348,11 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
         if isinstance(err, OutputDirError):
             raise
         raise OutputDirError(f"cannot write into {folder}: {err.strerror}") from err
-    # A takeover's guard, left by a run killed as it took the lock.
+    # What runs killed as they took the lock may have left beside it: a takeover's guard, the
+    # file a lock was being made from.
     with contextlib.suppress(OSError):
         prune_locks(folder, f"{lock.name}.takeover")
+        _remove_dead_lock_files(lock)
     try:
         yield lock
     finally:
@@ -334,16 +360,51 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
 
 
 def _create_lock(lock: Path) -> bool:
-    """Create `lock` holding this process' pid@host; False when it exists."""
+    """Create `lock` holding this process' pid@host; False when it exists (or a file it was
+    being made from was deleted meanwhile: tried again). The pid is written into a file of its
+    own, which is then linked to the lock's name: a lock is never seen empty, even when its run
+    is killed as it makes it, and a run killed before the link leaves no lock."""
+    owner = f"{os.getpid()}@{socket.gethostname()}"
+    tmp = lock.with_name(f"{lock.name}.{owner}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        try:
+            os.write(fd, owner.encode())
+        finally:
+            os.close(fd)
+        pause_point("lock-create", 1)
+        try:
+            os.link(tmp, lock)
+        except (FileExistsError, FileNotFoundError):
+            return False
+        except OSError:  # a disk without hard links (FAT, some network shares): made in place
+            return _create_lock_in_place(lock, owner)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_lock_in_place(lock: Path, owner: str) -> bool:
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
     try:
-        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
+        os.write(fd, owner.encode())
     finally:
         os.close(fd)
     return True
+
+
+def _remove_dead_lock_files(lock: Path) -> None:
+    """Delete the files `_create_lock` makes a lock from (`<lock>.<pid@host>.<hex>.tmp`) that
+    runs of this machine killed as they took the lock left behind; those of live runs, and of
+    other machines, whose runs cannot be told alive from here, are left."""
+    prefix, host = f"{lock.name}.", socket.gethostname()
+    for path in lock.parent.glob(f"{glob.escape(lock.name)}.*.tmp"):
+        pid, _, rest = path.name[len(prefix) : -len(".tmp")].partition("@")
+        if pid.isdigit() and rest.rpartition(".")[0] == host and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
 
 
 def _lock_owner(lock: Path) -> str | None:
@@ -354,8 +415,16 @@ def _lock_owner(lock: Path) -> str | None:
         return None
 
 
+def _age(path: Path) -> float | None:
+    """Seconds since `path` was last written; None when it is gone."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def _take_over(lock: Path, stale: str) -> bool:
-    """Replace `lock`, found holding `stale` (a dead run's pid), by this process'
+    """Replace `lock`, found holding `stale` (a dead run's pid, or nothing), by this process'
     own: True if done, False if another run replaced or removed it first.
 
     Several runs can find one stale lock at once. Each deleting it and creating its own, one

@@ -459,18 +459,26 @@ except OutputDirError as err:
 """
 
 
-def test_two_runs_that_find_one_stale_lock_do_not_both_take_it(tmp_path):
+@pytest.mark.parametrize("left", ["dead pid", "empty"])
+def test_two_runs_that_find_one_stale_lock_do_not_both_take_it(tmp_path, left):
     """Two runs find the lock of a killed run in a folder. Each used to delete it and create its
     own: the second deleted the lock the first had just made, and both wrote the folder. Here
     both are stopped after judging the lock stale; the first is let go and takes the folder,
     then the second: it now finds the first's lock and is refused, naming the first's pid.
-    The takeover's guard, made beside the lock, is gone with the runs."""
+    The lock left is a dead run's pid, or nothing (an older version killed between making its
+    lock and writing its pid: taken for stale once old). The takeover's guard, made beside
+    the lock, is gone with the runs."""
     import socket
 
     folder = tmp_path / "run"
     folder.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    (folder / ".lock").write_text(f"{dead.stdout.strip()}@{socket.gethostname()}")  # left by a killed run
+    if left == "empty":
+        (folder / ".lock").touch()
+        long_ago = time.time() - 600
+        os.utime(folder / ".lock", (long_ago, long_ago))
+    else:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+        (folder / ".lock").write_text(f"{dead.stdout.strip()}@{socket.gethostname()}")  # left by a killed run
     runs = {}
     for name in ("a", "b"):
         env = {**os.environ, TEST_PAUSE_ENV: f"stale-lock:1:{tmp_path / (name + '.paused')}"}
@@ -505,6 +513,55 @@ def test_two_runs_that_find_one_stale_lock_do_not_both_take_it(tmp_path):
         for run in runs.values():
             if run.poll() is None:
                 run.kill()
+
+
+def test_a_run_killed_as_it_takes_a_folder_leaves_it_free(tmp_path):
+    """A run killed between making its lock file and writing its pid into it left an empty
+    lock, and every later run into the folder was refused for good ("in use by another run
+    (pid ?)"). The pid is now written first and the lock linked into place whole: a run
+    killed there leaves no lock, the next takes the folder, and what the killed one left
+    beside it goes."""
+    from sbert_sae.utils import run_lock
+
+    folder = tmp_path / "run"
+    env = {**os.environ, TEST_PAUSE_ENV: f"lock-create:1:{tmp_path / 'killed.paused'}"}
+    with open(tmp_path / "killed.log", "w") as err:
+        killed = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(folder), str(tmp_path / "killed.held"), str(tmp_path / "release")], env=env, stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "killed.paused").exists():
+            assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.05)
+    finally:
+        killed.kill()
+        killed.wait(timeout=60)
+    with run_lock(folder) as lock:
+        assert lock.read_text() == f"{os.getpid()}@{__import__('socket').gethostname()}"
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"]
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_an_empty_lock_is_refused_while_new_and_taken_once_old(tmp_path, caplog):
+    """An empty lock, as older versions left when killed as they took a folder: refused, saying
+    so, while it may be a starting run's; taken over, with a warning, once old."""
+    import socket
+
+    from sbert_sae.errors import OutputDirError
+    from sbert_sae.utils import EMPTY_LOCK_STALE_S, run_lock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").touch()
+    with pytest.raises(OutputDirError, match=rf"its lock file {folder / '.lock'} is empty; an empty lock is taken for a dead run's once {EMPTY_LOCK_STALE_S} s old"):
+        with run_lock(folder):
+            pass
+    assert (folder / ".lock").read_text() == ""
+    long_ago = time.time() - EMPTY_LOCK_STALE_S - 5
+    os.utime(folder / ".lock", (long_ago, long_ago))
+    with caplog.at_level(logging.WARNING, logger="sbert_sae.utils"), run_lock(folder):
+        assert (folder / ".lock").read_text() == f"{os.getpid()}@{socket.gethostname()}"
+    assert f"taking over the empty lock file {folder / '.lock'}" in caplog.text
+    assert not (folder / ".lock").exists()
 
 
 # ------------------------------------------------------------------ hostile files
