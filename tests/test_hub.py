@@ -939,3 +939,18 @@ def test_the_stored_card_of_the_default_sae_is_laid_out_as_a_push_renders_it_tod
 
     assert metadata_keys(stored) == metadata_keys(rendered)
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2\n" in stored
+
+
+def test_the_card_of_an_sae_without_a_base_model_names_none_and_its_snippet_runs(hub, capsys):
+    """An SAE whose config names no base model got a card saying it was trained on the
+    embeddings of [`None`](https://huggingface.co/None), with a snippet calling encode_texts,
+    which such an SAE refuses. The card now says it reads embeddings made elsewhere, and its
+    snippet (run here as written) encodes an embedding."""
+    torch.manual_seed(0)
+    SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=32, k=4)).push_to_hub("org/no-base")
+    readme = hub.files("org/no-base")["README.md"].decode()
+    assert "None" not in readme.split("---\n", 2)[2] and "encode_texts" not in readme
+    snippet = re.search(r"```python\n(.*?)```", readme, flags=re.S).group(1)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the card's own snippet, as a reader would run it
+    assert "torch.Size([1, 32])" in capsys.readouterr().out and 0 < int((scope["features"] != 0).sum()) <= 4
