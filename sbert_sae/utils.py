@@ -195,32 +195,30 @@ class PathLock:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._fd: int | None = None
-        self._windows = None
+        self._filelock = None  # on Windows, or a disk without flock
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Take the lock, waiting at most `timeout` seconds (None: as long as it takes, 0: not
         at all) while another process holds it: True once held, False when not got in time.
         Raises OSError when the lock file cannot be made or locked."""
         if os.name == "nt":
-            from filelock import FileLock, Timeout
-
-            lock = FileLock(self.path)
-            try:
-                lock.acquire(timeout=-1 if timeout is None else timeout)
-            except Timeout:
-                return False
-            self._windows = lock
-            return True
+            return self._acquire_by_filelock(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            fd = self._open()
+            fd, created = self._open()
             try:
                 got = self._lock(fd, wait=deadline is None)
                 if got and _names_file(self.path, fd):
                     self._fd = fd
                     return True
-            except BaseException:
+            except BaseException as err:
                 os.close(fd)
+                if isinstance(err, OSError) and err.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+                    # A disk without flock (some FUSE mounts, Lustre without -o flock): filelock's
+                    # lock there, a file that exists while it is held, as before this class.
+                    if created:
+                        self.path.unlink(missing_ok=True)
+                    return self._acquire_by_filelock(timeout)
                 raise
             os.close(fd)
             if got:
@@ -229,14 +227,35 @@ class PathLock:
                 return False
             time.sleep(0.05)
 
-    def _open(self) -> int:
+    def _acquire_by_filelock(self, timeout: float | None) -> bool:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.path)
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            return False
+        self._filelock = lock
+        return True
+
+    def _open(self) -> tuple[int, bool]:
+        """The lock file opened, made if missing; whether this call made it."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True  # the umask applies
+        except FileExistsError:
+            pass
+        except OSError as err:  # a read-only disk may say so before it says the file exists
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not self.path.exists():
+                raise
+        try:
+            return os.open(self.path, os.O_RDWR), False
+        except FileNotFoundError:
+            return self._open()  # deleted since: made anew
         except OSError as err:
             # Another user's lock file in a shared cache, a read-only disk: flock needs no write access.
-            if not self.path.exists() or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            return os.open(self.path, os.O_RDONLY)
+            return os.open(self.path, os.O_RDONLY), False
 
     @staticmethod
     def _lock(fd: int, wait: bool) -> bool:
@@ -251,9 +270,9 @@ class PathLock:
         return True
 
     def release(self) -> None:
-        if self._windows is not None:
-            self._windows.release()
-            self._windows = None
+        if self._filelock is not None:
+            self._filelock.release()
+            self._filelock = None
             return
         fd, self._fd = self._fd, None
         if fd is None:

@@ -564,6 +564,32 @@ def test_an_empty_lock_is_refused_while_new_and_taken_once_old(tmp_path, caplog)
     assert not (folder / ".lock").exists()
 
 
+@pytest.mark.filterwarnings("ignore:flock not supported on this filesystem")
+def test_a_disk_without_flock_still_locks(tmp_path, monkeypatch):
+    """Where flock answers ENOSYS (some FUSE mounts, Lustre without -o flock), the locks of
+    caches and takeovers (`PathLock`) are filelock's, as they were before: a file that exists
+    while it is held, deleted as it is let go (they raised "Function not implemented")."""
+    import fcntl
+
+    from sbert_sae.utils import PathLock
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    path = tmp_path / "entry.lock"
+    first = PathLock(path)
+    with pytest.warns(UserWarning, match="flock not supported"):
+        assert first.acquire(timeout=0)
+    assert path.exists() and not PathLock(path).acquire(timeout=0)
+    first.release()
+    assert not path.exists()
+    second = PathLock(path)
+    assert second.acquire(timeout=0)
+    second.release()
+    assert not path.exists()
+
+
 # ------------------------------------------------------------------ hostile files
 class Tripwire:
     """Unpickling this creates the file `marker`: a test that finds no marker knows nothing was unpickled."""
