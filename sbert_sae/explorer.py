@@ -614,6 +614,7 @@ def build_app(explorer: Explorer):
 
     def on_load(request: gr.Request):
         explorer.start_corpus()
+        explorer.start_label_finder()  # again, should the one started with the app have failed
         params = dict(request.query_params) if request is not None else {}
         if "feature" in params:
             try:
@@ -701,6 +702,8 @@ def build_app(explorer: Explorer):
         text.submit(inspect, text, [text_summary, text_features])
         timer.tick(tick, None, [status, timer])
         demo.load(on_load, None, feature_outputs).then(feature_corpus_figures, [current, top_texts], figure_outputs)
+    # Before anyone clicks Find: the page renders meanwhile, and a Find made before it is done waits for it.
+    explorer.start_label_finder()
     return demo
 
 

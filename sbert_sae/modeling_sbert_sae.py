@@ -23,6 +23,7 @@ import json
 import logging
 import operator
 import os
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,6 +37,8 @@ from .configuration_sbert_sae import SparseAutoencoderConfig
 from .errors import ConfigError, InputError, ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+_BASE_MODEL_LOADING = threading.Lock()
 
 
 def _names_a_folder(name: str) -> bool:
@@ -441,23 +444,26 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     # ------------------------------------------------------------------ text
     def base_sentence_transformer(self, device: str | None = None):
         """The sentence-transformers model named by `config.base_model`, loaded once."""
-        if self._base_model is None:
-            if not self.config.base_model:
-                raise ConfigError("this SAE has no base_model in its config: embed the texts yourself and call encode()")
-            from .base_model import embedding_dimension, load_sentence_transformer
+        # One model for threads that ask at once (the explorer's label search made ready in
+        # the background while a text is inspected): each would load its own copy.
+        with _BASE_MODEL_LOADING:
+            if self._base_model is None:
+                if not self.config.base_model:
+                    raise ConfigError("this SAE has no base_model in its config: embed the texts yourself and call encode()")
+                from .base_model import embedding_dimension, load_sentence_transformer
 
-            # Set up with the recorded encode settings, so that its dimension is checked after any truncate_dim.
-            model = load_sentence_transformer(
-                self.config.base_model, revision=self.config.base_model_revision, device=device, encode_kwargs=self.config.base_model_kwargs
-            )
-            dim = embedding_dimension(model)
-            if dim is not None and dim != self.config.d_in:
-                raise ConfigError(
-                    f"base model {self.config.base_model!r} makes {dim}-d embeddings but this SAE reads d_in={self.config.d_in}"
+                # Set up with the recorded encode settings, so that its dimension is checked after any truncate_dim.
+                model = load_sentence_transformer(
+                    self.config.base_model, revision=self.config.base_model_revision, device=device, encode_kwargs=self.config.base_model_kwargs
                 )
-            # Kept outside the module tree: as a submodule its weights would be the SAE's
-            # (state_dict, save_pretrained, push_to_hub, .half()).
-            object.__setattr__(self, "_base_model", model)
+                dim = embedding_dimension(model)
+                if dim is not None and dim != self.config.d_in:
+                    raise ConfigError(
+                        f"base model {self.config.base_model!r} makes {dim}-d embeddings but this SAE reads d_in={self.config.d_in}"
+                    )
+                # Kept outside the module tree: as a submodule its weights would be the SAE's
+                # (state_dict, save_pretrained, push_to_hub, .half()).
+                object.__setattr__(self, "_base_model", model)
         return self._base_model
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:

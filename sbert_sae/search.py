@@ -30,6 +30,8 @@ import json
 import logging
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -158,6 +160,52 @@ class LabelFinder:
         self._vectors: torch.Tensor | None = None
         self._haystacks: list[str] | None = None
         self._thresholds: tuple[float, float] | None = None
+        # Held while the vectors, cut-offs or haystacks are made: a Find racing the warm-up
+        # waits for them instead of embedding them again, and never sees them half made.
+        self._lock = threading.RLock()
+        self._warm_up_lock = threading.Lock()
+        self._warm_up_thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether a Find now embeds only its query: the labels' vectors, the cut-offs and the
+        labels' words are made (or there are no labels)."""
+        return not self.labelled or (self._vectors is not None and self._thresholds is not None and self._haystacks is not None)
+
+    def start_warm_up(self) -> None:
+        """Make what every Find needs (`warm_up`) in a background thread, unless it is made or
+        under way: else the first Find loads the base model and embeds every label and the
+        reference words (seconds, or minutes for a large SAE on a CPU) while its user waits."""
+        with self._warm_up_lock:
+            if self.ready or (self._warm_up_thread is not None and self._warm_up_thread.is_alive()):
+                return
+            self._warm_up_thread = threading.Thread(target=self._warm_up_quietly, name="sbert-sae-label-finder", daemon=True)
+            self._warm_up_thread.start()
+
+    def wait_warm_up(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` seconds (None: until done) for a warm-up under way; `ready`."""
+        thread = self._warm_up_thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.ready
+
+    def warm_up(self) -> None:
+        """Load the base model, run it once, and make the labels' vectors (read from the cache
+        when an earlier run kept them), the match cut-offs and the labels' words."""
+        if not self.labelled:
+            return
+        started = time.perf_counter()
+        self.sae.embed_texts([self.sae.feature_labels[self.labelled[0]]])  # the model's first pass is its slowest
+        self.vectors()
+        self.thresholds()
+        self._label_words()
+        logger.info("label search of %d labels ready in %.1fs", len(self.labelled), time.perf_counter() - started)
+
+    def _warm_up_quietly(self) -> None:
+        try:
+            self.warm_up()
+        except Exception as err:  # noqa: BLE001 - the first Find makes them itself, and says what fails
+            logger.warning("could not prepare the label search in the background (%s): the first Find will", err)
 
     @property
     def labelled(self) -> list[int]:
@@ -170,20 +218,23 @@ class LabelFinder:
         """(len(labelled), d) unit vectors of the labels, kept in the cache folder (keyed by
         the model and the labels) so that a label search is quick the next time too:
         embedding 6144 labels takes ~10 s on a CPU."""
-        if self._vectors is None:
-            labels = self.sae.feature_labels
-            self._vectors = _embedded_kept(self.sae, [labels[f] for f in self.labelled], "label-vectors")
+        with self._lock:
+            if self._vectors is None:
+                labels = self.sae.feature_labels
+                self._vectors = _embedded_kept(self.sae, [labels[f] for f in self.labelled], "label-vectors")
         return self._vectors
 
-    def _holds_words(self, j: int, words: list[str]) -> bool:
-        if self._haystacks is None:
-            labels = self.sae.feature_labels
-            features = (getattr(self.sae, "label_data", None) or {}).get("features", {})
-            self._haystacks = [
-                " | ".join([labels[f] or "", *(k.get("keyword", "") for k in features.get(f, {}).get("keywords", []) if isinstance(k, dict))]).lower()
-                for f in self.labelled
-            ]
-        return all(_holds_word(self._haystacks[j], w) for w in words)
+    def _label_words(self) -> list[str]:
+        """Each labelled feature's label and keywords, lower-cased, in one string."""
+        with self._lock:
+            if self._haystacks is None:
+                labels = self.sae.feature_labels
+                features = (getattr(self.sae, "label_data", None) or {}).get("features", {})
+                self._haystacks = [
+                    " | ".join([labels[f] or "", *(k.get("keyword", "") for k in features.get(f, {}).get("keywords", []) if isinstance(k, dict))]).lower()
+                    for f in self.labelled
+                ]
+        return self._haystacks
 
     def find(self, query: str, top: int = 10) -> list[FeatureMatch]:
         """Labelled features whose label is nearest to `query` (cosine of the base model's
@@ -200,7 +251,7 @@ class LabelFinder:
         scores = (self.vectors() @ q).numpy()
         near, close = self.thresholds()
         words = query.lower().split()
-        literal = np.array([self._holds_words(j, words) for j in range(len(self.labelled))], dtype=bool)
+        literal = np.array([all(_holds_word(haystack, w) for w in words) for haystack in self._label_words()], dtype=bool)
         # Every label that holds the words (however far down by cosine), then by cosine.
         ranked = np.lexsort((-scores, ~literal))[:top]
 
@@ -251,23 +302,24 @@ class LabelFinder:
         give 1711 pairs, whose 99.99th percentile is their closest pair, two labels of one
         topic (0.80 where the model's reference says 0.69). With no words and fewer than two
         different labels there is nothing to measure: only the query's words can match."""
-        if self._thresholds is None:
-            pairs = self.label_pair_cosines() if self.labelled else np.zeros(0, dtype=np.float32)
-            try:
-                reference = self.reference_pair_cosines()
-            except Exception as err:  # noqa: BLE001 - a model without a usable vocabulary: the labels alone
-                logger.warning("no reference words from the base model's vocabulary (%s): the label match cut-offs come from the labels alone", err)
-                reference = np.zeros(0, dtype=np.float32)
-            values = np.concatenate([pairs, reference]).astype(np.float64)
-            if len(values) == 0:
-                self._thresholds = (float("inf"), float("inf"))
-            else:
-                weights = np.concatenate([np.ones(len(pairs)), np.full(len(reference), REFERENCE_PAIRS_WEIGHT / max(len(reference), 1))])
-                order = np.argsort(values, kind="stable")
-                cumulative = np.cumsum(weights[order])
-                cumulative /= cumulative[-1]
-                near, close = (float(values[order][min(np.searchsorted(cumulative, q), len(values) - 1)]) for q in LABEL_MATCH_QUANTILES)
-                self._thresholds = (near, close)
+        with self._lock:
+            if self._thresholds is None:
+                pairs = self.label_pair_cosines() if self.labelled else np.zeros(0, dtype=np.float32)
+                try:
+                    reference = self.reference_pair_cosines()
+                except Exception as err:  # noqa: BLE001 - a model without a usable vocabulary: the labels alone
+                    logger.warning("no reference words from the base model's vocabulary (%s): the label match cut-offs come from the labels alone", err)
+                    reference = np.zeros(0, dtype=np.float32)
+                values = np.concatenate([pairs, reference]).astype(np.float64)
+                if len(values) == 0:
+                    self._thresholds = (float("inf"), float("inf"))
+                else:
+                    weights = np.concatenate([np.ones(len(pairs)), np.full(len(reference), REFERENCE_PAIRS_WEIGHT / max(len(reference), 1))])
+                    order = np.argsort(values, kind="stable")
+                    cumulative = np.cumsum(weights[order])
+                    cumulative /= cumulative[-1]
+                    near, close = (float(values[order][min(np.searchsorted(cumulative, q), len(values) - 1)]) for q in LABEL_MATCH_QUANTILES)
+                    self._thresholds = (near, close)
         return self._thresholds
 
 

@@ -130,6 +130,69 @@ def test_the_app_opens_without_encoding_the_corpus(run):
     assert len(corpus) == 240 and corpus.activations(timeout=60) is not None
 
 
+def _counting_embeddings(sae, monkeypatch) -> list[list[str]]:
+    """The lists of texts `sae` is asked to embed from now on, in the order asked (embedded for real)."""
+    asked: list[list[str]] = []
+    embed = sae.embed_texts
+
+    def counting(texts, **kwargs):
+        asked.append(list(texts))
+        return embed(texts, **kwargs)
+
+    monkeypatch.setattr(sae, "embed_texts", counting)
+    return asked
+
+
+def test_finds_racing_the_label_search_made_ready_with_the_app_embed_the_labels_once(run, tmp_path, monkeypatch):
+    """The first Find (Features or Search tab) embedded every label and the model's 1024
+    reference words while its user waited: 3-17 s for 6144 labels on 2 CPU cores. The app now
+    makes them ready in the background as it is built; Finds made meanwhile wait for that
+    work instead of each doing it again, and find what a Find after it finds."""
+    pytest.importorskip("gradio")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sbert_sae.explorer import build_app
+    from sbert_sae.explorer_data import Explorer
+
+    monkeypatch.setenv("SBERT_SAE_CACHE", str(tmp_path / "cache"))  # no vectors kept by other tests: all are embedded
+    explorer = Explorer.open(run)
+    finder = explorer.label_finder
+    labels = [explorer.labels[f] for f in finder.labelled]
+    asked = _counting_embeddings(explorer.sae, monkeypatch)
+    demo = build_app(explorer)
+    try:
+        assert not finder.ready  # a thousand texts to embed: under way, not done
+        with ThreadPoolExecutor(4) as pool:
+            during = list(pool.map(explorer.search_features, ["music"] * 4))
+        assert finder.wait_warm_up(timeout=300)
+        after = explorer.search_features("music")
+    finally:
+        demo.close()
+    assert during == [after] * 4 and after and after[0]["match"] in ("words", "close")
+    many = [texts for texts in asked if len(texts) > 1]
+    assert sum(texts == labels for texts in many) == 1 and len(many) == 2  # the labels, and the reference words, once each
+
+
+def test_a_second_opening_of_the_sae_reads_its_label_search_from_the_cache(run, tmp_path, monkeypatch):
+    """The labels' and reference words' vectors are kept in the cache: the explorer of the same
+    SAE opened again makes its label search ready, as soon as its app is built, without
+    embedding them (only the model is loaded and run once), and finds the same."""
+    pytest.importorskip("gradio")
+    from sbert_sae.explorer import build_app
+    from sbert_sae.explorer_data import Explorer
+
+    monkeypatch.setenv("SBERT_SAE_CACHE", str(tmp_path / "cache"))
+    first = Explorer.open(run)
+    expected = first.search_features("music")
+    again = Explorer.open(run)
+    asked = _counting_embeddings(again.sae, monkeypatch)
+    build_app(again).close()
+    assert again.label_finder.wait_warm_up(timeout=300)  # made ready by the app, before any Find
+    assert all(len(texts) == 1 for texts in asked) and len(asked) == 1
+    assert again.search_features("music") == expected
+    assert asked[1:] == [["music"]]
+
+
 def test_strongest_texts_before_the_codes_are_ready_are_exact(run, corpus):
     """Before the corpus' codes are computed (minutes for millions of texts), a feature's
     strongest texts come from ranking the texts by its encoder row and encoding only the
@@ -576,6 +639,7 @@ def test_the_space_app_serves_the_sae_named_by_its_variable(run, monkeypatch):
     monkeypatch.setenv("SBERT_SAE_REPO", str(run))
     app = runpy.run_path(str(space / "app.py"), run_name="space")  # not __main__: built, not served
     assert isinstance(app["demo"], gr.Blocks) and app["explorer"].source == str(run)
+    assert app["explorer"].label_finder.wait_warm_up(timeout=300)  # its label search made ready before a visitor's first Find
     app["demo"].close()
     metadata = (space / "README.md").read_text().split("---")[1]
     sdk_version = re.search(r"^sdk_version: (\S+)$", metadata, re.M).group(1)
