@@ -121,9 +121,6 @@ class Corpus:
             started = time.perf_counter()
             self._activations = self.index.codes
             logger.info("codes of %d texts ready in %.1fs", len(self), time.perf_counter() - started)
-            if any(self.index.sae.feature_labels):
-                # The first label search embeds every label: do it now, not on a user's click.
-                self.index.features_about("warm up", top=1)
         except BaseException as err:
             logger.exception("encoding the corpus failed")
             self._error = err
@@ -287,6 +284,7 @@ class Explorer:
         data, ds, cache = load_sae_corpus(self.sae, self.source, data, show_progress=False)
         texts = DatasetTexts(ds, data.text_column, cache.row_ids)
         index = SteerableIndex(self.sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path)
+        index.label_finder = self.label_finder  # one set of label vectors for both tabs, made ready once
         name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
         return Corpus(name, cache.row_ids, texts.get, cache.embeddings, index=index)
 

@@ -193,6 +193,15 @@ def test_a_second_opening_of_the_sae_reads_its_label_search_from_the_cache(run, 
     assert asked[1:] == [["music"]]
 
 
+def test_both_tabs_find_features_with_one_label_finder(run):
+    """The Search tab's index over a dataset corpus had a label finder of its own, so its
+    labels' vectors and cut-offs were made a second time, after the Features tab's."""
+    from sbert_sae.explorer_data import Explorer
+
+    explorer = Explorer.open(run)
+    assert explorer.search_index().label_finder is explorer.label_finder
+
+
 def test_strongest_texts_before_the_codes_are_ready_are_exact(run, corpus):
     """Before the corpus' codes are computed (minutes for millions of texts), a feature's
     strongest texts come from ranking the texts by its encoder row and encoding only the
