@@ -1,8 +1,9 @@
 """Quality of a trained SAE: reconstruction, sparsity, feature density, neighbour overlap.
 
-Every figure is computed on rows the SAE was not trained on, except the feature
-densities (how often each feature fires over one pass of the training rows), which say
-which features are dead (never fire) or dense (fire on more than 10% of texts).
+Every figure is computed on rows the SAE was not trained on, except `train_fvu` (the same
+FVU on training rows, to show overfitting) and the feature densities (how often each feature
+fires over one pass of the training rows), which say which features are dead (never fire) or
+dense (fire on more than 10% of texts).
 """
 
 from __future__ import annotations
