@@ -151,24 +151,23 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+def _number_in(interval: str, inside):
+    """An argparse type: a float for which `inside` holds, else an error naming `interval`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not inside(value):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _open_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
+_fraction = _number_in("[0, 1)", lambda value: 0 <= value < 1)
+_open_fraction = _number_in("(0, 1)", lambda value: 0 < value < 1)
 
 
 def _ngram_range(text: str) -> tuple[int, int]:

@@ -142,20 +142,21 @@ def keybert_documents(monkeypatch):
 @pytest.fixture
 def training_crashes_at_step(monkeypatch):
     """Call it with N: inside `with training_crashes_at_step(N):` the N-th training step (counted
-    from there on) raises, as a run that crashes after step N - 1 would stop."""
+    from there on) raises, as a run that crashes after step N - 1 would stop; give `error` to
+    raise something else (KeyboardInterrupt: a run stopped with Ctrl-C)."""
     from contextlib import contextmanager
 
     from sbert_sae.modeling_sbert_sae import SparseAutoencoder
 
     @contextmanager
-    def crashing(step: int):
+    def crashing(step: int, error: BaseException | None = None):
         real = SparseAutoencoder.set_decoder_norm_to_unit
         calls = {"n": 0}
 
         def dies_at_the_step(self):
             calls["n"] += 1
             if calls["n"] == step:
-                raise RuntimeError("simulated crash")
+                raise error if error is not None else RuntimeError("simulated crash")
             return real(self)
 
         monkeypatch.setattr(SparseAutoencoder, "set_decoder_norm_to_unit", dies_at_the_step)

@@ -133,25 +133,13 @@ def test_killed_training_resumes_to_the_model_of_an_uninterrupted_run(wiki_small
     assert not (out / "checkpoints").exists() and not (out / ".lock").exists()
 
 
-def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(wiki_small, uninterrupted, tmp_path, caplog, monkeypatch):
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(wiki_small, uninterrupted, tmp_path, caplog, training_crashes_at_step):
     """A checkpoint whose weights file was cut short after it was written (a failing disk): the
     resumption warns, takes the one before, and still ends at the uninterrupted run's model."""
-    import sbert_sae.trainer as trainer
-
     out = tmp_path / "damaged"
     train = ["train", "--dataset", wiki_small, *KILL_RUN, "-q", "--out", out]
-    real = trainer.SparseAutoencoder.set_decoder_norm_to_unit
-    steps = {"n": 0}
-
-    def stops_after_step_22(self):
-        steps["n"] += 1
-        if steps["n"] == 23:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(trainer.SparseAutoencoder, "set_decoder_norm_to_unit", stops_after_step_22)
-    assert run_cli(*train) == 130
-    monkeypatch.undo()
+    with training_crashes_at_step(23, KeyboardInterrupt()):  # stopped with Ctrl-C after step 22
+        assert run_cli(*train) == 130
     newest = list_checkpoints(out)[-1]
     assert newest.name == "step-000000020"
     weights_file = newest / "model.safetensors"
@@ -162,31 +150,19 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(wiki_small, unin
     assert_same_model(out, uninterrupted)
 
 
-def test_an_overwrite_that_is_stopped_keeps_the_run_it_replaces(labelled_run, wiki_small, uninterrupted, tmp_path, monkeypatch):
+def test_an_overwrite_that_is_stopped_keeps_the_run_it_replaces(labelled_run, wiki_small, uninterrupted, tmp_path, training_crashes_at_step):
     """`train --overwrite` into a labelled run's folder, stopped after its checkpoint of step
     20. It used to delete the old run's model, config and metrics before training, so the
     stop lost them (and it never removed the old feature_labels.json, which then loaded with
     the new SAE). The old run now stays, byte for byte, until the new one is complete; the
     new one finishes with --resume, to the uninterrupted run's model, without the old labels."""
-    import sbert_sae.trainer as trainer
-
     out = tmp_path / "replaced"
     shutil.copytree(labelled_run, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert {"model.safetensors", "config.json", "metrics.json", "feature_labels.json"} <= before.keys()
     train = ["train", "--dataset", wiki_small, *KILL_RUN, "-q", "--out", out]
-    real = trainer.SparseAutoencoder.set_decoder_norm_to_unit
-    steps = {"n": 0}
-
-    def stops_after_step_22(self):
-        steps["n"] += 1
-        if steps["n"] == 23:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(trainer.SparseAutoencoder, "set_decoder_norm_to_unit", stops_after_step_22)
-    assert run_cli(*train, "--overwrite") == 130
-    monkeypatch.undo()
+    with training_crashes_at_step(23, KeyboardInterrupt()):  # stopped with Ctrl-C after step 22
+        assert run_cli(*train, "--overwrite") == 130
     assert list_checkpoints(out)[-1].name == "step-000000020"
     for name, data in before.items():
         if name != "train_log.jsonl":  # the learning curve is the new run's from its start
