@@ -902,6 +902,23 @@ def cmd_cache(args) -> int:
 COMMANDS = {"cache": cmd_cache, "train": cmd_train, "label": cmd_label, "families": cmd_families, "embed": cmd_embed, "push": cmd_push, "release": cmd_release, "list": cmd_list, "info": cmd_info, "explore": cmd_explore, "compare": cmd_compare, "search": cmd_search, "sweep": cmd_sweep}
 
 
+def _close_process_group() -> None:
+    """Close the processes' group (`accelerate launch`, torchrun, mpirun) once the program's
+    command is done, while Python still runs.
+
+    Left open, its gloo worker threads outlive the command: one that has yet to let go of
+    the tensor of a finished collective (each training step sums the firing counts over the
+    processes) takes the GIL to do so, and once Python is shutting down that aborts the
+    process ('terminate called without an active exception', SIGABRT; torch asks for
+    destroy_process_group before exit). Closing the group joins those threads first."""
+    if "torch" not in sys.modules:
+        return  # a command that never loaded torch has no process group
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -929,7 +946,12 @@ def main(argv: list[str] | None = None) -> int:
             code = relaunch_for_cpu_launcher(list(sys.argv[1:] if argv is None else argv))
             if code is not None:
                 return code
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if argv is None:
+            # The program, about to exit (a caller from Python may go on using the group).
+            # Not after an error: a thread may still wait there for a process that stopped.
+            _close_process_group()
+        return code
     except SbertSaeError as err:
         if args.debug:
             raise

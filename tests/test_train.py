@@ -294,6 +294,39 @@ def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path, launc
         assert list((tmp_path / "two" / "logs").rglob("events.out.tfevents.*"))
 
 
+_REPORT_AFTER_THE_COMMAND = """
+import os, sys
+import torch.distributed as dist
+from sbert_sae.cli import main
+
+code = main()  # `sbert-sae ARGS`, as the program runs it
+tasks = "/proc/self/task"
+workers = sum(open(f"{tasks}/{t}/comm").read().strip() == "pt_gloo_runloop" for t in os.listdir(tasks))
+print(f"rank {os.environ['RANK']}: group open {dist.is_initialized()}, gloo worker threads {workers}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_two_process_training_closes_its_process_group_before_python_exits(wiki_small, tmp_path):
+    """Each process of a run over 2 CPU processes (gloo) closes its process group, and so joins
+    the group's worker threads, before Python shuts down.
+
+    Left open, a worker thread that has yet to let go of a finished collective's tensor (the
+    firing counts each step sums over the processes) takes the GIL as Python shuts down, and
+    the process aborts: 'terminate called without an active exception', SIGABRT (seen once in
+    CI under load, in test_accelerate_launch_two_processes_matches_one[--multi_gpu])."""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("counts the processes' threads through /proc")
+    program = tmp_path / "sbert_sae_then_report.py"
+    program.write_text(_REPORT_AFTER_THE_COMMAND)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = ["train", "--dataset", str(wiki_small), *SMALL, "--epochs", "1", "--out", str(tmp_path / "two")]
+    result = subprocess.run([*launch, str(program), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "it/s]" not in line)[-8000:]
+    reports = sorted(line for line in result.stderr.splitlines() if "gloo worker threads" in line)
+    assert reports == ["rank 0: group open False, gloo worker threads 0", "rank 1: group open False, gloo worker threads 0"]
+
+
 def test_cpu_launcher_arguments_are_read_from_the_parent_command_line(tmp_path):
     from sbert_sae.launch import launcher_arguments, requested_processes, started_alone_by_cpu_launcher
 
