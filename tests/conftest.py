@@ -140,6 +140,22 @@ def keybert_documents(monkeypatch):
 
 
 @pytest.fixture
+def accelerate_launch_two():
+    """Call it with a launcher flag (--multi_gpu, --cpu): the command line of `accelerate launch`
+    starting 2 processes on this machine, meeting on a free port of their own, not the
+    default 29500, which a second test run on the machine at once would also take
+    (EADDRINUSE)."""
+
+    def command(flag: str = "--multi_gpu") -> list[str]:
+        return [
+            sys.executable, "-m", "accelerate.commands.launch", flag, "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        ]  # fmt: skip
+
+    return command
+
+
+@pytest.fixture
 def training_crashes_at_step(monkeypatch):
     """Call it with N: inside `with training_crashes_at_step(N):` the N-th training step (counted
     from there on) raises, as a run that crashes after step N - 1 would stop; give `error` to

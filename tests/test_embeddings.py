@@ -205,14 +205,13 @@ def test_embedding_shards_resume_with_another_number_of_processes(tmp_path):
     assert emb._subtract(0, 5, []) == [(0, 5)]
 
 
-def test_accelerate_launch_embeds_in_two_processes_like_one(wiki_40, tmp_path):
+def test_accelerate_launch_embeds_in_two_processes_like_one(wiki_40, tmp_path, accelerate_launch_two):
     """`accelerate launch` (2 CPU processes, gloo): each embeds its half into one cache, in row order."""
     import subprocess
-    import sys
 
     folder = tmp_path / "data"
     wiki_40.save_to_disk(str(folder))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sbert_sae"]
+    launch = [*accelerate_launch_two("--multi_gpu"), "-m", "sbert_sae"]
     result = subprocess.run([*launch, "embed", "--dataset", str(folder), "--cache-dir", str(tmp_path / "two"), "--quiet"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("embeddings of dim 384") == 1  # the main process reports

@@ -252,7 +252,7 @@ def _mpirun_env(tmp_path) -> dict:
 
 
 @pytest.mark.parametrize("launcher", ["--cpu", "--cpu with mpirun", "--multi_gpu", "--cpu reporting to tensorboard"])
-def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path, launcher):
+def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path, launcher, accelerate_launch_two):
     """Data-parallel training over 2 CPU processes (gloo) reaches the quality of one process.
 
     accelerate's `--cpu` launcher starts several processes through mpirun only (with
@@ -266,7 +266,7 @@ def test_accelerate_launch_two_processes_matches_one(wiki_small, tmp_path, launc
     process' share of it is empty, which crashed the run ('embeddings is an empty batch').
     """
     flag = launcher.split()[0]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", flag, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = accelerate_launch_two(flag)
     env = dict(os.environ)
     if launcher == "--cpu with mpirun":
         if shutil.which("mpirun") is None:
@@ -307,7 +307,7 @@ sys.exit(code)
 """
 
 
-def test_two_process_training_closes_its_process_group_before_python_exits(wiki_small, tmp_path):
+def test_two_process_training_closes_its_process_group_before_python_exits(wiki_small, tmp_path, accelerate_launch_two):
     """Each process of a run over 2 CPU processes (gloo) closes its process group, and so joins
     the group's worker threads, before Python shuts down.
 
@@ -319,7 +319,7 @@ def test_two_process_training_closes_its_process_group_before_python_exits(wiki_
         pytest.skip("counts the processes' threads through /proc")
     program = tmp_path / "sbert_sae_then_report.py"
     program.write_text(_REPORT_AFTER_THE_COMMAND)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = accelerate_launch_two("--multi_gpu")
     args = ["train", "--dataset", str(wiki_small), *SMALL, "--epochs", "1", "--out", str(tmp_path / "two")]
     result = subprocess.run([*launch, str(program), *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "it/s]" not in line)[-8000:]
@@ -614,33 +614,6 @@ def test_per_domain_gives_domains_whose_names_slugify_alike_their_own_folders(wi
         assert json.loads((out / row["folder"] / "training_args.json").read_text())["domain"] == row["domain"]
         assert row["n_train"] + row["n_heldout"] == 80
     assert f"one folder per domain under {out}/" in capsys.readouterr().out
-
-
-def test_per_domain_marks_a_domain_too_small_to_compare_and_lists_one_skipped(wiki_small, tmp_path, caplog):
-    # A 12-text domain (a few held-out texts) was trained and listed in domains.md like the others,
-    # without a word, though its held-out figures rested on a handful of texts; a
-    # 2-text domain was skipped with a log line and was missing from domains.md altogether.
-    from datasets import load_from_disk
-
-    ds = load_from_disk(str(wiki_small))
-    field = [t if i >= 14 or t != "Mathematics" else ("tiny" if i < 12 else "two") for i, t in enumerate(ds["topic"])]
-    ds.add_column("field", field).save_to_disk(str(tmp_path / "data"))
-    out = tmp_path / "domains"
-    with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
-        assert run_cli("train", "--dataset", tmp_path / "data", "--out", out, "--domain-column", "field", "--per-domain", "--heldout-fraction", "0.4", *SMALL) == 0
-    table = {row["domain"]: row for row in json.loads((out / "domains.json").read_text())}
-    assert sorted(table) == ["Arts", "Biology and health sciences", "Mathematics", "tiny", "two"]
-    tiny = table["tiny"]
-    assert tiny["n_train"] + tiny["n_heldout"] == 12 and 0 < tiny["n_heldout"] < 20
-    assert f"held-out figures from {tiny['n_heldout']} text(s) only" in tiny["note"]
-    assert all(table[d]["note"] is None for d in ("Arts", "Biology and health sciences", "Mathematics"))
-    assert table["two"]["folder"] is None and table["two"]["note"] == "skipped: 2 text(s), an SAE needs at least 3"
-    assert f"domain 'tiny' has 12 texts: its held-out figures will rest on {tiny['n_heldout']} of them (under 20)" in caplog.text
-    assert "domain 'Arts' has" not in caplog.text
-    md = (out / "domains.md").read_text().splitlines()
-    assert md[0].endswith("| note |")
-    assert next(line for line in md if line.startswith("| tiny | tiny |")).endswith(f"| {tiny['note']} |")
-    assert "| two | - | - |" in "\n".join(md)
 
 
 def test_a_run_with_a_prompt_reports_to_tensorboard(wiki_small, tmp_path):
