@@ -616,6 +616,33 @@ def test_per_domain_gives_domains_whose_names_slugify_alike_their_own_folders(wi
     assert f"one folder per domain under {out}/" in capsys.readouterr().out
 
 
+def test_per_domain_marks_a_domain_too_small_to_compare_and_lists_one_skipped(wiki_small, tmp_path, caplog):
+    # A 12-text domain (a few held-out texts) was trained and listed in domains.md like the others,
+    # without a word, though its held-out figures rested on a handful of texts; a
+    # 2-text domain was skipped with a log line and was missing from domains.md altogether.
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(wiki_small))
+    field = [t if i >= 14 or t != "Mathematics" else ("tiny" if i < 12 else "two") for i, t in enumerate(ds["topic"])]
+    ds.add_column("field", field).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "domains"
+    with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
+        assert run_cli("train", "--dataset", tmp_path / "data", "--out", out, "--domain-column", "field", "--per-domain", "--heldout-fraction", "0.4", *SMALL) == 0
+    table = {row["domain"]: row for row in json.loads((out / "domains.json").read_text())}
+    assert sorted(table) == ["Arts", "Biology and health sciences", "Mathematics", "tiny", "two"]
+    tiny = table["tiny"]
+    assert tiny["n_train"] + tiny["n_heldout"] == 12 and 0 < tiny["n_heldout"] < 20
+    assert f"held-out figures from {tiny['n_heldout']} text(s) only" in tiny["note"]
+    assert all(table[d]["note"] is None for d in ("Arts", "Biology and health sciences", "Mathematics"))
+    assert table["two"]["folder"] is None and table["two"]["note"] == "skipped: 2 text(s), an SAE needs at least 3"
+    assert f"domain 'tiny' has 12 texts: its held-out figures will rest on {tiny['n_heldout']} of them (under 20)" in caplog.text
+    assert "domain 'Arts' has" not in caplog.text
+    md = (out / "domains.md").read_text().splitlines()
+    assert md[0].endswith("| note |")
+    assert next(line for line in md if line.startswith("| tiny | tiny |")).endswith(f"| {tiny['note']} |")
+    assert "| two | - | - |" in "\n".join(md)
+
+
 def test_a_run_with_a_prompt_reports_to_tensorboard(wiki_small, tmp_path):
     # base_model_kwargs (a dict) went into TensorBoard's hyper-parameters, which refuse dicts:
     # every run with --prompt/--prompt-name/--truncate-dim and the default --report-to crashed
