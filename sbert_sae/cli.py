@@ -777,10 +777,20 @@ def cmd_search(args) -> int:
         return 0
     active = index.query_features(args.query, top=6)
     print("query features: " + "; ".join(f"#{f} {label or '(no label)'} {v:.2f}" for f, v, label in active))
+    # A family steers as one direction, its members' mean, at the strength given: it is shown as
+    # one target, not as each member at its share (42 lines of "strength 0.0142857" for 0.6).
+    families = {name: ids for name, ids in st.resolved.items() if name.startswith("family:")}
+    alone = {f for name, ids in st.resolved.items() if not name.startswith("family:") for f in ids}
     if st.features:
-        for role, ids in (("up", st.up), ("down", st.down), ("clamp", st.clamp)):
+        for role, given, ids in (("up", up, st.up), ("down", down, st.down), ("clamp", clamp, st.clamp)):
+            for name, s in given.items():
+                if name in families:
+                    members = families[name]
+                    shown = "; ".join(f"#{f} {labels[f] or '(no label)'}" for f in members[:3]) + ("; ..." if len(members) > 3 else "")
+                    print(f"{role:>5} {name} ({len(members)} features, their mean direction: {shown}) {'value' if role == 'clamp' else 'strength'} {s:g}")
             for f, s in ids.items():
-                print(f"{role:>5} #{f} {labels[f] or '(no label)'} {'value' if role == 'clamp' else 'strength'} {s:g}")
+                if f in alone or not any(f in members for members in families.values()):
+                    print(f"{role:>5} #{f} {labels[f] or '(no label)'} {'value' if role == 'clamp' else 'strength'} {s:g}")
         for name, ids in st.resolved.items():
             if not name.isdigit() and len(ids) == 1 and not name.startswith("family:"):
                 print(f"      {name!r} read as #{ids[0]} {labels[ids[0]] or ''}")
@@ -793,9 +803,13 @@ def cmd_search(args) -> int:
         room = max(40, width - len(head) - 2)
         print(f"{head}  {text[:room - 1] + '…' if len(text) > room else text}")
     if st.features:
+        for name, members in families.items():
+            n = sum(any(hit.steered[f] > 0 for f in members) for hit in result.hits)
+            print(f"{name} (any of its {len(members)} features) fires in {n} of {len(result.hits)} hits")
         for f in st.features:
-            n = sum(hit.steered[f] > 0 for hit in result.hits)
-            print(f"#{f} fires in {n} of {len(result.hits)} hits")
+            if f in alone or not any(f in members for members in families.values()):
+                n = sum(hit.steered[f] > 0 for hit in result.hits)
+                print(f"#{f} fires in {n} of {len(result.hits)} hits")
     return 0
 
 

@@ -286,6 +286,28 @@ def test_search_command(labelled_run, capsys, index):
     assert "give the activation to set" in capsys.readouterr().err
 
 
+def test_search_command_shows_a_family_as_one_target_at_its_strength(labelled_run, capsys, index, tmp_path):
+    # `--down family:P --strength 0.6` printed each member as its own target at its share of
+    # the strength ("down #12 ... strength 0.2", a line a member, 42 lines for a family of 42),
+    # as if the strength asked for had not been used; the family is now one line at 0.6.
+    import shutil
+
+    from sbert_sae.families import FAMILIES_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    parent, *children = (int(f) for f in np.argsort(-index.fire_counts)[:3])
+    family = Family(parent=parent, children=children, under=[parent, parent], depth=[1, 1])
+    (run / FAMILIES_FILE).write_text(json.dumps({"families": [family.to_dict()]}))
+    capsys.readouterr()
+    assert main(["search", str(run), "cells and proteins", "--down", f"family:{parent}", "--strength", "0.6", "--top", "3", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert f" down family:{parent} (3 features, their mean direction: #{parent} " in text
+    assert text.count("strength") == 1 and "strength 0.6\n" in text
+    assert re.search(rf"^family:{parent} \(any of its 3 features\) fires in \d of 3 hits$", text, re.M)
+    assert not re.search(r"^#\d+ fires in", text, re.M)
+
+
 def test_steering_evaluation_against_rewriting(index, tmp_path):
     from sbert_sae.steering_eval import comparison_table, draw_triples, evaluate_steering, plot_steering, success_at_cosine
 
