@@ -555,7 +555,9 @@ def write_domain_table(out_dir: Path, results: list[RunResult], skipped: list[tu
     lines = ["| domain | folder | " + " | ".join(keys) + " | note |", "|" + "---|" * (len(keys) + 3)]
     for row in rows:
         cells = [f"{row[k]:.4f}" if isinstance(row[k], float) else "-" if row[k] is None else str(row[k]) for k in keys]
-        lines.append(f"| {row['domain']} | {row['folder'] or '-'} | " + " | ".join(cells) + f" | {row['note'] or ''} |")
+        # A "|" in a domain's name ("database|sql") would end its cell and shift the row's columns.
+        name = row["domain"].replace("|", "\\|")
+        lines.append(f"| {name} | {row['folder'] or '-'} | " + " | ".join(cells) + f" | {row['note'] or ''} |")
     text = "\n".join(lines) + "\n"
     atomic_write(out_dir / "domains.md", lambda tmp: Path(tmp).write_text(text))
 

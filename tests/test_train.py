@@ -643,6 +643,22 @@ def test_per_domain_marks_a_domain_too_small_to_compare_and_lists_one_skipped(wi
     assert "| two | - | - |" in "\n".join(md)
 
 
+def test_domains_md_keeps_its_columns_for_a_domain_named_with_a_bar(tmp_path):
+    # A domain named "database|sql" (a value of a user's section column) ended its cell at the
+    # "|", so its row of domains.md had a column more than the header and every figure shifted.
+    import re
+
+    from sbert_sae.pipeline import RunResult, write_domain_table
+
+    results = [RunResult(name, tmp_path / folder, {"n_train": 40, "n_heldout": 30, "heldout_fvu": 0.5}) for name, folder in (("database|sql", "database-sql"), ("games", "games"))]
+    write_domain_table(tmp_path, results, skipped=[("a|b", 2)])
+    lines = (tmp_path / "domains.md").read_text().splitlines()
+    cells = [re.split(r"(?<!\\)\|", line) for line in lines]
+    assert len({len(row) for row in cells}) == 1, lines
+    assert cells[2][1].strip() == "database\\|sql" and cells[2][5].strip() == "0.5000"
+    assert cells[4][1].strip() == "a\\|b"
+
+
 def test_a_run_with_a_prompt_reports_to_tensorboard(wiki_small, tmp_path):
     # base_model_kwargs (a dict) went into TensorBoard's hyper-parameters, which refuse dicts:
     # every run with --prompt/--prompt-name/--truncate-dim and the default --report-to crashed
