@@ -322,15 +322,27 @@ def _read_checkpoint(path: Path, signature: dict, n_latents: int, out_dir: Path)
     for name in ("samples_since_fired", "epoch_fires"):
         if trainer_tensors[name].shape != (n_latents,):
             raise ValueError(f"{name} has shape {tuple(trainer_tensors[name].shape)}")
+    scaler_state = state.get("grad_scaler")
+    if scaler_state is not None:
+        scale, tracker = scaler_state["scale"], scaler_state["_growth_tracker"]
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0 and isinstance(tracker, int) and tracker >= 0):
+            raise ValueError(f"grad_scaler holds scale {scale!r}, growth tracker {tracker!r}")
     return model_state, opt_state, groups, trainer_tensors, state
 
 
-def _restore_checkpoint(path: Path, sae: SparseAutoencoder, optimizer, signature: dict, out_dir: Path) -> tuple[dict, dict]:
-    """Load the checkpoint at `path` into `sae` and `optimizer`; its state and trainer tensors.
-    ResumeError when it belongs to a run with other settings."""
+def _restore_checkpoint(path: Path, sae: SparseAutoencoder, optimizer, signature: dict, out_dir: Path, scaler=None) -> tuple[dict, dict]:
+    """Load the checkpoint at `path` into `sae`, `optimizer` and the fp16 gradient `scaler`
+    (None: no loss scaling); its state and trainer tensors. ResumeError when it belongs to a
+    run with other settings."""
     model_state, opt_state, groups, trainer_tensors, state = _read_checkpoint(path, signature, sae.config.n_latents, out_dir)
     sae.load_state_dict(model_state)
     _load_optimizer(optimizer, opt_state, groups)
+    if scaler is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
+    elif scaler is not None:
+        # A checkpoint written before the scaler's state was saved: the run goes on, but not
+        # as the uninterrupted one would (its first steps may be skipped until the scale fits).
+        logger.warning("checkpoint %s holds no fp16 loss scale: the loss scale starts again at %g", path, scaler.get_scale())
     return state, trainer_tensors
 
 
@@ -694,12 +706,15 @@ def train(
     start_step = 0
     dead_features = torch.zeros(0, dtype=torch.long, device=dev)
 
+    # fp16 on an accelerator scales the loss (GradScaler); the scale and its growth count are
+    # part of the run's state, so checkpoints carry them (None: bf16, fp32, or fp16 on a CPU).
+    scaler = accelerator.scaler if accelerator.scaler is not None and accelerator.scaler.is_enabled() else None
     log_path = out_dir / "train_log.jsonl"
     checkpoints = list_checkpoints(out_dir) if resume else []
     restored = None
     for path in reversed(checkpoints):
         try:
-            restored = _restore_checkpoint(path, sae, optimizer, signature, out_dir)
+            restored = _restore_checkpoint(path, sae, optimizer, signature, out_dir, scaler)
             break
         except SbertSaeError:
             raise
@@ -825,11 +840,14 @@ def train(
             # Only the main process writes, from its own copy of the (identical) state; the
             # others need not wait for it, so it may skip one when the last is recent.
             if time.monotonic() - last_checkpoint >= args.checkpoint_min_seconds:
+                checkpoint_state = {"global_step": step, "epoch": epoch, "signature": signature, "total_steps": total_steps}
+                if scaler is not None:
+                    checkpoint_state["grad_scaler"] = scaler.state_dict()  # five numbers: JSON, as the rest of state.json
                 save_checkpoint(
                     out_dir,
                     unwrapped,
                     optimizer,
-                    {"global_step": step, "epoch": epoch, "signature": signature, "total_steps": total_steps},
+                    checkpoint_state,
                     {"samples_since_fired": samples_since_fired, "epoch_fires": epoch_fires, "dead_features": dead_features},
                     args.keep_checkpoints,
                 )

@@ -122,7 +122,7 @@ def test_missing_dataset_is_named(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_per_domain_trains_one_sae_per_domain(wiki_small, tmp_path):
+def test_per_domain_trains_one_sae_per_domain(wiki_small, tmp_path, capsys):
     out = tmp_path / "domains"
     assert run_cli("train", "--dataset", wiki_small, "--out", out, "--domain-column", "topic", "--per-domain", *SMALL) == 0
     table = json.loads((out / "domains.json").read_text())
@@ -136,6 +136,13 @@ def test_per_domain_trains_one_sae_per_domain(wiki_small, tmp_path):
     # Each domain starts from its own random decoder (one seed for all would make them look alike).
     seeds = {json.loads((out / row["folder"] / "training_args.json").read_text())["training"]["seed"] for row in table}
     assert len(seeds) == len(table)
+    # The run's own folder holds no SAE: each command that takes an SAE said what the folder
+    # lacked ("has no config.json"; search and families: "pass --dataset", which led nowhere).
+    capsys.readouterr()
+    for command in (["label", out, "--dataset", wiki_small], ["families", out], ["search", out, "a query"], ["info", out], ["compare", out / "arts", out]):
+        assert run_cli(*command) == 2
+        err = capsys.readouterr().err
+        assert f"{out} holds a --per-domain run: its SAEs, one per domain, are in its sub-folders (arts, biology-and-health-sciences, mathematics): name one, e.g. {out / 'arts'}" in err, err
 
 
 def test_one_domain(wiki_small, tmp_path):
@@ -162,6 +169,62 @@ def test_interrupted_run_resumes_to_the_same_model(wiki_small, tmp_path, trainin
     resumed = SparseAutoencoder.from_pretrained(tmp_path / "broken").state_dict()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
+
+
+def _fp16_scaling_accelerator(args, out):
+    """The Accelerator an fp16 run gets on a GPU, on this CPU: Accelerate gives fp16 on a CPU
+    no loss scaling (its `scaler` is None, no autocast), so the test hands it a real CPU
+    `GradScaler` and turns on its fp16 autocast; backward, the optimiser step and clipping then
+    go through the scaler as they do on a GPU. A huge initial scale makes the first steps
+    overflow (skipped, scale backed off) and a short growth interval makes it grow again."""
+    from sbert_sae.trainer import make_accelerator
+
+    accelerator = make_accelerator(args, out, device="cpu")
+    assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30, growth_interval=4)
+    accelerator.native_amp = True
+    return accelerator
+
+
+def test_an_interrupted_fp16_run_resumes_with_its_loss_scale(tmp_path, training_crashes_at_step, caplog):
+    """The fp16 loss scale and its growth count were not in checkpoints: a resumed run started
+    again at the initial scale, skipped steps the uninterrupted run took, and ended elsewhere.
+    They are now in state.json (JSON, no pickle), restored on resume; a checkpoint without
+    them (an older fp16 run) still resumes, saying the scale starts again."""
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 3, size=16)).astype(np.float32)
+    args = TrainingArguments(epochs=4, batch_size=32, report_to="none", show_progress=False, checkpoint_every=5, checkpoint_min_seconds=0, mixed_precision="fp16", grad_clip=0.5, seed=3)
+
+    def run(out, resume=False):
+        accelerator = _fp16_scaling_accelerator(args, out)
+        result = train(SparseAutoencoderConfig(d_in=16, n_latents=64, k=4), args, x, np.arange(20, 300), np.arange(20), out, resume=resume, accelerator=accelerator)
+        return result, accelerator.scaler.state_dict()
+
+    whole, whole_scaler = run(tmp_path / "whole")
+    assert whole_scaler["scale"] < 2.0**30, "no step overflowed: loss scaling was not exercised"
+    with training_crashes_at_step(20), pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "broken")
+    saved = json.loads((tmp_path / "broken" / "checkpoints" / "step-000000015" / "state.json").read_text())
+    assert saved["grad_scaler"]["scale"] < 2.0**30 and saved["grad_scaler"]["growth_interval"] == 4
+    shutil.copytree(tmp_path / "broken", tmp_path / "old")
+
+    resumed, resumed_scaler = run(tmp_path / "broken", resume=True)
+    assert resumed_scaler == whole_scaler
+    for name, tensor in whole.sae.state_dict().items():
+        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+
+    # A checkpoint written before the scale was saved resumes, from the initial scale.
+    for path in (tmp_path / "old" / "checkpoints").iterdir():
+        state = json.loads((path / "state.json").read_text())
+        del state["grad_scaler"]
+        (path / "state.json").write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="sbert_sae.trainer"):
+        old, _ = run(tmp_path / "old", resume=True)
+    assert old.steps == whole.steps
+    assert "holds no fp16 loss scale: the loss scale starts again at 1.07374e+09" in caplog.text
 
 
 def test_a_resume_that_is_refused_is_refused_before_any_embedding(wiki_small, tmp_path, capsys, training_crashes_at_step):
