@@ -933,6 +933,21 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _refuse_a_per_domain_folder(folder: str | None) -> None:
+    """The folder of a `train --per-domain` run holds no SAE of its own, only its domains' (and
+    domains.md): each command named it by what it lacked ("has no config.json", "pass
+    --dataset"), and following that advice got nowhere. It is named for what it is."""
+    if not isinstance(folder, str) or not os.path.isdir(folder):
+        return
+    path = Path(folder)
+    if not (path / "domains.json").is_file() or (path / "config.json").exists():
+        return
+    domains = sorted(sub.name for sub in path.iterdir() if (sub / "config.json").is_file())
+    shown = ", ".join(domains[:6]) + (f" and {len(domains) - 6} more" if len(domains) > 6 else "")
+    example = f": name one, e.g. {path / domains[0]}" if domains else ""
+    raise InputError(f"{folder} holds a --per-domain run: its SAEs, one per domain, are in its sub-folders ({shown or 'none yet'}){example}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -960,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
             code = relaunch_for_cpu_launcher(list(sys.argv[1:] if argv is None else argv))
             if code is not None:
                 return code
+        for folder in (getattr(args, name, None) for name in ("sae", "run_a", "run_b")):
+            _refuse_a_per_domain_folder(folder)
         code = COMMANDS[args.command](args)
         if argv is None:
             # The program, about to exit (a caller from Python may go on using the group).

@@ -122,7 +122,7 @@ def test_missing_dataset_is_named(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_per_domain_trains_one_sae_per_domain(wiki_small, tmp_path):
+def test_per_domain_trains_one_sae_per_domain(wiki_small, tmp_path, capsys):
     out = tmp_path / "domains"
     assert run_cli("train", "--dataset", wiki_small, "--out", out, "--domain-column", "topic", "--per-domain", *SMALL) == 0
     table = json.loads((out / "domains.json").read_text())
@@ -136,6 +136,13 @@ def test_per_domain_trains_one_sae_per_domain(wiki_small, tmp_path):
     # Each domain starts from its own random decoder (one seed for all would make them look alike).
     seeds = {json.loads((out / row["folder"] / "training_args.json").read_text())["training"]["seed"] for row in table}
     assert len(seeds) == len(table)
+    # The run's own folder holds no SAE: each command that takes an SAE said what the folder
+    # lacked ("has no config.json"; search and families: "pass --dataset", which led nowhere).
+    capsys.readouterr()
+    for command in (["label", out, "--dataset", wiki_small], ["families", out], ["search", out, "a query"], ["info", out], ["compare", out / "arts", out]):
+        assert run_cli(*command) == 2
+        err = capsys.readouterr().err
+        assert f"{out} holds a --per-domain run: its SAEs, one per domain, are in its sub-folders (arts, biology-and-health-sciences, mathematics): name one, e.g. {out / 'arts'}" in err, err
 
 
 def test_one_domain(wiki_small, tmp_path):
