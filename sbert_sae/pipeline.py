@@ -25,7 +25,7 @@ from .base_model import DEFAULT_MODEL
 from .configuration_sbert_sae import SparseAutoencoderConfig
 from .data import TextRows, column_values, domain_row_ids, find_text_rows, flatten_for, load_text_dataset, require_column, split_heldout
 from .embeddings import EmbeddingCache, cache_path, embed_dataset
-from .errors import DatasetError, OutputDirError, ResumeError, SettingsChangedError
+from .errors import ConfigError, DatasetError, OutputDirError, ResumeError, SettingsChangedError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
 from .trainer import TrainingArguments, check_finished_run, check_resume, data_identity, list_checkpoints, make_accelerator, train
 from .utils import atomic_write, check_weights_unchanged, clip, domain_slugs, pause_point, read_json, run_lock, weights_stamp, write_json
@@ -133,6 +133,15 @@ class SaeArguments:
     dead_threshold: int | None = None
     normalize: str = SparseAutoencoderConfig.normalize
     encoder_init_scale: float = SparseAutoencoderConfig.encoder_init_scale
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming an impossible value: what SparseAutoencoderConfig
+        refuses, and a k_aux given larger than n_latents (there are only n_latents features
+        to pick the dead from). Left out, k_aux is 2k, which may exceed a small n_latents
+        (n_latents=64, k=48): the AuxK loss then takes every dead feature, as it always has."""
+        SparseAutoencoderConfig(**dataclasses.asdict(self), d_in=1)
+        if self.k_aux is not None and self.k_aux > self.n_latents:
+            raise ConfigError(f"k_aux={self.k_aux} is larger than n_latents={self.n_latents}: k_aux must be in 1..n_latents")
 
 
 @dataclass
@@ -267,7 +276,7 @@ def run_training(
     them (a sweep trains many SAEs on one corpus), else they are loaded here."""
     out_dir = Path(out_dir)
     train_args.validate()
-    SparseAutoencoderConfig(**dataclasses.asdict(sae_args), d_in=1)  # refuse impossible sizes before any work
+    sae_args.validate()  # refuse impossible sizes before any work
     if data.per_domain and not data.domain_column:
         raise DatasetError("--per-domain needs --domain-column")
     if data.domain is not None and not data.domain_column:

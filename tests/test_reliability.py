@@ -998,7 +998,7 @@ def _trackers(v):
 TRAIN_OPTIONS = {
     "--k": lambda v: _positive(v) and _int(v) <= 6144,
     "--n-latents": lambda v: _positive(v) and _int(v) >= 32,
-    "--k-aux": _positive,
+    "--k-aux": lambda v: _positive(v) and _int(v) <= 6144,  # at most --n-latents (6144), as --k
     "--auxk-coef": lambda v: _float(v) is not None and math.isfinite(_float(v)) and _float(v) >= 0,
     "--dead-threshold": _positive,
     "--epochs": _positive,
@@ -1118,6 +1118,9 @@ def test_fuzzed_families_arguments_give_one_line_naming_the_value(nowhere, optio
     [
         (["train", "--lr", "0"], "sbert-sae: error: --lr must be > 0, got 0.0"),
         (["train", "--k", "64", "--n-latents", "32"], "sbert-sae: error: --k=64 is larger than --n-latents=32: --k must be in 1..--n-latents"),
+        # Was accepted and silently used as n_latents.
+        (["train", "--k-aux", "100", "--n-latents", "64"], "sbert-sae: error: --k-aux=100 is larger than --n-latents=64: --k-aux must be in 1..--n-latents"),
+        (["sweep", "--n", "32,64", "--k", "4", "--k-aux", "100"], "sbert-sae: error: --k-aux=100 is larger than --n=64: --k-aux must be in 1..--n"),
         (["train", "--decay-fraction", "0.9", "--warmup-fraction", "0.5"], "sbert-sae: error: --decay-fraction must be in [0, 1 - --warmup-fraction], got 0.9"),
         (["train", "--report-to", "lr,k"], "sbert-sae: error: --report-to names unknown trackers ['lr', 'k']: use auto, none, or a comma list of "),
         (["train", "--device", "meta"], "sbert-sae: error: --device 'meta' cannot run sbert-sae (use cpu, cuda, cuda:N or mps)"),
@@ -1147,6 +1150,13 @@ def test_a_bad_option_is_named_as_typed_on_the_command_line_and_as_the_field_in_
         TrainingArguments(lr=0).validate()
     with pytest.raises(ConfigError, match=r"^k=64 is larger than n_latents=32"):
         SparseAutoencoderConfig(d_in=8, n_latents=32, k=64)
+    from sbert_sae.pipeline import DataArguments, SaeArguments, run_training
+
+    with pytest.raises(ConfigError, match=r"^k_aux=65 is larger than n_latents=64: k_aux must be in 1\.\.n_latents$"):
+        run_training(DataArguments(dataset=str(nowhere)), SaeArguments(n_latents=64, k=4, k_aux=65), TrainingArguments(), nowhere.parent / "out")
+    SaeArguments(n_latents=64, k=4, k_aux=64).validate()
+    # Left out, k_aux is 2k: above a small n_latents (96 > 64) it is not refused, as it never was.
+    SaeArguments(n_latents=64, k=48).validate()
     with pytest.raises(ConfigError, match=r"^quantile_texts must be >= 0"):
         LabelArguments(quantile_texts=-1).validate()
     with pytest.raises(ConfigError, match=r"^seed must be an integer >= 0, got -1$"):
