@@ -162,6 +162,9 @@ def optimizer_groups(sae: SparseAutoencoder, args: TrainingArguments) -> list[di
 
 
 def resolve_mixed_precision(choice: str, device: torch.device) -> str:
+    if choice == "fp16" and device.type == "cpu":
+        # accelerate takes it without a word and gives it neither autocast nor loss scaling.
+        logger.warning("--mixed-precision fp16 has no effect on a CPU: training runs in fp32 (bf16 is the half precision a CPU runs)")
     if choice != "auto":
         return choice
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -836,3 +836,18 @@ def test_metrics_do_not_depend_on_the_batch_size_and_a_wide_sae_takes_fewer_text
     assert reconstruction_metrics(sae, emb, positions) == whole
     assert max(batches) <= 50 and min(batches) >= 40 and sum(batches) == len(positions)  # equal batches, none of a few texts
     assert all(len(rows) <= 50 for rows, *_ in _blocks(sae, emb, positions, 50))
+
+
+def test_fp16_on_a_cpu_is_said_to_train_in_fp32(caplog):
+    # accelerate gives fp16 on a CPU neither autocast nor a loss scaler, silently: the run
+    # trained in fp32 while its settings said fp16.
+    import torch
+
+    from sbert_sae.trainer import resolve_mixed_precision
+
+    with caplog.at_level("WARNING", logger="sbert_sae.trainer"):
+        resolve_mixed_precision("bf16", torch.device("cpu"))
+        resolve_mixed_precision("no", torch.device("cpu"))
+        assert caplog.text == ""
+        resolve_mixed_precision("fp16", torch.device("cpu"))
+    assert "--mixed-precision fp16 has no effect on a CPU: training runs in fp32" in caplog.text
