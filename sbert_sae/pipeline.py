@@ -438,7 +438,7 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
     train_pos, heldout_pos = cache.positions(train_rows), cache.positions(heldout_rows)
     config = _sae_config(sae_args, data, cache.dim)
     if main:
-        logger.info("training %s: %d texts (%d held out) -> %s", name, len(train_rows), len(heldout_rows), folder)
+        logger.info("training %s: %d texts, %d of them held out -> %s", name, len(train_rows) + len(heldout_rows), len(heldout_rows), folder)
     t0 = time.perf_counter()
     result = train(
         config,

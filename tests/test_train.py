@@ -689,7 +689,7 @@ def test_per_domain_marks_a_domain_too_small_to_compare_and_lists_one_skipped(wi
     field = [t if i >= 14 or t != "Mathematics" else ("tiny" if i < 12 else "two") for i, t in enumerate(ds["topic"])]
     ds.add_column("field", field).save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "domains"
-    with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
+    with caplog.at_level("INFO", logger="sbert_sae.pipeline"):
         assert run_cli("train", "--dataset", tmp_path / "data", "--out", out, "--domain-column", "field", "--per-domain", "--heldout-fraction", "0.4", *SMALL) == 0
     table = {row["domain"]: row for row in json.loads((out / "domains.json").read_text())}
     assert sorted(table) == ["Arts", "Biology and health sciences", "Mathematics", "tiny", "two"]
@@ -700,6 +700,8 @@ def test_per_domain_marks_a_domain_too_small_to_compare_and_lists_one_skipped(wi
     assert table["two"]["folder"] is None and table["two"]["note"] == "skipped: 2 text(s), an SAE needs at least 3"
     assert f"domain 'tiny' has 12 texts: its held-out figures will rest on {tiny['n_heldout']} of them (under 20)" in caplog.text
     assert "domain 'Arts' has" not in caplog.text
+    # The log gave the training texts as the domain's texts: "training tiny: 6 texts (6 held out)" for 12.
+    assert f"training tiny: 12 texts, {tiny['n_heldout']} of them held out -> " in caplog.text
     md = (out / "domains.md").read_text().splitlines()
     assert md[0].endswith("| note |")
     assert next(line for line in md if line.startswith("| tiny | tiny |")).endswith(f"| {tiny['note']} |")
