@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     label_defaults = LabelArguments()
     p = sub.add_parser("label", parents=[common], help="name every feature with KeyBERT (no LLM) and score each name on held-out texts")
     p.add_argument("sae", help="SAE folder (feature_labels.json is written there)")
-    _add_data_arguments(p, with_model=False)
+    _add_data_arguments(p, with_model=False, dataset_help="corpus to label on (default: the texts the SAE was trained on, a domain's SAE's own domain's; other data options apply only with it, but --text-column)")
     g = p.add_argument_group("labelling")
     g.add_argument("--top-texts", type=_positive_int, default=label_defaults.top_texts, help=f"strongest firing texts per feature (default: {label_defaults.top_texts})")
     g.add_argument("--quantile-texts", type=int, default=label_defaults.quantile_texts, help=f"more firing texts across activation quantiles (default: {label_defaults.quantile_texts})")
@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     fam_defaults = FamilyArguments()
     p = sub.add_parser("families", parents=[common], help="group features into families (co-occurrence spanning tree, O'Neill et al. 2024); write families.json and plots")
     p.add_argument("sae", help="SAE run folder (families.json, families_cooccurrence.png and family_graph.png are written there)")
-    _add_data_arguments(p, with_model=False, dataset_help="corpus to count co-occurrences on (default: the one the SAE was trained on; other data options apply only with it)")
+    _add_data_arguments(p, with_model=False, dataset_help="corpus to count co-occurrences on (default: the texts the SAE was trained on, a domain's SAE's own domain's; other data options apply only with it)")
     g = p.add_argument_group("families")
     g.add_argument("--threshold", type=float, default=fam_defaults.threshold, help=f"smallest C_norm = C[i,j]/(C[i,i]+1) that makes an edge (default: {fam_defaults.threshold})")
     g.add_argument("--min-out-degree", type=_positive_int, default=fam_defaults.min_out_degree, help=f"children in the tree a root needs to head a family (default: {fam_defaults.min_out_degree})")
@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("sbert-sae", "sentence-transformers"), default="sbert-sae", help="sentence-transformers: publish a SparseEncoder (base model + this SAE's encoder) that SparseEncoder(REPO_ID) loads without sbert-sae; use its own repo")
     p.add_argument("--activations", action="store_true", help="also push the corpus' sparse activations as a dataset repo")
     p.add_argument("--activations-repo", default=None, help="dataset repo for them (default: REPO_ID-activations)")
-    p.add_argument("--dataset", default=None, nargs="+", help="corpus to encode for --activations, as train's --dataset takes it (default: the one the SAE was trained on)")
+    p.add_argument("--dataset", default=None, nargs="+", help="corpus to encode for --activations, as train's --dataset takes it (default: the texts the SAE was trained on, a domain's SAE's own domain's)")
     p.add_argument("--text-column", default=None, help="its text column (default: the training run's; text with --dataset)")
 
     p = sub.add_parser("release", parents=[common], help="train, label and publish the SAE a recipe describes (hub/recipes/*.yaml), then register it")
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", parents=[common], help="semantic search over a corpus with a query whose SAE features are raised, lowered or clamped")
     p.add_argument("sae", help="SAE run folder (searches the corpus it was trained on) or Hub repo id (needs --dataset)")
     p.add_argument("query", help="the query text")
-    _add_data_arguments(p, with_model=False, dataset_help="corpus to search (default: the one the SAE was trained on; other data options apply only with it)")
+    _add_data_arguments(p, with_model=False, dataset_help="corpus to search (default: the texts the SAE was trained on, a domain's SAE's own domain's; other data options apply only with it)")
     g = p.add_argument_group("steering")
     target = "a feature id, 'family:ID' (the family that feature heads), or a label query ('features about X'); append '=S' for its own strength"
     g.add_argument("--up", action="append", default=[], metavar="FEATURE[=S]", help=f"raise a feature: {target} (repeatable)")
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explore", parents=[common], help="open the explorer web app of an SAE: features, texts, steered search, overview")
     p.add_argument("sae", help="SAE folder, Hub repo id or registry short name")
-    p.add_argument("--dataset", default=None, help="corpus to show texts from (default: the one the SAE was trained on, else its published activations)")
+    p.add_argument("--dataset", default=None, help="corpus to show texts from (default: the texts the SAE was trained on, a domain's SAE's own domain's, else its published activations)")
     p.add_argument("--text-column", default=None, help="the corpus' text column (default: the training run's, else text)")
     p.add_argument("--revision", default=None, help="revision of a Hub repo")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
@@ -554,8 +554,12 @@ def cmd_label(args) -> int:
         repo = not _names_a_folder(args.sae) and not Path(args.sae).exists()
         hint = f" (for a Hub repo, download it first: hf download {args.sae} --local-dir DIR)" if repo else ""
         raise ModelLoadError(f"{args.sae!r} is not a folder here: label writes feature_labels.json into the SAE's folder{hint}")
+    from .families import corpus_arguments
+
     started = time.perf_counter()
-    summary = run_labelling(args.sae, _data_arguments(args), label_args, show_progress=not args.quiet)
+    overrides = {"cache_dir": args.cache_dir, "device": args.device, "embed_batch_size": args.embed_batch_size, "text_column": args.text_column}
+    data = corpus_arguments(args.sae, _data_arguments(args) if args.dataset else None, **overrides)
+    summary = run_labelling(args.sae, data, label_args, show_progress=not args.quiet)
     seconds = time.perf_counter() - started
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(

@@ -279,13 +279,16 @@ class Explorer:
         return None
 
     def _load_dataset_corpus(self, data) -> Corpus:
-        from .pipeline import load_sae_corpus
+        from .pipeline import codes_fingerprint, load_sae_corpus
 
         data, ds, cache = load_sae_corpus(self.sae, self.source, data, show_progress=False)
         texts = DatasetTexts(ds, data.text_column, cache.row_ids)
-        index = SteerableIndex(self.sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path)
+        index = SteerableIndex(self.sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, codes_fingerprint=codes_fingerprint(self.sae, cache))
         index.label_finder = self.label_finder  # one set of label vectors for both tabs, made ready once
         name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
+        domain = cache.meta.get("domain")
+        if domain:  # a domain's SAE's own texts, not the whole dataset: the status line says so
+            name += f" whose {domain['column']} is {domain['value']!r}"
         return Corpus(name, cache.row_ids, texts.get, cache.embeddings, index=index)
 
     def _load_published_corpus(self, link: dict) -> Corpus:
@@ -638,7 +641,7 @@ def _corpus_arguments(training_args: dict | None, dataset: str | None, text_colu
     if dataset is None:
         if not training_args or not training_args.get("data"):
             return None
-        data = DataArguments.of_run(training_args["data"])
+        data = DataArguments.of_training_args(training_args)  # a domain's SAE: its own domain's texts
         if not _openable(data.dataset):
             logger.info("the training dataset %r cannot be opened here", data.dataset)
             return None

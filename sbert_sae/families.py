@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .activations import SparseActivations, corpus_codes, encode_corpus, published_activations
+from .activations import SparseActivations, encode_corpus, published_activations
 from .errors import ConfigError, InputError, ModelLoadError
 from .modeling_sbert_sae import SparseAutoencoder
 from .utils import read_json, round_figure, save_figure, usable_cores
@@ -755,14 +755,16 @@ def compute_families(
     return FamilyResult(families=families, summary=summary, settings=asdict(args), cooccurrence=cooc, n_texts=len(acts))
 
 
-def families_document(result: FamilyResult, sae: SparseAutoencoder | None = None, dataset: str | None = None) -> dict:
-    """The content of `families.json`."""
+def families_document(result: FamilyResult, sae: SparseAutoencoder | None = None, dataset: str | None = None, domain: dict | None = None) -> dict:
+    """The content of `families.json`; `domain` ({"column", "value"}) where the corpus was one
+    domain's texts of `dataset` (a domain's SAE), None where it was all of it."""
     counts = result.counts
     return {
         "version": FAMILIES_VERSION,
         "method": "O'Neill et al. 2024: C = A^T A of binary firing; C_norm[i,j] = C[i,j]/(C[i,i]+1) >= threshold; maximum spanning tree (edge weight max(C_norm[i,j], C_norm[j,i])) oriented dense -> sparse; roots of out-degree > 2 with their DFS subtree, roots removed and repeated; > 3 children; Jaccard deduplication",
         "base_model": sae.config.base_model if sae is not None else None,
         "dataset": dataset,
+        "domain": domain,
         "settings": result.settings,
         "summary": result.summary,
         "families": [fam.to_dict(counts, result.n_texts) for fam in result.families],
@@ -868,7 +870,7 @@ def run_families(
     `families_cooccurrence.png` and `family_graph.png` (the family headed by `plot_family`,
     else `pick_family`'s) there, or nothing without `write`. Returns the result."""
 
-    from .pipeline import load_sae_corpus
+    from .pipeline import cache_codes, load_sae_corpus
     from .utils import check_weights_unchanged, run_lock, weights_stamp, write_json
 
     sae_path = Path(sae_path)
@@ -881,7 +883,7 @@ def run_families(
     data, _, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
     device = data.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sae = sae.to(device)
-    acts = corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress)
+    acts = cache_codes(sae, cache, show_progress=show_progress)
     result = compute_families(acts, args, getattr(sae, "label_data", None), device=device, show_progress=show_progress)
     chosen = pick_family(result.families)
     if plot_family is not None:
@@ -901,7 +903,7 @@ def run_families(
             # families found before: the file and its plots stay, and the caller is told.
             result.summary["kept_existing"] = kept
             return result
-        write_json(sae_path / FAMILIES_FILE, families_document(result, sae, dataset=dataset_name))
+        write_json(sae_path / FAMILIES_FILE, families_document(result, sae, dataset=dataset_name, domain=cache.meta.get("domain")))
         for name in (COOCCURRENCE_PLOT, GRAPH_PLOT):
             (sae_path / name).unlink(missing_ok=True)  # never leave plots of other families beside this file
         if chosen is not None:

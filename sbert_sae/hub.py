@@ -86,7 +86,7 @@ def _read_json(path: Path) -> dict:
 
 
 # What each figure of the card is measured on: the SAE's held-out texts, its training texts,
-# or the texts its labelling kept out to score the labels on (a share of the whole corpus).
+# or the texts its labelling kept out to score the labels on (a share of the corpus it labelled).
 CARD_METRIC_TEXTS = {
     "heldout_fvu": "heldout",
     "heldout_cosine": "heldout",
@@ -104,12 +104,21 @@ def _count(n, what: str) -> str:
     return f"{n:,} {what}" if isinstance(n, int) and not isinstance(n, bool) else what
 
 
+def _corpus_texts(labels: dict) -> str:
+    """The texts a labelling was run on, counted, as `feature_labels.json` records them: a
+    domain's SAE's are its own domain's texts."""
+    n_texts = (labels.get("summary") or {}).get("n_texts")
+    domain = labels.get("domain")
+    if isinstance(domain, dict) and domain.get("value") is not None:
+        return _count(n_texts, f"corpus texts of domain {str(domain['value'])!r} (column {domain.get('column')})")
+    return _count(n_texts, "corpus texts")
+
+
 def _labelling_texts(labels: dict) -> str:
     """The texts a labelling scored its labels on, as `feature_labels.json` records them."""
     fraction = (labels.get("settings") or {}).get("heldout_fraction")
-    n_texts = (labels.get("summary") or {}).get("n_texts")
     share = f"the {fraction:.0%} of " if isinstance(fraction, (int, float)) else "the share of "
-    return share + _count(n_texts, "corpus texts") + " kept out of labelling"
+    return share + _corpus_texts(labels) + " kept out of labelling"
 
 
 def _measured_on(name: str, metrics: dict, labels: dict) -> str:
@@ -149,9 +158,8 @@ def _features_table(labels: dict, top: int = 20, min_firing: int = 5) -> str:
     scored = sorted(solid or scored, key=lambda item: -item[1]["score"]["auroc"])
     if not scored:
         return ""
-    n_texts = (labels.get("summary") or {}).get("n_texts")
     rows = [
-        f"AUROC and firing texts are counted on {_labelling_texts(labels)}; density is the share of all {_count(n_texts, 'corpus texts')} the feature fires on.",
+        f"AUROC and firing texts are counted on {_labelling_texts(labels)}; density is the share of all {_corpus_texts(labels)} the feature fires on.",
         "",
         "| feature | label | held-out AUROC | held-out firing texts | density |",
         "| --- | --- | --- | --- | --- |",
@@ -450,6 +458,14 @@ def push_sae(
 ACTIVATIONS_FILE = "activations.json"
 
 
+def _of_domain(data) -> str:
+    """Which of the dataset's texts `data` (a `pipeline.DataArguments`) holds, when one domain's
+    (a domain's SAE is read on its own domain's texts), for a card's sentence; else ""."""
+    if data.domain is None or not data.domain_column:
+        return ""
+    return f" whose `{data.domain_column}` is `{data.domain}`"
+
+
 def activation_rows(sae, data, batch_size: int = 4096, show_progress: bool = False):
     """One dict per embedded text of `data` (a `pipeline.DataArguments`): `id` (its dataset
     row), `text`, `domain` (when `data.domain_column` is set), and the SAE's firing features,
@@ -549,7 +565,7 @@ def push_activations(
             card = DatasetCard.load(repo_id, repo_type="dataset", token=token)
             card.text = (
                 f"\n# Sparse activations of {sae_repo or 'an sbert-sae SAE'}\n\n"
-                f"One row per text of {dataset_name} ({_source_of_texts(data.text_column, data.json_field)}), encoded by the sparse autoencoder "
+                f"One row per text of {dataset_name} ({_source_of_texts(data.text_column, data.json_field)}){_of_domain(data)}, encoded by the sparse autoencoder "
                 + (f"[`{sae_repo}`](https://huggingface.co/{sae_repo})" if sae_repo else "")
                 + f" (n_latents={sae.config.n_latents}, k={sae.config.k}) on the `{base_model}` embeddings: "
                 "`indices` are the features that fire on the text, strongest first, and `values` their activations; "
@@ -571,13 +587,14 @@ def push_activations(
 
 
 def training_data_arguments(folder: str | Path):
-    """The `DataArguments` a trained run in `folder` was trained with (from `training_args.json`)."""
+    """The `DataArguments` of the texts the run in `folder` was trained on (from
+    `training_args.json`): a domain's SAE's are its own domain's texts (see `DataArguments.of_run`)."""
     from .pipeline import DataArguments
 
     args = _read_json(Path(folder) / "training_args.json")
     if not args.get("data"):
         raise ModelLoadError(f"{folder} has no training_args.json naming its dataset: pass the dataset to use")
-    return DataArguments.of_run(args["data"])
+    return DataArguments.of_training_args(args)
 
 
 def publish(

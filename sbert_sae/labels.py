@@ -1209,13 +1209,15 @@ def _snippet(text: str, limit: int = 300) -> str:
 
 
 # ------------------------------------------------------------------ files
-def feature_labels_document(result: LabelResult, sae: SparseAutoencoder, dataset: str | None = None) -> dict:
-    """The content of `feature_labels.json`."""
+def feature_labels_document(result: LabelResult, sae: SparseAutoencoder, dataset: str | None = None, domain: dict | None = None) -> dict:
+    """The content of `feature_labels.json`; `domain` ({"column", "value"}) where the corpus
+    was one domain's texts of `dataset` (a domain's SAE), None where it was all of it."""
     return {
         "version": LABELS_VERSION,
         "method": "c-TF-IDF n-gram candidates ranked by KeyBERT against the feature's activation-weighted centroid; the 1-3 keywords that best separate firing from non-firing labelling texts (AUROC); scored on held-out texts",
         "base_model": sae.config.base_model,
         "dataset": dataset,
+        "domain": domain,
         "settings": result.settings,
         "summary": result.summary,
         "features": {str(f): entry for f, entry in sorted(result.features.items())},

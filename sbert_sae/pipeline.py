@@ -99,12 +99,23 @@ class DataArguments:
         return bool(self.domain_column) and (self.per_domain or self.domain is not None)
 
     @classmethod
-    def of_run(cls, recorded: dict) -> DataArguments:
-        """The whole corpus a run was trained on (every domain of it), from the `data` entry of
-        its training_args.json; entries this version does not know are left out."""
+    def of_run(cls, recorded: dict, domain: str | None = None) -> DataArguments:
+        """The corpus a run was trained on, from the `data` entry of its training_args.json
+        (entries this version does not know are left out): the texts of `domain` only (the
+        run's recorded `domain`, that of a --domain or --per-domain SAE) when given and the
+        run had a domain column, else the whole corpus. Either way the whole dataset is
+        embedded (one cache for every domain) and the domain's rows are read from it."""
         known = {f.name for f in dataclasses.fields(cls)}
         data = cls(**{k: v for k, v in recorded.items() if k in known})
-        return dataclasses.replace(data, domain=None, per_domain=False)
+        domain = domain if isinstance(domain, str) and data.domain_column else None
+        return dataclasses.replace(data, domain=domain, per_domain=False)
+
+    @classmethod
+    def of_training_args(cls, training_args: dict) -> DataArguments:
+        """The texts the run whose training_args.json is `training_args` was trained on (a
+        domain's SAE: its own domain's), which label, families, search, explore and push
+        --activations read when no dataset is given."""
+        return cls.of_run(training_args["data"], domain=training_args.get("domain"))
 
 
 def run_json_field(recorded: dict, dataset: str | list[str]) -> str | None:
@@ -586,7 +597,9 @@ def _labelling_id(sae_path: Path, cache: EmbeddingCache, label_args) -> str:
     with open(sae_path / "model.safetensors", "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    digest.update(f"{cache.path.name}|{sorted(dataclasses.asdict(label_args).items())}".encode())
+    domain = cache.meta.get("domain")  # a domain's rows of the cache are another corpus
+    corpus = cache.path.name + (f"|domain={domain['column']}={domain['value']}" if domain else "")
+    digest.update(f"{corpus}|{sorted(dataclasses.asdict(label_args).items())}".encode())
     return digest.hexdigest()
 
 
@@ -607,7 +620,46 @@ def load_sae_corpus(sae, sae_path, data: DataArguments, show_progress: bool = Tr
     ds, cache = load_and_embed(data, show_progress=show_progress)
     if cache.dim != sae.config.d_in:
         raise ConfigError(f"{data.model} makes {cache.dim}-d embeddings but {where} reads d_in={sae.config.d_in}")
+    if data.domain is not None and data.domain_column:
+        cache = domain_rows(ds, cache, data)
     return data, ds, cache
+
+
+def domain_rows(ds, cache: EmbeddingCache, data: DataArguments) -> EmbeddingCache:
+    """The rows of `cache` (the whole dataset's embeddings) whose `data.domain_column` is
+    `data.domain`, chosen as training chose them (`domain_row_ids`): a domain's SAE is read
+    on its own domain's texts, from the cache every domain shares (nothing is embedded
+    again). Its `meta["domain"]` names the column and value."""
+    groups = domain_row_ids(ds, data.domain_column, cache.row_ids)
+    if data.domain not in groups:
+        values = [clip(v, 40) for v in sorted(groups)[:20]]
+        raise DatasetError(f"domain {data.domain!r} not found in column {data.domain_column!r} of {_source(data)['dataset']}; values are {values}")
+    rows = groups[data.domain]
+    positions = cache.positions(rows)
+    meta = {**cache.meta, "domain": {"column": data.domain_column, "value": data.domain}}
+    return dataclasses.replace(cache, embeddings=np.asarray(cache.embeddings[positions]), row_ids=rows, meta=meta)
+
+
+def codes_fingerprint(sae, cache: EmbeddingCache) -> str | None:
+    """The name `corpus_codes` keeps the SAE's codes of `cache`'s texts under in its folder:
+    None (the encoder's fingerprint) for the whole dataset, a name of their own for a domain's
+    rows (`domain_rows`), so that the two do not replace each other."""
+    import hashlib
+    import json
+
+    from .activations import encoder_fingerprint
+
+    domain = cache.meta.get("domain")
+    if not domain:
+        return None
+    return f"{encoder_fingerprint(sae)}-domain-{hashlib.sha256(json.dumps(domain, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def cache_codes(sae, cache: EmbeddingCache, show_progress: bool = False):
+    """`corpus_codes` of `cache`'s texts, kept in its folder (see `codes_fingerprint`)."""
+    from .activations import corpus_codes
+
+    return corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress, fingerprint=codes_fingerprint(sae, cache))
 
 
 def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_progress: bool = True) -> dict:
@@ -615,7 +667,6 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
     add the label scores to `metrics.json`. Returns the labelling summary."""
     import torch
 
-    from .activations import corpus_codes
     from .base_model import load_sentence_transformer
     from .labels import LABELS_FILE, LabelArguments, feature_labels_document, label_features, label_metrics
     from .modeling_sbert_sae import SparseAutoencoder
@@ -655,13 +706,13 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
         check_weights_unchanged(sae_path, stamp, "labels")
         result = label_features(
             sae, texts, cache.embeddings, model, label_args, row_ids=cache.row_ids, show_progress=show_progress, done=done, on_block=save_partial,
-            codes=corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress),
+            codes=cache_codes(sae, cache, show_progress=show_progress),
         )
         dataset_name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
         # Two files, each replaced whole, one after the other: a run stopped between them leaves
         # the new labels beside metrics.json's old scores, which `label_scores_disagree` tells
         # (loading warns, push refuses) and a rerun (resumed from the partial file) mends.
-        write_json(sae_path / LABELS_FILE, feature_labels_document(result, sae, dataset=dataset_name), depth=2)  # a feature a line
+        write_json(sae_path / LABELS_FILE, feature_labels_document(result, sae, dataset=dataset_name, domain=cache.meta.get("domain")), depth=2)  # a feature a line
         pause_point("labels", 1)
         metrics_path = sae_path / "metrics.json"
         metrics = read_json(metrics_path) if metrics_path.exists() else {}

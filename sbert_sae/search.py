@@ -381,6 +381,7 @@ class SteerableIndex:
         texts: Sequence[str] | None = None,
         row_ids: np.ndarray | None = None,
         codes_dir: str | Path | None = None,
+        codes_fingerprint: str | None = None,
         device: str | torch.device | None = None,
         backend: str = "auto",
         show_progress: bool = False,
@@ -409,7 +410,9 @@ class SteerableIndex:
         self.label_finder = LabelFinder(sae)
         self._families = None
         self._fire_counts: np.ndarray | None = None
-        self._fingerprint: str | None = None
+        # The name of the codes in codes_dir: the encoder's fingerprint unless given (a domain's
+        # rows of a cache keep theirs apart from the whole dataset's, see pipeline.codes_fingerprint).
+        self._fingerprint: str | None = codes_fingerprint
         if backend == "auto":
             backend = "exact" if shape[0] <= EXACT_SEARCH_MAX_ROWS or not _faiss_available() else "faiss"
         if backend == "faiss" and not _faiss_available():
@@ -470,11 +473,14 @@ class SteerableIndex:
 
     @classmethod
     def _from_data(cls, sae, sae_path, data, *, device, backend, show_progress) -> "SteerableIndex":
-        from .pipeline import load_sae_corpus
+        from .pipeline import codes_fingerprint, load_sae_corpus
 
         data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
         texts = DatasetTexts(ds, data.text_column, cache.row_ids)
-        return cls(sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, device=device, backend=backend, show_progress=show_progress)
+        return cls(
+            sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, codes_fingerprint=codes_fingerprint(sae, cache),
+            device=device, backend=backend, show_progress=show_progress,
+        )
 
     def __len__(self) -> int:
         return int(self._embeddings.shape[0])

@@ -1,0 +1,89 @@
+"""A domain's SAE (train --per-domain / --domain) is labelled, grouped into families, searched,
+explored and published with activations on its own domain's texts when no --dataset is given:
+all of them read the whole dataset, every domain of it, before (a maths SAE's labels chosen from
+arts texts). A --dataset given is still read whole."""
+
+import json
+
+import pytest
+from datasets import load_from_disk
+
+from sbert_sae.cli import main
+
+SMALL = ["--n-latents", "64", "-k", "4", "--epochs", "4", "--batch-size", "32", "-q", "--report-to", "none"]
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def per_domain_run(wiki_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("by-topic") / "run"
+    assert run_cli("train", "--dataset", wiki_small, "--out", out, "--domain-column", "topic", "--per-domain", *SMALL) == 0
+    return out
+
+
+def test_a_domains_labels_come_from_its_own_texts_and_say_so(per_domain_run, wiki_small):
+    topic = load_from_disk(str(wiki_small))["topic"]
+    maths = per_domain_run / "mathematics"
+    assert run_cli("label", maths, "-q", "--top-texts", "10") == 0
+    labels = json.loads((maths / "feature_labels.json").read_text())
+    rows = {r for entry in labels["features"].values() for kind in ("top", "quantile", "hard_negative") for r in (entry.get("examples") or {}).get(kind, [])}
+    assert rows, "no example texts recorded"
+    assert {topic[r] for r in rows} == {"Mathematics"}
+    assert labels["summary"]["n_texts"] == 80  # of the 240 texts, the domain's
+    assert labels["domain"] == {"column": "topic", "value": "Mathematics"}
+
+    # The card says which texts the labels were scored on.
+    from sbert_sae.hub import render_model_card
+
+    card = str(render_model_card(maths, "org/maths"))
+    assert "corpus texts of domain 'Mathematics' (column topic) kept out of labelling" in card, card
+
+
+def test_a_domains_families_are_counted_on_its_own_texts(per_domain_run):
+    arts = per_domain_run / "arts"
+    assert run_cli("families", arts, "-q", "--threshold", "0.01", "--min-children", "1", "--min-out-degree", "1") == 0
+    families = json.loads((arts / "families.json").read_text())
+    assert families["summary"]["n_texts"] == 80
+    assert families["domain"] == {"column": "topic", "value": "Arts"}
+
+
+def test_an_explicit_dataset_is_read_whole(per_domain_run, wiki_small):
+    arts = per_domain_run / "arts"
+    assert run_cli("label", arts, "--dataset", wiki_small, "-q", "--top-texts", "10") == 0
+    labels = json.loads((arts / "feature_labels.json").read_text())
+    assert labels["domain"] is None
+    assert labels["summary"]["n_texts"] == 240
+
+
+def test_a_domains_search_and_explorer_show_its_own_texts(per_domain_run, wiki_small, capsys):
+    from sbert_sae.explorer_data import Explorer
+
+    topic = load_from_disk(str(wiki_small))["topic"]
+    arts = per_domain_run / "arts"
+    capsys.readouterr()
+    # A query of another domain's: hits of the whole dataset would be its texts.
+    assert run_cli("search", arts, "the derivative of a function and its integral", "--top", "20", "--json", "--device", "cpu") == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 20 and {topic[h["row"]] for h in hits} == {"Arts"}
+    assert run_cli("search", arts, "the derivative of a function and its integral", "--top", "20", "--json", "--device", "cpu", "--dataset", wiki_small) == 0
+    assert "Mathematics" in {topic[h["row"]] for h in json.loads(capsys.readouterr().out)["hits"]}
+
+    explorer = Explorer.open(arts)
+    corpus = explorer.corpus()
+    assert len(corpus) == 80 and {topic[r] for r in corpus.row_ids.tolist()} == {"Arts"}
+    assert "80 texts of " in explorer.corpus_status().message and "whose topic is 'Arts'" in explorer.corpus_status().message
+
+
+def test_a_domains_published_activations_are_of_its_own_texts(per_domain_run, wiki_small, hub):
+    from sbert_sae import SparseAutoencoder
+
+    topic = load_from_disk(str(wiki_small))["topic"]
+    biology = per_domain_run / "biology-and-health-sciences"
+    assert run_cli("push", biology, "org/biology", "--activations", "-q") == 0
+    acts = SparseAutoencoder.from_pretrained("org/biology").load_activations()
+    assert len(acts) == 80 and {topic[r] for r in acts["id"]} == {"Biology and health sciences"}
+    card = hub.files("org/biology-activations", repo_type="dataset")["README.md"].decode()
+    assert "whose `topic` is `Biology and health sciences`" in card, card
