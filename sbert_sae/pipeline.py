@@ -343,7 +343,7 @@ def run_training(
     groups = [group for group in groups if len(group[1]) >= MIN_TEXTS]
     if data.by_domain:
         for name, rows, _ in groups:
-            n_heldout = len(split_heldout(rows, data.heldout_fraction, _domain_training_args(data, train_args, name).seed)[1])
+            n_heldout = len(split_heldout(rows, data.heldout_fraction, train_args.seed)[1])
             if 0 < n_heldout < FEW_HELDOUT:
                 logger.warning(
                     "domain %r has %d texts: its held-out figures will rest on %d of them (under %d), too few to compare it with other domains "
@@ -371,7 +371,7 @@ def run_training(
                 if cache_name is None:
                     cache_name = cache.path.name if cache is not None else embedding_cache_name(texts, data, accelerator)
                 domain_args = _domain_training_args(data, train_args, name)
-                train_rows, _ = split_heldout(rows, data.heldout_fraction, domain_args.seed)
+                train_rows, _ = split_heldout(rows, data.heldout_fraction, train_args.seed)
                 config = _sae_config(sae_args, data, cache.dim if cache is not None else 1)
                 data_id = data_identity(cache_name, np.searchsorted(row_ids, train_rows))
                 try:
@@ -395,7 +395,7 @@ def run_training(
                 results.append(RunResult(name=name, out_dir=folder, metrics={k: v for k, v in metrics.items() if k != "descriptions"}))
                 continue
             domain_args = _domain_training_args(data, train_args, name)
-            result = _train_one(name, rows, folder, cache, data, sae_args, domain_args, accelerator, resume)
+            result = _train_one(name, rows, folder, cache, data, sae_args, domain_args, accelerator, resume, split_seed=train_args.seed)
             if result is not None:
                 results.append(result)
         if main and data.per_domain:
@@ -443,9 +443,13 @@ def _sae_config(sae_args: SaeArguments, data: DataArguments, d_in: int) -> Spars
     )
 
 
-def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume) -> RunResult | None:
+def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume, split_seed: int) -> RunResult | None:
+    """Train and evaluate one SAE on `rows`. The held-out rows are chosen with `split_seed`, the
+    seed as given, also for a domain of a --per-domain run, whose SAE starts from a seed of
+    its own (`train_args.seed`): a domain's held-out texts are then the same whether it is
+    trained alone (--domain), with the others, or within the whole corpus."""
     main = accelerator.is_main_process
-    train_rows, heldout_rows = split_heldout(rows, data.heldout_fraction, train_args.seed)
+    train_rows, heldout_rows = split_heldout(rows, data.heldout_fraction, split_seed)
     train_pos, heldout_pos = cache.positions(train_rows), cache.positions(heldout_rows)
     config = _sae_config(sae_args, data, cache.dim)
     if main:
@@ -507,7 +511,7 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
         finishing / "split.json",
         {
             "heldout_fraction": data.heldout_fraction,
-            "seed": train_args.seed,
+            "seed": split_seed,
             "n_train": int(len(train_rows)),
             "n_heldout": int(len(heldout_rows)),
             "heldout_row_ids": heldout_rows.tolist(),

@@ -853,3 +853,25 @@ def test_fp16_on_a_cpu_is_said_to_train_in_fp32(caplog):
         assert caplog.text == ""
         resolve_mixed_precision("fp16", torch.device("cpu"))
     assert "--mixed-precision fp16 has no effect on a CPU: training runs in fp32" in caplog.text
+
+
+def test_a_domain_holds_out_the_same_texts_alone_with_the_others_and_in_the_whole_corpus(wiki_small, tmp_path):
+    # --per-domain gives each domain's SAE a seed of its own (its own initial decoder), and the
+    # held-out texts were drawn with it too: the Mathematics texts held out by --per-domain were
+    # not those of --domain Mathematics, nor the Mathematics texts the all-domains run held out,
+    # so the SAEs' held-out figures were measured on different texts.
+    from datasets import load_from_disk
+
+    common = ["--dataset", wiki_small, "--domain-column", "topic", *SMALL, "--epochs", "1", "--seed", "3"]
+    assert run_cli("train", "--out", tmp_path / "per", "--per-domain", *common) == 0
+    assert run_cli("train", "--out", tmp_path / "alone", "--domain", "Mathematics", *common) == 0
+    assert run_cli("train", "--out", tmp_path / "whole", *common) == 0
+
+    def heldout(folder):
+        split = json.loads((folder / "split.json").read_text())
+        assert split["seed"] == 3
+        return set(split["heldout_row_ids"])
+
+    maths = {i for i, topic in enumerate(load_from_disk(str(wiki_small))["topic"]) if topic == "Mathematics"}
+    assert heldout(tmp_path / "per" / "mathematics") == heldout(tmp_path / "alone") == heldout(tmp_path / "whole") & maths
+    assert heldout(tmp_path / "alone")
