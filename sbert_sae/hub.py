@@ -17,7 +17,7 @@ from pathlib import Path
 from .configuration_sbert_sae import SparseAutoencoderConfig
 from .errors import ConfigError, HubError, ModelLoadError, SbertSaeError
 from .evaluation import METRIC_DESCRIPTIONS
-from .utils import dumps_json, read_json
+from .utils import dumps_json, markdown_cell, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +140,11 @@ def _metrics_table(metrics: dict, labels: dict | None = None) -> str:
         if value is None:
             continue
         meaning = METRIC_DESCRIPTIONS.get(name, {"label_auroc_mean": "mean AUROC of the labels predicting where their feature fires", "label_auroc_median": "median of the same", "label_auroc_share_above_0.8": "share of labelled features with AUROC >= 0.8"}.get(name, ""))
-        meaning = meaning.replace("|", "\\|")
         if isinstance(value, float) and not value.is_integer():
             value = f"{value:#.4g}"  # 0.3100, not 0.31: four significant digits, always shown
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = int(value)
-        rows.append(f"| `{name}` | {value} | {_measured_on(name, metrics, labels or {})} | {meaning} |")
+        rows.append(f"| `{name}` | {value} | {markdown_cell(_measured_on(name, metrics, labels or {}))} | {markdown_cell(meaning)} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
@@ -165,8 +164,7 @@ def _features_table(labels: dict, top: int = 20, min_firing: int = 5) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for f, e in scored[:top]:
-        label = str(e["label"]).replace("|", "\\|")
-        rows.append(f"| {f} | {label} | {e['score']['auroc']:.3f} | {e['score'].get('n_firing', '')} | {e.get('density', 0):.4f} |")
+        rows.append(f"| {f} | {markdown_cell(e['label'])} | {e['score']['auroc']:.3f} | {e['score'].get('n_firing', '')} | {e.get('density', 0):.4f} |")
     return "\n".join(rows)
 
 

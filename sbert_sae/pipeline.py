@@ -28,7 +28,7 @@ from .embeddings import EmbeddingCache, cache_path, embed_dataset
 from .errors import ConfigError, DatasetError, OutputDirError, ResumeError, SettingsChangedError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
 from .trainer import TrainingArguments, check_finished_run, check_resume, data_identity, list_checkpoints, make_accelerator, train
-from .utils import atomic_write, check_weights_unchanged, clip, domain_slugs, pause_point, read_json, run_lock, weights_stamp, write_json
+from .utils import atomic_write, check_weights_unchanged, clip, domain_slugs, markdown_cell, pause_point, read_json, run_lock, weights_stamp, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -579,9 +579,7 @@ def write_domain_table(out_dir: Path, results: list[RunResult], skipped: list[tu
     lines = ["| domain | folder | " + " | ".join(keys) + " | note |", "|" + "---|" * (len(keys) + 3)]
     for row in rows:
         cells = [f"{row[k]:.4f}" if isinstance(row[k], float) else "-" if row[k] is None else str(row[k]) for k in keys]
-        # A "|" in a domain's name ("database|sql") would end its cell and shift the row's columns.
-        name = row["domain"].replace("|", "\\|")
-        lines.append(f"| {name} | {row['folder'] or '-'} | " + " | ".join(cells) + f" | {row['note'] or ''} |")
+        lines.append(f"| {markdown_cell(row['domain'])} | {row['folder'] or '-'} | " + " | ".join(cells) + f" | {markdown_cell(row['note'] or '')} |")
     text = "\n".join(lines) + "\n"
     atomic_write(out_dir / "domains.md", lambda tmp: Path(tmp).write_text(text))
 

@@ -494,6 +494,12 @@ def clip(text: str, keep: int) -> str:
     return text if len(text) <= keep else text[:keep] + "…"
 
 
+def markdown_cell(value) -> str:
+    """`value` as the text of one cell of a Markdown table: a "|" in it (a domain "database|sql",
+    a label) would end the cell and shift the row's columns, and a line break would end the row."""
+    return re.sub(r"[\r\n]+", " ", str(value)).replace("|", "\\|")
+
+
 def slugify(value: str) -> str:
     """A folder-safe name for a domain value ("Biology & health sciences" -> "biology-health-sciences")."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", value).strip("-").lower()

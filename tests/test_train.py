@@ -716,12 +716,14 @@ def test_domains_md_keeps_its_columns_for_a_domain_named_with_a_bar(tmp_path):
     from sbert_sae.pipeline import RunResult, write_domain_table
 
     results = [RunResult(name, tmp_path / folder, {"n_train": 40, "n_heldout": 30, "heldout_fvu": 0.5}) for name, folder in (("database|sql", "database-sql"), ("games", "games"))]
-    write_domain_table(tmp_path, results, skipped=[("a|b", 2)])
+    write_domain_table(tmp_path, results, skipped=[("a|b", 2), ("two\nlines", 1)])
     lines = (tmp_path / "domains.md").read_text().splitlines()
     cells = [re.split(r"(?<!\\)\|", line) for line in lines]
     assert len({len(row) for row in cells}) == 1, lines
     assert cells[2][1].strip() == "database\\|sql" and cells[2][5].strip() == "0.5000"
     assert cells[4][1].strip() == "a\\|b"
+    # a line break in a name ended the row there
+    assert cells[5][1].strip() == "two lines" and len(lines) == 6
 
 
 def test_a_run_with_a_prompt_reports_to_tensorboard(wiki_small, tmp_path):
