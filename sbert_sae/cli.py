@@ -526,7 +526,7 @@ def cmd_train(args) -> int:
         out = Path(args.out)
         where = f"{out}/" if all(r.out_dir == out for r in results) else f"one folder per domain under {out}/"
         print(f"results: {where} (model.safetensors, config.json, metrics.json, density.png, training_args.json)")
-        if len(results) > 1:
+        if args.per_domain:  # written for one domain too (with the ones skipped as too small)
             print(f"domain comparison: {out / 'domains.md'}")
     if args.push_to_hub:
         from .hub import push_sae

@@ -877,3 +877,16 @@ def test_a_domain_holds_out_the_same_texts_alone_with_the_others_and_in_the_whol
     maths = {i for i, topic in enumerate(load_from_disk(str(wiki_small))["topic"]) if topic == "Mathematics"}
     assert heldout(tmp_path / "per" / "mathematics") == heldout(tmp_path / "alone") == heldout(tmp_path / "whole") & maths
     assert heldout(tmp_path / "alone")
+
+
+def test_per_domain_with_one_domain_left_names_its_table(wiki_small, tmp_path, capsys):
+    # domains.md is written for a --per-domain run of one domain too (the others skipped as too
+    # small are listed in it), but the run named it only when two or more domains were trained.
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(wiki_small))
+    ds.add_column("field", ["few" if i < 2 else "many" for i in range(len(ds))]).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "domains"
+    assert run_cli("train", "--dataset", tmp_path / "data", "--out", out, "--domain-column", "field", "--per-domain", *SMALL, "--epochs", "1") == 0
+    assert f"domain comparison: {out / 'domains.md'}" in capsys.readouterr().out
+    assert "| few | - |" in (out / "domains.md").read_text()
