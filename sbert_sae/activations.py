@@ -164,17 +164,26 @@ def codes_paths(sae: SparseAutoencoder, folder: str | Path, fingerprint: str | N
     return stem.with_suffix(".values.npy"), stem.with_suffix(".indices.npy")
 
 
+def codes_meta_path(values_path: str | Path) -> Path:
+    """Where what a codes file holds (a domain's rows: `{"domain": {column, value}}`) is written
+    beside it: the codes' name is a hash, which `sbert-sae cache list` reads this to explain."""
+    values_path = Path(values_path)
+    return values_path.with_name(values_path.name.removesuffix(".values.npy") + ".meta.json")
+
+
 def corpus_codes(
     sae: SparseAutoencoder,
     embeddings: np.ndarray,
     folder: str | Path | None = None,
     show_progress: bool = False,
     fingerprint: str | None = None,
+    meta: dict | None = None,
 ) -> SparseActivations:
     """`encode_corpus`, kept in `folder` (the corpus' embedding cache) and read back from there
     (memory-mapped) by every later caller with the same encoder: labelling, families, search
     and the explorer encode a corpus once between them (16 s each for 220k texts, n=9216, on
-    2 CPU cores). Without `folder`, or where it cannot be written, the codes are computed."""
+    2 CPU cores). Without `folder`, or where it cannot be written, the codes are computed.
+    `meta` (which rows the codes are of, see `codes_meta_path`) is written beside them."""
     paths = None if folder is None else codes_paths(sae, folder, fingerprint)
     if paths is not None and all(p.exists() for p in paths):
         try:
@@ -185,6 +194,8 @@ def corpus_codes(
             if values.shape == (len(embeddings), sae.config.k) and indices.shape == values.shape:
                 with contextlib.suppress(OSError):  # when they were last used (`sbert-sae cache remove --codes --older-than`)
                     os.utime(paths[0])
+                if meta and not codes_meta_path(paths[0]).exists():  # codes kept before their meta was written
+                    _write_codes_meta(paths[0], meta)
                 return SparseActivations(values=values, indices=indices, n_latents=sae.config.n_latents)
     codes = encode_corpus(sae, embeddings, show_progress=show_progress)
     if paths is not None:
@@ -195,7 +206,19 @@ def corpus_codes(
                 atomic_write(path, lambda tmp, a=array: save_npy(tmp, a))
         except OSError as err:  # a read-only cache still works, it only recomputes next time
             logger.warning("could not keep the corpus codes in %s: %s", folder, err)
+        else:
+            if meta:
+                _write_codes_meta(paths[0], meta)
     return codes
+
+
+def _write_codes_meta(values_path: Path, meta: dict) -> None:
+    from .utils import write_json
+
+    try:
+        write_json(codes_meta_path(values_path), meta)
+    except OSError as err:  # the codes still work; the listing only names them by their hash
+        logger.warning("could not write %s: %s", codes_meta_path(values_path), err)
 
 
 def save_npy(path: str, array: np.ndarray) -> None:

@@ -3,7 +3,8 @@
 Three things grow without bound, one entry per input:
 
 - embedding caches, `<cache>/embeddings/<id>/` (`embed_dataset`): a dataset's vectors, with
-  the corpus' top-k codes by each SAE run on it (`codes-<digest>.values.npy/.indices.npy`);
+  the corpus' top-k codes by each SAE run on it (`codes-<digest>.values.npy/.indices.npy`,
+  and for a domain's rows `codes-<digest>.meta.json`, which names the domain);
 - label vectors, `<cache>/label-vectors/<id>.npy` (`sbert-sae search` by label);
 - the records a dotted `--json-field` found, `$HF_DATASETS_CACHE/sbert_sae_json_records/<id>/`.
 
@@ -43,6 +44,9 @@ class CodesFiles:
     rows: int | None
     k: int | None
     last_used: float
+    domain: dict | None = None
+    """A domain's SAE's codes of its own domain's rows: the domain's {column, value}; None for
+    the whole dataset's (and codes kept before their meta file was written)."""
 
 
 @dataclass
@@ -231,14 +235,23 @@ def _embedding_entry(folder: Path) -> CacheEntry:
 
 
 def _codes_files(folder: Path) -> list[CodesFiles]:
+    from .activations import codes_meta_path
+
     found: dict[str, list[Path]] = {}
-    for path in folder.glob("codes-*.npy"):
-        digest = path.name[len("codes-") :].split(".")[0]
-        found.setdefault(digest, []).append(path)
+    for path in folder.glob("codes-*"):
+        if path.name.endswith((".npy", ".meta.json")):  # the meta file goes with its codes (`remove --codes`)
+            digest = path.name[len("codes-") :].split(".")[0]
+            found.setdefault(digest, []).append(path)
     codes = []
     for digest, paths in sorted(found.items()):
-        header = _npy_shape(folder / f"codes-{digest}.values.npy")
+        values_path = folder / f"codes-{digest}.values.npy"
+        header = _npy_shape(values_path)
         rows, k = (header[0] + (None, None))[:2] if header is not None else (None, None)
+        try:
+            meta = read_json(codes_meta_path(values_path))
+        except (OSError, ValueError):  # none (the whole dataset's, or older codes) or unreadable
+            meta = None
+        domain = meta.get("domain") if isinstance(meta, dict) else None
         codes.append(
             CodesFiles(
                 digest=digest,
@@ -247,6 +260,7 @@ def _codes_files(folder: Path) -> list[CodesFiles]:
                 rows=rows,
                 k=k,
                 last_used=max(p.stat().st_mtime for p in paths),
+                domain=domain if isinstance(domain, dict) else None,
             )
         )
     return codes
@@ -385,7 +399,7 @@ def _remove_one(entry: CacheEntry, paths: list[Path], size: int, name: str, resu
         trash = root / TRASH / f"{entry.id}.{uuid.uuid4().hex[:8]}"
         try:
             trash.mkdir(parents=True)
-            for path in paths:  # codes: values and indices, each renamed whole
+            for path in paths:  # codes: values, indices (and meta), each renamed whole
                 os.replace(path, trash / path.name)
         except OSError as err:
             result.skipped.append(f"{name}: cannot be moved aside ({err.strerror or err}); left in place")
@@ -444,7 +458,8 @@ def describe(entry: CacheEntry) -> list[str]:
             lines.append("    " + ", ".join(what))
         for c in entry.codes:
             shape = f"{c.rows} x k={c.k}" if c.rows is not None else "unreadable"
-            lines.append(f"    codes {c.digest}: {shape}, {format_size(c.size)}, used {format_time(c.last_used)}")
+            of_domain = f", domain {str(c.domain.get('value'))!r} (column {c.domain.get('column')})" if c.domain else ""
+            lines.append(f"    codes {c.digest}: {shape}{of_domain}, {format_size(c.size)}, used {format_time(c.last_used)}")
     elif entry.kind == "json-records":
         lines.append(f"    --json-field {d.get('json_field', '?')}, splits {', '.join(d.get('splits') or ['-'])}")
     return lines

@@ -279,11 +279,11 @@ class Explorer:
         return None
 
     def _load_dataset_corpus(self, data) -> Corpus:
-        from .pipeline import codes_fingerprint, load_sae_corpus
+        from .pipeline import codes_fingerprint, codes_meta, load_sae_corpus
 
         data, ds, cache = load_sae_corpus(self.sae, self.source, data, show_progress=False)
         texts = DatasetTexts(ds, data.text_column, cache.row_ids)
-        index = SteerableIndex(self.sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, codes_fingerprint=codes_fingerprint(self.sae, cache))
+        index = SteerableIndex(self.sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, codes_fingerprint=codes_fingerprint(self.sae, cache), codes_meta=codes_meta(cache))
         index.label_finder = self.label_finder  # one set of label vectors for both tabs, made ready once
         name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
         domain = cache.meta.get("domain")

@@ -657,11 +657,18 @@ def codes_fingerprint(sae, cache: EmbeddingCache) -> str | None:
     return f"{encoder_fingerprint(sae)}-domain-{hashlib.sha256(json.dumps(domain, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
+def codes_meta(cache: EmbeddingCache) -> dict | None:
+    """What `corpus_codes` writes beside a domain's codes, for `sbert-sae cache list` to say
+    which rows their hashed name holds: `{"domain": {column, value}}`; None for the whole dataset."""
+    domain = cache.meta.get("domain")
+    return {"domain": domain} if domain else None
+
+
 def cache_codes(sae, cache: EmbeddingCache, show_progress: bool = False):
     """`corpus_codes` of `cache`'s texts, kept in its folder (see `codes_fingerprint`)."""
     from .activations import corpus_codes
 
-    return corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress, fingerprint=codes_fingerprint(sae, cache))
+    return corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress, fingerprint=codes_fingerprint(sae, cache), meta=codes_meta(cache))
 
 
 def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_progress: bool = True) -> dict:

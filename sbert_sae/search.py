@@ -382,6 +382,7 @@ class SteerableIndex:
         row_ids: np.ndarray | None = None,
         codes_dir: str | Path | None = None,
         codes_fingerprint: str | None = None,
+        codes_meta: dict | None = None,
         device: str | torch.device | None = None,
         backend: str = "auto",
         show_progress: bool = False,
@@ -413,6 +414,7 @@ class SteerableIndex:
         # The name of the codes in codes_dir: the encoder's fingerprint unless given (a domain's
         # rows of a cache keep theirs apart from the whole dataset's, see pipeline.codes_fingerprint).
         self._fingerprint: str | None = codes_fingerprint
+        self._codes_meta = codes_meta  # written beside them (`activations.codes_meta_path`)
         if backend == "auto":
             backend = "exact" if shape[0] <= EXACT_SEARCH_MAX_ROWS or not _faiss_available() else "faiss"
         if backend == "faiss" and not _faiss_available():
@@ -473,12 +475,13 @@ class SteerableIndex:
 
     @classmethod
     def _from_data(cls, sae, sae_path, data, *, device, backend, show_progress) -> "SteerableIndex":
-        from .pipeline import codes_fingerprint, load_sae_corpus
+        from .pipeline import codes_fingerprint, codes_meta, load_sae_corpus
 
         data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
         texts = DatasetTexts(ds, data.text_column, cache.row_ids)
         return cls(
-            sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, codes_fingerprint=codes_fingerprint(sae, cache),
+            sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path,
+            codes_fingerprint=codes_fingerprint(sae, cache), codes_meta=codes_meta(cache),
             device=device, backend=backend, show_progress=show_progress,
         )
 
@@ -517,7 +520,7 @@ class SteerableIndex:
         cache, keyed by the SAE's encoder weights, when the index has a cache folder)."""
         if self._codes is None:
             embeddings = self._embeddings.detach().float().cpu().numpy() if isinstance(self._embeddings, torch.Tensor) else self._embeddings
-            self._codes = corpus_codes(self.sae, embeddings, self.codes_dir, show_progress=self.show_progress, fingerprint=self.encoder_fingerprint())
+            self._codes = corpus_codes(self.sae, embeddings, self.codes_dir, show_progress=self.show_progress, fingerprint=self.encoder_fingerprint(), meta=self._codes_meta)
         return self._codes
 
     def codes_paths(self) -> tuple[Path, Path] | None:

@@ -87,3 +87,38 @@ def test_a_domains_published_activations_are_of_its_own_texts(per_domain_run, wi
     assert len(acts) == 80 and {topic[r] for r in acts["id"]} == {"Biology and health sciences"}
     card = hub.files("org/biology-activations", repo_type="dataset")["README.md"].decode()
     assert "whose `topic` is `Biology and health sciences`" in card, card
+
+
+def test_cache_list_names_the_domain_a_domains_codes_are_of(per_domain_run, capsys):
+    """A domain's codes are kept under a hashed name of their own (`codes-<encoder>-domain-<hash>`):
+    `cache list` says which domain's rows they hold, and `cache remove --codes` takes all of their files."""
+    from sbert_sae import SparseAutoencoder
+    from sbert_sae.families import corpus_arguments
+    from sbert_sae.pipeline import cache_codes, load_sae_corpus
+    from sbert_sae.search import SteerableIndex
+
+    def domain_codes() -> list[tuple[dict, dict]]:
+        capsys.readouterr()
+        assert run_cli("cache", "list", "--json") == 0
+        entries = json.loads(capsys.readouterr().out)["entries"]
+        return [(e, c) for e in entries if e["kind"] == "embeddings" for c in e["codes"] if "-domain-" in c["digest"]]
+
+    # Made by label and families (pipeline.cache_codes) and by search and the explorer (SteerableIndex).
+    maths = per_domain_run / "mathematics"
+    sae = SparseAutoencoder.from_pretrained(maths)
+    _, _, cache = load_sae_corpus(sae, maths, corpus_arguments(maths, None), show_progress=False)
+    cache_codes(sae, cache)
+    assert len(SteerableIndex.from_run(per_domain_run / "arts", device="cpu").codes) == 80
+    found = {c["domain"]["value"]: (e, c) for e, c in domain_codes() if c["domain"]}
+    assert {"Mathematics", "Arts"} <= set(found), domain_codes()
+    entry, codes = found["Mathematics"]
+    assert codes["domain"] == {"column": "topic", "value": "Mathematics"} and codes["rows"] == 80
+    assert run_cli("cache", "list") == 0
+    out = capsys.readouterr().out
+    assert f"codes {codes['digest']}: 80 x k=4, domain 'Mathematics' (column topic)," in out, out
+
+    # --codes removes every file of the codes, their meta included; the vectors stay.
+    folder = cache.path
+    assert run_cli("cache", "remove", entry["id"], "--codes", "--yes") == 0
+    assert not list(folder.glob("codes-*")) and (folder / "embeddings.npy").exists()
+    assert domain_codes() == []
