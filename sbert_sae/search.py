@@ -315,12 +315,32 @@ class LabelFinder:
                     self._thresholds = (float("inf"), float("inf"))
                 else:
                     weights = np.concatenate([np.ones(len(pairs)), np.full(len(reference), REFERENCE_PAIRS_WEIGHT / max(len(reference), 1))])
-                    order = np.argsort(values, kind="stable")
-                    cumulative = np.cumsum(weights[order])
-                    cumulative /= cumulative[-1]
-                    near, close = (float(values[order][min(np.searchsorted(cumulative, q), len(values) - 1)]) for q in LABEL_MATCH_QUANTILES)
+                    near, close = weighted_high_quantiles(values, weights, LABEL_MATCH_QUANTILES)
                     self._thresholds = (near, close)
         return self._thresholds
+
+
+def weighted_high_quantiles(values: np.ndarray, weights: np.ndarray, quantiles: Sequence[float]) -> list[float]:
+    """For each quantile q, the smallest of `values` whose own weight and that of every
+    smaller value reach the fraction q of all the `weights` (positive), as sorting them all
+    would give. Only the largest values, the fewest that can hold the weight above the lowest
+    quantile, are sorted (`np.argpartition`): ~2.6M label and word pairs took 0.5-5 s to
+    sort on a shared CPU, for the 99.9th and 99.99th percentiles."""
+    n, lowest = len(values), min(quantiles)
+    total = float(np.sum(weights))
+    # Enough of the largest values to outweigh the fraction above the lowest quantile, however
+    # light each of them is, and two more, so that the lowest quantile's own value is among them.
+    keep = min(n, int(np.ceil((1.0 - lowest) * total / float(np.min(weights)))) + 2)
+    top, below = np.arange(n), 0.0
+    if keep < n // 2:
+        top = np.argpartition(values, n - keep)[n - keep :]
+        below = total - float(np.sum(weights[top]))
+        if below >= lowest * total:  # only where rounding says so: sort them all
+            top, below = np.arange(n), 0.0
+    top = top[np.argsort(values[top], kind="stable")]
+    cumulative = below + np.cumsum(weights[top])
+    cumulative /= cumulative[-1]
+    return [float(values[top][min(np.searchsorted(cumulative, q), len(top) - 1)]) for q in quantiles]
 
 
 def reference_words(model, n: int = REFERENCE_WORDS) -> list[str]:

@@ -176,6 +176,28 @@ def test_a_few_labels_get_cut_offs_that_real_words_reach(index):
     assert sum(m.strength == "near" for m in nonsense) <= 3
 
 
+def test_the_cut_offs_are_those_of_all_the_pairs_sorted(index):
+    """The cut-offs sorted ~2.6M pairs (0.5-5 s); only the largest are sorted now. They are
+    the weighted quantiles a full sort gives, on the test SAE's label and word pairs, and on
+    the same rounded to two decimals (many ties, some across the values the sort keeps)."""
+    from sbert_sae.search import LABEL_MATCH_QUANTILES, REFERENCE_PAIRS_WEIGHT, weighted_high_quantiles
+
+    finder = index.label_finder
+    pairs, reference = finder.label_pair_cosines(), finder.reference_pair_cosines()
+    values = np.concatenate([pairs, reference]).astype(np.float64)
+    weights = np.concatenate([np.ones(len(pairs)), np.full(len(reference), REFERENCE_PAIRS_WEIGHT / len(reference))])
+
+    def sorted_all(values, q):
+        order = np.argsort(values, kind="stable")
+        cumulative = np.cumsum(weights[order]) / np.sum(weights)
+        return float(values[order][np.argmax(cumulative >= q)])
+
+    assert list(finder.thresholds()) == [sorted_all(values, q) for q in LABEL_MATCH_QUANTILES]
+    quantiles = (0.9, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999)
+    for v in (values, np.round(values, 2)):
+        assert weighted_high_quantiles(v, weights, quantiles) == [sorted_all(v, q) for q in quantiles]
+
+
 def test_reference_words_are_whole_words_of_any_vocabulary():
     """WordPiece ('##' marks a piece), SentencePiece ('▁' marks a word's start) and byte-level
     BPE ('Ġ'): the reference words are whole words of letters, in any script."""
