@@ -332,10 +332,12 @@ def render_model_card(
     datasets: list[str] | None = None,
     tags: list[str] | None = None,
     base_model_id: str | None = None,
+    activations_data=None,
 ):
     """The `huggingface_hub.ModelCard` of the SAE in `folder`, rendered from `MODEL_CARD.md`
     (`tags`: more tags for its metadata, after sbert-sae's own; `base_model_id`: the base
-    model's Hub id, see `published_base_model`)."""
+    model's Hub id, see `published_base_model`; `activations_data`: the texts pushed to
+    `activations_repo`, see `_activations_texts`)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     folder = Path(folder)
@@ -382,8 +384,27 @@ def render_model_card(
         features_table=_features_table(labels),
         plots=_plots_section(folder),
         activations_repo=activations_repo,
+        activations_texts=_activations_texts(folder, labels, activations_data) if activations_repo else "",
     )
     return card
+
+
+def _activations_texts(folder: Path, labels: dict, data=None) -> str:
+    """Which of the corpus' texts the activations dataset holds, for the card's sentence: a
+    domain's SAE's are its own domain's texts only. Those of `data` (a `pipeline.DataArguments`,
+    what `publish` pushed); without it, those `push --activations` reads by default, the
+    run's own (training_args.json); for an SAE saved without its run record, those its labels
+    were made on (feature_labels.json 'domain')."""
+    if data is None:
+        args = _read_json(folder / "training_args.json")
+        if args.get("data"):
+            data = training_data_arguments(folder)
+    if data is not None:
+        return _of_domain(data)
+    domain = labels.get("domain")
+    if isinstance(domain, dict) and domain.get("value") is not None and domain.get("column"):
+        return f" whose `{domain['column']}` is `{domain['value']}`"
+    return ""
 
 
 def _check_pushable(folder: Path) -> None:
@@ -412,10 +433,12 @@ def push_sae(
     create_pr: bool = False,
     tags: list[str] | None = None,
     base_model_id: str | None = None,
+    activations_data=None,
 ) -> str:
     """Upload the SAE in `folder` (and its card) to the model repo `repo_id`; returns the commit sha.
-    With `activations_repo`, the card links the activations dataset and `activations.json`
-    records it (and its revision) for `SparseAutoencoder.load_activations`. With `create_pr`,
+    With `activations_repo`, the card links the activations dataset (of the texts of
+    `activations_data`, when given) and `activations.json` records it (and its revision)
+    for `SparseAutoencoder.load_activations`. With `create_pr`,
     the commit opens a pull request (`refs/pr/N`) instead of moving `revision`. The published
     config.json and card name the base model by its Hub id (`base_model_id`, or see
     `published_base_model`); a base model that is a local folder with no known Hub id is
@@ -426,7 +449,9 @@ def push_sae(
     folder = Path(folder)
     _check_pushable(folder)
     base_model = published_base_model(_read_json(folder / "config.json"), base_model_id, where=f"{folder} was not pushed")
-    card = render_model_card(folder, repo_id, activations_repo=activations_repo, license_name=license_name, tags=tags, base_model_id=base_model[0])
+    card = render_model_card(
+        folder, repo_id, activations_repo=activations_repo, license_name=license_name, tags=tags, base_model_id=base_model[0], activations_data=activations_data
+    )
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -637,6 +662,7 @@ def publish(
         commit_message=commit_message,
         activations_repo=result.get("activations_repo"),
         activations_revision=result.get("activations_sha"),
+        activations_data=data if activations else None,
         license_name=license_name,
         base_model_id=base_model_id,
     )

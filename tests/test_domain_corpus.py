@@ -87,6 +87,15 @@ def test_a_domains_published_activations_are_of_its_own_texts(per_domain_run, wi
     assert len(acts) == 80 and {topic[r] for r in acts["id"]} == {"Biology and health sciences"}
     card = hub.files("org/biology-activations", repo_type="dataset")["README.md"].decode()
     assert "whose `topic` is `Biology and health sciences`" in card, card
+    # The SAE's own card says so too, not "every corpus text" (the whole dataset's).
+    card = hub.files("org/biology")["README.md"].decode()
+    assert "The sparse activations of every corpus text whose `topic` is `Biology and health sciences` are in the dataset" in card, card
+
+    # A card rendered without the data pushed (push_sae, push_to_hub) reads the run's record.
+    from sbert_sae.hub import render_model_card
+
+    card = str(render_model_card(per_domain_run / "mathematics", "org/maths", activations_repo="org/maths-activations"))
+    assert "every corpus text whose `topic` is `Mathematics` are in the dataset" in card, card
 
 
 def test_cache_list_names_the_domain_a_domains_codes_are_of(per_domain_run, capsys):

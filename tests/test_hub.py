@@ -287,7 +287,9 @@ def test_push_with_activations_gives_a_dataset_that_load_activations_reads(hub, 
     assert any(name.endswith(".parquet") for name in files)
     card = files["README.md"].decode()
     assert "org/with-acts" in card and "n_latents=64, k=4" in card
-    assert "org/with-acts-activations" in hub.files("org/with-acts")["README.md"].decode()
+    card = hub.files("org/with-acts")["README.md"].decode()
+    assert "org/with-acts-activations" in card
+    assert "The sparse activations of every corpus text are in the dataset" in card, card  # a whole-corpus SAE's: all of them
 
 
 def test_release_trains_labels_publishes_and_registers_a_recipe(hub, wiki_small, tmp_path, monkeypatch, capsys):
