@@ -198,6 +198,33 @@ def test_the_cut_offs_are_those_of_all_the_pairs_sorted(index):
         assert weighted_high_quantiles(v, weights, quantiles) == [sorted_all(v, q) for q in quantiles]
 
 
+def test_a_labels_words_are_found_as_by_reading_every_label(index):
+    """A Find read each label and its keywords for the query's words (0.05-1 s for 6134
+    labels); an index of their words made with them answers now. Every word of every label
+    and keyword, pairs of them, pieces of them, and words with signs, match the labels that
+    reading each one matches."""
+    finder = index.label_finder
+    labels = index.sae.feature_labels
+    entries = index.sae.label_data["features"]
+    labelled = [f for f, label in enumerate(labels) if label]
+    haystacks = [" | ".join([labels[f], *(k["keyword"] for k in entries.get(f, {}).get("keywords", []))]).lower() for f in labelled]
+
+    def read_every_label(query):
+        words = query.lower().split()
+        return np.array([all(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", h) for w in words) for h in haystacks])
+
+    words = sorted({w for h in haystacks for w in h.split()})
+    queries = [*words, *(f"{a} {b}" for a, b in zip(words, words[1:])), *(w[1:-1] for w in words if len(w) > 4)]
+    queries += [w.upper() for w in words[:20]] + [f"{w}," for w in words[:20]] + [f"-{w}" for w in words[:20]]
+    queries += ["|", "c++", "u.s.", "qwzxv", "the of and", words[0] + " | " + words[-1]]
+    found = {q: finder._literal(q) for q in queries}
+    assert sum(found[q].any() for q in queries) > len(words)  # the queries do find labels
+    for q in queries:
+        assert found[q].tolist() == read_every_label(q).tolist(), q
+    for q in (words[0], words[-1], "c++"):  # a Find puts those labels first, and says so
+        assert {m.feature for m in finder.find(q, top=len(labelled)) if m.strength == "words"} == {f for f, hit in zip(labelled, found[q]) if hit}
+
+
 def test_reference_words_are_whole_words_of_any_vocabulary():
     """WordPiece ('##' marks a piece), SentencePiece ('▁' marks a word's start) and byte-level
     BPE ('Ġ'): the reference words are whole words of letters, in any script."""
