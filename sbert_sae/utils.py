@@ -13,6 +13,7 @@ import re
 import secrets
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -214,11 +215,17 @@ class PathLock:
             except BaseException as err:
                 os.close(fd)
                 if isinstance(err, OSError) and err.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
-                    # A disk without flock (some FUSE mounts, Lustre without -o flock): filelock's
-                    # lock there, a file that exists while it is held, as before this class.
+                    # A disk without flock (some FUSE mounts, Lustre without -o flock): a lock
+                    # that is a file existing while it is held (filelock's SoftFileLock, which
+                    # filelock itself falls back to there, from 3.12 on; 3.8 raised).
                     if created:
                         self.path.unlink(missing_ok=True)
-                    return self._acquire_by_filelock(timeout)
+                    warnings.warn(
+                        f"flock not supported on this filesystem ({self.path.parent}): {self.path.name} is a lock file that exists while it is held; "
+                        "one left by a process that was killed must be deleted by hand",
+                        stacklevel=2,
+                    )
+                    return self._acquire_by_filelock(timeout, soft=True)
                 raise
             os.close(fd)
             if got:
@@ -227,10 +234,10 @@ class PathLock:
                 return False
             time.sleep(0.05)
 
-    def _acquire_by_filelock(self, timeout: float | None) -> bool:
-        from filelock import FileLock, Timeout
+    def _acquire_by_filelock(self, timeout: float | None, soft: bool = False) -> bool:
+        from filelock import FileLock, SoftFileLock, Timeout
 
-        lock = FileLock(self.path)
+        lock = (SoftFileLock if soft else FileLock)(self.path)
         try:
             lock.acquire(timeout=-1 if timeout is None else timeout)
         except Timeout:
