@@ -121,25 +121,31 @@ def neighbour_overlap(
     max_queries: int = 2000,
     batch_size: int | None = None,
     corpus_chunk: int = 65536,
+    corpus_positions: np.ndarray | None = None,
 ) -> float:
     """Mean share of each query's k nearest corpus neighbours (cosine, itself excluded) that
     are still among the k nearest when the search uses its reconstruction instead (queries
     in batches of at most `batch_size`, default 512 within `batch_rows`' budget; the shared
-    neighbours are counted in integers, so the batch size changes no sum)."""
+    neighbours are counted in integers, so the batch size changes no sum). The corpus is
+    `embeddings[corpus_positions]` (a domain's texts), every row when None."""
     device = sae.W_dec.device
     batch_size = batch_size or batch_rows(sae, 512)
     queries = query_positions[:max_queries]
-    if len(queries) == 0 or len(embeddings) <= k:
+    corpus = np.arange(len(embeddings)) if corpus_positions is None else np.sort(np.asarray(corpus_positions))
+    if len(queries) == 0 or len(corpus) <= k:
         return float("nan")
     shared = 0
     for rows, prepared, _, _, x_hat in _blocks(sae, embeddings, queries, batch_size):
         neighbours = []
         for query in (F.normalize(prepared, dim=1), F.normalize(x_hat, dim=1)):
             best_scores = best_ids = None
-            for c0 in range(0, len(embeddings), corpus_chunk):
-                block = torch.from_numpy(np.array(embeddings[c0 : c0 + corpus_chunk], dtype=np.float32)).to(device)
+            for c0 in range(0, len(corpus), corpus_chunk):
+                chunk = corpus[c0 : c0 + corpus_chunk]
+                # a slice of the memory map where the corpus is every row: no copy by index
+                rows_of_block = embeddings[chunk[0] : chunk[-1] + 1] if corpus_positions is None else embeddings[chunk]
+                block = torch.from_numpy(np.array(rows_of_block, dtype=np.float32)).to(device)
                 scores = query @ F.normalize(block, dim=1).T
-                ids = torch.arange(c0, c0 + len(block), device=device)
+                ids = torch.from_numpy(chunk).to(device)
                 self_hit = ids.unsqueeze(0) == torch.as_tensor(rows, device=device).unsqueeze(1)
                 scores = scores.masked_fill(self_hit, float("-inf"))
                 top = scores.topk(min(k, scores.shape[1]), dim=1)
@@ -161,8 +167,10 @@ def evaluate(
     embeddings: np.ndarray,
     train_positions: np.ndarray,
     heldout_positions: np.ndarray,
+    corpus_positions: np.ndarray | None = None,
 ) -> tuple[dict, np.ndarray]:
-    """All metrics of `metrics.json`, and the per-feature training fire counts."""
+    """All metrics of `metrics.json`, and the per-feature training fire counts. The neighbour
+    overlap searches `embeddings[corpus_positions]` (a domain's texts; every row when None)."""
     sae.eval()
     counts = feature_fire_counts(sae, embeddings, train_positions)
     density = counts / max(1, len(train_positions))
@@ -175,7 +183,7 @@ def evaluate(
     metrics["dead_fraction"] = float((counts == 0).mean())
     metrics["dense_fraction"] = float((density > DENSE_THRESHOLD).mean())
     if len(heldout_positions):
-        metrics["neighbour_overlap_at_10"] = neighbour_overlap(sae, embeddings, heldout_positions)
+        metrics["neighbour_overlap_at_10"] = neighbour_overlap(sae, embeddings, heldout_positions, corpus_positions=corpus_positions)
     metrics["n_features"] = int(sae.config.n_latents)
     metrics["n_dead"] = int((counts == 0).sum())
     return metrics, counts

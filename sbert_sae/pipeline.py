@@ -471,7 +471,10 @@ def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerato
     if not main:
         return None
     sae = result.sae
-    metrics, counts = evaluate(sae, cache.embeddings, train_pos, heldout_pos)
+    # A domain's SAE finds a held-out text's neighbours among its own domain's texts, as its
+    # search and explorer do (the cache holds every domain's).
+    domain_corpus = np.concatenate([train_pos, heldout_pos]) if _domain_name(data, name) is not None else None
+    metrics, counts = evaluate(sae, cache.embeddings, train_pos, heldout_pos, corpus_positions=domain_corpus)
     metrics.update(
         {
             "epoch_dead_fraction": result.epoch_dead_fraction,

@@ -6,6 +6,7 @@ arts texts). A --dataset given is still read whole."""
 import json
 
 import pytest
+import torch
 from datasets import load_from_disk
 
 from sbert_sae.cli import main
@@ -131,3 +132,33 @@ def test_cache_list_names_the_domain_a_domains_codes_are_of(per_domain_run, caps
     assert run_cli("cache", "remove", entry["id"], "--codes", "--yes") == 0
     assert not list(folder.glob("codes-*")) and (folder / "embeddings.npy").exists()
     assert domain_codes() == []
+
+
+def test_a_domains_neighbour_overlap_searches_its_own_texts(per_domain_run, wiki_small):
+    # metrics.json's neighbour_overlap_at_10 of a domain's SAE looked for each held-out text's
+    # neighbours among every domain's texts, while its search and explorer read its own domain's.
+    # Checked against a plain search over the domain's rows written here.
+    import numpy as np
+
+    from sbert_sae.embeddings import open_cache
+    from sbert_sae.modeling_sbert_sae import SparseAutoencoder
+
+    arts = per_domain_run / "arts"
+    args = json.loads((arts / "training_args.json").read_text())
+    cache = open_cache(args["embedding_cache"])
+    topic = load_from_disk(str(wiki_small))["topic"]
+    domain = np.array([i for i, row in enumerate(cache.row_ids) if topic[row] == "Arts"])
+    heldout = cache.positions(np.array(json.loads((arts / "split.json").read_text())["heldout_row_ids"]))
+    sae = SparseAutoencoder.from_pretrained(arts).eval()
+    x = np.asarray(cache.embeddings, dtype=np.float32)
+    x_hat = sae(torch.from_numpy(x[heldout])).reconstruction.detach().numpy()
+
+    def nearest(queries, rows):
+        unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+        scores = unit(queries) @ unit(x[rows]).T
+        scores[heldout[:, None] == rows[None, :]] = -np.inf  # itself excluded
+        return [set(rows[np.argsort(-s, kind="stable")[:10]]) for s in scores]
+
+    expected = np.mean([len(a & b) / 10 for a, b in zip(nearest(x[heldout], domain), nearest(x_hat, domain))])
+    recorded = json.loads((arts / "metrics.json").read_text())["neighbour_overlap_at_10"]
+    assert recorded == pytest.approx(expected, abs=1e-9)
