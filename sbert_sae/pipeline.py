@@ -341,9 +341,14 @@ def run_training(
     for name, n in too_small:
         logger.warning("domain %r has only %d texts: skipped", name, n)
     groups = [group for group in groups if len(group[1]) >= MIN_TEXTS]
+    # (train rows, held-out rows) of each SAE, drawn with the seed as given, also for a domain of
+    # a --per-domain run, whose SAE starts from a seed of its own: a domain's held-out texts are
+    # then the same whether it is trained alone (--domain), with the others, or within the
+    # whole corpus.
+    splits = {folder: split_heldout(rows, data.heldout_fraction, train_args.seed) for _, rows, folder in groups}
     if data.by_domain:
-        for name, rows, _ in groups:
-            n_heldout = len(split_heldout(rows, data.heldout_fraction, train_args.seed)[1])
+        for name, rows, folder in groups:
+            n_heldout = len(splits[folder][1])
             if 0 < n_heldout < FEW_HELDOUT:
                 logger.warning(
                     "domain %r has %d texts: its held-out figures will rest on %d of them (under %d), too few to compare it with other domains "
@@ -364,14 +369,14 @@ def run_training(
                     check_output_dir(folder, overwrite, resume, clear=False)
         accelerator.wait_for_everyone()
         cache_name = None
-        for name, rows, folder in groups if resume else ():
+        for name, _, folder in groups if resume else ():
             # The checkpoints a resumed run continues from (or the finished run it keeps) must be
             # of these settings and this data.
             if folder in finished or list_checkpoints(folder):
                 if cache_name is None:
                     cache_name = cache.path.name if cache is not None else embedding_cache_name(texts, data, accelerator)
                 domain_args = _domain_training_args(data, train_args, name)
-                train_rows, _ = split_heldout(rows, data.heldout_fraction, train_args.seed)
+                train_rows = splits[folder][0]
                 config = _sae_config(sae_args, data, cache.dim if cache is not None else 1)
                 data_id = data_identity(cache_name, np.searchsorted(row_ids, train_rows))
                 try:
@@ -388,14 +393,14 @@ def run_training(
                 if folder not in finished:
                     check_output_dir(folder, overwrite, resume)  # with --overwrite, now removes the run it replaces
         accelerator.wait_for_everyone()
-        for name, rows, folder in groups:
+        for name, _, folder in groups:
             if folder in finished:
                 logger.info("%s: finished already, with these settings: kept (%s)", name, folder)
                 metrics = read_json(folder / "metrics.json")
                 results.append(RunResult(name=name, out_dir=folder, metrics={k: v for k, v in metrics.items() if k != "descriptions"}))
                 continue
             domain_args = _domain_training_args(data, train_args, name)
-            result = _train_one(name, rows, folder, cache, data, sae_args, domain_args, accelerator, resume, split_seed=train_args.seed)
+            result = _train_one(name, splits[folder], folder, cache, data, sae_args, domain_args, accelerator, resume, split_seed=train_args.seed)
             if result is not None:
                 results.append(result)
         if main and data.per_domain:
@@ -443,13 +448,11 @@ def _sae_config(sae_args: SaeArguments, data: DataArguments, d_in: int) -> Spars
     )
 
 
-def _train_one(name, rows, folder, cache, data, sae_args, train_args, accelerator, resume, split_seed: int) -> RunResult | None:
-    """Train and evaluate one SAE on `rows`. The held-out rows are chosen with `split_seed`, the
-    seed as given, also for a domain of a --per-domain run, whose SAE starts from a seed of
-    its own (`train_args.seed`): a domain's held-out texts are then the same whether it is
-    trained alone (--domain), with the others, or within the whole corpus."""
+def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerator, resume, split_seed: int) -> RunResult | None:
+    """Train and evaluate one SAE on `split`, its (train rows, held-out rows), drawn with
+    `split_seed` (recorded in split.json; see `run_training`)."""
     main = accelerator.is_main_process
-    train_rows, heldout_rows = split_heldout(rows, data.heldout_fraction, split_seed)
+    train_rows, heldout_rows = split
     train_pos, heldout_pos = cache.positions(train_rows), cache.positions(heldout_rows)
     config = _sae_config(sae_args, data, cache.dim)
     if main:
