@@ -482,11 +482,13 @@ ACTIVATIONS_FILE = "activations.json"
 
 
 def _of_domain(data) -> str:
-    """Which of the dataset's texts `data` (a `pipeline.DataArguments`) holds, when one domain's
-    (a domain's SAE is read on its own domain's texts), for a card's sentence; else ""."""
+    """Which of the dataset's texts `data` (a `pipeline.DataArguments`) holds, for a card's
+    sentence: those of its first rows when `--max-rows` cut it, those of one domain (a domain's
+    SAE is read on its own domain's texts); "" when every text."""
+    first = f" in its first {data.max_rows:,} rows" if data.max_rows is not None else ""
     if data.domain is None or not data.domain_column:
-        return ""
-    return f" whose `{data.domain_column}` is `{data.domain}`"
+        return first
+    return f"{first} whose `{data.domain_column}` is `{data.domain}`"
 
 
 def activation_rows(sae, data, batch_size: int = 4096, show_progress: bool = False):
@@ -588,8 +590,8 @@ def push_activations(
             card = DatasetCard.load(repo_id, repo_type="dataset", token=token)
             card.text = (
                 f"\n# Sparse activations of {sae_repo or 'an sbert-sae SAE'}\n\n"
-                f"One row per text of {dataset_name} ({_source_of_texts(data.text_column, data.json_field)}){_of_domain(data)}, encoded by the sparse autoencoder "
-                + (f"[`{sae_repo}`](https://huggingface.co/{sae_repo})" if sae_repo else "")
+                f"One row per text of {dataset_name} ({_source_of_texts(data.text_column, data.json_field)}){_of_domain(data)}, encoded by the sparse autoencoder"
+                + (f" [`{sae_repo}`](https://huggingface.co/{sae_repo})" if sae_repo else "")
                 + f" (n_latents={sae.config.n_latents}, k={sae.config.k}) on the `{base_model}` embeddings: "
                 "`indices` are the features that fire on the text, strongest first, and `values` their activations; "
                 "`id` is the text's row in the corpus.\n\n"

@@ -482,6 +482,24 @@ def test_activations_are_uploaded_in_shards(hub, labelled_run):
     assert len(load_dataset("org/sharded-acts", split="train")) == 240
 
 
+def test_activations_of_the_first_rows_say_so_in_both_cards(hub, labelled_run):
+    """Activations of a --max-rows corpus were described as those of "every corpus text"."""
+    import dataclasses
+
+    from datasets import load_dataset
+
+    from sbert_sae.hub import push_activations, render_model_card, training_data_arguments
+
+    sae = SparseAutoencoder.from_pretrained(labelled_run)
+    first = dataclasses.replace(training_data_arguments(labelled_run), max_rows=100)
+    push_activations(sae, first, "org/first-acts")
+    assert load_dataset("org/first-acts", split="train")["id"] == list(range(100))
+    card = hub.files("org/first-acts", repo_type="dataset")["README.md"].decode()
+    assert "(column `text`) in its first 100 rows, encoded by the sparse autoencoder (n_latents=64" in card, card
+    card = str(render_model_card(labelled_run, "org/first", activations_repo="org/first-acts", activations_data=first))
+    assert "The sparse activations of every corpus text in its first 100 rows are in the dataset" in card, card
+
+
 def test_activation_rows_of_an_sae_without_a_base_model_use_the_data_model(labelled_run):
     """An SAE made from embeddings alone (no base_model) is encoded on the texts as the data
     arguments' model embeds them; one of the wrong width is refused with both widths named."""
