@@ -340,21 +340,24 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
             owner = _lock_owner(lock)
             if owner is None:
                 continue  # released since: created anew
-            if owner == "":
+            pid, _, host = owner.partition("@")
+            if not pid.isdigit():
+                # Empty (an older version's run killed as it started), or not a run's at all:
+                # bytes a crash left in it (zeros after a power cut), a hand-made file.
+                what = "is empty" if owner == "" else f"holds no run's pid ({clip(owner, 40)!r})"
                 age = _age(lock)
                 if age is None:
                     continue  # released since
                 if age < EMPTY_LOCK_STALE_S:
                     raise OutputDirError(
-                        f"{folder} is in use by a run that is starting, or was by one killed as it started: its lock file {lock} is empty; "
-                        f"an empty lock is taken for a dead run's once {EMPTY_LOCK_STALE_S} s old: run again then, or delete {lock} if no run is starting there"
+                        f"{folder} is in use by a run that is starting, or was by one killed as it started: its lock file {lock} {what}; "
+                        f"such a lock is taken for a dead run's once {EMPTY_LOCK_STALE_S} s old: run again then, or delete {lock} if no run is starting there"
                     )
-                logger.warning("%s: taking over the empty lock file %s, left %.0f s ago by a run killed as it started", folder, lock, age)
+                logger.warning("%s: taking over the lock file %s, which %s, left %.0f s ago", folder, lock, what, age)
                 pause_point("stale-lock", 1)
                 if _take_over(lock, owner):
                     break
                 continue  # another run replaced it first: whose it is now is read again
-            pid, _, host = owner.partition("@")
             # Whether a process lives can be told only on its own machine: on a folder shared
             # by several machines, a live run elsewhere has a pid that is free here.
             if pid.isdigit() and host in ("", socket.gethostname()) and not _pid_alive(int(pid)):

@@ -517,9 +517,15 @@ def test_a_run_killed_as_it_takes_a_folder_leaves_it_free(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == []
 
 
-def test_an_empty_lock_is_refused_while_new_and_taken_once_old(tmp_path, caplog):
-    """An empty lock, as older versions left when killed as they took a folder: refused, saying
-    so, while it may be a starting run's; taken over, with a warning, once old."""
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [("", "is empty"), ("\0" * 12, "holds no run's pid ('" + "\\x00" * 12 + "')"), ("locked by alice", "holds no run's pid ('locked by alice')")],
+    ids=["empty", "zeros", "text"],
+)
+def test_a_lock_without_a_pid_is_refused_while_new_and_taken_once_old(tmp_path, caplog, content, what):
+    """An empty lock, as older versions left when killed as they took a folder, or one holding
+    no pid (zeros a crash left, a hand-made file, which was refused forever as "pid <content>"):
+    refused, saying so, while it may be a starting run's; taken over, with a warning, once old."""
     import socket
 
     from sbert_sae.errors import OutputDirError
@@ -527,16 +533,16 @@ def test_an_empty_lock_is_refused_while_new_and_taken_once_old(tmp_path, caplog)
 
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / ".lock").touch()
-    with pytest.raises(OutputDirError, match=rf"its lock file {folder / '.lock'} is empty; an empty lock is taken for a dead run's once {EMPTY_LOCK_STALE_S} s old"):
+    (folder / ".lock").write_text(content)
+    with pytest.raises(OutputDirError, match=re.escape(f"its lock file {folder / '.lock'} {what}; such a lock is taken for a dead run's once {EMPTY_LOCK_STALE_S} s old")):
         with run_lock(folder):
             pass
-    assert (folder / ".lock").read_text() == ""
+    assert (folder / ".lock").read_text() == content
     long_ago = time.time() - EMPTY_LOCK_STALE_S - 5
     os.utime(folder / ".lock", (long_ago, long_ago))
     with caplog.at_level(logging.WARNING, logger="sbert_sae.utils"), run_lock(folder):
         assert (folder / ".lock").read_text() == f"{os.getpid()}@{socket.gethostname()}"
-    assert f"taking over the empty lock file {folder / '.lock'}" in caplog.text
+    assert f"taking over the lock file {folder / '.lock'}, which {what}, left" in caplog.text
     assert not (folder / ".lock").exists()
 
 
