@@ -419,6 +419,62 @@ def _check_pushable(folder: Path) -> None:
         raise ModelLoadError(f"{folder} was not pushed: {disagreement}; run `sbert-sae label {folder}` again to finish it, then push")
 
 
+def _file_digest(path: Path, algorithm: str) -> str:
+    """The hex digest of a file as the Hub names its content: sha256 of an LFS file, or git's
+    blob sha1 ("blob <size>\\0" + content) of a regular one."""
+    import hashlib
+
+    digest = hashlib.new(algorithm)
+    if algorithm == "sha1":
+        digest.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _holds_the_same_sae(api, repo_id: str, info, folder: Path, base_model: tuple[str | None, str | None]) -> bool:
+    """Whether the repo at `info` (its model_info, with files metadata) holds the SAE of `folder`:
+    the same weights and, but for the transformers version that wrote it, the same published config."""
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    weights, config = siblings.get("model.safetensors"), siblings.get("config.json")
+    if weights is None or config is None:
+        return False
+    lfs = weights.lfs
+    if lfs is not None:
+        sha256 = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+        if sha256 != _file_digest(folder / "model.safetensors", "sha256"):
+            return False
+    elif weights.blob_id != _file_digest(folder / "model.safetensors", "sha1"):
+        return False
+    published = _published_file(folder / "config.json", base_model)
+    ours = json.loads(published) if isinstance(published, bytes) else read_json(folder / "config.json")
+    try:
+        theirs = read_json(api.hf_hub_download(repo_id, "config.json", revision=info.sha))
+    except ValueError:  # not JSON: not this SAE's
+        return False
+    return {k: v for k, v in ours.items() if k != "transformers_version"} == {k: v for k, v in theirs.items() if k != "transformers_version"}
+
+
+def _files_of_a_replaced_sae(api, repo_id: str, revision: str | None, folder: Path, base_model: tuple[str | None, str | None], pushed: set[str]) -> list[str]:
+    """The sbert-sae files (`SAE_FILES`, activations.json) at the repo's `revision` that a push of
+    `folder` (its files `pushed`) does not replace, when the repo holds another SAE there: a commit
+    keeps every file it does not name, so an unlabelled SAE pushed over a labelled one loaded back
+    with the old one's labels, families, activations dataset and training record. A push of the
+    same SAE (relabelled, or without --activations) leaves them: they still describe it."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return []  # a new repo, or a new branch
+    present = {s.rfilename for s in info.siblings or []}
+    left = [name for name in (*SAE_FILES, ACTIVATIONS_FILE) if name in present and name not in pushed]
+    if not left or _holds_the_same_sae(api, repo_id, info, folder, base_model):
+        return []
+    return left
+
+
 def push_sae(
     folder: str | Path,
     repo_id: str,
@@ -443,7 +499,7 @@ def push_sae(
     config.json and card name the base model by its Hub id (`base_model_id`, or see
     `published_base_model`); a base model that is a local folder with no known Hub id is
     refused before any repo is made."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
@@ -463,6 +519,10 @@ def push_sae(
             if activations_repo:
                 link = {"repo_id": activations_repo, "revision": activations_revision, "repo_type": "dataset"}
                 operations.append(CommitOperationAdd(path_in_repo=ACTIVATIONS_FILE, path_or_fileobj=json.dumps(link, indent=2).encode()))
+            replaced = _files_of_a_replaced_sae(api, repo_id, revision, folder, base_model, {op.path_in_repo for op in operations})
+            if replaced:
+                logger.info("%s held another SAE: removing its %s", repo_id, ", ".join(replaced))
+                operations.extend(CommitOperationDelete(path_in_repo=name) for name in replaced)
             info = api.create_commit(
                 repo_id,
                 operations=operations,

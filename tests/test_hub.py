@@ -974,3 +974,29 @@ def test_the_card_of_an_sae_without_a_base_model_names_none_and_its_snippet_runs
     scope: dict = {}
     exec(snippet, scope)  # noqa: S102 - the card's own snippet, as a reader would run it
     assert "torch.Size([1, 32])" in capsys.readouterr().out and 0 < int((scope["features"] != 0).sum()) <= 4
+
+
+def test_a_push_of_another_sae_to_a_repo_takes_away_the_files_of_the_sae_it_replaces(hub, labelled_run, tmp_path, capsys):
+    # A second push to a repo added its files and kept every other one: an unlabelled SAE pushed
+    # where a labelled one was loaded back with the old SAE's labels, and its activations link,
+    # training settings and split, all of another SAE's.
+    first = SparseAutoencoder.from_pretrained(labelled_run)
+    first_sha = first.push_to_hub("org/replaced", activations_repo="org/replaced-activations")
+    # The same SAE again (its run, without --activations): what it does not carry still describes it.
+    assert main(["push", str(labelled_run), "org/replaced", "-q"]) == 0
+    files = hub.files("org/replaced")
+    assert {"activations.json", "feature_labels.json", "training_args.json", "split.json"} <= set(files)
+    assert SparseAutoencoder.from_pretrained("org/replaced").activations_link["repo_id"] == "org/replaced-activations"
+
+    torch.manual_seed(1)
+    other = SparseAutoencoder(SparseAutoencoderConfig(d_in=first.config.d_in, n_latents=64, k=4, base_model=first.config.base_model))
+    other.save_pretrained(tmp_path / "other")
+    assert main(["push", str(tmp_path / "other"), "org/replaced", "-q"]) == 0
+    files = hub.files("org/replaced")
+    assert not {"activations.json", "feature_labels.json", "training_args.json", "split.json", "density.png"} & set(files), sorted(files)
+    loaded = SparseAutoencoder.from_pretrained("org/replaced")
+    assert torch.equal(loaded.W_enc, other.W_enc)
+    assert loaded.feature_labels == [None] * 64 and loaded.activations_link is None and "heldout_fvu" not in loaded.metrics
+    # the first SAE is still whole at its own revision
+    old = SparseAutoencoder.from_pretrained("org/replaced", revision=first_sha)
+    assert old.feature_labels == first.feature_labels and old.activations_link["repo_id"] == "org/replaced-activations"
