@@ -41,6 +41,9 @@ WAITING = "waiting-for-corpus"
 """Class of the note of a part shown before the corpus was open: filled in once it is."""
 MAX_STEERED = 16
 """Most sliders the Search tab shows (the query's strongest features plus those added)."""
+API_ENDPOINTS = ("find_features", "feature", "inspect_text", "search", "find_steering_feature", "add_steering_slider", "search_steered")
+"""The app's named endpoints, those `gradio_client.Client(url).predict(..., api_name="/NAME")` calls
+(README, "Exploring an SAE"); every other event is the page's own and not listed."""
 NEAREST_SHOWN = 5
 """Labels offered, as weak or near matches, for a label query that no label matches."""
 
@@ -599,6 +602,26 @@ def build_app(explorer: Explorer):
 
         return top, pages.histogram(f, progress=report), pages.cooccurring(f, progress=report)
 
+    def feature_page(feature: int) -> dict:
+        """A feature's page by its id, each part as the Features tab shows it (HTML), waiting
+        for the corpus where a part needs it: the one way for a script to open a feature, whose
+        links in the page pass their id from JavaScript."""
+        try:
+            f = explorer.check_feature(feature)
+        except SbertSaeError as err:
+            raise gr.Error(str(err)) from None
+        return {
+            "feature": f,
+            "label": explorer.display_label(f),
+            "header": pages.feature_header(f),
+            "keywords": pages.keywords(f),
+            "top_texts": pages.top_texts(f),
+            "histogram": pages.histogram(f),
+            "neighbours": pages.neighbours(f),
+            "cooccurring": pages.cooccurring(f),
+            "family": pages.family(f),
+        }
+
     def on_link(evt: gr.EventData):
         return open_feature(evt.feature)
 
@@ -688,20 +711,26 @@ def build_app(explorer: Explorer):
         feature_outputs = [tabs, current, header, keywords, top_texts, neighbours, family, histogram, cooccurring]
         figure_outputs = [top_texts, histogram, cooccurring]
 
+        # The events a script calls are named (API_ENDPOINTS); the rest, a click on a link (its
+        # feature comes from the page's JavaScript), the timer and the page's load, are the
+        # page's own: unnamed, Gradio listed them as /on_link_3, /feature_corpus_figures_7, ...
         def wire(event):
-            opened = event(on_link, None, feature_outputs)
+            opened = event(on_link, None, feature_outputs, api_name=False)
             opened.then(None, js=SCROLL_TO_FEATURE_JS)
-            opened.then(feature_corpus_figures, [current, top_texts], figure_outputs)
+            opened.then(feature_corpus_figures, [current, top_texts], figure_outputs, api_name=False)
 
         for linked in (results, neighbours, cooccurring, family, text_features, families_html, *([tree_html] if tree_html else []), *steering.linked):
             wire(linked.click)
         steering.wire()
-        find.click(pages.search_results, query, results)
-        query.submit(pages.search_results, query, results)
-        inspect_button.click(inspect, text, [text_summary, text_features])
-        text.submit(inspect, text, [text_summary, text_features])
-        timer.tick(tick, None, [status, timer])
-        demo.load(on_load, None, feature_outputs).then(feature_corpus_figures, [current, top_texts], figure_outputs)
+        find.click(pages.search_results, query, results, api_name="find_features")
+        query.submit(pages.search_results, query, results, api_name=False)  # the same as /find_features
+        inspect_button.click(inspect, text, [text_summary, text_features], api_name="inspect_text")
+        text.submit(inspect, text, [text_summary, text_features], api_name=False)  # the same as /inspect_text
+        timer.tick(tick, None, [status, timer], api_name=False)
+        demo.load(on_load, None, feature_outputs, api_name=False).then(
+            feature_corpus_figures, [current, top_texts], figure_outputs, api_name=False
+        )
+        gr.api(feature_page, api_name="feature")
     # Before anyone clicks Find: the page renders meanwhile, and a Find made before it is done waits for it.
     explorer.start_label_finder()
     return demo
@@ -774,12 +803,14 @@ class Steering:
 
     def wire(self) -> None:
         outputs = [self.slots, *self.sliders, self.summary, self.before, self.after]
-        self.go.click(self.start, [self.query, self.k], outputs)
-        self.query.submit(self.start, [self.query, self.k], outputs)
-        self.find.click(self.find_features, self.about, self.choice)
-        self.about.submit(self.find_features, self.about, self.choice)
-        self.add.click(self.add_feature, [self.choice, self.slots, *self.sliders], [self.slots, *self.sliders])
-        self.apply.click(self.steered, [self.query, self.k, self.method, self.slots, *self.sliders], [self.summary, self.before, self.after])
+        self.go.click(self.start, [self.query, self.k], outputs, api_name="search")
+        self.query.submit(self.start, [self.query, self.k], outputs, api_name=False)  # the same as /search
+        self.find.click(self.find_features, self.about, self.choice, api_name="find_steering_feature")
+        self.about.submit(self.find_features, self.about, self.choice, api_name=False)  # the same as /find_steering_feature
+        self.add.click(self.add_feature, [self.choice, self.slots, *self.sliders], [self.slots, *self.sliders], api_name="add_steering_slider")
+        self.apply.click(
+            self.steered, [self.query, self.k, self.method, self.slots, *self.sliders], [self.summary, self.before, self.after], api_name="search_steered"
+        )
 
     # -------------------------------------------------------------- events
     def _index(self):

@@ -486,6 +486,39 @@ def test_a_link_opens_a_feature_page_directly(page, app, corpus):
     expect(page.locator("#feature-header")).to_contain_text("?feature=64: unknown feature 64: features are numbered 0..63")
 
 
+def test_a_script_calls_the_apps_named_endpoints(app, corpus):
+    """A script drives the explorer with gradio_client: Gradio named its 31 endpoints after
+    their functions (/on_link_3, /feature_corpus_figures_7, /start_1, ...), link clicks among
+    them that a script cannot make, and none opened a feature by its id. Now it has the named
+    endpoints of API_ENDPOINTS, each in the README, and /feature opens a feature's page."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from sbert_sae.explorer import API_ENDPOINTS
+
+    sae, texts, codes = corpus
+    client = Client(app[1], verbose=False)
+    api = client.view_api(print_info=False, return_format="dict")
+    assert sorted(api["named_endpoints"]) == sorted(f"/{name}" for name in API_ENDPOINTS) and not api["unnamed_endpoints"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Exploring an SAE")[1].split("\n## ")[0]
+    assert [name for name in API_ENDPOINTS if f"`/{name}`" not in section] == []
+
+    f = _best_labelled(sae, codes)
+    page = client.predict(f, api_name="/feature")
+    assert page["feature"] == f and page["label"] == sae.feature_labels[f]
+    assert f'data-current-feature="{f}"' in page["header"]
+    assert [f"· row {i}</div>" in page["top_texts"] for i in codes[:, f].topk(3).indices.tolist()] == [True] * 3
+    assert f"fires on {int((codes[:, f] > 0).sum())} of {len(texts)} texts" in page["histogram"]
+    for bad in (-1, 64, 10**9):
+        with pytest.raises(AppError, match=rf"unknown feature {bad}: features are numbered 0\.\.63"):
+            client.predict(bad, api_name="/feature")
+    word = max(sae.feature_labels[f].split(", ")[0].split(), key=len)
+    assert f'data-feature="{f}"' in client.predict(word, api_name="/find_features")
+    summary, active = client.predict(texts[0], api_name="/inspect_text")
+    assert f'data-feature="{int(codes[0].argmax())}"' in active
+
+
 def test_a_feature_page_shows_while_the_corpus_is_still_being_embedded(page, run, corpus, wiki_small, tmp_path):
     """The first start on a corpus embeds it (minutes for a large one): a feature's page, clicked
     or linked, waited for that with nothing shown, because its strongest texts were found
