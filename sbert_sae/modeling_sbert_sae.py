@@ -23,6 +23,7 @@ import json
 import logging
 import operator
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -160,6 +161,15 @@ def _weights_file(name_or_path: str, hub_kwargs: dict) -> str:
         raise ModelLoadError(f"{name_or_path!r} has no model.safetensors{only}") from None
     except Exception as err:  # noqa: BLE001 - network, auth, offline: one message naming the repo
         raise ModelLoadError(f"cannot download model.safetensors of {name_or_path!r}: {type(err).__name__}: {err}") from err
+
+
+def _snapshot_commit(name_or_path: str, weights_path: str, hub_kwargs: dict) -> str | None:
+    """The commit sha of the Hub snapshot `weights_path` was downloaded to (the cache keeps each
+    commit's files under `snapshots/<sha>/`), or None for a folder's file."""
+    if os.path.isdir(os.path.join(name_or_path, hub_kwargs.get("subfolder") or "")):
+        return None
+    match = re.search(r"[\\/]snapshots[\\/]([0-9a-f]{40})[\\/]", weights_path)
+    return match.group(1) if match else None
 
 
 def _check_weights_file(path: str, config: SparseAutoencoderConfig, name: str) -> None:
@@ -628,8 +638,15 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
             raise ModelLoadError(f"config.json of {name!r} is malformed: {type(err).__name__}: {err}") from err
         # The weights' header is checked against the config before the model is built: a config
         # claiming 10^12 features must not allocate them, a damaged file must name itself.
-        _check_weights_file(_weights_file(name, hub_kwargs), config, name)
+        weights = _weights_file(name, hub_kwargs)
+        _check_weights_file(weights, config, name)
         kwargs.pop("force_download", None)  # fetched afresh just now: not a second time
+        commit = _snapshot_commit(name, weights, hub_kwargs)
+        if commit is not None:
+            # The rest (the weights through transformers, the labels and metrics, the families read
+            # later) comes from the commit these weights came from: a branch that moves on (a new
+            # push to `main`) gave the SAE another SAE's labels and families.
+            kwargs["revision"] = hub_kwargs["revision"] = commit
         from .base_model import MODEL_LOAD_LOCK
 
         try:

@@ -1000,3 +1000,15 @@ def test_a_push_of_another_sae_to_a_repo_takes_away_the_files_of_the_sae_it_repl
     # the first SAE is still whole at its own revision
     old = SparseAutoencoder.from_pretrained("org/replaced", revision=first_sha)
     assert old.feature_labels == first.feature_labels and old.activations_link["repo_id"] == "org/replaced-activations"
+
+
+def test_a_hub_sae_reads_its_other_files_from_the_commit_its_weights_came_from(hub, labelled_run, tmp_path):
+    # Loaded from `main`, an SAE read its families (and any read_extra_json) later from whatever
+    # `main` was then: a push in between gave it the next SAE's.
+    sae = SparseAutoencoder.from_pretrained(labelled_run)
+    sae.push_to_hub("org/moving")
+    loaded = SparseAutoencoder.from_pretrained("org/moving")
+    sae.label_data["features"][0] = {**sae.label_data["features"][0], "label": "pushed later"}
+    sae.push_to_hub("org/moving")
+    assert loaded.read_extra_json("feature_labels.json")["features"]["0"]["label"] == loaded.feature_labels[0] != "pushed later"
+    assert SparseAutoencoder.from_pretrained("org/moving").feature_labels[0] == "pushed later"
