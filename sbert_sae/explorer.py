@@ -825,8 +825,8 @@ class Steering:
     def start(self, query: str, k: int):
         """The query's own strongest features as sliders (all at 0), and its plain results."""
         if not (query or "").strip():
-            gr.Warning("The query is empty: type what to search for.")
-            return [gr.skip()] * (MAX_STEERED + 4)
+            # An error, not a warning and nothing changed: a script calling /search sees no warning.
+            raise gr.Error("The query is empty: type what to search for.")
         index = self._index()
         try:
             feats = index.query_features(query, top=QUERY_SLIDERS)
@@ -847,8 +847,7 @@ class Steering:
 
     def find_features(self, about: str):
         if not (about or "").strip():
-            gr.Warning("Type a word of the feature's label.")
-            return gr.skip()
+            raise gr.Error("Type a word of the feature's label, or its id.")
         if re.fullmatch(r"\s*#?\d+\s*", about):
             # An id: the one way to steer by a feature of an SAE without labels.
             try:
@@ -873,8 +872,7 @@ class Steering:
 
     def add_feature(self, choice, slots: list[int], *values):
         if choice is None:
-            gr.Warning("Find a feature by its label first, then pick it.")
-            return [gr.skip()] * (MAX_STEERED + 1)
+            raise gr.Error("Find a feature by its label first, then pick it.")
         f = self.x.check_feature(int(choice))
         slots = list(slots)
         updates = [gr.skip() for _ in range(MAX_STEERED)]
@@ -882,21 +880,21 @@ class Steering:
             updates[slots.index(f)] = gr.Slider(value=max(float(values[slots.index(f)]), 1.0))
             return [slots, *updates]
         if len(slots) >= MAX_STEERED:
-            gr.Warning(f"At most {MAX_STEERED} sliders: search again to start over.")
-            return [gr.skip()] * (MAX_STEERED + 1)
+            raise gr.Error(f"At most {MAX_STEERED} sliders: search again to start over.")
         updates[len(slots)] = self._slider(f, "added", value=1.0)
         return [[*slots, f], *updates]
 
     def steered(self, query: str, k: int, method: str, slots: list[int], *values):
         """The query's results without and with the sliders' steering, side by side."""
         if not (query or "").strip():
-            gr.Warning("The query is empty: type what to search for.")
-            return gr.skip(), gr.skip(), gr.skip()
+            raise gr.Error("The query is empty: type what to search for.")
+        if not slots:
+            # A script's session that has not searched yet: its slider values stand for no feature.
+            raise gr.Error("No sliders yet: search first (Search, or /search), which gives the query's features their sliders.")
         up = {f: float(v) for f, v in zip(slots, values) if v and v > 0}
         down = {f: -float(v) for f, v in zip(slots, values) if v and v < 0}
         if not up and not down:
-            gr.Warning("Every slider is at 0: move one to steer the search.")
-            return gr.skip(), gr.skip(), gr.skip()
+            raise gr.Error("Every slider is at 0: move one to steer the search.")
         index = self._index()
         steered_ids = [*up, *down]
         try:

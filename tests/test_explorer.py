@@ -519,6 +519,36 @@ def test_a_script_calls_the_apps_named_endpoints(app, corpus):
     assert f'data-feature="{int(codes[0].argmax())}"' in active
 
 
+def test_the_search_tabs_endpoints_refuse_what_they_cannot_do_with_a_reason(app):
+    """An empty query, an empty Find, no feature picked, a steered search before any search or
+    with every slider at 0: the Search tab warned and changed nothing, which a script calling
+    its endpoints received as a silent, empty answer. Each now raises an error saying why."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from sbert_sae.explorer import MAX_STEERED
+
+    client = Client(app[1], verbose=False)
+    zeros = [0] * MAX_STEERED
+    refused = {
+        "The query is empty": ("/search", " ", 10),
+        "Type a word of the feature's label, or its id": ("/find_steering_feature", ""),
+        "Find a feature by its label first": ("/add_steering_slider", None, *zeros),
+        "No sliders yet: search first": ("/search_steered", "mathematics", 10, "add", 1.0, *zeros[1:]),
+    }
+    for reason, (endpoint, *args) in refused.items():
+        with pytest.raises(AppError, match=reason):
+            client.predict(*args, api_name=endpoint)
+    sliders = client.predict("mathematics", 10, api_name="/search")[:MAX_STEERED]
+    assert sliders[0]["visible"]
+    with pytest.raises(AppError, match="Every slider is at 0"):
+        client.predict("mathematics", 10, "add", *zeros, api_name="/search_steered")
+    with pytest.raises(AppError, match="The query is empty"):
+        client.predict("", 10, "add", 1.0, *zeros[1:], api_name="/search_steered")
+    summary, _, steered = client.predict("mathematics", 10, "add", 1.0, *zeros[1:], api_name="/search_steered")
+    assert "steer-outcome" in summary and "Steered" in steered
+
+
 def test_a_feature_page_shows_while_the_corpus_is_still_being_embedded(page, run, corpus, wiki_small, tmp_path):
     """The first start on a corpus embeds it (minutes for a large one): a feature's page, clicked
     or linked, waited for that with nothing shown, because its strongest texts were found
