@@ -848,7 +848,7 @@ class Steering:
     def find_features(self, about: str):
         if not (about or "").strip():
             raise gr.Error("Type a word of the feature's label, or its id.")
-        if re.fullmatch(r"\s*#?\d+\s*", about):
+        if re.fullmatch(r"\s*#?[-+]?\d+\s*", about):
             # An id: the one way to steer by a feature of an SAE without labels.
             try:
                 f = self.x.check_feature(about)

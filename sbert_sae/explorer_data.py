@@ -215,7 +215,10 @@ class Explorer:
         sae = SparseAutoencoder.from_pretrained(source, **kwargs)
         sae = sae.to(pick_device(device))
         name = getattr(sae, "name_or_path", source) or source
-        hub_kwargs = {k: v for k, v in kwargs.items()}
+        # Its other files and plots are read from the commit its weights came from (the SAE keeps
+        # it): read from `main` again, a push in between showed another SAE's families and density.
+        revision = sae._extras_location()[1].get("revision") or revision
+        hub_kwargs = {"revision": revision} if revision else {}
         files = {}
         for fname in ("feature_density.json", "training_args.json", FAMILIES_FILE):
             try:
@@ -408,7 +411,7 @@ class Explorer:
 
     # ---------------------------------------------------------------- features
     def check_feature(self, feature) -> int:
-        if isinstance(feature, str) and re.fullmatch(r"\s*#?\d+\s*", feature):
+        if isinstance(feature, str) and re.fullmatch(r"\s*#?[-+]?\d+\s*", feature):
             feature = int(feature.strip().lstrip("#"))
         if isinstance(feature, float) and feature.is_integer():
             feature = int(feature)
@@ -459,7 +462,8 @@ class Explorer:
         labels by meaning, each with its strength: "words", "close", "near" or "weak"), best
         first; or, for an empty query, the best-scored features."""
         q = " ".join((query or "").lower().split())
-        if re.fullmatch(r"#?\d+", q):
+        # A signed number is an id too: "-1" was taken for words, and its nearest labels offered.
+        if re.fullmatch(r"#?[-+]?\d+", q):
             f = int(q.lstrip("#"))
             return [self._row(f, "id")] if 0 <= f < self.n else []
         if not q:

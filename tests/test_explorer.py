@@ -549,6 +549,22 @@ def test_the_search_tabs_endpoints_refuse_what_they_cannot_do_with_a_reason(app)
     assert "steer-outcome" in summary and "Steered" in steered
 
 
+def test_a_negative_feature_id_is_no_feature_not_words(app):
+    """'-1' in the Features tab's Find was read as words of a label: 'No feature label matches
+    “-1”', the labels nearest in meaning (zero, negative) offered; the Search tab's Find did the
+    same. Both now say that there is no feature -1, as they do for 64."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app[1], verbose=False)
+    for query in ("-1", "#-1", "64"):
+        found = client.predict(query, api_name="/find_features")
+        assert f"There is no feature {query.lstrip('#')}: features are numbered 0 to 63." in found and "data-feature" not in found
+        with pytest.raises(AppError, match=rf"unknown feature {query.lstrip('#')}: features are numbered 0\.\.63"):
+            client.predict(f" {query} ", api_name="/find_steering_feature")
+    assert 'data-feature="5"' in client.predict("+5", api_name="/find_features")
+
+
 def test_a_feature_page_shows_while_the_corpus_is_still_being_embedded(page, run, corpus, wiki_small, tmp_path):
     """The first start on a corpus embeds it (minutes for a large one): a feature's page, clicked
     or linked, waited for that with nothing shown, because its strongest texts were found
