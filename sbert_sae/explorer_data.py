@@ -163,6 +163,10 @@ class Explorer:
     Use `Explorer.open(folder_or_repo)`; every method takes plain ids and returns plain data.
     """
 
+    corpus_hint = "pass --dataset"
+    """How to give a corpus where the SAE names none that opens here, said with that: the
+    `explore` command's option; the Space names its variable instead (it has no command line)."""
+
     def __init__(self, sae: SparseAutoencoder, source: str, *, families: list[Family] | None = None, files: dict | None = None, data=None, data_given: bool = False):
         self.sae = sae.eval()
         self.source = source
@@ -323,7 +327,7 @@ class Explorer:
         codes, without embeddings) one made by embedding its texts once through the cache."""
         corpus = self.corpus()
         if corpus is None:
-            raise DatasetError("no corpus to search: this SAE names no dataset that can be opened here (pass --dataset)")
+            raise DatasetError(f"no corpus to search: this SAE names no dataset that can be opened here ({self.corpus_hint})")
         with self._corpus_lock:
             if corpus.index is None:
                 from .pipeline import DataArguments
@@ -345,7 +349,7 @@ class Explorer:
             if self._corpus_thread is not None and self._corpus_thread.is_alive():
                 return CorpusStatus("loading", "opening the corpus…")
             if self._data is None and not getattr(self.sae, "activations_link", None):
-                return CorpusStatus("none", "no corpus: this SAE names no dataset that can be opened here (pass --dataset)")
+                return CorpusStatus("none", f"no corpus: this SAE names no dataset that can be opened here ({self.corpus_hint})")
             return CorpusStatus("loading", "the corpus is not opened yet")
         if corpus.activations_ready:
             return CorpusStatus("ready", f"{len(corpus):,} texts of {corpus.name}", len(corpus))

@@ -735,6 +735,35 @@ def test_the_space_app_serves_the_sae_named_by_its_variable(run, monkeypatch):
     assert re.search(r"^app_file: app\.py$", metadata, re.M) and re.search(r"^sdk: gradio$", metadata, re.M)
 
 
+def test_the_space_app_of_a_pushed_sae_whose_corpus_is_not_there_names_its_variable(hub, run, tmp_path, monkeypatch):
+    """The Space serves an SAE from the Hub with only the files a push publishes. Pushed without
+    its activations, trained on a folder of another machine, it has no corpus: the page's
+    corpus line and the Search tab said '(pass --dataset)', an option a Space has not. They now
+    name the Space variable SBERT_SAE_DATASET."""
+    import json
+    import runpy
+
+    from sbert_sae import DatasetError
+
+    folder = tmp_path / "elsewhere"
+    shutil.copytree(run, folder)
+    args = json.loads((folder / "training_args.json").read_text())
+    args["data"]["dataset"] = "/home/someone/data/wiki"
+    (folder / "training_args.json").write_text(json.dumps(args))
+    assert main(["push", str(folder), "org/space-sae", "-q"]) == 0
+    monkeypatch.setenv("SBERT_SAE_REPO", "org/space-sae")
+    monkeypatch.delenv("SBERT_SAE_DATASET", raising=False)
+
+    app = runpy.run_path(str(Path(__file__).resolve().parents[1] / "hub" / "space" / "app.py"), run_name="space")
+    explorer = app["explorer"]
+    assert explorer.corpus() is None
+    status = explorer.corpus_status()
+    assert status.state == "none" and "SBERT_SAE_DATASET" in status.message and "--dataset" not in status.message
+    with pytest.raises(DatasetError, match="SBERT_SAE_DATASET"):
+        explorer.search_index()
+    app["demo"].close()
+
+
 def test_the_space_app_says_which_variable_to_set_when_its_sae_cannot_be_opened(hub, tmp_path, monkeypatch):
     """The Space's default SAE (the short name minilm-wiki-6k) is not released yet: app.py
     stopped at import with a ModelLoadError traceback, so the published Space could not start.

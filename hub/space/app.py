@@ -42,6 +42,9 @@ except SbertSaeError as err:
     explorer = None
     demo = unavailable_app(err)
 else:
+    # Shown where the SAE names no corpus that opens here (no published activations, its
+    # training dataset a local folder): a Space has no --dataset to pass.
+    explorer.corpus_hint = "set the Space variable SBERT_SAE_DATASET to a Hub dataset of its texts"
     explorer.start_corpus()
     demo = build_app(explorer)
 
