@@ -222,6 +222,15 @@ def embed_texts(texts: LoadedTexts, data: DataArguments, accelerator=None, show_
     )
 
 
+def _recorded_dataset(dataset: str | list[str]) -> str | list[str]:
+    """`dataset` as a run records it: a local file or folder by its absolute path. label,
+    search, push --activations and the explorer read the run's texts from its record, and
+    may be run from another folder than train was (`c/corpus.parquet` was then not found)."""
+    if isinstance(dataset, str):
+        return os.path.abspath(dataset) if os.path.exists(dataset) else dataset
+    return [_recorded_dataset(d) for d in dataset]
+
+
 def _source(data: DataArguments) -> dict:
     """What `data`'s texts were loaded from, as `sbert-sae cache list` shows it."""
     # A local path as an absolute one: `cache list` may be run from anywhere.
@@ -501,7 +510,7 @@ def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerat
             "sbert_sae_version": __version__,
             "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],  # the program name, not its path
             "domain": _domain_name(data, name),
-            "data": dataclasses.asdict(data),
+            "data": dataclasses.asdict(dataclasses.replace(data, dataset=_recorded_dataset(data.dataset))),
             "sae": dataclasses.asdict(_resolved_sae_args(config)),
             "training": train_args.to_dict(),
             "num_processes": accelerator.num_processes,

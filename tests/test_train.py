@@ -890,3 +890,22 @@ def test_per_domain_with_one_domain_left_names_its_table(wiki_small, tmp_path, c
     assert run_cli("train", "--dataset", tmp_path / "data", "--out", out, "--domain-column", "field", "--per-domain", *SMALL, "--epochs", "1") == 0
     assert f"domain comparison: {out / 'domains.md'}" in capsys.readouterr().out
     assert "| few | - |" in (out / "domains.md").read_text()
+
+
+def test_a_run_on_a_relative_dataset_path_is_searched_from_another_folder(wiki_small, tmp_path, monkeypatch, capsys):
+    # training_args.json recorded the dataset as typed ("corpus.parquet"): label, search, push
+    # --activations and the explorer, run from any other folder, said "dataset 'corpus.parquet'
+    # not found". A local dataset is now recorded by its absolute path.
+    from datasets import load_from_disk
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    load_from_disk(str(wiki_small)).select(range(30)).to_parquet(str(tmp_path / "work" / "corpus.parquet"))
+    monkeypatch.chdir(tmp_path / "work")
+    assert run_cli("train", "--dataset", "corpus.parquet", "--out", "run", *SMALL, "--epochs", "1") == 0
+    recorded = json.loads((tmp_path / "work" / "run" / "training_args.json").read_text())["data"]["dataset"]
+    assert recorded == str(tmp_path / "work" / "corpus.parquet")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert run_cli("search", tmp_path / "work" / "run", "mathematics", "--top", "2") == 0
+    assert "  1. " in capsys.readouterr().out
