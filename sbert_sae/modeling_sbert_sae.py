@@ -812,6 +812,16 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if link is not None and not (isinstance(link, dict) and isinstance(link.get("repo_id"), str)):
             raise ModelLoadError(f"activations.json of {name_or_path!r} is malformed: expected an object with a 'repo_id' string")
         self.activations_link = link
+        if not os.path.isdir(os.path.join(name_or_path, hub_kwargs.get("subfolder") or "")):
+            from .families import FAMILIES_FILE
+
+            # Read only when asked for (feature_families), but downloaded now, with the rest: an SAE
+            # loaded once from the Hub has its families offline too (and from a private repo, whose
+            # token is not kept on the SAE). One that cannot be fetched now is looked for again then.
+            try:
+                _optional_file(name_or_path, FAMILIES_FILE, hub_kwargs)
+            except Exception as err:  # noqa: BLE001 - the SAE is loaded; its families are asked for later, if ever
+                logger.debug("families.json of %s not fetched with the SAE: %s: %s", name_or_path, type(err).__name__, err)
 
     def _extras_location(self) -> tuple[str, dict]:
         """Where the files beside the weights are read: the folder or Hub repo (and revision)

@@ -127,7 +127,8 @@ def test_save_pretrained_and_push_to_hub_keep_families_and_the_activations_link(
     remote.save_pretrained(tmp_path / "from-hub")
     assert [(f.parent, f.children, f.label) for f in SparseAutoencoder.from_pretrained(tmp_path / "from-hub").feature_families()] == expected
     # A Hub that cannot be read (a private repo's token is not kept on the SAE) costs the families, not the save.
-    hub.fail_next("families.json", 401)
+    hub.fail_next("families.json", 401)  # fetched with the SAE
+    hub.fail_next("families.json", 401)  # and looked for again by save_pretrained
     with caplog.at_level(logging.WARNING, logger="sbert_sae.modeling_sbert_sae"):
         SparseAutoencoder.from_pretrained("org/kept-extras", cache_dir=tmp_path / "fresh-cache").save_pretrained(tmp_path / "unreachable")
     assert (tmp_path / "unreachable" / "model.safetensors").exists() and not (tmp_path / "unreachable" / "families.json").exists()
@@ -1012,3 +1013,18 @@ def test_a_hub_sae_reads_its_other_files_from_the_commit_its_weights_came_from(h
     sae.push_to_hub("org/moving")
     assert loaded.read_extra_json("feature_labels.json")["features"]["0"]["label"] == loaded.feature_labels[0] != "pushed later"
     assert SparseAutoencoder.from_pretrained("org/moving").feature_labels[0] == "pushed later"
+
+
+def test_a_hub_sae_loaded_once_has_its_families_offline(hub, labelled_run, tmp_path):
+    # families.json was fetched only when feature_families() first asked for it: an SAE loaded
+    # online, then offline from the cache, had no families ("pass the corpus' embeddings").
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    assert main(["families", str(run), "--permutations", "2", "-q"]) == 0
+    expected = [(f.parent, f.children) for f in SparseAutoencoder.from_pretrained(run).feature_families()]
+    assert main(["push", str(run), "org/families-offline", "-q"]) == 0
+    SparseAutoencoder.from_pretrained("org/families-offline", cache_dir=tmp_path / "cache")
+    offline = SparseAutoencoder.from_pretrained("org/families-offline", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert [(f.parent, f.children) for f in offline.feature_families()] == expected
