@@ -803,7 +803,7 @@ def cmd_search(args) -> int:
     for rank, hit in enumerate(result.hits, 1):
         firing = " ".join(f"#{f}" for f, a in hit.steered.items() if a > 0)
         head = f"{rank:>3}. {hit.score:.3f} row {hit.row}" + (f" [fires: {firing}]" if firing else "")
-        text = " ".join((hit.text or "").split())
+        text = _terminal_text(" ".join((hit.text or "").split()))
         room = max(40, width - len(head) - 2)
         print(f"{head}  {text[:room - 1] + '…' if len(text) > room else text}")
     if st.features:
@@ -815,6 +815,15 @@ def cmd_search(args) -> int:
                 n = sum(hit.steered[f] > 0 for hit in result.hits)
                 print(f"#{f} fires in {n} of {len(result.hits)} hits")
     return 0
+
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _terminal_text(text: str) -> str:
+    """A corpus text as it may be printed: its control characters (an escape sequence that turns
+    the terminal red or clears it, a bell, a NUL) written as escapes (\\x1b) rather than sent."""
+    return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def cmd_sweep(args) -> int:

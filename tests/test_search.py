@@ -392,3 +392,16 @@ def test_search_command_on_a_bare_sae_folder_needs_a_dataset(labelled_run, wiki_
     assert main(["search", str(bare), "a painting", "--dataset", str(wiki_small), "--top", "3", "--json", "-q"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["hits"]) == 3 and all(h["text"] for h in out["hits"])
+
+
+def test_search_prints_a_texts_control_characters_as_escapes(labelled_run, tmp_path, capsys):
+    # A corpus text holding an ANSI escape sequence, a bell or a NUL was printed as it was: the
+    # terminal turned red (or beeped) at the hit. They are now shown as escapes; --json keeps the text.
+    texts = ["Paintings of the \x1b[31mRenaissance\x1b[0m in Florence\x07 and Venice\x00.", "Cells divide by mitosis.", "A prime number has two divisors."]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert main(["search", str(labelled_run), "renaissance paintings", "--dataset", str(tmp_path / "corpus.jsonl"), "--top", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "\\x1b[31mRenaissance\\x1b[0m in Florence\\x07 and Venice\\x00." in out
+    assert not any(c in out for c in "\x1b\x07\x00")
+    assert main(["search", str(labelled_run), "renaissance paintings", "--dataset", str(tmp_path / "corpus.jsonl"), "--top", "1", "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["hits"][0]["text"] == texts[0]
