@@ -1028,3 +1028,34 @@ def test_a_hub_sae_loaded_once_has_its_families_offline(hub, labelled_run, tmp_p
     SparseAutoencoder.from_pretrained("org/families-offline", cache_dir=tmp_path / "cache")
     offline = SparseAutoencoder.from_pretrained("org/families-offline", cache_dir=tmp_path / "cache", local_files_only=True)
     assert [(f.parent, f.children) for f in offline.feature_families()] == expected
+
+
+def test_the_explorer_of_a_hub_sae_shows_the_families_of_the_commit_its_weights_came_from(hub, labelled_run, tmp_path, monkeypatch):
+    # Explorer.open read families.json, feature_density.json and the plots from the revision it
+    # was given (`main`) after the SAE was loaded: a push in between showed the next SAE's families.
+    import shutil
+
+    from sbert_sae.explorer_data import Explorer
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    assert main(["families", str(run), "--permutations", "2", "-q"]) == 0
+    assert main(["push", str(run), "org/explored", "-q"]) == 0
+    families = json.loads((run / "families.json").read_text())
+    assert len(families["families"]) > 1
+    families["families"] = families["families"][:1]  # the next push: one family fewer
+    (run / "families.json").write_text(json.dumps(families))
+
+    real = SparseAutoencoder.from_pretrained.__func__
+    pushed = []
+
+    def loaded_then_pushed(cls, *args, **kwargs):
+        sae = real(cls, *args, **kwargs)
+        if not pushed:  # the next push lands while the explorer opens
+            pushed.append(main(["push", str(run), "org/explored", "-q"]))
+        return sae
+
+    monkeypatch.setattr(SparseAutoencoder, "from_pretrained", classmethod(loaded_then_pushed))
+    explorer = Explorer.open("org/explored")
+    assert pushed == [0] and len(json.loads(hub.files("org/explored")["families.json"])["families"]) == 1
+    assert len(explorer.families) > 1
