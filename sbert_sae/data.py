@@ -125,6 +125,9 @@ def load_text_dataset(
             problem = _json_field_problem(files, json_field)
             if problem:
                 raise DatasetError(f"cannot load dataset {source!r} with --json-field {json_field!r}: {problem}") from err
+        columns = _mismatched_columns(err, files)
+        if columns:
+            raise DatasetError(f"cannot load dataset {source!r}: {columns}") from err
         if "corresponds to no data" in str(err):
             raise DatasetError(f"dataset {source!r} (split {split!r}) is empty") from err
         configs = re.search(r"Config name is missing.*?(\[[^\]]*\])", str(err), re.S)
@@ -137,6 +140,86 @@ def load_text_dataset(
     if len(ds) == 0:
         raise DatasetError(f"dataset {source!r} (split {split!r}) is empty")
     return ds
+
+
+def _mismatched_columns(err: BaseException, files: list[str]) -> str | None:
+    """What is wrong when datasets failed because data files of one dataset have different
+    columns (it reads them as one table, typed by the first file): each set of columns and the
+    files that have it. datasets' own words name no file (parquet, JSON lines) or span lines (CSV)."""
+    from datasets.exceptions import DatasetGenerationCastError
+    from datasets.table import CastError
+
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    cast = next((e for e in chain if isinstance(e, CastError)), None)
+    if cast is None and not any(isinstance(e, DatasetGenerationCastError) for e in chain):
+        return None
+    paths = _data_files_of(files)
+    by_columns: dict[tuple, list[str]] = {}
+    for path in paths:
+        columns = _data_file_columns(path)
+        if columns is not None:
+            by_columns.setdefault(tuple(columns), []).append(path)
+    if len(by_columns) > 1:
+
+        def named(group: list[str]) -> str:
+            return ", ".join(Path(p).name for p in group[:3]) + (f" and {len(group) - 3} more" if len(group) > 3 else "")
+
+        kinds = "; ".join(f"{list(columns)} in {named(group)}" for columns, group in by_columns.items())
+    elif cast is not None:
+        kinds = f"{cast.table_column_names} in one, {cast.requested_column_names} in the first"
+    else:
+        return None
+    return f"its data files do not all have the same columns ({kinds}): they are read as one table, so give --dataset the files of one shape, or give them the same columns"
+
+
+def _data_files_of(files: list[str]) -> list[str]:
+    """The data files a dataset given as `files` (data files, or one data folder) is read from."""
+    if all(Path(f).is_file() for f in files):
+        return list(files)
+    if len(files) == 1 and Path(files[0]).is_dir():
+        from datasets.data_files import DataFilesDict, get_data_patterns
+
+        try:
+            found = DataFilesDict.from_patterns(get_data_patterns(files[0]), base_path=files[0])
+        except Exception:  # noqa: BLE001 - no data files found: nothing to compare
+            return []
+        return [str(f) for split_files in found.values() for f in split_files]
+    return []
+
+
+def _data_file_columns(path: str) -> list[str] | None:
+    """The column names of a local data file (parquet's schema, a CSV file's header line, the
+    keys of a JSON-lines file's first record), or None where they cannot be read cheaply."""
+    import bz2
+    import csv
+    import gzip
+    import json
+    import lzma
+
+    try:
+        builder = _builder_for(path)
+    except DatasetError:
+        return None
+    if builder == "text":
+        return ["text"]
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return [name for name in pq.read_schema(path).names if name != "__index_level_0__"]
+        opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix.lower(), open)
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+            if builder == "csv":
+                delimiter = "\t" if ".tsv" in Path(path).name.lower() else ","
+                return next(csv.reader(f, delimiter=delimiter), None)
+            first = json.loads(f.readline())
+            return list(first) if isinstance(first, dict) else None
+    except (OSError, ValueError, EOFError, UnicodeDecodeError, ImportError):
+        return None
 
 
 def _json_field_problem(files: list[str], json_field: str) -> str | None:

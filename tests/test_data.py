@@ -235,6 +235,28 @@ def test_a_dataset_folder_with_several_configs_asks_for_config_name(tmp_path):
     assert load_text_dataset(str(tmp_path / "hubdir"), config_name="de")["text"] == ["de one", "de two"]
 
 
+@pytest.mark.parametrize("ext", ["parquet", "jsonl", "csv"])
+@pytest.mark.parametrize("given", ["folder", "files"])
+def test_data_files_with_different_columns_are_named_with_their_columns(tmp_path, ext, given):
+    # datasets reads a dataset's files as one table; files of other columns failed with "CastError:
+    # Couldn't cast text: string source: string ... because column names don't match", naming
+    # no file (parquet, JSON lines), or with a message of several lines (CSV).
+    import pandas as pd
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    frames = {"a": pd.DataFrame(ROWS[:2]), "b": pd.DataFrame(ROWS[2:]).rename(columns={"topic": "source"})}
+    for name, frame in frames.items():
+        path = folder / f"{name}.{ext}"
+        {"parquet": lambda f, p: f.to_parquet(p, index=False), "jsonl": lambda f, p: f.to_json(p, orient="records", lines=True), "csv": lambda f, p: f.to_csv(p, index=False)}[ext](frame, path)
+    source = str(folder) if given == "folder" else [str(folder / f"a.{ext}"), str(folder / f"b.{ext}")]
+    with pytest.raises(DatasetError) as err:
+        load_text_dataset(source)
+    message = str(err.value)
+    assert f"do not all have the same columns (['text', 'topic'] in a.{ext}; ['text', 'source'] in b.{ext})" in message, message
+    assert "\n" not in message
+
+
 def test_a_file_that_does_not_parse_is_refused_with_the_parsers_reason(tmp_path):
     # datasets wraps parser errors in "DatasetGenerationError: An error occurred while generating
     # the dataset", which named neither what nor where; the parser's own message now follows it.
