@@ -120,6 +120,7 @@ mark.kw {background: rgba(250, 204, 21, 0.45); color: inherit; border-radius: 3p
 .sae-hit .body {max-height: 7.5em; overflow: auto; font-size: 0.88rem; line-height: 1.45;}
 .steer-slider {padding-top: 0.3rem !important; padding-bottom: 0.3rem !important;}
 .sae-empty {color: var(--body-text-color-subdued); font-style: italic; padding: 0.4rem 0;}
+.sae-unread {color: var(--body-text-color-subdued); opacity: 0.6;}
 """
 
 
@@ -472,13 +473,22 @@ class Pages:
             + "</span>",
             f'<span class="sae-chip">active features <b>{result.l0}</b> of k={self.x.sae.config.k}</span>',
         ]
+        keywords = [kw for r in result.features[:5] for kw in self.x.keywords_of(r["feature"], 6)]
+        shown = highlight(text, keywords)
+        if result.embedded_chars is not None:
+            # The base model read only the text's beginning: its features are those of that part.
+            chips.append(
+                f'<span class="sae-chip bad" id="text-truncated" title="the base model reads at most {result.max_tokens} tokens of a text: the rest, greyed, is not embedded">'
+                f"embedded: its first <b>{result.max_tokens:,}</b> of {result.tokens:,} tokens</span>"
+            )
+            cut = result.embedded_chars
+            shown = f'{highlight(text[:cut], keywords)}<span class="sae-unread" title="past the base model\'s {result.max_tokens} tokens: not embedded">{_e(text[cut:])}</span>'
         top = result.features[0]["activation"] if result.features else 1.0
         rows = "".join(
             f'<tr><td class="label">{feature_link(r["feature"], r["label"])}</td><td class="bar">{_bar(r["activation"], top, 14)}</td><td class="num">{r["activation"]:.4f}</td></tr>'
             for r in result.features
         )
-        keywords = [kw for r in result.features[:5] for kw in self.x.keywords_of(r["feature"], 6)]
-        summary = f'<div class="sae-card"><div class="sae-chips">{"".join(chips)}</div><div class="sae-text" style="margin-top:0.6rem"><div class="body">{highlight(text, keywords)}</div></div><div class="sae-note">marked: keywords of its 5 strongest features</div></div>'
+        summary = f'<div class="sae-card"><div class="sae-chips">{"".join(chips)}</div><div class="sae-text" style="margin-top:0.6rem"><div class="body">{shown}</div></div><div class="sae-note">marked: keywords of its 5 strongest features</div></div>'
         chart = _card(
             f"Active features ({result.l0})",
             f'<table class="sae-table sae-bars active-features"><tr><th>feature</th><th>activation</th><th></th></tr>{rows}</table>' if rows else _empty("no feature fires on this text"),

@@ -64,6 +64,12 @@ class TextInspection:
     relative_error: float
     """||x - x_hat||^2 / ||x||^2: one text's normalised MSE (an FVU needs many texts)."""
     l0: int
+    tokens: int | None = None
+    """The text's tokens by the base model's tokenizer (None where it has no fast tokenizer)."""
+    max_tokens: int | None = None
+    """The most tokens of a text the base model reads (its max_seq_length, less its special and prompt tokens)."""
+    embedded_chars: int | None = None
+    """Where the base model stopped reading a longer text (a character offset); None: it read all of it."""
 
 
 @dataclass
@@ -625,7 +631,25 @@ class Explorer:
         ]
         cosine = float(F.cosine_similarity(x, x_hat, dim=1)[0])
         error = float((x - x_hat).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12))
-        return TextInspection(text=text, features=features, cosine=cosine, relative_error=error, l0=len(features))
+        return TextInspection(text=text, features=features, cosine=cosine, relative_error=error, l0=len(features), **self._read_by_the_model(text))
+
+    def _read_by_the_model(self, text: str) -> dict:
+        """How much of `text` the base model reads: the model truncates a text at its
+        max_seq_length without a word, so that a pasted article's features are those of its
+        first paragraphs only."""
+        model = self.sae.base_sentence_transformer()
+        tokenizer = getattr(model, "tokenizer", None)
+        max_len = model.get_max_seq_length() if hasattr(model, "get_max_seq_length") else None
+        if tokenizer is None or not max_len or not getattr(tokenizer, "is_fast", False):
+            return {}
+        kwargs = self.sae.config.base_model_kwargs or {}
+        prompt = kwargs.get("prompt") or (getattr(model, "prompts", {}) or {}).get(kwargs.get("prompt_name") or getattr(model, "default_prompt_name", None) or "", "")
+        room = max_len - tokenizer.num_special_tokens_to_add(pair=False) - (len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0)
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+        out = {"tokens": len(offsets), "max_tokens": room}
+        if len(offsets) > room > 0:
+            out["embedded_chars"] = offsets[room - 1][1]
+        return out
 
 
 def keyword_spans(text: str, keywords: list[str]) -> list[tuple[int, int, str]]:

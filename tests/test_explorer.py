@@ -305,6 +305,27 @@ def test_text_inspection_shows_its_active_features(page, corpus):
     expect(page.locator("#feature-header [data-current-feature]")).to_have_attribute("data-current-feature", str(expected[0]["feature"]))
 
 
+def test_a_text_longer_than_the_base_model_reads_says_where_it_was_cut(app, corpus):
+    """The base model reads the first 256 tokens of a text and drops the rest without a word:
+    the Texts tab showed a pasted article whole, beside the features of its first paragraphs
+    only. It now says how many tokens were embedded and greys the part the model did not read."""
+    from gradio_client import Client
+
+    explorer = app[0]
+    sae, texts, _ = corpus
+    long = " ".join(texts[:40])
+    result = explorer.inspect(long)
+    assert result.max_tokens == 254 < result.tokens and 0 < result.embedded_chars < len(long)
+    # the model reads exactly that part: its embedding is the whole text's
+    whole, head = sae.embed_texts([long, long[: result.embedded_chars]])
+    assert torch.nn.functional.cosine_similarity(whole, head, dim=0) > 0.9999
+    assert explorer.inspect(texts[0]).embedded_chars is None
+    summary, _ = Client(app[1], verbose=False).predict(long, api_name="/inspect_text")
+    assert f"embedded: its first <b>254</b> of {result.tokens:,} tokens" in summary and 'class="sae-unread"' in summary
+    short, _ = Client(app[1], verbose=False).predict(texts[0], api_name="/inspect_text")
+    assert "sae-unread" not in short and "embedded: its first" not in short
+
+
 def test_steered_search_changes_the_results(page, run, corpus):
     from playwright.sync_api import expect
 
