@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-ACTIONS = ("preupload", "commit", "revision", "tree", "paths-info", "refs", "commits")
+ACTIONS = ("preupload", "commit", "revision", "tree", "paths-info", "refs", "commits", "tag")
 BINARY_SUFFIXES = (".safetensors", ".parquet", ".bin", ".pt", ".pth", ".npy", ".png", ".arrow", ".zip", ".gz")
 
 
@@ -54,10 +54,13 @@ class Repo:
     private: bool
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, revision: str) -> Commit | None:
         if revision in self.branches:
             return self.commits[self.branches[revision]]
+        if revision in self.tags:
+            return self.commits[self.tags[revision]]
         return self.commits.get(revision)
 
 
@@ -260,8 +263,17 @@ class _Handler(BaseHTTPRequestHandler):
             if action is None or action == "revision":
                 revision = unquote(args[0]) if args else "main"
                 return self._repo_info(repo, revision, head)
-            if action in ("preupload", "commit") and not self._may_write(repo_type, repo_id):
+            if action in ("preupload", "commit", "tag") and not self._may_write(repo_type, repo_id):
                 return None
+            if action == "tag":  # HfApi.create_tag: POST .../tag/{revision} {"tag", "message"?}
+                commit = repo.resolve(unquote(args[0]) if args else "main")
+                name = json.loads(self._body() or b"{}").get("tag")
+                if commit is None:
+                    return self._error(404, "RevisionNotFound", "revision not found")
+                if not name or name in repo.tags or name in repo.branches:
+                    return self._error(409, None, f"tag {name!r} already exists or is empty")
+                repo.tags[name] = commit.oid
+                return self._json(200, {})
             if action == "preupload":
                 return self._preupload(json.loads(self._body() or b"{}"))
             if action == "commit":
@@ -279,7 +291,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, self._entries(commit, form.get("paths", []), exact=True), head=head)
             if action == "refs":
                 branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": oid} for b, oid in repo.branches.items()]
-                return self._json(200, {"branches": branches, "tags": [], "converts": [], "pullRequests": []}, head=head)
+                tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": oid} for t, oid in repo.tags.items()]
+                return self._json(200, {"branches": branches, "tags": tags, "converts": [], "pullRequests": []}, head=head)
             if action == "commits":
                 commit = repo.resolve(args[0] if args else "main")
                 if commit is None:

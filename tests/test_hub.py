@@ -1059,3 +1059,19 @@ def test_the_explorer_of_a_hub_sae_shows_the_families_of_the_commit_its_weights_
     explorer = Explorer.open("org/explored")
     assert pushed == [0] and len(json.loads(hub.files("org/explored")["families.json"])["families"]) == 1
     assert len(explorer.families) > 1
+
+
+def test_a_tagged_sae_loads_by_its_tag_after_main_moves_on(hub, labelled_run):
+    from huggingface_hub import HfApi
+    from transformers import AutoModel
+
+    first = SparseAutoencoder.from_pretrained(labelled_run)
+    first.push_to_hub("org/tagged")
+    HfApi().create_tag("org/tagged", tag="v1.0")
+    torch.manual_seed(2)
+    SparseAutoencoder(SparseAutoencoderConfig(d_in=first.config.d_in, n_latents=64, k=4)).push_to_hub("org/tagged")
+    assert SparseAutoencoder.from_pretrained("org/tagged").feature_labels == [None] * 64
+    tagged = SparseAutoencoder.from_pretrained("org/tagged", revision="v1.0")
+    assert torch.equal(tagged.W_enc, first.W_enc) and tagged.feature_labels == first.feature_labels
+    assert tagged.read_extra_json("metrics.json") == first.metrics
+    assert torch.equal(AutoModel.from_pretrained("org/tagged", revision="v1.0").W_enc, first.W_enc)
