@@ -128,6 +128,12 @@ def load_text_dataset(
         columns = _mismatched_columns(err, files)
         if columns:
             raise DatasetError(f"cannot load dataset {source!r}: {columns}") from err
+        unknown_split = re.search(r'Unknown split "([^"]*)"\. Should be one of \[([^\]]*)\]', str(err))
+        if unknown_split:
+            # A data folder (or Hub dataset) without the split asked for, e.g. no "train": named as a
+            # saved DatasetDict's is (`_check_split_names`), with the option that picks another.
+            splits = sorted(re.findall(r"'([^']*)'", unknown_split.group(2)))
+            raise DatasetError(f"split {unknown_split.group(1)!r} not in {source!r}; it has splits {splits} (--split {split!r})") from err
         if "corresponds to no data" in str(err):
             raise DatasetError(f"dataset {source!r} (split {split!r}) is empty") from err
         configs = re.search(r"Config name is missing.*?(\[[^\]]*\])", str(err), re.S)

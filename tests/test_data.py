@@ -63,6 +63,20 @@ def test_a_split_slice_is_applied_to_every_source_kind(files, kind):
         load_text_dataset(str(files[kind]), split="test")
 
 
+def test_a_data_folder_without_the_split_asked_for_names_its_splits(tmp_path):
+    # A folder of data/test-*.parquet and data/validation-*.parquet (as Hub datasets hold them)
+    # loaded without --split said "ValueError: Unknown split "train". Should be one of
+    # ['validation', 'test']."; it is now named as a saved DatasetDict's missing split is.
+    from datasets import Dataset
+
+    (tmp_path / "corpus" / "data").mkdir(parents=True)
+    for name, rows in (("test", ROWS[:2]), ("validation", ROWS[2:])):
+        Dataset.from_list(rows).to_parquet(str(tmp_path / "corpus" / "data" / f"{name}-00000-of-00001.parquet"))
+    with pytest.raises(DatasetError, match=r"^split 'train' not in '.*corpus'; it has splits \['test', 'validation'\] \(--split 'train'\)$"):
+        load_text_dataset(str(tmp_path / "corpus"))
+    assert load_text_dataset(str(tmp_path / "corpus"), split="validation")["text"] == [r["text"] for r in ROWS[2:]]
+
+
 def test_dataset_dict_split_slices_and_sums(tmp_path):
     from datasets import Dataset, DatasetDict
 
