@@ -125,6 +125,9 @@ def load_text_dataset(
             problem = _json_field_problem(files, json_field)
             if problem:
                 raise DatasetError(f"cannot load dataset {source!r} with --json-field {json_field!r}: {problem}") from err
+        separated = _csv_separator_problem(_data_files_of(files))
+        if separated:
+            raise DatasetError(f"cannot load dataset {source!r}: {separated} ({detail})") from err
         columns = _mismatched_columns(err, files)
         if columns:
             raise DatasetError(f"cannot load dataset {source!r}: {columns}") from err
@@ -180,6 +183,26 @@ def _mismatched_columns(err: BaseException, files: list[str]) -> str | None:
     else:
         return None
     return f"its data files do not all have the same columns ({kinds}): they are read as one table, so give --dataset the files of one shape, or give them the same columns"
+
+
+CSV_SEPARATORS = (";", "|", "\t")
+"""What a CSV file is separated by instead of commas (";" in the exports of spreadsheets set to
+languages that write 0,5), which datasets' reader, comma-separated, does not guess."""
+
+
+def _csv_separator_problem(paths: list[str]) -> str | None:
+    """Why a .csv file among `paths` does not read as comma-separated: its header line holds no
+    comma but one of `CSV_SEPARATORS` (a file of one column then loads as one column named
+    "text;topic", or fails where a text holds a comma)."""
+    for path in paths:
+        if not re.search(r"\.csv(\.(gz|bz2|xz|zst))?$", Path(path).name.lower()):
+            continue  # a .tsv file is read as tab-separated
+        columns = _data_file_columns(path)
+        header = columns[0] if columns is not None and len(columns) == 1 else None
+        found = [sep for sep in CSV_SEPARATORS if header and sep in header]
+        if found:
+            return f"{Path(path).name} is separated by {found[0]!r}, not by commas (its first line: {clip(header, 80)!r}): .csv files are read as comma-separated (.tsv as tab-separated); save it with commas, or as parquet"
+    return None
 
 
 def _data_files_of(files: list[str]) -> list[str]:
@@ -739,6 +762,10 @@ def require_column(ds, column: str, purpose: str) -> None:
             elif deeper:
                 path = ".".join(deeper)
                 hint += f"; field {path!r} of its records holds records with field {column!r}: add '.{path}' to the end of the --json-field path"
+            if (ds.info.builder_name or "") == "csv" and len(ds.column_names) == 1:
+                found = [sep for sep in CSV_SEPARATORS if sep in ds.column_names[0]]
+                if found:
+                    hint += f"; the CSV file's one column is named with {found[0]!r}: the file is separated by {found[0]!r}, not by commas, as .csv files are read (.tsv: tabs); save it with commas, or as parquet"
         raise DatasetError(f"{purpose} column {column!r} not in dataset; its columns are {ds.column_names}{hint}")
 
 

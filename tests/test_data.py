@@ -271,6 +271,20 @@ def test_data_files_with_different_columns_are_named_with_their_columns(tmp_path
     assert "\n" not in message
 
 
+def test_a_csv_file_separated_by_semicolons_is_named_so(tmp_path):
+    # A semicolon-separated .csv (a spreadsheet's export in many languages) failed with the
+    # parser's "Expected 1 fields in line 3, saw 2" where a text held a comma, or loaded as one
+    # column "text;topic" and was refused for having no column 'text': neither said why.
+    with_commas = tmp_path / "commas.csv"
+    with_commas.write_text("text;topic\nPhotosynthesis;Biology\nA group, with an operation;Mathematics\n")
+    with pytest.raises(DatasetError, match=r"commas.csv is separated by ';', not by commas \(its first line: 'text;topic'\)"):
+        load_text_dataset(str(with_commas))
+    without = tmp_path / "plain.csv"
+    without.write_text("text;topic\nPhotosynthesis;Biology\nA group;Mathematics\n")
+    with pytest.raises(DatasetError, match=r"columns are \['text;topic'\].*the file is separated by ';', not by commas"):
+        find_text_rows(load_text_dataset(str(without)), "text")
+
+
 def test_a_file_that_does_not_parse_is_refused_with_the_parsers_reason(tmp_path):
     # datasets wraps parser errors in "DatasetGenerationError: An error occurred while generating
     # the dataset", which named neither what nor where; the parser's own message now follows it.
