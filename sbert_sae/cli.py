@@ -445,7 +445,7 @@ def _run_text_column(sae_folder) -> str | None:
 
 def _data_arguments(args):
     from .base_model import DEFAULT_MODEL
-    from .pipeline import DataArguments, run_json_field
+    from .pipeline import DataArguments, recorded_model, run_json_field
 
     text_column = args.text_column
     if text_column is None:
@@ -466,7 +466,7 @@ def _data_arguments(args):
         heldout_fraction=getattr(args, "heldout_fraction", 0.05),
         on_bad_text="error" if args.strict_text else "skip",
         max_rows=args.max_rows,
-        model=getattr(args, "model", DEFAULT_MODEL),
+        model=recorded_model(getattr(args, "model", DEFAULT_MODEL)),
         model_revision=getattr(args, "model_revision", None),
         encode_kwargs={
             name: getattr(args, name) for name in ("prompt_name", "prompt", "truncate_dim") if getattr(args, name, None) is not None

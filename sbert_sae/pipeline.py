@@ -231,6 +231,17 @@ def _recorded_dataset(dataset: str | list[str]) -> str | list[str]:
     return [_recorded_dataset(d) for d in dataset]
 
 
+def recorded_model(model: str) -> str:
+    """`model` as a run records it (training_args.json, the SAE's config.json) and keys its
+    embedding cache by: a local folder by its absolute path, a Hub id as it is. label, search,
+    explore, `encode_texts` and push read the base model from that record, and may be run from
+    another folder than train was: a relative `models/mine` was not found there (the loader
+    asked the Hub for it), and push took it for a Hub id."""
+    if isinstance(model, str) and not os.path.isabs(model) and Path(model).expanduser().is_dir():
+        return os.path.abspath(Path(model).expanduser())
+    return model
+
+
 def _source(data: DataArguments) -> dict:
     """What `data`'s texts were loaded from, as `sbert-sae cache list` shows it."""
     # A local path as an absolute one: `cache list` may be run from anywhere.
@@ -302,6 +313,7 @@ def run_training(
     if data.domain is not None and not data.domain_column:
         raise DatasetError("--domain needs --domain-column")
 
+    data = dataclasses.replace(data, model=recorded_model(data.model))
     accelerator = make_accelerator(train_args, out_dir, data.device)
     main = accelerator.is_main_process
     show = train_args.show_progress and main

@@ -422,3 +422,41 @@ def test_a_cached_model_whose_links_point_into_a_deleted_package_is_seeded_again
     (other.parent.parent / "refs" / "main").write_text("abc")
     with pytest.raises(ModelLoadError, match=r"cached copy of model 'org/other' .* is damaged: config.json links to"):
         resolve_model_path("org/other")
+
+
+def test_a_model_given_by_a_relative_path_is_found_from_any_folder(tiny_model, wiki_small, tmp_path, monkeypatch, capsys):
+    """`train --model models/mine` recorded the folder as typed, in config.json and
+    training_args.json: search, label, explore and `encode_texts` run from another folder did
+    not find it (the loader asked the Hub for 'models/mine'), and push from there published
+    'models/mine' as the base model's Hub id. A local model folder is recorded, and keys the
+    embedding cache, by its absolute path."""
+    import shutil
+    from pathlib import Path
+
+    from sbert_sae import SparseAutoencoder
+    from sbert_sae.cli import main
+    from sbert_sae.errors import ConfigError
+    from sbert_sae.hub import published_base_model
+    from sbert_sae.utils import read_json
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(tiny_model("plain"), work / "models" / "mine")
+    monkeypatch.chdir(work)
+    cache_dir = tmp_path / "cache"
+    argv = ["train", "--dataset", str(wiki_small), "--model", "models/mine", "--out", "run", "--cache-dir", str(cache_dir)]
+    assert main([*argv, "--n-latents", "32", "-k", "4", "--epochs", "1", "--batch-size", "64", "-q", "--report-to", "none"]) == 0
+    run, folder = (work / "run").resolve(), (work / "models" / "mine").resolve()
+
+    monkeypatch.chdir(elsewhere)
+    sae = SparseAutoencoder.from_pretrained(run)
+    for recorded in (sae.config.base_model, read_json(run / "training_args.json")["data"]["model"]):
+        assert Path(recorded).is_absolute() and Path(recorded).resolve() == folder
+    assert sae.embed_texts(["a text"]).shape == (1, HIDDEN)
+    capsys.readouterr()
+    assert main(["search", str(run), "the derivative of a function", "--top", "2"]) == 0
+    assert "1. " in capsys.readouterr().out
+    assert len(list((cache_dir / "embeddings").iterdir())) == 1  # the run's own cache: nothing embedded again
+    # A local folder is no Hub id: push asks for one, from any folder.
+    with pytest.raises(ConfigError, match="is the local folder"):
+        published_base_model(read_json(run / "config.json"))
