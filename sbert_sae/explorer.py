@@ -31,6 +31,7 @@ import numpy as np
 from .errors import SbertSaeError
 from .explorer_data import Explorer, keyword_spans
 from .families import family_tree, pick_family
+from .utils import clip
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ class Pages:
             return _empty(str(err))
         if not rows:
             if re.fullmatch(r"#?[-+]?\d+", q):
-                return _empty(f"There is no feature {q.lstrip('#')}: features are numbered 0 to {self.x.n - 1}.")
+                return _empty(f"There is no feature {clip(q.lstrip('#'), 24)}: features are numbered 0 to {self.x.n - 1}.")
             if not self.x.labelled:
                 return _empty("This SAE is not labelled: search by feature id (e.g. 12), or run `sbert-sae label`.")
             return _empty("No feature has a held-out label score to rank by: type words of a label, or a feature id.")
@@ -294,7 +295,7 @@ class Pages:
         if by_label:
             # As the Search tab finds a feature: by the label's words, else by its meaning.
             rows, none = _offered(rows, lambda r: r["match"])
-            head = f"No feature label matches “{q}”: the nearest ({none})" if none else f"{len(rows)} feature{'s' if len(rows) != 1 else ''}"
+            head = f"No feature label matches “{clip(q, 60)}”: the nearest ({none})" if none else f"{len(rows)} feature{'s' if len(rows) != 1 else ''}"
         else:
             head = "Best-scored features" if not q else "The feature with this id"
         # How well each label matches goes under it: the column is too narrow for a fourth.
@@ -873,8 +874,9 @@ class Steering:
         shown, none = _offered(matches, lambda m: m.strength)
         if none:
             # Nothing close (a typo, nonsense): the nearest few, said to be weak, none picked.
-            title = f"No feature label matches “{about.strip()}”: the nearest ({none})"
-            gr.Warning(f"No feature label matches “{about.strip()}”; the list holds the nearest labels, {none} matches.")
+            # A query is echoed in part: a pasted page would fill the dropdown's label.
+            title = f"No feature label matches “{clip(about.strip(), 60)}”: the nearest ({none})"
+            gr.Warning(f"No feature label matches “{clip(about.strip(), 60)}”; the list holds the nearest labels, {none} matches.")
         else:
             title = "Features whose label matches"
         choices = [(f"#{m.feature} {m.label} · {_strength(m.strength, m.score)}", m.feature) for m in shown]

@@ -32,6 +32,7 @@ from .errors import DatasetError, InputError, ModelLoadError, SbertSaeError
 from .families import FAMILIES_FILE, Family, parse_families
 from .modeling_sbert_sae import SparseAutoencoder, _read_optional_json
 from .search import DatasetTexts, FeatureMatch, LabelFinder, SteerableIndex
+from .utils import clip
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +423,10 @@ class Explorer:
     # ---------------------------------------------------------------- features
     def check_feature(self, feature) -> int:
         if isinstance(feature, str) and re.fullmatch(r"\s*#?[-+]?\d+\s*", feature):
-            feature = int(feature.strip().lstrip("#"))
+            digits = feature.strip().lstrip("#")
+            if _too_long_for_an_id(digits):
+                raise InputError(f"unknown feature {clip(digits, 24)}: features are numbered 0..{self.n - 1}")
+            feature = int(digits)
         if isinstance(feature, float) and feature.is_integer():
             feature = int(feature)
         if isinstance(feature, np.integer):
@@ -474,6 +478,8 @@ class Explorer:
         q = " ".join((query or "").lower().split())
         # A signed number is an id too: "-1" was taken for words, and its nearest labels offered.
         if re.fullmatch(r"#?[-+]?\d+", q):
+            if _too_long_for_an_id(q.lstrip("#")):
+                return []
             f = int(q.lstrip("#"))
             return [self._row(f, "id")] if 0 <= f < self.n else []
         if not q:
@@ -650,6 +656,12 @@ class Explorer:
         if len(offsets) > room > 0:
             out["embedded_chars"] = offsets[room - 1][1]
         return out
+
+
+def _too_long_for_an_id(digits: str) -> bool:
+    """Whether a typed number has more digits than any feature id: int() of one of more than
+    4300 digits raises ValueError (Python's limit), which the app showed as an unexplained error."""
+    return len(digits.lstrip("+-").lstrip("0")) > 18
 
 
 def keyword_spans(text: str, keywords: list[str]) -> list[tuple[int, int, str]]:

@@ -586,6 +586,26 @@ def test_a_negative_feature_id_is_no_feature_not_words(app):
     assert 'data-feature="5"' in client.predict("+5", api_name="/find_features")
 
 
+def test_a_feature_id_of_thousands_of_digits_is_no_feature(app):
+    """An id of 5000 digits (a paste gone wrong): int() refuses more than 4300 digits, so both
+    Finds (and ?feature=) failed with an unexplained error. They now say that there is no such
+    feature, the number cut short; a long query no label matches is echoed cut short too."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    explorer, url = app
+    client = Client(url, verbose=False)
+    huge = "9" * 5000
+    assert f"There is no feature {'9' * 24}…: features are numbered 0 to 63." in client.predict(huge, api_name="/find_features")
+    with pytest.raises(AppError, match=r"unknown feature 9{24}…: features are numbered 0\.\.63"):
+        client.predict(huge, api_name="/find_steering_feature")
+    with pytest.raises(InputError, match=r"unknown feature 9{24}…"):
+        explorer.check_feature(f" #{huge} ")
+    nonsense = "zq" * 2000
+    found = client.predict(nonsense, api_name="/find_features")
+    assert f"No feature label matches “{nonsense[:60]}…”" in found and nonsense[:61] not in found
+
+
 def test_a_feature_page_shows_while_the_corpus_is_still_being_embedded(page, run, corpus, wiki_small, tmp_path):
     """The first start on a corpus embeds it (minutes for a large one): a feature's page, clicked
     or linked, waited for that with nothing shown, because its strongest texts were found
