@@ -304,15 +304,30 @@ def _source_of_texts(text_column: str | None, json_field: str | None) -> str:
     return (f"records at `{json_field}`, " if json_field else "") + f"column `{text_column}`"
 
 
-def _training_summary(args: dict, config: dict) -> str:
-    if not args:
+def _embedding_summary(config: dict, base_model: str | None) -> str:
+    """The card's line saying how the SAE's inputs were embedded, for an SAE trained on
+    vectors made with encode settings (a prompt, a truncate_dim: `base_model_kwargs`).
+    `encode(texts)` without them makes other vectors (without the prompt, other codes and
+    no error), and the card is what someone embedding with sentence-transformers reads."""
+    kwargs = config.get("base_model_kwargs")
+    if not isinstance(kwargs, dict) or not kwargs:
         return ""
+    settings = ", ".join(f"{name}={value!r}" for name, value in kwargs.items())
+    model = f'SentenceTransformer("{base_model}")' if base_model else "the base model"
+    return f"- embeddings: `{model}.encode(texts, {settings})`, as `sae.encode_texts` makes them"
+
+
+def _training_summary(args: dict, config: dict, base_model: str | None = None) -> str:
+    embedding = _embedding_summary(config, base_model)
+    if not args:
+        return embedding
     data, training = args.get("data", {}), args.get("training", {})
     dataset = _public_dataset_name(data.get("dataset"))
     parts = [
         f"- data: {dataset} ({_source_of_texts(data.get('text_column'), data.get('json_field'))}"
         + (f", domain `{args['domain']}`" if args.get("domain") else "")
         + f"), {data.get('heldout_fraction', 0):.0%} of texts held out",
+        *([embedding] if embedding else []),
         f"- SAE: n_latents={config.get('n_latents')}, k={config.get('k')}, k_aux={config.get('k_aux')}, AuxK coefficient {config.get('auxk_coef')}, inputs {config.get('normalize')}-normalised",
     ]
     if training:
@@ -379,7 +394,7 @@ def render_model_card(
         d_in=config.get("d_in"),
         n_latents=config.get("n_latents"),
         k=config.get("k"),
-        training_summary=_training_summary(args, config),
+        training_summary=_training_summary(args, config, base_model),
         metrics_table=_metrics_table(metrics, labels),
         features_table=_features_table(labels),
         plots=_plots_section(folder),

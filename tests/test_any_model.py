@@ -460,3 +460,28 @@ def test_a_model_given_by_a_relative_path_is_found_from_any_folder(tiny_model, w
     # A local folder is no Hub id: push asks for one, from any folder.
     with pytest.raises(ConfigError, match="is the local folder"):
         published_base_model(read_json(run / "config.json"))
+
+
+@pytest.mark.parametrize(
+    "encode_kwargs, line",
+    [
+        ({"prompt_name": "query", "truncate_dim": 32}, """- embeddings: `SentenceTransformer("org/base").encode(texts, prompt_name='query', truncate_dim=32)`"""),
+        ({"prompt": "Represent this sentence: "}, """- embeddings: `SentenceTransformer("org/base").encode(texts, prompt='Represent this sentence: ')`"""),
+        (None, None),
+    ],
+)
+def test_the_model_card_says_how_the_inputs_were_embedded(tiny_model, tmp_path, encode_kwargs, line):
+    """The card of an SAE trained on vectors made with a prompt or a truncate_dim named neither:
+    `encode(texts)` then makes other inputs (without the prompt, other codes and no error).
+    It now gives the `encode` call; an SAE of plain `encode` vectors gets no such line."""
+    from sbert_sae import SparseAutoencoder, SparseAutoencoderConfig
+    from sbert_sae.hub import render_model_card
+
+    d_in = (encode_kwargs or {}).get("truncate_dim", HIDDEN)
+    config = SparseAutoencoderConfig(d_in=d_in, n_latents=64, k=4, base_model=tiny_model("default-prompt"), base_model_kwargs=encode_kwargs)
+    SparseAutoencoder(config).save_pretrained(tmp_path / "sae")
+    card = str(render_model_card(tmp_path / "sae", "org/sae", base_model_id="org/base"))
+    if line is None:
+        assert "- embeddings:" not in card
+    else:
+        assert line in card.splitlines()[card.splitlines().index("## Training") + 2]
