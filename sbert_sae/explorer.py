@@ -655,7 +655,7 @@ def build_app(explorer: Explorer):
                 return open_feature(params["feature"])
             except gr.Error as err:
                 # A link to a feature that is not there says so, not the blank start page.
-                return (gr.Tabs(selected=FEATURES_TAB), gr.skip(), _card("No such feature", _empty(f"?feature={params['feature']}: {err.message}"))) + (gr.skip(),) * 6
+                return (gr.Tabs(selected=FEATURES_TAB), gr.skip(), _card("No such feature", _empty(f"?feature={clip(params['feature'], 24)}: {err.message}"))) + (gr.skip(),) * 6
         return (gr.Tabs(),) + (gr.skip(),) * 8
 
     examples = _example_texts(explorer)

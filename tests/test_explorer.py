@@ -505,6 +505,10 @@ def test_a_link_opens_a_feature_page_directly(page, app, corpus):
     # a link to a feature that is not there says so (it showed the blank start page)
     page.goto(f"{app[1]}?feature=64")
     expect(page.locator("#feature-header")).to_contain_text("?feature=64: unknown feature 64: features are numbered 0..63")
+    # and one of thousands of digits (a paste gone wrong) in a line, not the whole number twice over
+    page.goto(f"{app[1]}?feature={'9' * 5000}")
+    nines = "9" * 24
+    expect(page.locator("#feature-header")).to_have_text(f"No such feature?feature={nines}…: unknown feature {nines}…: features are numbered 0..63")
 
 
 def test_a_script_calls_the_apps_named_endpoints(app, corpus):
