@@ -1075,3 +1075,40 @@ def test_a_tagged_sae_loads_by_its_tag_after_main_moves_on(hub, labelled_run):
     assert torch.equal(tagged.W_enc, first.W_enc) and tagged.feature_labels == first.feature_labels
     assert tagged.read_extra_json("metrics.json") == first.metrics
     assert torch.equal(AutoModel.from_pretrained("org/tagged", revision="v1.0").W_enc, first.W_enc)
+
+
+def test_the_card_says_how_transformers_loads_the_sae_and_its_snippet_runs_in_a_fresh_process(hub, tmp_path):
+    # transformers alone answers "model type `sbert_sae` ... not recognize this architecture ...
+    # update Transformers" (no remote code is published, so nothing else can be said); the card
+    # gave no word on AutoModel. It now shows the import that registers the model type.
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=32, k=4))
+    sae.push_to_hub("org/auto-card")
+    readme = hub.files("org/auto-card")["README.md"].decode()
+    snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    (auto,) = [s for s in snippets if "AutoModel" in s]
+    assert "trust_remote_code" not in auto and "not recognise the model type `sbert_sae`" in readme
+    check = (
+        "from transformers import AutoModel\n"
+        "try:\n    AutoModel.from_pretrained('org/auto-card')\n"
+        "except ValueError as err:\n    print('without the import:', 'sbert_sae' in str(err))\n"
+        + auto
+        + "\nimport hashlib\nprint(type(sae).__name__, hashlib.sha256(sae.W_enc.detach().numpy().tobytes()).hexdigest())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SBERT_SAE"))}
+    env.update({"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1", "SBERT_SAE_CACHE": str(tmp_path / "cache")})
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert "without the import: True" in lines
+    assert lines[-1] == "SparseAutoencoder " + _sha256_of(sae.W_enc)
+
+
+def _sha256_of(tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(tensor.detach().numpy().tobytes()).hexdigest()
