@@ -362,6 +362,20 @@ def run_training(
     for name, n in too_small:
         logger.warning("domain %r has only %d texts: skipped", name, n)
     groups = [group for group in groups if len(group[1]) >= MIN_TEXTS]
+    skipped = [(name, n, f"skipped: {n} text(s), an SAE needs at least {MIN_TEXTS}") for name, n in too_small]
+    if data.by_domain:
+        # A domain whose texts are all one text (a boilerplate "No description available."), as a
+        # corpus of one text is refused above: its SAE learns nothing, every feature dead, yet
+        # scored a perfect held-out FVU of 0 and cosine 1, the best row of domains.md.
+        one_text = {name: text for name, rows, _ in groups if (text := _only_text(ds, data.text_column, rows)) is not None}
+        for name, rows, _ in groups:
+            if name in one_text:
+                what = f"all {len(rows)} texts of domain {name!r} (column {data.domain_column!r}) are the same text ({clip(one_text[name], 60)!r})"
+                if len(one_text) == len(groups):
+                    raise DatasetError(f"nothing to train; {what}" + (f", and those of the {len(groups) - 1} other domains too" if len(groups) > 1 else "") + ": an SAE learns nothing from one text")
+                logger.warning("%s: skipped, an SAE learns nothing from one text", what)
+                skipped.append((name, len(rows), f"skipped: its {len(rows)} texts are all the same text"))
+        groups = [group for group in groups if group[0] not in one_text]
     # (train rows, held-out rows) of each SAE, drawn with the seed as given, also for a domain of
     # a --per-domain run, whose SAE starts from a seed of its own: a domain's held-out texts are
     # then the same whether it is trained alone (--domain), with the others, or within the
@@ -433,8 +447,22 @@ def run_training(
             if result is not None:
                 results.append(result)
         if main and data.per_domain:
-            write_domain_table(out_dir, results, skipped=too_small)
+            write_domain_table(out_dir, results, skipped=skipped)
     return results
+
+
+def _only_text(ds, text_column: str, rows: np.ndarray) -> str | None:
+    """The text of `rows` when they all hold the same one, else None; read in growing chunks
+    until two differ, so that a domain of distinct texts costs a few of them."""
+    first, start, size = None, 0, 64
+    while start < len(rows):
+        for value in column_values(ds, text_column, rows[start : start + size]):
+            if first is None:
+                first = value
+            elif value != first:
+                return None
+        start, size = start + size, min(size * 4, 65_536)
+    return first
 
 
 def _is_finished_run(folder: Path) -> bool:
@@ -603,13 +631,15 @@ def _versions() -> dict:
     return out
 
 
-def write_domain_table(out_dir: Path, results: list[RunResult], skipped: list[tuple[str, int]] = ()) -> None:
+def write_domain_table(out_dir: Path, results: list[RunResult], skipped: list[tuple] = ()) -> None:
     """`domains.json` and `domains.md`: one row per domain's SAE, side by side, each with a note
     where its figures cannot be compared with the others' (too few held-out texts); then the
-    domains `skipped` (name, texts) as too small to train, so that none is missing unsaid."""
+    domains `skipped`, (name, texts) as too small to train or (name, texts, why), so that none
+    is missing unsaid."""
     keys = ("n_train", "n_heldout", "heldout_fvu", "heldout_cosine", "heldout_l0", "dead_fraction", "dense_fraction", "neighbour_overlap_at_10")
     rows = [{"domain": r.name, "folder": r.out_dir.name, **{k: r.metrics.get(k) for k in keys}, "note": _domain_note(r.metrics)} for r in results]
-    rows += [{"domain": name, "folder": None, **dict.fromkeys(keys), "note": f"skipped: {n} text(s), an SAE needs at least {MIN_TEXTS}"} for name, n in skipped]
+    for name, n, *why in skipped:
+        rows.append({"domain": name, "folder": None, **dict.fromkeys(keys), "note": why[0] if why else f"skipped: {n} text(s), an SAE needs at least {MIN_TEXTS}"})
     write_json(out_dir / "domains.json", rows)
     lines = ["| domain | folder | " + " | ".join(keys) + " | note |", "|" + "---|" * (len(keys) + 3)]
     for row in rows:

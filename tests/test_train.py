@@ -909,3 +909,24 @@ def test_a_run_on_a_relative_dataset_path_is_searched_from_another_folder(wiki_s
     capsys.readouterr()
     assert run_cli("search", tmp_path / "work" / "run", "mathematics", "--top", "2") == 0
     assert "  1. " in capsys.readouterr().out
+
+
+def test_a_domain_whose_texts_are_all_one_text_is_skipped_or_refused(wiki_small, tmp_path, capsys):
+    # A domain of one boilerplate text was trained: every feature dead, yet a perfect held-out
+    # FVU of 0.0 and cosine 1.0, the best row of domains.md (a corpus of one text is refused).
+    from datasets import Dataset, load_from_disk
+
+    texts = load_from_disk(str(wiki_small)).select(range(40))["text"]
+    rows = [{"text": t, "field": "real"} for t in texts] + [{"text": "No description available.", "field": "boiler"}] * 12
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "domains"
+    assert run_cli("train", "--dataset", tmp_path / "data", "--out", out, "--domain-column", "field", "--per-domain", *SMALL, "--epochs", "1") == 0
+    table = {row["domain"]: row for row in json.loads((out / "domains.json").read_text())}
+    assert table["boiler"]["folder"] is None and table["boiler"]["note"] == "skipped: its 12 texts are all the same text"
+    assert table["real"]["n_train"] + table["real"]["n_heldout"] == 40
+    assert not (out / "boiler").exists()
+    capsys.readouterr()
+    assert run_cli("train", "--dataset", tmp_path / "data", "--out", tmp_path / "boiler", "--domain-column", "field", "--domain", "boiler", *SMALL) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "all 12 texts of domain 'boiler' (column 'field') are the same text ('No description available.')" in err[0], err
+    assert not (tmp_path / "boiler" / "model.safetensors").exists()
