@@ -487,18 +487,18 @@ def test_the_model_card_says_how_the_inputs_were_embedded(tiny_model, tmp_path, 
         assert line in card.splitlines()[card.splitlines().index("## Training") + 2]
 
 
-def test_a_k_not_below_the_embeddings_dimension_is_warned_about(tiny_model, wiki_small, tmp_path, caplog):
-    """The default k=32 suits MiniLM's 384 dimensions; on a model of 32 dimensions (or
-    `-k 64` on one of 64) every code is as dense as the embedding it stands for, and the run
-    said nothing. It now warns, naming k and the dimension."""
+def test_a_k_above_half_the_embeddings_dimension_is_warned_about(tiny_model, wiki_small, tmp_path, caplog):
+    """The default k=32 suits MiniLM's 384 dimensions; on a model of 48 dimensions (or
+    `-k 40` on one of 64) the codes are hardly sparser than the embeddings they stand for,
+    and the run said nothing. It now warns, naming k and the dimension."""
     from sbert_sae.cli import main
 
     path = tiny_model("plain")  # 64 dimensions
     common = ["--dataset", str(wiki_small), "--model", path, "--cache-dir", str(tmp_path / "cache"), "--n-latents", "128", "--epochs", "1", "--batch-size", "64", "-q", "--report-to", "none"]
     with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
-        assert main(["train", *common, "-k", "64", "--out", str(tmp_path / "dense")]) == 0
-    assert "-k 64 features active per text is not fewer than the 64 dimensions of" in caplog.text
+        assert main(["train", *common, "-k", "40", "--out", str(tmp_path / "dense")]) == 0
+    assert "-k 40 features active per text is more than half the 64 dimensions of" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
         assert main(["train", *common, "-k", "8", "--out", str(tmp_path / "sparse")]) == 0
-    assert "not fewer than" not in caplog.text
+    assert "more than half" not in caplog.text
