@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import platform
 import shutil
@@ -423,12 +424,12 @@ def run_training(
                     raise _seeds_as_given(err, data, name) from err
         if cache is None and any(folder not in finished for _, _, folder in groups):
             cache = embed_texts(texts, data, accelerator, show_progress=show)
-        if main and cache is not None and 2 * sae_args.k > cache.dim:
-            # The defaults (k=32) suit MiniLM's 384 dimensions; with k above half a small
-            # model's 48 the codes say hardly less than the embeddings (86% of the features dead).
+        if main and cache is not None and sae_args.k >= cache.dim:
+            # The defaults (k=32) suit MiniLM's 384 dimensions; a small model's 32 or 48 are
+            # described as well by k of its own directions as by the SAE's k features.
             logger.warning(
-                "-k %d features active per text is more than half the %d dimensions of %s's embeddings: "
-                "the codes are hardly sparser than the embeddings themselves; give a k well below %d",
+                "-k %d features active per text is not fewer than the %d dimensions of %s's embeddings: "
+                "the codes are no sparser than the embeddings themselves; give a k well below %d",
                 sae_args.k, cache.dim, data.model, cache.dim,
             )
         if main:
@@ -643,7 +644,8 @@ def write_domain_table(out_dir: Path, results: list[RunResult], skipped: list[tu
     write_json(out_dir / "domains.json", rows)
     lines = ["| domain | folder | " + " | ".join(keys) + " | note |", "|" + "---|" * (len(keys) + 3)]
     for row in rows:
-        cells = [f"{row[k]:.4f}" if isinstance(row[k], float) else "-" if row[k] is None else str(row[k]) for k in keys]
+        # A figure that could not be measured (NaN: neighbour overlap@10 of a domain of under 11 texts) is "-", as domains.json's null.
+        cells = [("-" if math.isnan(row[k]) else f"{row[k]:.4f}") if isinstance(row[k], float) else "-" if row[k] is None else str(row[k]) for k in keys]
         lines.append(f"| {markdown_cell(row['domain'])} | {row['folder'] or '-'} | " + " | ".join(cells) + f" | {markdown_cell(row['note'] or '')} |")
     text = "\n".join(lines) + "\n"
     atomic_write(out_dir / "domains.md", lambda tmp: Path(tmp).write_text(text))

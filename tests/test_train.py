@@ -930,3 +930,14 @@ def test_a_domain_whose_texts_are_all_one_text_is_skipped_or_refused(wiki_small,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "all 12 texts of domain 'boiler' (column 'field') are the same text ('No description available.')" in err[0], err
     assert not (tmp_path / "boiler" / "model.safetensors").exists()
+
+
+def test_domains_md_shows_a_figure_that_could_not_be_measured_as_a_dash(tmp_path):
+    # A domain of under 11 texts has no neighbour overlap@10 (NaN): domains.json held null, and
+    # domains.md "nan" beside the "-" of the figures of a skipped domain.
+    from sbert_sae.pipeline import RunResult, write_domain_table
+
+    write_domain_table(tmp_path, [RunResult("few", tmp_path / "few", {"n_train": 4, "n_heldout": 1, "heldout_fvu": 0.5, "neighbour_overlap_at_10": float("nan")})])
+    row = (tmp_path / "domains.md").read_text().splitlines()[2]
+    assert "nan" not in row and row.startswith("| few | few | 4 | 1 | 0.5000 | - |"), row
+    assert json.loads((tmp_path / "domains.json").read_text())[0]["neighbour_overlap_at_10"] is None
