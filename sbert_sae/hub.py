@@ -394,6 +394,8 @@ def render_model_card(
         d_in=config.get("d_in"),
         n_latents=config.get("n_latents"),
         k=config.get("k"),
+        # The features that have a label: not the dead ones, nor any of an SAE pushed unlabelled.
+        n_labelled=sum(1 for entry in (labels.get("features") or {}).values() if isinstance(entry, dict) and entry.get("label")),
         training_summary=_training_summary(args, config, base_model),
         metrics_table=_metrics_table(metrics, labels),
         features_table=_features_table(labels),

@@ -1112,3 +1112,20 @@ def _sha256_of(tensor) -> str:
     import hashlib
 
     return hashlib.sha256(tensor.detach().numpy().tobytes()).hexdigest()
+
+
+def test_the_card_counts_the_labelled_features_rather_than_saying_every_feature_has_a_label(labelled_run, tmp_path):
+    # The card said "every feature carries a label made without an LLM" for any SAE: one pushed
+    # before `sbert-sae label` has none, and dead or unlabelled features have none either.
+    from sbert_sae.hub import render_model_card
+
+    labels = json.loads((labelled_run / "feature_labels.json").read_text())["features"]
+    n_labelled = sum(1 for entry in labels.values() if entry.get("label"))
+    assert 0 < n_labelled < 64
+    card = " ".join(str(render_model_card(labelled_run, "org/counted")).split())
+    assert "every feature carries a label" not in card
+    assert f"{n_labelled} of the 64 features carry a label made without an LLM" in card
+    SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=32, k=4)).save_pretrained(tmp_path / "unlabelled")
+    card = " ".join(str(render_model_card(tmp_path / "unlabelled", "org/unlabelled")).split())
+    assert "carry a label" not in card and "every feature carries a label" not in card
+    assert "Its features are not labelled" in card
