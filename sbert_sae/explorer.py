@@ -20,6 +20,7 @@ gradio (the `explore` extra), so only the `explore` command and the Space import
 from __future__ import annotations
 
 import html
+import inspect
 import logging
 import math
 import re
@@ -762,6 +763,20 @@ def _example_texts(explorer: Explorer, n: int = 3) -> list[list[str]]:
     return out
 
 
+def _named_sliders(fn, *names: str):
+    """`fn(*names, *sliders)` with the sliders as parameters slider_1 .. slider_16: Gradio names an
+    endpoint's parameters after its function's, and lists a `*values` as param_4, param_5, ...,
+    so a script could not say which slider it sets (`predict(..., slider_2=1.0)`)."""
+
+    def with_sliders(*args):
+        return fn(*args)
+
+    sliders = [f"slider_{i + 1}" for i in range(MAX_STEERED)]
+    with_sliders.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in (*names, *sliders)])
+    with_sliders.__name__ = fn.__name__
+    return with_sliders
+
+
 class Steering:
     """The Search tab: a query's nearest corpus texts, then the same search steered by a
     slider per feature (the query's own strongest features, plus any added by label)."""
@@ -791,8 +806,11 @@ class Steering:
                     "(strength in units of the query's length; −1 removes it under clamp). Then press <b>Search with steering</b>.</div>",
                     js_on_load=None,
                 )
+                # Hidden until a search gives each its feature (and its label): the label here names
+                # the slider's parameter of /search_steered and /add_steering_slider (else param_4, ...).
                 self.sliders = [
-                    gr.Slider(-1, 2, value=0, step=0.05, visible=False, elem_id=f"steer-{i}", elem_classes=["steer-slider"]) for i in range(MAX_STEERED)
+                    gr.Slider(-1, 2, value=0, step=0.05, label=f"slider {i + 1}", visible=False, elem_id=f"steer-{i}", elem_classes=["steer-slider"])
+                    for i in range(MAX_STEERED)
                 ]
                 self.apply = gr.Button("Search with steering", variant="primary", elem_id="steer-apply")
                 with gr.Accordion("Add a feature by its label or id", open=True):
@@ -818,10 +836,10 @@ class Steering:
         self.query.submit(self.start, [self.query, self.k], outputs, api_name=False)  # the same as /search
         self.find.click(self.find_features, self.about, self.choice, api_name="find_steering_feature")
         self.about.submit(self.find_features, self.about, self.choice, api_name=False)  # the same as /find_steering_feature
-        self.add.click(self.add_feature, [self.choice, self.slots, *self.sliders], [self.slots, *self.sliders], api_name="add_steering_slider")
-        self.apply.click(
-            self.steered, [self.query, self.k, self.method, self.slots, *self.sliders], [self.summary, self.before, self.after], api_name="search_steered"
-        )
+        add = _named_sliders(self.add_feature, "choice", "slots")
+        self.add.click(add, [self.choice, self.slots, *self.sliders], [self.slots, *self.sliders], api_name="add_steering_slider")
+        steered = _named_sliders(self.steered, "query", "k", "method", "slots")
+        self.apply.click(steered, [self.query, self.k, self.method, self.slots, *self.sliders], [self.summary, self.before, self.after], api_name="search_steered")
 
     # -------------------------------------------------------------- events
     def _index(self):

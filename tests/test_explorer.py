@@ -610,6 +610,25 @@ def test_a_feature_id_of_thousands_of_digits_is_no_feature(app):
     assert f"No feature label matches “{nonsense[:60]}…”" in found and nonsense[:61] not in found
 
 
+def test_a_script_sets_a_steering_slider_by_its_name(app):
+    """/search_steered and /add_steering_slider listed the sliders as param_4 .. param_19 (their
+    function's *values): a script could not tell which slider it set. They are slider_1 ..
+    slider_16, in the order /search gives the query's features."""
+    from gradio_client import Client
+
+    from sbert_sae.explorer import MAX_STEERED
+
+    client = Client(app[1], verbose=False)
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    sliders = [f"slider_{i}" for i in range(1, MAX_STEERED + 1)]
+    assert [p["parameter_name"] for p in api["/search_steered"]["parameters"]] == ["query", "k", "method", *sliders]
+    assert [p["parameter_name"] for p in api["/add_steering_slider"]["parameters"]] == ["choice", *sliders]
+    shown = client.predict("the derivative of a function", 10, api_name="/search")
+    second = shown[1]["label"].split()[0].lstrip("#")
+    summary, _, _ = client.predict("the derivative of a function", 10, "add", slider_2=1.0, api_name="/search_steered")
+    assert re.findall(r'data-feature="(\d+)"', summary) == [second]
+
+
 def test_a_feature_page_shows_while_the_corpus_is_still_being_embedded(page, run, corpus, wiki_small, tmp_path):
     """The first start on a corpus embeds it (minutes for a large one): a feature's page, clicked
     or linked, waited for that with nothing shown, because its strongest texts were found
