@@ -42,6 +42,17 @@ Debian package descriptions (1, 5 and 2 held out) scored a held-out cosine of 0.
 0.79 with three seeds, and 0.87 with a fourth, the best of its comparison table. Such a
 domain is warned about before training and marked in `domains.md`."""
 
+MANY_DOMAINS_NAMED = 5
+"""Above this many domains of one kind (too small to train, too few held out) a warning names
+the first of them in one line, rather than a line for each."""
+
+
+def _some_domains(named: list[tuple[str, object]]) -> str:
+    """The first `MANY_DOMAINS_NAMED` of (domain, count) pairs, for a one-line warning."""
+    shown = ", ".join(f"{clip(name, 40)!r} ({count})" for name, count in named[:MANY_DOMAINS_NAMED])
+    return shown + (f" and {len(named) - MANY_DOMAINS_NAMED} more" if len(named) > MANY_DOMAINS_NAMED else "")
+
+
 RUN_FILES = ("config.json", "model.safetensors", "training_args.json", "metrics.json", "checkpoints", "train_log.jsonl")
 # What a new run starts afresh (its training state): removed when --overwrite starts it. The
 # old run's results stay until the new run's are complete.
@@ -360,7 +371,10 @@ def run_training(
         else:
             what = f"dataset {data.dataset!r}, text column {data.text_column!r}: {len(row_ids)} usable text(s)"
         raise DatasetError(f"nothing to train; {need}. {what}")
-    for name, n in too_small:
+    if len(too_small) > MANY_DOMAINS_NAMED:
+        # One line for them all: a column of many one-text values would print a line each.
+        logger.warning("%d domains have under %d texts and are skipped: %s", len(too_small), MIN_TEXTS, _some_domains(too_small))
+    for name, n in too_small if len(too_small) <= MANY_DOMAINS_NAMED else ():
         logger.warning("domain %r has only %d texts: skipped", name, n)
     groups = [group for group in groups if len(group[1]) >= MIN_TEXTS]
     skipped = [(name, n, f"skipped: {n} text(s), an SAE needs at least {MIN_TEXTS}") for name, n in too_small]
@@ -383,13 +397,18 @@ def run_training(
     # whole corpus.
     splits = {folder: split_heldout(rows, data.heldout_fraction, train_args.seed) for _, rows, folder in groups}
     if data.by_domain:
-        for name, rows, folder in groups:
-            n_heldout = len(splits[folder][1])
-            if 0 < n_heldout < FEW_HELDOUT:
-                logger.warning(
-                    "domain %r has %d texts: its held-out figures will rest on %d of them (under %d), too few to compare it with other domains "
-                    "(a larger --heldout-fraction holds out more of every domain)", name, len(rows), n_heldout, FEW_HELDOUT,
-                )
+        few = [(name, len(rows), len(splits[folder][1])) for name, rows, folder in groups if 0 < len(splits[folder][1]) < FEW_HELDOUT]
+        if len(few) > MANY_DOMAINS_NAMED:
+            # 200 small domains gave 200 lines of this warning before the first was trained.
+            logger.warning(
+                "%d domains have under %d held-out texts, too few to compare them with other domains (domains.md marks them; a larger "
+                "--heldout-fraction holds out more of every domain): %s", len(few), FEW_HELDOUT, _some_domains([(name, f"{k} of {n}") for name, n, k in few]),
+            )
+        for name, n, n_heldout in few if len(few) <= MANY_DOMAINS_NAMED else ():
+            logger.warning(
+                "domain %r has %d texts: its held-out figures will rest on %d of them (under %d), too few to compare it with other domains "
+                "(a larger --heldout-fraction holds out more of every domain)", name, n, n_heldout, FEW_HELDOUT,
+            )
 
     results = []
     # A --per-domain run stopped part-way resumes: the domains it finished are kept (when

@@ -941,3 +941,20 @@ def test_domains_md_shows_a_figure_that_could_not_be_measured_as_a_dash(tmp_path
     row = (tmp_path / "domains.md").read_text().splitlines()[2]
     assert "nan" not in row and row.startswith("| few | few | 4 | 1 | 0.5000 | - |"), row
     assert json.loads((tmp_path / "domains.json").read_text())[0]["neighbour_overlap_at_10"] is None
+
+
+def test_many_small_domains_are_warned_about_in_one_line(wiki_small, tmp_path, caplog):
+    # 200 small domains gave 200 warnings of too few held-out texts (and a column of many
+    # one-text values a line for each skipped domain) before anything was trained.
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(wiki_small)).select(range(36))
+    field = [f"s{i // 4}" for i in range(24)] + [f"t{i // 2}" for i in range(12)]  # 6 domains of 4 texts, 6 of 2
+    ds.add_column("field", field).save_to_disk(str(tmp_path / "data"))
+    with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
+        assert run_cli("train", "--dataset", tmp_path / "data", "--out", tmp_path / "domains", "--domain-column", "field", "--per-domain", *SMALL, "--epochs", "1") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sbert_sae.pipeline"]
+    assert [w for w in warnings if "skipped" in w] == ["6 domains have under 3 texts and are skipped: 't0' (2), 't1' (2), 't2' (2), 't3' (2), 't4' (2) and 1 more"]
+    few = [w for w in warnings if "held-out" in w]
+    assert len(few) == 1 and few[0].startswith("6 domains have under 20 held-out texts") and "'s1' (1 of 4)" in few[0] and few[0].endswith(" and 1 more"), warnings
+    assert len(json.loads((tmp_path / "domains" / "domains.json").read_text())) == 12
