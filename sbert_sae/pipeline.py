@@ -254,6 +254,14 @@ def recorded_model(model: str) -> str:
     return model
 
 
+def recorded_cache_dir(cache_dir: str | None) -> str | None:
+    """An embedding cache folder as a run records it: by its absolute path. label, search and
+    explore read the run's embeddings from that record, and may be run from another folder
+    than train was: a relative `cache` sent them to that folder's `cache`, where they embedded
+    the whole corpus again."""
+    return os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else cache_dir
+
+
 def _source(data: DataArguments) -> dict:
     """What `data`'s texts were loaded from, as `sbert-sae cache list` shows it."""
     # A local path as an absolute one: `cache list` may be run from anywhere.
@@ -325,7 +333,7 @@ def run_training(
     if data.domain is not None and not data.domain_column:
         raise DatasetError("--domain needs --domain-column")
 
-    data = dataclasses.replace(data, model=recorded_model(data.model))
+    data = dataclasses.replace(data, model=recorded_model(data.model), cache_dir=recorded_cache_dir(data.cache_dir))
     accelerator = make_accelerator(train_args, out_dir, data.device)
     main = accelerator.is_main_process
     show = train_args.show_progress and main

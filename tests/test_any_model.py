@@ -502,3 +502,27 @@ def test_a_k_above_half_the_embeddings_dimension_is_warned_about(tiny_model, wik
     with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
         assert main(["train", *common, "-k", "8", "--out", str(tmp_path / "sparse")]) == 0
     assert "more than half" not in caplog.text
+
+
+def test_a_cache_folder_given_by_a_relative_path_is_read_from_any_folder(tiny_model, wiki_small, tmp_path, monkeypatch):
+    """`train --cache-dir cache` recorded the folder as typed: search, label and explore run from
+    another folder looked for the run's embeddings under that folder's `cache`, found none, and
+    embedded the whole corpus again into a new cache there. The cache folder is now recorded by
+    its absolute path."""
+    from pathlib import Path
+
+    from sbert_sae.cli import main
+    from sbert_sae.utils import read_json
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["train", "--dataset", str(wiki_small), "--model", tiny_model("plain"), "--cache-dir", "cache", "--out", "run"]
+    assert main([*argv, "--n-latents", "32", "-k", "4", "--epochs", "1", "--batch-size", "64", "-q", "--report-to", "none"]) == 0
+    recorded = read_json(work / "run" / "training_args.json")
+    assert Path(recorded["data"]["cache_dir"]).resolve() == (work / "cache").resolve()
+    assert Path(recorded["embedding_cache"]).is_absolute()
+    monkeypatch.chdir(elsewhere)
+    assert main(["search", str(work / "run"), "the derivative of a function", "--top", "2"]) == 0
+    assert not (elsewhere / "cache").exists()  # the run's own cache was read: nothing embedded again
