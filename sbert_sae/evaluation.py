@@ -63,6 +63,11 @@ def _blocks(sae: SparseAutoencoder, embeddings: np.ndarray, positions: np.ndarra
         yield rows, prepared.float(), values, indices, sae.decode_topk(values, indices).float()
 
 
+NO_VARIANCE = 1e-6
+"""Held-out rows whose variance about their mean is under this share of their squared norm are
+taken to be one text repeated (distinct texts' embeddings keep about half of it)."""
+
+
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, embeddings: np.ndarray, positions: np.ndarray, batch_size: int | None = None) -> dict:
     """FVU, normalised MSE, cosine and L0 over `embeddings[positions]`, in batches of at most
@@ -91,8 +96,12 @@ def reconstruction_metrics(sae: SparseAutoencoder, embeddings: np.ndarray, posit
         return {}
     residual, sq_norm, cos, l0 = (float(t) for t in totals)
     # One row has no variance around its own mean: its error is normalised by its squared
-    # norm instead, as `fraction_of_variance_unexplained` (and the training log) does.
+    # norm instead, as `fraction_of_variance_unexplained` (and the training log) does. So are
+    # rows that are all one text (a held-out share of a duplicated text): rounding left them
+    # ~1e-13 of variance, and an FVU of 8e12.
     total_variance = sq_norm - float((sum_x**2).sum()) / n if n > 1 else sq_norm
+    if total_variance <= NO_VARIANCE * sq_norm:
+        total_variance = sq_norm
     return {
         "fvu": residual / max(total_variance, 1e-30),
         "normalized_mse": residual / max(sq_norm, 1e-30),

@@ -958,3 +958,25 @@ def test_many_small_domains_are_warned_about_in_one_line(wiki_small, tmp_path, c
     few = [w for w in warnings if "held-out" in w]
     assert len(few) == 1 and few[0].startswith("6 domains have under 20 held-out texts") and "'s1' (1 of 4)" in few[0] and few[0].endswith(" and 1 more"), warnings
     assert len(json.loads((tmp_path / "domains" / "domains.json").read_text())) == 12
+
+
+def test_heldout_fvu_of_held_out_copies_of_one_text_is_finite_and_matches_the_log():
+    # Held-out texts that are all one text (a corpus of many duplicates) have no variance about
+    # their mean but rounding's: metrics.json gave a held-out FVU of 7.9e12 and the training log
+    # 6.4e12 (cosine 0.9996). Their error is now normalised by their squared norm, as one text's.
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.evaluation import reconstruction_metrics
+    from sbert_sae.trainer import heldout_fvu
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=32, n_latents=64, k=4)).eval()
+    one = torch.nn.functional.normalize(torch.randn(1, 32), dim=1)
+    embeddings = np.concatenate([torch.nn.functional.normalize(torch.randn(20, 32), dim=1).numpy(), one.repeat(6, 1).numpy()]).astype(np.float32)
+    copies = np.arange(20, 26)
+    metrics = reconstruction_metrics(sae, embeddings, copies)
+    assert metrics["fvu"] == pytest.approx(metrics["normalized_mse"], rel=1e-6) and metrics["fvu"] < 10
+    assert heldout_fvu(sae, torch.from_numpy(embeddings[copies])) == pytest.approx(metrics["fvu"], rel=1e-4)
+    # distinct texts keep their variance as the denominator
+    distinct = reconstruction_metrics(sae, embeddings, np.arange(20))
+    assert distinct["fvu"] > distinct["normalized_mse"] * 1.01
+    assert heldout_fvu(sae, torch.from_numpy(embeddings[:20])) == pytest.approx(distinct["fvu"], rel=1e-4)
