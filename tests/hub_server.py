@@ -195,7 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
                     del self.state.failures[i]
                     if self.command in ("POST", "PUT"):
                         self._body()
-                    self._error(status, None, f"injected failure {status} for {self.path}")
+                    # No body after a HEAD: the client reads none, and would take it for the next answer.
+                    self._error(status, None, f"injected failure {status} for {self.path}", head=self.command == "HEAD")
                     return True
         return False
 

@@ -1129,3 +1129,24 @@ def test_the_card_counts_the_labelled_features_rather_than_saying_every_feature_
     card = " ".join(str(render_model_card(tmp_path / "unlabelled", "org/unlabelled")).split())
     assert "carry a label" not in card and "every feature carries a label" not in card
     assert "Its features are not labelled" in card
+
+
+def test_the_test_hub_answers_a_failure_injected_into_a_head_request_without_a_body(hub):
+    # A HEAD request given an injected failure got the error's JSON body too: the client reads no
+    # body after a HEAD, so those bytes were read as the next answer's status line on the same
+    # connection ("illegal status line"), failing whichever test used that connection next.
+    import socket
+    from urllib.parse import urlsplit
+
+    hub.fail_next("/resolve/", 401)
+    address = urlsplit(hub.endpoint)
+    head = b"HEAD /org/nothing/resolve/main/config.json HTTP/1.1\r\nHost: hub\r\n\r\n"
+    then = b"GET /api/whoami-v2 HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n"
+    received = b""
+    with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
+        connection.sendall(head + then)  # both on one connection, as a client's pool sends them
+        while chunk := connection.recv(65536):
+            received += chunk
+    first, _, rest = received.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 401")
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
