@@ -84,10 +84,11 @@ def load_text_dataset(
             if json_field is not None:
                 raise DatasetError(f"--json-field {json_field!r} applies to JSON files; {files[0]!r} is a save_to_disk dataset")
             loaded = datasets.load_from_disk(files[0])
-            if not isinstance(loaded, datasets.DatasetDict):
+            single = not isinstance(loaded, datasets.DatasetDict)
+            if single:
                 # One saved Dataset is one split: "train", as data files are.
                 loaded = datasets.DatasetDict({"train": loaded})
-            ds = _select_split(loaded, split, files[0])
+            ds = _select_split(loaded, split, files[0], what="a saved Dataset (not a DatasetDict) is one split, 'train'" if single else None)
         elif all(Path(f).is_file() for f in files):
             builders = {_builder_for(f) for f in files}
             if len(builders) > 1:
@@ -96,7 +97,7 @@ def load_text_dataset(
             if json_field is not None and builder != "json":
                 raise DatasetError(f"--json-field {json_field!r} applies to JSON files; {files} are {builder} files")
             kwargs = {"delimiter": "\t"} if all(f.lower().endswith(".tsv") for f in files) else dict(field_kwargs)
-            _check_split_names(split, ["train"], source)  # data files given by name are one split, "train"
+            _check_split_names(split, ["train"], source, what="data files have one split, 'train'")  # data files given by name are one split
             if json_path:
                 ds = _load_json_records({"train": files}, json_field, split, source)
             else:
@@ -685,9 +686,10 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _check_split_names(split: str, available, source) -> None:
+def _check_split_names(split: str, available, source, what: str | None = None) -> None:
     """Refuse a split expression ("train", "test[:10%]", "train+validation") that names a split
-    `source` does not have, or that cannot be read."""
+    `source` does not have, or that cannot be read; `what` says which splits it has, where
+    "it has splits [...]" would not say why (data files given by name are one split)."""
     from datasets import ReadInstruction
 
     try:
@@ -696,17 +698,18 @@ def _check_split_names(split: str, available, source) -> None:
         raise DatasetError(f"cannot read split {split!r} of {source!r}: {err}") from err
     unknown = sorted(names - set(available))
     if unknown:
-        what = "data files have one split, 'train'" if list(available) == ["train"] else f"it has splits {sorted(available)}"
+        what = what or f"it has splits {sorted(available)}"
         raise DatasetError(f"split {unknown[0]!r} not in {source!r}; {what} (--split {split!r})")
 
 
-def _select_split(loaded, split: str, source: str):
-    """The rows of `split` ("test", "train[:10%]", "train[100:]+validation") of a loaded DatasetDict."""
+def _select_split(loaded, split: str, source: str, what: str | None = None):
+    """The rows of `split` ("test", "train[:10%]", "train[100:]+validation") of a loaded DatasetDict
+    (`what`: as `_check_split_names` takes it)."""
     import datasets
 
     if split in loaded:
         return loaded[split]
-    _check_split_names(split, list(loaded), source)
+    _check_split_names(split, list(loaded), source, what)
     from datasets import ReadInstruction
 
     parts = [

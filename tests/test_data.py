@@ -77,6 +77,20 @@ def test_a_data_folder_without_the_split_asked_for_names_its_splits(tmp_path):
     assert load_text_dataset(str(tmp_path / "corpus"), split="validation")["text"] == [r["text"] for r in ROWS[2:]]
 
 
+def test_a_missing_split_is_named_with_what_the_source_holds(files, tmp_path):
+    # A saved Dataset (one split) asked for --split test said "data files have one split", as a
+    # saved DatasetDict of one split did: neither is data files.
+    from datasets import Dataset, DatasetDict
+
+    with pytest.raises(DatasetError, match=r"split 'test' not in .*; a saved Dataset \(not a DatasetDict\) is one split, 'train' \(--split 'test'\)$"):
+        load_text_dataset(str(files["disk"]), split="test")
+    with pytest.raises(DatasetError, match=r"split 'test' not in .*; data files have one split, 'train' \(--split 'test'\)$"):
+        load_text_dataset(str(files["parquet"]), split="test")
+    DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DatasetError, match=r"split 'test' not in .*; it has splits \['train'\] \(--split 'test'\)$"):
+        load_text_dataset(str(tmp_path / "dd"), split="test")
+
+
 def test_dataset_dict_split_slices_and_sums(tmp_path):
     from datasets import Dataset, DatasetDict
 
