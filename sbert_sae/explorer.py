@@ -43,7 +43,7 @@ WAITING = "waiting-for-corpus"
 """Class of the note of a part shown before the corpus was open: filled in once it is."""
 MAX_STEERED = 16
 """Most sliders the Search tab shows (the query's strongest features plus those added)."""
-API_ENDPOINTS = ("find_features", "feature", "inspect_text", "search", "find_steering_feature", "add_steering_slider", "search_steered")
+API_ENDPOINTS = ("find_features", "feature", "feature_data", "inspect_text", "search", "search_data", "find_steering_feature", "add_steering_slider", "search_steered")
 """The app's named endpoints, those `gradio_client.Client(url).predict(..., api_name="/NAME")` calls
 (README, "Exploring an SAE"); every other event is the page's own and not listed."""
 NEAREST_SHOWN = 5
@@ -634,6 +634,26 @@ def build_app(explorer: Explorer):
             "family": pages.family(f),
         }
 
+    def feature_data(feature: int, top: int = 10) -> dict:
+        """A feature's page as plain data, for a script: label, status, keywords with their
+        scores, held-out label score, density, its `top` strongest texts (row id, activation,
+        text), activation histogram, nearest features by decoder cosine, the features firing
+        with it and its families (see `Explorer.feature_data`)."""
+        try:
+            return explorer.feature_data(feature, top)
+        except SbertSaeError as err:
+            raise gr.Error(str(err)) from None
+
+    def search_data(query: str, k: int = 10, steer: dict | None = None, method: str = "add") -> dict:
+        """The Search tab's search as plain data, for a script: the query's features, and its `k`
+        nearest texts (row id, cosine, text, the features firing on it), steered by `steer`
+        (feature id -> strength, as the sliders: above 0 raises, below 0 lowers) by `method`
+        (add or clamp); no session needed (see `Explorer.search_data`)."""
+        try:
+            return explorer.search_data(query, k, steer, method)
+        except SbertSaeError as err:
+            raise gr.Error(str(err)) from None
+
     def on_link(evt: gr.EventData):
         return open_feature(evt.feature)
 
@@ -743,6 +763,8 @@ def build_app(explorer: Explorer):
             feature_corpus_figures, [current, top_texts], figure_outputs, api_name=False
         )
         gr.api(feature_page, api_name="feature")
+        gr.api(feature_data, api_name="feature_data")
+        gr.api(search_data, api_name="search_data")
     # Before anyone clicks Find: the page renders meanwhile, and a Find made before it is done waits for it.
     explorer.start_label_finder()
     return demo

@@ -620,6 +620,88 @@ class Explorer:
             for g in best
         ]
 
+    def feature_data(self, feature, top: int = 10) -> dict:
+        """A feature's page as plain data (JSON-ready), from the same methods the page's parts
+        are drawn from: `feature` (label, status, keywords, scores, density), `top_texts`,
+        `activation_histogram`, `neighbours`, `cooccurring` and `families_of`. Waits for the
+        corpus and its codes as the page does; without a corpus (or when it cannot be opened,
+        as `corpus` says) the parts that need it are None."""
+        f = self.check_feature(feature)
+        top = _count(top, "top")
+        d = self.feature(f)
+        basis = self.density_basis(f)
+        out = {
+            **{key: d[key] for key in ("feature", "label", "display_label", "status", "reason", "keywords", "score", "train_auroc", "density", "n_firing")},
+            "density_of": None if basis is None else {"texts": basis[0], "n_texts": basis[1]},
+            "stored_top_texts": d["stored_top_texts"],
+            "top_texts": None,
+            "activations": None,
+            "neighbours": self.neighbours(f, top),
+            "cooccurring": None,
+            "families": [
+                {
+                    "parent": fam.parent,
+                    "label": fam.label,
+                    "depth": 0 if fam.parent == f else fam.depth[fam.children.index(f)],
+                    "children": list(fam.children),
+                    "keywords": list(fam.keywords),
+                }
+                for fam in self.families_of(f)
+            ],
+        }
+        try:
+            if self.corpus() is not None:
+                out["top_texts"] = [{"row": t.row, "activation": t.activation, "text": t.text} for t in self.top_texts(f, top)]
+                hist = self.activation_histogram(f)
+                out["activations"] = {key: hist[key] for key in ("n_firing", "n_texts", "counts", "edges")}
+                out["cooccurring"] = self.cooccurring(f, top)
+        except SbertSaeError as err:  # the corpus could not be opened or encoded: said, as the page says it
+            out["top_texts"] = out["activations"] = out["cooccurring"] = None
+            status = {"state": "failed", "message": str(err), "n_texts": None}
+        else:
+            status = dataclasses.asdict(self.corpus_status())
+        out["corpus"] = status
+        return json_ready(out)
+
+    def search_data(self, query: str, k: int = 10, steer: dict | None = None, method: str = "add") -> dict:
+        """The Search tab's search as plain data (JSON-ready): the query's active features, and
+        its `k` nearest corpus texts, each with its row id, cosine, text and every feature
+        firing on it; steered by `steer` (feature id -> strength as the tab's sliders take it:
+        above 0 raises the feature, below 0 lowers it) with `method` "add" or "clamp"."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("the query is empty: type what to search for")
+        k = _count(k, "k")
+        if steer is not None and not isinstance(steer, dict):
+            raise InputError(f"steer must map feature ids to strengths, e.g. {{\"12\": 1.0}}, got {type(steer).__name__}")
+        strengths = {}
+        for key, value in (steer or {}).items():
+            f = self.check_feature(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise InputError(f"steer[{key!r}] is {value!r}: a strength is a number (above 0 raises the feature, below 0 lowers it)")
+            if value:
+                strengths[f] = float(value)
+        index = self.search_index()
+        up = {f: v for f, v in strengths.items() if v > 0}
+        down = {f: -v for f, v in strengths.items() if v < 0}
+        result = index.search(query, up=up, down=down, k=k, method=method)
+        positions = [index.position_of(h.row) for h in result.hits]
+        values, indices = index.codes_at(positions)
+        hits = []
+        for h, vals, ids in zip(result.hits, values, indices):
+            order = np.argsort(-vals, kind="stable")
+            fired = [{"feature": int(ids[j]), "activation": float(vals[j]), "label": self.display_label(int(ids[j]))} for j in order if vals[j] > 0]
+            hits.append({"row": h.row, "score": h.score, "text": h.text, "features": fired})
+        return json_ready(
+            {
+                "query": query,
+                "query_features": [{"feature": f, "activation": v, "label": self.display_label(f)} for f, v, _ in index.query_features(query)],
+                "steer": {f: strengths[f] for f in strengths},
+                "method": method,
+                "cosine": result.cosine,
+                "hits": hits,
+            }
+        )
+
     # ---------------------------------------------------------------- texts
     @torch.no_grad()
     def inspect(self, text: str) -> TextInspection:
@@ -656,6 +738,31 @@ class Explorer:
         if len(offsets) > room > 0:
             out["embedded_chars"] = offsets[room - 1][1]
         return out
+
+
+def _count(value, name: str) -> int:
+    """A positive whole number given by a script (a JSON number may come as 10.0)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def json_ready(value):
+    """`value` with numpy arrays and numbers made Python lists and numbers, dict keys strings,
+    and NaN or infinite floats None: what JSON carries."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def _too_long_for_an_id(digits: str) -> bool:

@@ -832,17 +832,22 @@ class SteerableIndex:
         ]
         return SearchResult(query if isinstance(query, str) else None, hits, steering)
 
+    @torch.no_grad()
+    def codes_at(self, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(values, indices), each (len(positions), k): the top-k codes of the corpus texts at
+        `positions`, from the corpus' codes when they are computed, else encoded (a few hits)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self._codes is not None:
+            return np.asarray(self._codes.values[positions]), np.asarray(self._codes.indices[positions])
+        v, i = self.sae.encode_topk(self.vectors(positions))
+        return v.float().cpu().numpy(), i.cpu().numpy()
+
     def feature_activations(self, positions: np.ndarray, features: Sequence[int]) -> np.ndarray:
         """(len(positions), len(features)) activations of `features` in the corpus texts at `positions`."""
         out = np.zeros((len(positions), len(features)), dtype=np.float32)
         if not len(features) or not len(positions):
             return out
-        if self._codes is not None:
-            values = np.asarray(self._codes.values[np.asarray(positions)])
-            indices = np.asarray(self._codes.indices[np.asarray(positions)])
-        else:  # a few hits: encode them rather than the whole corpus
-            v, i = self.sae.encode_topk(self.vectors(positions))
-            values, indices = v.float().cpu().numpy(), i.cpu().numpy()
+        values, indices = self.codes_at(positions)
         for c, f in enumerate(features):
             out[:, c] = np.where(indices == f, values, 0.0).sum(axis=1)
         return out

@@ -544,6 +544,82 @@ def test_a_script_calls_the_apps_named_endpoints(app, corpus):
     assert f'data-feature="{int(codes[0].argmax())}"' in active
 
 
+def test_a_script_reads_a_features_page_as_data(app, corpus):
+    """/feature returned the page's HTML: a script wanting a feature's label, scores, strongest
+    texts or neighbours had to parse it. /feature_data gives them as JSON, the same figures as
+    the Explorer's methods and the corpus' own codes; a bad id is refused as /feature does."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    explorer, url = app
+    sae, texts, codes = corpus
+    client = Client(url, verbose=False)
+    f = _best_labelled(sae, codes)
+    data = client.predict(f, 3, api_name="/feature_data")
+    card = explorer.feature(f)
+    assert (data["feature"], data["label"], data["status"]) == (f, sae.feature_labels[f], "labelled")
+    assert data["keywords"] == card["keywords"] and data["keywords"][0]["keyword"]
+    assert data["score"]["auroc"] == sae.label_data["features"][f]["score"]["auroc"]
+    assert data["density"] == explorer.density(f) and data["density_of"]["texts"] in ("labelling", "training")
+    firing = codes[:, f]
+    strongest = firing.topk(3)
+    assert [t["row"] for t in data["top_texts"]] == strongest.indices.tolist()
+    assert [t["text"] for t in data["top_texts"]] == [texts[i] for i in strongest.indices.tolist()]
+    assert [t["activation"] for t in data["top_texts"]] == pytest.approx(strongest.values.tolist(), rel=1e-4)
+    hist = data["activations"]
+    assert (hist["n_firing"], hist["n_texts"], sum(hist["counts"])) == (int((firing > 0).sum()), len(texts), int((firing > 0).sum()))
+    assert len(hist["edges"]) == len(hist["counts"]) + 1
+    assert data["neighbours"] == explorer.neighbours(f, 3) and len(data["neighbours"]) == 3
+    together = ((codes > 0) & (firing > 0)[:, None]).sum(0)
+    together[f] = 0
+    assert [r["together"] for r in data["cooccurring"]] == sorted(together.tolist(), reverse=True)[: len(data["cooccurring"])]
+    assert data["cooccurring"][0]["feature"] == int(together.argmax())
+    assert [fam["parent"] for fam in data["families"]] == [fam.parent for fam in explorer.families_of(f)]
+    assert data["corpus"]["state"] == "ready" and data["corpus"]["n_texts"] == len(texts)
+    assert len(client.predict(f, api_name="/feature_data")["top_texts"]) == min(10, int((firing > 0).sum()))
+    for bad in (-1, 64, 10**9):
+        with pytest.raises(AppError, match=rf"unknown feature {bad}: features are numbered 0\.\.63"):
+            client.predict(bad, api_name="/feature_data")
+    with pytest.raises(AppError, match=r"top must be a positive whole number, got 0"):
+        client.predict(f, 0, api_name="/feature_data")
+
+
+def test_a_script_reads_a_search_as_data(app, corpus):
+    """/search and /search_steered returned HTML, and steering needed the page's session.
+    /search_data gives the query's features and each hit's row, cosine, text and firing
+    features as JSON, the same as the index's search and the corpus' codes, steered by ids."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    explorer, url = app
+    sae, texts, codes = corpus
+    client = Client(url, verbose=False)
+    query = "the derivative of a function"
+    data = client.predict(query, 5, api_name="/search_data")
+    index = explorer.search_index()
+    plain = index.search(query, k=5)
+    assert [h["row"] for h in data["hits"]] == plain.rows() and [h["text"] for h in data["hits"]] == [texts[r] for r in plain.rows()]
+    assert [h["score"] for h in data["hits"]] == pytest.approx([h.score for h in plain.hits], abs=1e-5)
+    for hit in data["hits"]:
+        code = codes[hit["row"]]
+        assert [r["feature"] for r in hit["features"]] == code.nonzero()[:, 0][code[code > 0].argsort(descending=True)].tolist()
+        assert [r["activation"] for r in hit["features"]] == pytest.approx(sorted(code[code > 0].tolist(), reverse=True), rel=1e-4)
+    own = sae.encode_texts([query])[0]
+    assert [r["feature"] for r in data["query_features"]] == own.nonzero()[:, 0][own[own > 0].argsort(descending=True)].tolist()
+    second = data["query_features"][1]["feature"]
+    steered = client.predict(query, 5, {str(second): 1.0}, api_name="/search_data")
+    assert [h["row"] for h in steered["hits"]] == index.search(query, up={second: 1.0}, k=5).rows()
+    assert steered["steer"] == {str(second): 1.0} and steered["cosine"] < 1
+    for reason, args in {
+        "the query is empty": (" ", 5),
+        r"unknown feature 64: features are numbered 0\.\.63": (query, 5, {"64": 1.0}),
+        "k must be a positive whole number, got 0": (query, 0),
+        "method must be one of": (query, 5, {str(second): 1.0}, "push"),
+    }.items():
+        with pytest.raises(AppError, match=reason):
+            client.predict(*args, api_name="/search_data")
+
+
 def test_the_search_tabs_endpoints_refuse_what_they_cannot_do_with_a_reason(app):
     """An empty query, an empty Find, no feature picked, a steered search before any search or
     with every slider at 0: the Search tab warned and changed nothing, which a script calling
