@@ -36,6 +36,11 @@ FILE_BUILDERS = {
 }
 
 
+def _is_tsv(path: str) -> bool:
+    """Whether a data file is tab-separated: .tsv, compressed or not (x.tsv.gz)."""
+    return re.search(r"\.tsv(\.(gz|bz2|xz|zst))?$", path.lower()) is not None
+
+
 def _builder_for(path: str) -> str:
     name = path.lower()
     for suffix in (".gz", ".bz2", ".xz", ".zst"):
@@ -96,7 +101,10 @@ def load_text_dataset(
             builder = builders.pop()
             if json_field is not None and builder != "json":
                 raise DatasetError(f"--json-field {json_field!r} applies to JSON files; {files} are {builder} files")
-            kwargs = {"delimiter": "\t"} if all(f.lower().endswith(".tsv") for f in files) else dict(field_kwargs)
+            tsv = [_is_tsv(f) for f in files]
+            if any(tsv) and not all(tsv):
+                raise DatasetError(f"data files mix tab-separated (.tsv) and comma-separated (.csv) files: {files}")
+            kwargs = {"delimiter": "\t"} if all(tsv) else dict(field_kwargs)
             _check_split_names(split, ["train"], source, what="data files have one split, 'train'")  # data files given by name are one split
             if json_path:
                 ds = _load_json_records({"train": files}, json_field, split, source)
@@ -244,7 +252,7 @@ def _data_file_columns(path: str) -> list[str] | None:
         opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix.lower(), open)
         with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
             if builder == "csv":
-                delimiter = "\t" if ".tsv" in Path(path).name.lower() else ","
+                delimiter = "\t" if _is_tsv(path) else ","
                 return next(csv.reader(f, delimiter=delimiter), None)
             first = json.loads(f.readline())
             return list(first) if isinstance(first, dict) else None

@@ -299,6 +299,21 @@ def test_a_csv_file_separated_by_semicolons_is_named_so(tmp_path):
         find_text_rows(load_text_dataset(str(without)), "text")
 
 
+def test_a_compressed_tsv_file_is_read_as_tab_separated(tmp_path):
+    # x.tsv.gz was read as comma-separated (only a name ending in .tsv got the tab): one column
+    # "text\ttopic", or a parser error where a text held a comma.
+    import gzip
+
+    body = "text\ttopic\n" + "".join(f"{r['text']}\t{r['topic']}\n" for r in ROWS)
+    with gzip.open(tmp_path / "d.tsv.gz", "wt") as f:
+        f.write(body)
+    ds = load_text_dataset(str(tmp_path / "d.tsv.gz"))
+    assert ds.column_names == ["text", "topic"] and ds["text"] == [r["text"] for r in ROWS]
+    (tmp_path / "d.csv").write_text("text,topic\nx,y\n")
+    with pytest.raises(DatasetError, match=r"data files mix tab-separated \(.tsv\) and comma-separated \(.csv\) files"):
+        load_text_dataset([str(tmp_path / "d.tsv.gz"), str(tmp_path / "d.csv")])
+
+
 def test_a_file_that_does_not_parse_is_refused_with_the_parsers_reason(tmp_path):
     # datasets wraps parser errors in "DatasetGenerationError: An error occurred while generating
     # the dataset", which named neither what nor where; the parser's own message now follows it.
