@@ -137,6 +137,9 @@ def load_text_dataset(
         separated = _csv_separator_problem(_data_files_of(files))
         if separated:
             raise DatasetError(f"cannot load dataset {source!r}: {separated} ({detail})") from err
+        if "EOF inside string" in detail and all(_is_tsv(p) for p in _data_files_of(files) or [""]):
+            # A text that opens a double quote it never closes, in a file that does not quote its fields.
+            detail += "; a field starts with a double quote (\") that no quote closes: if the file does not quote its fields, save it as parquet or JSON lines first (e.g. pandas.read_csv(path, sep='\\t', quoting=csv.QUOTE_NONE))"
         columns = _mismatched_columns(err, files)
         if columns:
             raise DatasetError(f"cannot load dataset {source!r}: {columns}") from err
@@ -157,7 +160,34 @@ def load_text_dataset(
         raise DatasetError(f"dataset {source!r} gave several splits {sorted(ds)}: name one with --split")
     if len(ds) == 0:
         raise DatasetError(f"dataset {source!r} (split {split!r}) is empty")
+    if (ds.info.builder_name or "") == "csv" and all(Path(f).exists() for f in files):
+        paths = _data_files_of(files)
+        if paths and all(_is_tsv(p) for p in paths):
+            _warn_of_rows_read_as_one(ds, paths)
     return ds
+
+
+def _warn_of_rows_read_as_one(ds, paths: list[str]) -> None:
+    """Warn when a value of a tab-separated dataset holds a tab and a line break: a field that
+    starts with a double quote is read as quoted, up to the next quote, taking in the fields
+    and rows between (many TSV files do not quote: a text `"Hello" she said` or `"Unbalanced`),
+    so rows were merged into one text and the row count is short. Nothing says so otherwise."""
+    import pyarrow.compute as pc
+
+    if getattr(ds, "_indices", None) is not None:
+        return  # rows picked from the table: their positions are not its rows'
+    for name in _string_columns(ds):
+        column = ds.data.column(name)
+        merged = pc.and_(pc.match_substring(column, "\t"), pc.match_substring(column, "\n"))
+        count = pc.sum(merged).as_py() or 0
+        if count:
+            first = pc.index(merged, True).as_py()
+            logger.warning(
+                "%d value(s) of column %r of %s hold a tab and a line break (the first in row %d: %r): rows of the file were read as one, "
+                "from a field that starts with a double quote (\") to the next quote; if the file does not quote its fields, save it as parquet "
+                "or JSON lines first (e.g. pandas.read_csv(path, sep='\\t', quoting=csv.QUOTE_NONE))",
+                count, name, ", ".join(Path(p).name for p in paths[:3]), first, clip(str(ds.data.column(name)[first].as_py()), 80),
+            )
 
 
 def _mismatched_columns(err: BaseException, files: list[str]) -> str | None:

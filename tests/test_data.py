@@ -314,6 +314,28 @@ def test_a_compressed_tsv_file_is_read_as_tab_separated(tmp_path):
         load_text_dataset([str(tmp_path / "d.tsv.gz"), str(tmp_path / "d.csv")])
 
 
+def test_rows_of_a_tsv_file_read_as_one_are_warned_about(tmp_path, caplog):
+    # A TSV file that does not quote its fields, with a text starting with a double quote: the
+    # rows up to the next quote were read as one text (6 rows loaded as 4), without a word.
+    path = tmp_path / "unquoted.tsv"
+    path.write_text('text\ttopic\n"Hello" she said\tA\n"Unbalanced start\tB\nrow three\tC\n"another" one\tD\nrow five\tE\n')
+    with caplog.at_level("WARNING", logger="sbert_sae.data"):
+        ds = load_text_dataset(str(path))
+    assert len(ds) == 3  # what datasets reads: the warning says why it is not 5
+    assert "1 value(s) of column 'text' of unquoted.tsv hold a tab and a line break (the first in row 1: 'Unbalanced start\\tB\\nrow three" in caplog.text
+    # a quoted field holding a line break (as pandas writes one) is no such case
+    caplog.clear()
+    quoted = tmp_path / "quoted.tsv"
+    quoted.write_text('text\ttopic\n"two\nlines"\tA\nplain\tB\n')
+    with caplog.at_level("WARNING", logger="sbert_sae.data"):
+        assert load_text_dataset(str(quoted))["text"] == ["two\nlines", "plain"]
+    assert "line break" not in caplog.text
+    # a quote never closed: the parser's error, and what it means
+    (tmp_path / "open.tsv").write_text('text\ttopic\nrow one\tA\n"never closed\tB\nrow three\tC\n')
+    with pytest.raises(DatasetError, match=r"EOF inside string.*a field starts with a double quote \(\"\) that no quote closes: if the file does not quote its fields"):
+        load_text_dataset(str(tmp_path / "open.tsv"))
+
+
 def test_a_file_that_does_not_parse_is_refused_with_the_parsers_reason(tmp_path):
     # datasets wraps parser errors in "DatasetGenerationError: An error occurred while generating
     # the dataset", which named neither what nor where; the parser's own message now follows it.
