@@ -369,11 +369,13 @@ def render_model_card(
     if activations_repo:
         datasets = [*datasets, activations_repo]
     base_model, _ = published_base_model(config, base_model_id, where=f"no card for {folder}")
-    dataset_id = datasets[0] if datasets else (Path(dataset).name if isinstance(dataset, str) else "corpus")
+    # The Hub reads a model-index result's dataset `type` as a dataset id and links to it: one of
+    # a local corpus' folder name ("wiki") would link to another's dataset, or to none. Without a
+    # Hub dataset of its texts the metrics are in the card's table only.
     eval_results = [
-        EvalResult(task_type="feature-extraction", dataset_type=dataset_id, dataset_name=dataset_id, metric_type=metric, metric_name=title, metric_value=float(metrics[metric]))
+        EvalResult(task_type="feature-extraction", dataset_type=datasets[0], dataset_name=datasets[0], metric_type=metric, metric_name=title, metric_value=float(metrics[metric]))
         for metric, title in (("heldout_fvu", "held-out FVU"), ("heldout_cosine", "held-out reconstruction cosine"), ("label_auroc_mean", "label AUROC (held-out, no LLM)"))
-        if isinstance(metrics.get(metric), (int, float))
+        if datasets and isinstance(metrics.get(metric), (int, float))
     ]
     card_data = ModelCardData(
         eval_results=eval_results or None,

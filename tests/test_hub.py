@@ -36,7 +36,9 @@ def test_push_writes_weights_labels_metrics_plots_and_a_card(hub, labelled_run, 
     meta = _card_metadata(readme)
     assert "library_name: sbert-sae" in meta and "base_model: sentence-transformers/all-MiniLM-L6-v2" in meta
     assert "sparse-autoencoder" in meta
-    assert "model-index" in meta and "held-out FVU" in meta  # the metrics, as the Hub reads them
+    # The metrics as the Hub reads them (model-index) need a Hub dataset id: a local corpus' folder
+    # name ("wiki_small") would link to another's dataset. Its metrics are in the card's table.
+    assert "model-index" not in meta and "datasets:" not in meta, meta
     metrics = json.loads(files["metrics.json"])
     assert f"| `heldout_fvu` | {metrics['heldout_fvu']:#.4g} |" in readme  # the metrics table
     labels = json.loads(files["feature_labels.json"])["features"]
@@ -291,6 +293,8 @@ def test_push_with_activations_gives_a_dataset_that_load_activations_reads(hub, 
     card = hub.files("org/with-acts")["README.md"].decode()
     assert "org/with-acts-activations" in card
     assert "The sparse activations of every corpus text are in the dataset" in card, card  # a whole-corpus SAE's: all of them
+    meta = _card_metadata(card)  # the activations hold the corpus' texts: the metrics' dataset
+    assert "model-index" in meta and "held-out FVU" in meta and "type: org/with-acts-activations" in meta, meta
 
 
 def test_release_trains_labels_publishes_and_registers_a_recipe(hub, wiki_small, tmp_path, monkeypatch, capsys):
