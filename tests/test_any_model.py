@@ -6,6 +6,7 @@ static (model2vec-style) embedding. Each embeds as `SentenceTransformer.encode` 
 from __future__ import annotations
 
 import json
+import re
 from importlib.metadata import version
 
 import numpy as np
@@ -300,6 +301,19 @@ def test_a_model_that_makes_no_sentence_embedding_is_refused(tiny_model, small_d
         (broken / "modules.json").write_text(json.dumps(modules))
         with pytest.raises(ModelLoadError, match=rf"cannot load sentence-transformers model '{broken}': {reason}"):
             load_sentence_transformer(str(broken), device="cpu")
+
+
+def test_a_mistyped_model_folder_is_named_as_a_folder_that_is_not_there(tmp_path, monkeypatch):
+    """`--model models/mine` with a typo was read as a Hub id only, and the error was the Hub's
+    (offline: "couldn't connect to huggingface.co"), which did not say the folder is missing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelLoadError, match=re.escape(f"cannot load sentence-transformers model 'models/mnie': there is no folder {tmp_path / 'models' / 'mnie'}, and as a Hub id: ")):
+        load_sentence_transformer("models/mnie", device="cpu")
+    # A path that cannot be a Hub id is a folder only.
+    with pytest.raises(ModelLoadError, match=re.escape(f"cannot load sentence-transformers model './models/mnie': there is no folder {tmp_path / 'models' / 'mnie'}") + "$"):
+        load_sentence_transformer("./models/mnie", device="cpu")
 
 
 def test_cli_trains_on_a_prompted_matryoshka_model_and_encode_texts_embeds_alike(tiny_model, loaded, wiki_small, tmp_path):
