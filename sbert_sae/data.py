@@ -981,13 +981,19 @@ def domain_names(ds, domain_column: str, values: list) -> list:
     """`values` of `domain_column` as domain names: a ClassLabel's integers become its class
     names (its -1, "no label", becomes None), other values their string; None stays None.
     Without this a ClassLabel column's domains were named "0", "1", ... and `--domain <name>`
-    found none of them."""
+    found none of them. Names are in Unicode's composed form (NFC): "Café" written with a
+    combining accent in some rows (text pasted from macOS file names, some exports) and with
+    "é" in others was two domains, with identical-looking rows in domains.md."""
+    import unicodedata
+
     import datasets
 
     feature = ds.features.get(domain_column)
     if isinstance(feature, datasets.ClassLabel):
-        return [None if v is None or v < 0 else feature.int2str(int(v)) for v in values]
-    return [None if v is None else str(v) for v in values]
+        names = [None if v is None or v < 0 else feature.int2str(int(v)) for v in values]
+    else:
+        names = [None if v is None else str(v) for v in values]
+    return [None if name is None else unicodedata.normalize("NFC", name) for name in names]
 
 
 def domain_row_ids(ds, domain_column: str, row_ids: np.ndarray) -> dict[str, np.ndarray]:

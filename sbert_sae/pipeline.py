@@ -15,6 +15,7 @@ import platform
 import shutil
 import sys
 import time
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,11 @@ class DataArguments:
     cache_dir: str | None = None
     """Where embeddings are cached (default ~/.cache/sbert-sae)."""
     device: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.domain, str):
+            # As `domain_names` names the column's values: 'Café' typed composed or decomposed is one domain.
+            self.domain = unicodedata.normalize("NFC", self.domain)
 
     @property
     def by_domain(self) -> bool:

@@ -196,6 +196,24 @@ def test_a_classlabel_domain_column_groups_rows_by_class_name():
     assert sorted(domain_row_ids(ints, "topic", np.arange(2))) == ["3", "7"]
 
 
+def test_a_domain_written_with_a_combining_accent_is_the_same_domain():
+    """'Café' with a combining accent (U+0301) in some rows and with 'é' in others was two domains,
+    two identical-looking rows of domains.md (folders 'caf' and 'caf-<digest>'), and --domain
+    matched only the form it was typed in."""
+    import unicodedata
+
+    import datasets
+
+    from sbert_sae.pipeline import DataArguments
+
+    composed, decomposed = unicodedata.normalize("NFC", "Café"), unicodedata.normalize("NFD", "Café")
+    assert composed != decomposed
+    ds = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "topic": [composed, decomposed, "Arts"]})
+    groups = domain_row_ids(ds, "topic", np.arange(3))
+    assert {name: rows.tolist() for name, rows in groups.items()} == {composed: [0, 1], "Arts": [2]}
+    assert DataArguments(dataset="x", domain_column="topic", domain=decomposed).domain == composed
+
+
 def test_text_columns_of_other_shapes_are_named_or_addressed(tmp_path):
     # A missing text column named no candidates nor --text-column; a list-of-strings, number or
     # struct column was refused as "no row holds a non-empty string" ({'not a string': N}); a
