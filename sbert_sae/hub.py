@@ -750,6 +750,38 @@ def publish(
     return result
 
 
+def _stale_module_files(api, repo_id: str, revision: str | None, pushed: set[str]) -> list[str]:
+    """The files at the repo's `revision` under the module folders its modules.json names
+    (sentence-transformers' `1_Pooling/`, `3_SparseAutoEncoder/` ...), that a push of the files
+    `pushed` does not carry: a commit keeps every file it does not name, so a SparseEncoder of
+    another layout (a truncate_dim's `Dense` more or less) pushed over one left the old layout's
+    folders, weights and all, beside the new. A module folder belongs to the module saved in it,
+    so all of it goes; files outside those folders (the root module's, the card, a user's own
+    files) are left, as modules.json cannot tell the previous push's from anyone else's.
+    A repo without a readable modules.json is no SparseEncoder's: nothing is taken from it."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = api.model_info(repo_id, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return []  # a new repo, or a new branch
+    present = {s.rfilename for s in info.siblings or []}
+    if "modules.json" not in present:
+        return []
+    try:
+        modules = read_json(api.hf_hub_download(repo_id, "modules.json", revision=info.sha))
+    except (ValueError, EntryNotFoundError):
+        return []
+    if not isinstance(modules, list):
+        return []
+    folders = set()
+    for module in modules:
+        path = module.get("path") if isinstance(module, dict) else None
+        if isinstance(path, str) and path.strip("/") and ".." not in path.split("/"):
+            folders.add(path.strip("/") + "/")  # "" is the root module: its files share the root with others
+    return sorted(name for name in present if name not in pushed and name.startswith(tuple(folders))) if folders else []
+
+
 def push_sparse_encoder(
     folder: str | Path,
     repo_id: str,
@@ -763,7 +795,7 @@ def push_sparse_encoder(
     the SAE's encoder) to its own model repo, loadable with `SparseEncoder(repo_id)` and no
     sbert-sae; its card names the base model's Hub id (`base_model_id`, see
     `published_base_model`) when there is one. Returns the commit sha."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     from .modeling_sbert_sae import SparseAutoencoder
@@ -789,7 +821,13 @@ def push_sparse_encoder(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory(prefix="sbert-sae-st-") as tmp:
             encoder.save_pretrained(tmp)
-            info = api.upload_folder(folder_path=tmp, repo_id=repo_id, revision=revision, commit_message=commit_message)
+            files = sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file())
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(tmp) / name)) for name in files]
+            stale = _stale_module_files(api, repo_id, revision, set(files))
+            if stale:
+                logger.info("%s held module files this SparseEncoder does not have: removing %s", repo_id, ", ".join(stale))
+                operations.extend(CommitOperationDelete(path_in_repo=name) for name in stale)
+            info = api.create_commit(repo_id, operations=operations, revision=revision, commit_message=commit_message)
     except HfHubHTTPError as err:
         raise _hub_error(err, f"pushing {folder} as a SparseEncoder", repo_id) from err
     return info.oid

@@ -446,6 +446,53 @@ def test_push_as_sentence_transformers_loads_with_sparse_encoder_alone(hub, labe
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in _card_metadata(readme)
 
 
+@needs_sparse_encoder
+def test_a_sparse_encoder_pushed_over_another_layout_takes_away_the_old_module_folders(hub, labelled_run, wiki_rows, tmp_path, capsys):
+    # A second SparseEncoder push to a repo added its files and kept every other one: an SAE on
+    # truncated embeddings (a Dense slice and a Normalize before the SAE module, in 3_Dense,
+    # 4_Normalize, 5_SparseAutoEncoder) replaced by one on whole embeddings (3_SparseAutoEncoder)
+    # left the old folders, weights and all, that the new modules.json no longer names.
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from sentence_transformers import SparseEncoder
+
+    from sbert_sae.hub import push_sparse_encoder
+
+    torch.manual_seed(0)
+    config = SparseAutoencoderConfig(d_in=128, n_latents=32, k=4, base_model="sentence-transformers/all-MiniLM-L6-v2", base_model_kwargs={"truncate_dim": 128})
+    SparseAutoencoder(config).save_pretrained(tmp_path / "truncated")
+    first_sha = push_sparse_encoder(tmp_path / "truncated", "org/relaid")
+    old_layout = [m["path"] for m in json.loads(hub.files("org/relaid")["modules.json"])]
+    assert old_layout == ["", "1_Pooling", "2_Normalize", "3_Dense", "4_Normalize", "5_SparseAutoEncoder"], old_layout
+    # files of the repo's owner, beside the pushes': never the push's to take away
+    HfApi().create_commit(
+        "org/relaid",
+        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"mine") for name in ("notes.md", "eval/results.json")],
+        commit_message="own files",
+    )
+
+    assert main(["push", str(labelled_run), "org/relaid", "--format", "sentence-transformers", "-q"]) == 0
+    capsys.readouterr()
+    files = hub.files("org/relaid")
+    assert [m["path"] for m in json.loads(files["modules.json"])] == ["", "1_Pooling", "2_Normalize", "3_SparseAutoEncoder"]
+    stale = sorted(name for name in files if name.startswith(("3_Dense/", "4_Normalize/", "5_SparseAutoEncoder/")))
+    assert not stale, stale
+    assert files["notes.md"] == files["eval/results.json"] == b"mine"
+    assert {"1_Pooling/config.json", "2_Normalize/config.json", "3_SparseAutoEncoder/model.safetensors", "model.safetensors"} <= set(files)
+    # the first push is whole at its own revision
+    assert {"3_Dense/model.safetensors", "4_Normalize/config.json", "5_SparseAutoEncoder/model.safetensors"} <= set(hub.files("org/relaid", revision=first_sha))
+
+    remote = SparseEncoder("org/relaid", device="cpu")
+    texts = [r["text"] for r in wiki_rows[:4]]
+    ours = SparseAutoencoder.from_pretrained(labelled_run).encode_texts(texts)
+    theirs = remote.encode(texts, convert_to_tensor=True)
+    theirs = theirs.to_dense() if theirs.is_sparse else theirs
+    assert torch.allclose(theirs.float(), ours.float(), atol=1e-5)
+
+    # The same layout pushed again takes nothing away.
+    sha = push_sparse_encoder(labelled_run, "org/relaid")
+    assert hub.files("org/relaid", revision=sha) == files
+
+
 def test_train_push_to_hub_publishes_the_run(hub, wiki_small, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--dataset", str(wiki_small), "--out", str(out), "--n-latents", "32", "-k", "4", "--epochs", "2", "--batch-size", "32", "-q", "--report-to", "none", "--push-to-hub", "org/trained"]) == 0
