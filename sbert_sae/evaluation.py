@@ -35,6 +35,10 @@ METRIC_DESCRIPTIONS = {
     "dead_fraction": "share of features that never fire over one pass of the training texts",
     "dense_fraction": f"share of features that fire on more than {DENSE_THRESHOLD:.0%} of training texts",
     "neighbour_overlap_at_10": "share of each held-out text's 10 nearest corpus neighbours also found when searching with its reconstruction",
+    "heldout_seen_in_training": (
+        "share of held-out texts that are also training texts, word for word (duplicates in the corpus): "
+        "the SAE was trained on their very embeddings, so the held-out figures flatter it the more of them there are"
+    ),
 }
 
 

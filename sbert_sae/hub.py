@@ -94,6 +94,7 @@ CARD_METRIC_TEXTS = {
     "dead_fraction": "train",
     "dense_fraction": "train",
     "neighbour_overlap_at_10": "heldout",
+    "heldout_seen_in_training": "heldout",
     "label_auroc_mean": "labelling",
     "label_auroc_median": "labelling",
     "label_auroc_share_above_0.8": "labelling",

@@ -43,6 +43,14 @@ Debian package descriptions (1, 5 and 2 held out) scored a held-out cosine of 0.
 0.79 with three seeds, and 0.87 with a fourth, the best of its comparison table. Such a
 domain is warned about before training and marked in `domains.md`."""
 
+SEEN_WARN = 0.05
+"""Above this share of held-out texts that are also training texts (duplicates in the corpus:
+boilerplate, reposts) a run is warned about before training: the SAE is trained on those very
+embeddings, and its held-out figures flatter it."""
+
+SEEN_CHUNK = 65_536
+"""Texts read and hashed at a time when counting held-out texts that are also training texts."""
+
 MANY_DOMAINS_NAMED = 5
 """Above this many domains of one kind (too small to train, too few held out) a warning names
 the first of them in one line, rather than a line for each."""
@@ -455,6 +463,9 @@ def run_training(
                         check_resume(folder, config, domain_args, data_id, len(train_rows), d_in_of_checkpoint=cache is None)
                 except SettingsChangedError as err:
                     raise _seeds_as_given(err, data, name) from err
+        # Counted before the texts are embedded, to warn before the long part of the run.
+        seen = {folder: heldout_seen_in_training(ds, data.text_column, *splits[folder]) for _, _, folder in groups if main and folder not in finished}
+        _warn_seen_in_training({name: (seen[folder], len(splits[folder][1])) for name, _, folder in groups if folder in seen}, data.by_domain)
         if cache is None and any(folder not in finished for _, _, folder in groups):
             cache = embed_texts(texts, data, accelerator, show_progress=show)
         if main and cache is not None and 2 * sae_args.k > cache.dim:
@@ -477,12 +488,59 @@ def run_training(
                 results.append(RunResult(name=name, out_dir=folder, metrics={k: v for k, v in metrics.items() if k != "descriptions"}))
                 continue
             domain_args = _domain_training_args(data, train_args, name)
-            result = _train_one(name, splits[folder], folder, cache, data, sae_args, domain_args, accelerator, resume, split_seed=train_args.seed)
+            result = _train_one(name, splits[folder], folder, cache, data, sae_args, domain_args, accelerator, resume, split_seed=train_args.seed, seen=seen.get(folder))
             if result is not None:
                 results.append(result)
         if main and data.per_domain:
             write_domain_table(out_dir, results, skipped=skipped)
     return results
+
+
+def _text_digests(ds, text_column: str, rows: np.ndarray) -> np.ndarray:
+    """A 64-bit digest of each of `rows`' texts, read `SEEN_CHUNK` at a time: 8 bytes a text
+    rather than the texts themselves, for a corpus of millions."""
+    import hashlib
+
+    digests = np.empty(len(rows), dtype=np.uint64)
+    for start in range(0, len(rows), SEEN_CHUNK):
+        values = column_values(ds, text_column, rows[start : start + SEEN_CHUNK])
+        digests[start : start + len(values)] = [
+            int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") for value in values
+        ]
+    return digests
+
+
+def heldout_seen_in_training(ds, text_column: str, train_rows: np.ndarray, heldout_rows: np.ndarray) -> int:
+    """How many of `heldout_rows` hold a text that one of `train_rows` holds too, word for word:
+    the split draws rows, not texts, so a corpus' duplicates fall on both sides, and the SAE is
+    trained on the very embedding of such a held-out text. Texts are compared rather than
+    embeddings: one text embedded in two batches (padded to other lengths) may differ in its
+    last float bits."""
+    if not len(heldout_rows) or not len(train_rows):
+        return 0
+    return int(np.isin(_text_digests(ds, text_column, heldout_rows), _text_digests(ds, text_column, train_rows)).sum())
+
+
+def _warn_seen_in_training(seen: dict[str, tuple[int, int]], by_domain: bool) -> None:
+    """Warn about each SAE (name -> (held-out texts also among its training texts, held-out
+    texts)) whose share of them is above `SEEN_WARN`."""
+    many = [(name, k, n) for name, (k, n) in seen.items() if n and k / n > SEEN_WARN]
+    advice = "the SAE is trained on their very embeddings, so its held-out figures flatter it; deduplicate the corpus (keep one row of each text) for a fair measure"
+    if not by_domain:
+        for _, k, n in many:
+            logger.warning("%d of the %d held-out texts (%.1f%%) are also training texts, word for word (duplicates in the corpus): %s", k, n, 100 * k / n, advice)
+        return
+    if len(many) > MANY_DOMAINS_NAMED:
+        logger.warning(
+            "%d domains have over %.0f%% of their held-out texts among their training texts, word for word (duplicates in the corpus): %s; %s",
+            len(many), 100 * SEEN_WARN, _some_domains([(name, f"{k} of {n}") for name, k, n in many]), advice,
+        )
+        return
+    for name, k, n in many:
+        logger.warning(
+            "domain %r: %d of its %d held-out texts (%.1f%%) are also its training texts, word for word (duplicates in the corpus): %s",
+            name, k, n, 100 * k / n, advice,
+        )
 
 
 def _only_text(ds, text_column: str, rows: np.ndarray) -> str | None:
@@ -539,9 +597,10 @@ def _sae_config(sae_args: SaeArguments, data: DataArguments, d_in: int) -> Spars
     )
 
 
-def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerator, resume, split_seed: int) -> RunResult | None:
+def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerator, resume, split_seed: int, seen: int | None = None) -> RunResult | None:
     """Train and evaluate one SAE on `split`, its (train rows, held-out rows), drawn with
-    `split_seed` (recorded in split.json; see `run_training`)."""
+    `split_seed` (recorded in split.json; see `run_training`); `seen` of its held-out texts are
+    also training texts (`heldout_seen_in_training`, counted on the main process)."""
     main = accelerator.is_main_process
     train_rows, heldout_rows = split
     train_pos, heldout_pos = cache.positions(train_rows), cache.positions(heldout_rows)
@@ -580,6 +639,8 @@ def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerat
             "total_seconds": time.perf_counter() - t0,
         }
     )
+    if len(heldout_pos) and seen is not None:
+        metrics["heldout_seen_in_training"] = seen / len(heldout_pos)
     sae.config.architectures = [type(sae).__name__]
     # The results are written aside, then moved in together: until then the folder holds the
     # run this one replaces (--overwrite), or nothing, never half of each.
@@ -685,10 +746,13 @@ def write_domain_table(out_dir: Path, results: list[RunResult], skipped: list[tu
 
 
 def _domain_note(metrics: dict) -> str | None:
-    n = metrics.get("n_heldout")
+    n, seen = metrics.get("n_heldout"), metrics.get("heldout_seen_in_training")
+    notes = []
     if isinstance(n, int) and 0 < n < FEW_HELDOUT:
-        return f"held-out figures from {n} text(s) only (under {FEW_HELDOUT}): they change with the seed, do not compare them"
-    return None
+        notes.append(f"held-out figures from {n} text(s) only (under {FEW_HELDOUT}): they change with the seed, do not compare them")
+    if isinstance(seen, float) and seen > SEEN_WARN:
+        notes.append(f"{seen:.0%} of its held-out texts are also its training texts (duplicates): its held-out figures flatter it")
+    return "; ".join(notes) or None
 
 
 def _labelling_id(sae_path: Path, cache: EmbeddingCache, label_args) -> str:

@@ -41,6 +41,7 @@ def test_output_folder_holds_a_complete_run(trained):
     assert 0 < metrics["heldout_fvu"] < 1
     assert 0 < metrics["heldout_l0"] <= 8
     assert 0 <= metrics["neighbour_overlap_at_10"] <= 1
+    assert metrics["heldout_seen_in_training"] == 0.0  # wiki_small holds no text twice
     args = json.loads((trained / "training_args.json").read_text())
     assert args["sae"]["n_latents"] == 256 and args["training"]["epochs"] == 4
     assert args["training"]["lr_schedule"] == "wsd" and args["training"]["decay_fraction"] == 0.3
@@ -980,3 +981,66 @@ def test_heldout_fvu_of_held_out_copies_of_one_text_is_finite_and_matches_the_lo
     distinct = reconstruction_metrics(sae, embeddings, np.arange(20))
     assert distinct["fvu"] > distinct["normalized_mse"] * 1.01
     assert heldout_fvu(sae, torch.from_numpy(embeddings[:20])) == pytest.approx(distinct["fvu"], rel=1e-4)
+
+
+def _seen_in_training(texts: list, heldout: list[int], rows: list[int]) -> int:
+    """Held-out rows whose text is also the text of a training row (one of `rows` not held out)."""
+    held = set(heldout)
+    training = {texts[i] for i in rows if i not in held}
+    return sum(texts[i] in training for i in heldout)
+
+
+def test_heldout_texts_that_are_also_training_texts_are_counted_and_warned_about(wiki_small, tmp_path, caplog):
+    # The split draws rows, not texts: a corpus' duplicates (boilerplate, reposts) fell on both
+    # sides, and the held-out figures of a much-duplicated corpus were measured partly on
+    # texts the SAE was trained on, without a word.
+    from datasets import Dataset, load_from_disk
+
+    from sbert_sae.hub import _metrics_table
+
+    rows = load_from_disk(str(wiki_small)).to_list()
+    rows += rows[:60]  # 60 texts twice
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "dup"
+    with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
+        assert run_cli("train", "--dataset", tmp_path / "data", "--out", out, *SMALL, "--epochs", "1", "--heldout-fraction", "0.2") == 0
+    split = json.loads((out / "split.json").read_text())
+    seen = _seen_in_training([r["text"] for r in rows], split["heldout_row_ids"], list(range(len(rows))))
+    assert seen > 0.05 * split["n_heldout"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["heldout_seen_in_training"] == seen / split["n_heldout"]
+    assert "duplicates" in metrics["descriptions"]["heldout_seen_in_training"]
+    assert f"{seen} of the {split['n_heldout']} held-out texts ({100 * seen / split['n_heldout']:.1f}%) are also training texts" in caplog.text
+    assert "deduplicate the corpus" in caplog.text
+    assert f"| `heldout_seen_in_training` | {seen / split['n_heldout']:#.4g} | {split['n_heldout']} held-out texts |" in _metrics_table(metrics)
+
+
+def test_a_domain_counts_its_heldout_texts_seen_among_its_own_training_texts_only(wiki_small, tmp_path, caplog):
+    # A domain's SAE is trained on its own domain's texts: a held-out text that another domain
+    # also holds was never trained on by it; one its own domain repeats was.
+    from datasets import Dataset, load_from_disk
+
+    ds = load_from_disk(str(wiki_small))
+    maths = [r for r in ds.to_list() if r["topic"] == "Mathematics"]
+    arts = [r for r in ds.to_list() if r["topic"] == "Arts"]
+    rows = maths + [{**r, "topic": "copies"} for r in maths] + arts + arts[:40]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "domains"
+    with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
+        assert run_cli("train", "--dataset", tmp_path / "data", "--out", out, "--domain-column", "topic", "--per-domain", *SMALL, "--epochs", "1", "--heldout-fraction", "0.25") == 0
+    texts = [r["text"] for r in rows]
+    table = {row["domain"]: row for row in json.loads((out / "domains.json").read_text())}
+    for domain in ("Mathematics", "copies", "Arts"):
+        folder = out / table[domain]["folder"]
+        split = json.loads((folder / "split.json").read_text())
+        own = [i for i, r in enumerate(rows) if r["topic"] == domain]
+        seen = _seen_in_training(texts, split["heldout_row_ids"], own)
+        assert json.loads((folder / "metrics.json").read_text())["heldout_seen_in_training"] == seen / split["n_heldout"], domain
+        if domain == "Arts":
+            assert seen > 0.05 * split["n_heldout"]
+            assert f"domain 'Arts': {seen} of its {split['n_heldout']} held-out texts" in caplog.text
+            assert "also its training texts (duplicates)" in table[domain]["note"]
+        else:
+            assert seen == 0  # every one of its texts is also another domain's
+            assert f"domain {domain!r}:" not in caplog.text
+            assert "duplicates" not in (table[domain]["note"] or "")
