@@ -43,7 +43,7 @@ WAITING = "waiting-for-corpus"
 """Class of the note of a part shown before the corpus was open: filled in once it is."""
 MAX_STEERED = 16
 """Most sliders the Search tab shows (the query's strongest features plus those added)."""
-API_ENDPOINTS = ("find_features", "feature", "feature_data", "inspect_text", "search", "search_data", "find_steering_feature", "add_steering_slider", "search_steered")
+API_ENDPOINTS = ("find_features", "feature", "feature_data", "inspect_text", "inspect_text_data", "search", "search_data", "find_steering_feature", "add_steering_slider", "search_steered")
 """The app's named endpoints, those `gradio_client.Client(url).predict(..., api_name="/NAME")` calls
 (README, "Exploring an SAE"); every other event is the page's own and not listed."""
 NEAREST_SHOWN = 5
@@ -654,6 +654,15 @@ def build_app(explorer: Explorer):
         except SbertSaeError as err:
             raise gr.Error(str(err)) from None
 
+    def inspect_text_data(text: str) -> dict:
+        """The Texts tab's inspection as plain data, for a script: the text's active features
+        (feature id, activation, label), its reconstruction's cosine and relative error, and
+        how many of its tokens the base model read (see `Explorer.inspect_data`)."""
+        try:
+            return explorer.inspect_data(text)
+        except SbertSaeError as err:
+            raise gr.Error(str(err)) from None
+
     def on_link(evt: gr.EventData):
         return open_feature(evt.feature)
 
@@ -765,6 +774,7 @@ def build_app(explorer: Explorer):
         gr.api(feature_page, api_name="feature")
         gr.api(feature_data, api_name="feature_data")
         gr.api(search_data, api_name="search_data")
+        gr.api(inspect_text_data, api_name="inspect_text_data")
     # Before anyone clicks Find: the page renders meanwhile, and a Find made before it is done waits for it.
     explorer.start_label_finder()
     return demo

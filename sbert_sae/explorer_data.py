@@ -721,6 +721,26 @@ class Explorer:
         error = float((x - x_hat).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12))
         return TextInspection(text=text, features=features, cosine=cosine, relative_error=error, l0=len(features), **self._read_by_the_model(text))
 
+    def inspect_data(self, text: str) -> dict:
+        """The Texts tab's inspection as plain data (JSON-ready), from `inspect`: the text's
+        active `features` (feature, activation, label), strongest first, `l0` of `k`, its
+        reconstruction's `cosine` and `relative_error` beside the held-out means the tab shows
+        (`heldout_cosine`, `heldout_relative_error`; None where the SAE has no metrics), and how
+        much of it the base model read: `tokens_read` of its `tokens` (the most it reads is
+        `max_tokens`), `truncated`, and `embedded_chars`, the character where it stopped (None:
+        it read the whole text). The token counts are None where the model has no fast tokenizer."""
+        result = self.inspect(text)
+        metrics = self.sae.metrics or {}
+        out = dataclasses.asdict(result)
+        out.update(
+            k=self.sae.config.k,
+            heldout_cosine=metrics.get("heldout_cosine"),
+            heldout_relative_error=metrics.get("heldout_normalized_mse"),
+            tokens_read=None if result.tokens is None or result.max_tokens is None else min(result.tokens, result.max_tokens),
+            truncated=result.embedded_chars is not None,
+        )
+        return json_ready(out)
+
     def _read_by_the_model(self, text: str) -> dict:
         """How much of `text` the base model reads: the model truncates a text at its
         max_seq_length without a word, so that a pasted article's features are those of its

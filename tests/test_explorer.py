@@ -620,6 +620,37 @@ def test_a_script_reads_a_search_as_data(app, corpus):
             client.predict(*args, api_name="/search_data")
 
 
+def test_a_script_reads_a_texts_inspection_as_data(app, corpus):
+    """/inspect_text returned the Texts tab's HTML: a script wanting a text's features, its
+    reconstruction figures or how much of it the base model read had to parse it.
+    /inspect_text_data gives them as JSON, the same as the SAE's own codes and Explorer.inspect;
+    an empty text is refused as /inspect_text refuses it."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    explorer, url = app
+    sae, texts, codes = corpus
+    client = Client(url, verbose=False)
+    data = client.predict(texts[0], api_name="/inspect_text_data")
+    code = codes[0]
+    assert [r["feature"] for r in data["features"]] == code.nonzero()[:, 0][code[code > 0].argsort(descending=True)].tolist()
+    assert [r["activation"] for r in data["features"]] == pytest.approx(sorted(code[code > 0].tolist(), reverse=True), rel=1e-4, abs=1e-6)
+    assert [r["label"] for r in data["features"]] == [explorer.display_label(r["feature"]) for r in data["features"]]
+    result = explorer.inspect(texts[0])
+    assert data["cosine"] == pytest.approx(result.cosine) and data["relative_error"] == pytest.approx(result.relative_error)
+    assert (data["l0"], data["k"], data["text"]) == (len(data["features"]), 4, texts[0])
+    assert data["heldout_cosine"] == sae.metrics["heldout_cosine"]
+    assert (data["tokens_read"], data["tokens"], data["truncated"], data["embedded_chars"]) == (result.tokens, result.tokens, False, None)
+    long = " ".join(texts[:40])
+    cut = client.predict(long, api_name="/inspect_text_data")
+    result = explorer.inspect(long)
+    assert (cut["tokens_read"], cut["max_tokens"], cut["tokens"], cut["truncated"]) == (254, 254, result.tokens, True) and result.tokens > 254
+    assert cut["embedded_chars"] == result.embedded_chars < len(long)
+    for empty in ("", "   "):
+        with pytest.raises(AppError, match=r"the text is empty: type or paste a text to inspect"):
+            client.predict(empty, api_name="/inspect_text_data")
+
+
 def test_the_search_tabs_endpoints_refuse_what_they_cannot_do_with_a_reason(app):
     """An empty query, an empty Find, no feature picked, a steered search before any search or
     with every slider at 0: the Search tab warned and changed nothing, which a script calling
