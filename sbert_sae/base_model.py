@@ -228,6 +228,78 @@ def encode_defaults(model) -> dict:
     return defaults
 
 
+SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
+"""The similarities a sentence-transformers model can declare (`similarity_fn_name`, kept in its
+`config_sentence_transformers.json`): the one it was trained to rank by. "euclidean" and
+"manhattan" are the negative L2 and L1 distances, as sentence-transformers scores them."""
+
+
+def _similarity_name(value, where: str) -> str:
+    name = getattr(value, "value", value)  # sentence-transformers' SimilarityFunction enum, or its name
+    if name is None:
+        return "cosine"  # what sentence-transformers uses for a model that names none
+    if name not in SIMILARITIES:
+        raise ModelLoadError(f"{where} names similarity_fn_name {name!r}: one of {SIMILARITIES} is known")
+    return name
+
+
+def model_similarity(model) -> str:
+    """The similarity a loaded SentenceTransformer ranks by (one of `SIMILARITIES`)."""
+    return _similarity_name(getattr(model, "similarity_fn_name", None), "the model")
+
+
+def saved_similarity(model_id: str, revision: str | None = None) -> str | None:
+    """`model_similarity` of a model read from its `config_sentence_transformers.json`, without
+    loading it; None when its files are not on this machine (a Hub model not downloaded yet)."""
+    path = Path(resolve_model_path(model_id, revision))
+    if not path.is_dir():
+        return None
+    config_file = path / "config_sentence_transformers.json"
+    if not config_file.is_file():
+        return "cosine"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read {config_file} of model {model_id!r}: {err}") from err
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file} of model {model_id!r} is not a JSON object")
+    return _similarity_name(config.get("similarity_fn_name"), str(config_file))
+
+
+def similarity_scores(queries, corpus, similarity: str):
+    """(n_queries, n_corpus) `similarity` (one of `SIMILARITIES`) of each of `queries` (n_queries,
+    d) with each of `corpus` (n_corpus, d), as sentence-transformers' `similarity` scores them."""
+    import torch
+    import torch.nn.functional as F
+
+    if similarity == "cosine":
+        return F.normalize(queries, dim=-1) @ F.normalize(corpus, dim=-1).T
+    if similarity == "dot":
+        return queries @ corpus.T
+    if similarity == "euclidean":
+        return -torch.cdist(queries, corpus, p=2.0)
+    if similarity == "manhattan":
+        return -torch.cdist(queries, corpus, p=1.0)
+    raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+
+
+def sae_similarity(sae) -> str:
+    """The similarity an SAE's base model ranks by: read from the model when it is loaded, else
+    from its saved config when its files are here. "cosine" for an SAE without a base model, and,
+    with a warning, for one whose model is not on this machine (loading it would download it)."""
+    base = sae.config.base_model
+    if not base:
+        return "cosine"
+    loaded = getattr(sae, "_base_model", None)
+    if loaded is not None:
+        return model_similarity(loaded)
+    saved = saved_similarity(base, sae.config.base_model_revision)
+    if saved is None:
+        logger.warning("base model %r is not on this machine: ranking by cosine, not by the similarity it may declare", base)
+        return "cosine"
+    return saved
+
+
 CUSTOM_PROMPT_NAME = "sbert-sae"
 """The name a literal `prompt` setting is stored under in a model's prompts (`apply_encode_settings`)."""
 

@@ -774,7 +774,7 @@ def cmd_search(args) -> int:
     labels = index.sae.feature_labels
     if args.json:
         print(json.dumps({
-            "query": args.query, "method": st.method, "cosine_to_query": st.cosine,
+            "query": args.query, "method": st.method, "cosine_to_query": st.cosine, "similarity": index.similarity,
             "up": st.up, "down": st.down, "clamp": st.clamp, "resolved": st.resolved,
             "hits": [{"row": h.row, "score": h.score, "steered": h.steered, "text": h.text} for h in result.hits],
         }, indent=1, ensure_ascii=False))
@@ -799,6 +799,8 @@ def cmd_search(args) -> int:
             if not name.isdigit() and len(ids) == 1 and not name.startswith("family:"):
                 print(f"      {name!r} read as #{ids[0]} {labels[ids[0]] or ''}")
         print(f"steered query ({st.method}): cosine {st.cosine:.3f} to the original")
+    if index.similarity != "cosine":
+        print(f"ranked by {index.similarity}, the base model's similarity")
     width = shutil.get_terminal_size((120, 20)).columns
     for rank, hit in enumerate(result.hits, 1):
         firing = " ".join(f"#{f}" for f, a in hit.steered.items() if a > 0)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .base_model import sae_similarity, similarity_scores
 from .modeling_sbert_sae import SparseAutoencoder
 from .utils import atomic_write
 
@@ -35,6 +36,10 @@ METRIC_DESCRIPTIONS = {
     "dead_fraction": "share of features that never fire over one pass of the training texts",
     "dense_fraction": f"share of features that fire on more than {DENSE_THRESHOLD:.0%} of training texts",
     "neighbour_overlap_at_10": "share of each held-out text's 10 nearest corpus neighbours also found when searching with its reconstruction",
+    "neighbour_similarity": (
+        "what neighbour_overlap_at_10 ranked neighbours by: the base model's similarity_fn_name "
+        "(cosine, dot, euclidean or manhattan; cosine for an SAE without a base model)"
+    ),
     "heldout_seen_in_training": (
         "share of held-out texts that are also training texts, word for word (duplicates in the corpus): "
         "the SAE was trained on their very embeddings, so the held-out figures flatter it the more of them there are"
@@ -135,13 +140,21 @@ def neighbour_overlap(
     batch_size: int | None = None,
     corpus_chunk: int = 65536,
     corpus_positions: np.ndarray | None = None,
+    similarity: str | None = None,
 ) -> float:
-    """Mean share of each query's k nearest corpus neighbours (cosine, itself excluded) that
+    """Mean share of each query's k nearest corpus neighbours (itself excluded) that
     are still among the k nearest when the search uses its reconstruction instead (queries
     in batches of at most `batch_size`, default 512 within `batch_rows`' budget; the shared
     neighbours are counted in integers, so the batch size changes no sum). The corpus is
-    `embeddings[corpus_positions]` (a domain's texts), every row when None."""
+    `embeddings[corpus_positions]` (a domain's texts), every row when None.
+
+    Neighbours are the nearest by `similarity`, default the base model's (`sae_similarity`), as
+    search ranks them: by cosine in the SAE's input space; by another similarity between the
+    embeddings as the model made them, the query and its reconstruction taken back to the
+    query's length as the model made it (the reconstruction of an SAE that normalises is unit
+    length, as its input)."""
     device = sae.W_dec.device
+    similarity = similarity or sae_similarity(sae)
     batch_size = batch_size or batch_rows(sae, 512)
     queries = query_positions[:max_queries]
     corpus = np.arange(len(embeddings)) if corpus_positions is None else np.sort(np.asarray(corpus_positions))
@@ -150,14 +163,20 @@ def neighbour_overlap(
     shared = 0
     for rows, prepared, _, _, x_hat in _blocks(sae, embeddings, queries, batch_size):
         neighbours = []
-        for query in (F.normalize(prepared, dim=1), F.normalize(x_hat, dim=1)):
+        if similarity == "cosine":
+            searched = (F.normalize(prepared, dim=1), F.normalize(x_hat, dim=1))
+        else:
+            lengths = torch.from_numpy(np.array(embeddings[rows], dtype=np.float32)).to(device).norm(dim=1, keepdim=True)
+            scale = lengths / prepared.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            searched = (prepared * scale, x_hat * scale)
+        for query in searched:
             best_scores = best_ids = None
             for c0 in range(0, len(corpus), corpus_chunk):
                 chunk = corpus[c0 : c0 + corpus_chunk]
                 # a slice of the memory map where the corpus is every row: no copy by index
                 rows_of_block = embeddings[chunk[0] : chunk[-1] + 1] if corpus_positions is None else embeddings[chunk]
                 block = torch.from_numpy(np.array(rows_of_block, dtype=np.float32)).to(device)
-                scores = query @ F.normalize(block, dim=1).T
+                scores = query @ F.normalize(block, dim=1).T if similarity == "cosine" else similarity_scores(query, block, similarity)
                 ids = torch.from_numpy(chunk).to(device)
                 self_hit = ids.unsqueeze(0) == torch.as_tensor(rows, device=device).unsqueeze(1)
                 scores = scores.masked_fill(self_hit, float("-inf"))
@@ -181,9 +200,11 @@ def evaluate(
     train_positions: np.ndarray,
     heldout_positions: np.ndarray,
     corpus_positions: np.ndarray | None = None,
+    similarity: str | None = None,
 ) -> tuple[dict, np.ndarray]:
     """All metrics of `metrics.json`, and the per-feature training fire counts. The neighbour
-    overlap searches `embeddings[corpus_positions]` (a domain's texts; every row when None)."""
+    overlap searches `embeddings[corpus_positions]` (a domain's texts; every row when None) by
+    `similarity`, default the base model's, and says which (`neighbour_similarity`)."""
     sae.eval()
     counts = feature_fire_counts(sae, embeddings, train_positions)
     density = counts / max(1, len(train_positions))
@@ -196,7 +217,9 @@ def evaluate(
     metrics["dead_fraction"] = float((counts == 0).mean())
     metrics["dense_fraction"] = float((density > DENSE_THRESHOLD).mean())
     if len(heldout_positions):
-        metrics["neighbour_overlap_at_10"] = neighbour_overlap(sae, embeddings, heldout_positions, corpus_positions=corpus_positions)
+        similarity = similarity or sae_similarity(sae)
+        metrics["neighbour_overlap_at_10"] = neighbour_overlap(sae, embeddings, heldout_positions, corpus_positions=corpus_positions, similarity=similarity)
+        metrics["neighbour_similarity"] = similarity
     metrics["n_features"] = int(sae.config.n_latents)
     metrics["n_dead"] = int((counts == 0).sum())
     return metrics, counts

@@ -17,6 +17,17 @@ is nearest to X by the base model's embedding), or as a whole family (`"family:<
 id>"` or a `Family`): a family counts as one direction, its members' mean, so a strength
 means the same for a family as for one feature.
 
+Texts are ranked by the similarity the SAE's base model declares (`similarity_fn_name` of
+sentence-transformers: "cosine" for most models, "dot" for e.g. msmarco's dot-product
+models; `base_model.sae_similarity`), cosine for an SAE without a base model. Steering
+happens in the SAE's input space (unit length for `normalize="l2"`); the steered query is then
+taken back to the model's scale (times the query's length as the model made it, over its length
+in the SAE's input space: `SteeredQuery.model_vector`) and compared with the corpus'
+embeddings as the model made them. So "dot" ranks by the steered query's direction against the
+texts' own embeddings, whose lengths count as the model was trained for them to (a query's own
+length changes no ranking; a score is the dot product at the query's length); "euclidean" and
+"manhattan" rank by distance from the steered query at the query's length.
+
 Search is exact (one matrix product over the corpus, chunked) up to
 `EXACT_SEARCH_MAX_ROWS` rows and, above that, approximate with a FAISS HNSW index when
 `faiss` is installed (`pip install sbert-sae[faiss]`).
@@ -41,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import SparseActivations, codes_paths, corpus_codes, encoder_fingerprint, save_npy
+from .base_model import SIMILARITIES, sae_similarity, similarity_scores
 from .data import column_values
 from .errors import InputError
 from .modeling_sbert_sae import SparseAutoencoder
@@ -65,7 +77,8 @@ class Hit:
     Attributes:
         row: the text's row id in the dataset.
         text: the text (None when the index was built without texts).
-        score: cosine between the text's embedding and the (steered) query.
+        score: the base model's similarity (`SteerableIndex.similarity`: cosine unless the model
+            declares another) between the text's embedding and the (steered) query.
         steered: activation of each steered feature in this text (0.0 where it does not fire).
     """
 
@@ -86,6 +99,8 @@ class SteeredQuery:
         up, down, clamp: the resolved targets, feature id -> strength (clamp: -> activation).
         method: "add" or "clamp".
         resolved: how each named target was read: the caller's key -> feature ids.
+        scale: the query's length as the base model made it over its length in the SAE's input
+            space (1 for an SAE with `normalize="none"`).
     """
 
     original: torch.Tensor
@@ -96,6 +111,13 @@ class SteeredQuery:
     clamp: dict[int, float]
     method: str
     resolved: dict[str, list[int]] = field(default_factory=dict)
+    scale: float = 1.0
+
+    @property
+    def model_vector(self) -> torch.Tensor:
+        """(d_in,) the steered query at the base model's scale: what dot, euclidean and
+        manhattan similarities compare with the corpus' embeddings as the model made them."""
+        return self.vector * self.scale
 
     @property
     def features(self) -> list[int]:
@@ -437,6 +459,7 @@ class SteerableIndex:
         device: str | torch.device | None = None,
         backend: str = "auto",
         show_progress: bool = False,
+        similarity: str | None = None,
     ):
         if not isinstance(sae, SparseAutoencoder):
             raise InputError(f"sae must be a SparseAutoencoder, got {type(sae).__name__}")
@@ -449,6 +472,9 @@ class SteerableIndex:
             raise InputError(f"{len(texts)} texts for {shape[0]} embeddings: give one text per embedding")
         if backend not in ("auto", "exact", "faiss"):
             raise InputError(f"backend must be 'auto', 'exact' or 'faiss', got {backend!r}")
+        if similarity is not None and similarity not in SIMILARITIES:
+            raise InputError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        self._similarity = similarity
         self.device = torch.device(device or sae.W_dec.device)
         self.sae = sae.to(self.device).eval()
         self.texts = texts
@@ -539,6 +565,15 @@ class SteerableIndex:
     def __len__(self) -> int:
         return int(self._embeddings.shape[0])
 
+    @property
+    def similarity(self) -> str:
+        """What texts are ranked by: the `similarity` given, else the base model's own
+        (`base_model.sae_similarity`), read when first needed (a text query has loaded the model
+        by then)."""
+        if self._similarity is None:
+            self._similarity = sae_similarity(self.sae)
+        return self._similarity
+
     # -------------------------------------------------------- corpus state
     def vectors(self, positions) -> torch.Tensor:
         """(len(positions), d_in) the corpus texts at `positions` (a slice or indices) in the
@@ -557,12 +592,24 @@ class SteerableIndex:
         for start in range(0, len(self), size):
             yield self.vectors(slice(start, start + size))
 
+    def _model_blocks(self, size: int = 65536):
+        """The whole corpus' embeddings as the base model made them (not brought to the SAE's
+        input space), float32 on the device, `size` rows at a time."""
+        for start in range(0, len(self), size):
+            block = self._embeddings[start : start + size]
+            x = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block, dtype=np.float32))
+            yield x.to(self.device, torch.float32)
+
     @property
     def corpus(self) -> torch.Tensor:
-        """(n_texts, d_in) unit-norm corpus vectors in the SAE's input space, on the device."""
+        """(n_texts, d_in) the corpus vectors search compares a query with, on the device: unit
+        length in the SAE's input space for cosine, the model's embeddings as they are else."""
         if self._corpus is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-            self._corpus = torch.cat([F.normalize(block, dim=-1).to(dtype) for block in self._blocks()])
+            if self.similarity == "cosine":
+                self._corpus = torch.cat([F.normalize(block, dim=-1).to(dtype) for block in self._blocks()])
+            else:
+                self._corpus = torch.cat([block.to(dtype) for block in self._model_blocks()])
         return self._corpus
 
     @property
@@ -699,6 +746,11 @@ class SteerableIndex:
     @torch.no_grad()
     def query_vector(self, query: str | torch.Tensor | np.ndarray) -> torch.Tensor:
         """(d_in,) the query in the SAE's input space: a text is embedded with the base model."""
+        return self.sae.prepare_input(self._model_query(query))[0].float()
+
+    @torch.no_grad()
+    def _model_query(self, query: str | torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(1, d_in) the query as the base model embeds it, float32 on the device."""
         if isinstance(query, str):
             if not query.strip():
                 raise InputError("the query is empty")
@@ -709,7 +761,7 @@ class SteerableIndex:
                 raise InputError(f"search takes one query, got {x.shape[0]} rows")
         else:
             raise InputError(f"the query must be a text or an embedding, got {type(query).__name__}")
-        return self.sae.prepare_input(x.to(self.device).float())[0].float()
+        return x.to(self.device).float()
 
     @torch.no_grad()
     def query_features(self, query, top: int | None = None) -> list[tuple[int, float, str | None]]:
@@ -725,7 +777,8 @@ class SteerableIndex:
         """The steered query vector; see the module docstring for the two methods."""
         if method not in METHODS:
             raise InputError(f"method must be one of {METHODS}, got {method!r}")
-        q = self.query_vector(query)
+        x = self._model_query(query)
+        q = self.sae.prepare_input(x)[0].float()
         up_ids, up_names = self.resolve(up, "up")
         down_ids, down_names = self.resolve(down, "down")
         clamp_ids, clamp_names = self.resolve(clamp, "clamp")
@@ -765,24 +818,35 @@ class SteerableIndex:
             amounts = torch.tensor(list(delta.values()), device=self.device, dtype=torch.float32)
             vector += amounts @ self.sae.W_dec[ids].float()
         cosine = float(F.cosine_similarity(q, vector, dim=0))
-        return SteeredQuery(q, vector, cosine, up_ids, down_ids, clamp_ids, method, {**up_names, **down_names, **clamp_names})
+        length = float(q.norm())
+        scale = float(x.norm()) / length if length > 0 else 1.0
+        return SteeredQuery(q, vector, cosine, up_ids, down_ids, clamp_ids, method, {**up_names, **down_names, **clamp_names}, scale)
 
     # -------------------------------------------------------------- search
     @torch.no_grad()
     def nearest(self, vector: torch.Tensor, k: int = 10, exclude: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """Corpus positions and cosines of the `k` texts nearest to `vector` (d_in,)."""
+        """Corpus positions and similarities (`similarity`) of the `k` texts nearest to `vector`
+        (d_in,). Cosine and dot rank by its direction alone, the same in the SAE's input space
+        as in the model's; euclidean and manhattan take it at the model's scale
+        (`SteeredQuery.model_vector`)."""
         exclude = set(int(e) for e in exclude)
         want = min(len(self), k + len(exclude))
-        v = F.normalize(vector.float(), dim=0)
+        similarity = self.similarity
+        v = F.normalize(vector.float(), dim=0) if similarity == "cosine" else vector.float()
         if self.backend == "faiss":
             index = self._faiss()
             scores, pos = index.search(v.cpu().numpy()[None].astype(np.float32), want)
             pos, scores = pos[0], scores[0]
             keep = pos >= 0
             pos, scores = pos[keep], scores[keep]
-        else:
+        elif similarity in ("cosine", "dot"):
             corpus = self.corpus
             scores = (corpus @ v.to(corpus.dtype)).float()
+            top = torch.topk(scores, want)
+            pos, scores = top.indices.cpu().numpy(), top.values.cpu().numpy()
+        else:
+            corpus = self.corpus
+            scores = torch.cat([similarity_scores(v[None], corpus[c0 : c0 + 65536].float(), similarity)[0] for c0 in range(0, len(corpus), 65536)])
             top = torch.topk(scores, want)
             pos, scores = top.indices.cpu().numpy(), top.values.cpu().numpy()
         keep = np.array([p not in exclude for p in pos], dtype=bool)
@@ -792,11 +856,15 @@ class SteerableIndex:
         if self._faiss_index is None:
             import faiss
 
+            if self.similarity not in ("cosine", "dot"):
+                raise InputError(f"the FAISS index ranks by cosine or dot, not by the base model's {self.similarity}: use backend='exact'")
             dim = self.sae.config.d_in
             index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = 80
-            for block in self._blocks():
-                index.add(F.normalize(block, dim=-1).cpu().numpy())
+            # Dot: the embeddings as the model made them; cosine: at unit length.
+            blocks = self._model_blocks() if self.similarity == "dot" else (F.normalize(b, dim=-1) for b in self._blocks())
+            for block in blocks:
+                index.add(block.cpu().numpy())
             index.hnsw.efSearch = 128
             self._faiss_index = index
         return self._faiss_index
@@ -823,7 +891,9 @@ class SteerableIndex:
             raise InputError(f"k must be a positive integer, got {k!r}")
         steering = self.steer(query, up=up, down=down, clamp=clamp, method=method)
         exclude = [p for p in (self.position_of(r) for r in exclude_rows) if p is not None]
-        pos, scores = self.nearest(steering.vector, k=k, exclude=exclude)
+        # Cosine ranks the steered query as it is (the same direction, and the figures of
+        # earlier searches to the last digit); the others at the model's scale (module docstring).
+        pos, scores = self.nearest(steering.vector if self.similarity == "cosine" else steering.model_vector, k=k, exclude=exclude)
         firing = self.feature_activations(pos, steering.features)
         texts = self.text_of(pos.tolist())
         hits = [
