@@ -47,6 +47,7 @@ def test_push_writes_weights_labels_metrics_plots_and_a_card(hub, labelled_run, 
     best = max(solid or scored, key=lambda e: e["score"]["auroc"])
     assert best["label"] in readme  # the best-scored features table
     assert 'SparseAutoencoder.from_pretrained("org/minilm-wiki-sae")' in readme
+    assert "\n\n\n" not in readme  # no template line left blank
     assert "n_latents=64, k=4" in readme  # how it was trained, from training_args.json
     assert str(labelled_run) not in readme and "/tmp/" not in readme  # no local paths in a published card
     # nor in the published settings, labels and metrics: local files by their last part only
