@@ -515,12 +515,15 @@ def cmd_train(args) -> int:
                 f"dead {m['dead_fraction']:.1%}, dense {m['dense_fraction']:.1%} ({m['n_train']} train texts, {m['train_seconds']:.0f}s)"
             )
             continue
+        seen = m.get("heldout_seen_in_training")
+        # Held-out texts that duplicate training texts flatter the figures printed beside them.
+        also = f", {round(seen * m['n_heldout'])} of them also training texts" if isinstance(seen, float) and seen > 0 else ""
         print(
             f"[{r.name}] {r.out_dir}: held-out FVU {m.get('heldout_fvu', float('nan')):.4f}, "
             f"cosine {m.get('heldout_cosine', float('nan')):.4f}, L0 {m.get('heldout_l0', float('nan')):.1f}, "
             f"dead {m['dead_fraction']:.1%}, dense {m['dense_fraction']:.1%}, "
             f"neighbour overlap@10 {m.get('neighbour_overlap_at_10', float('nan')):.3f} "
-            f"({m['n_train']} train / {m['n_heldout']} held-out texts, {m['train_seconds']:.0f}s)"
+            f"({m['n_train']} train / {m['n_heldout']} held-out texts{also}, {m['train_seconds']:.0f}s)"
         )
     if results:
         out = Path(args.out)

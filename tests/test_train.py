@@ -990,7 +990,7 @@ def _seen_in_training(texts: list, heldout: list[int], rows: list[int]) -> int:
     return sum(texts[i] in training for i in heldout)
 
 
-def test_heldout_texts_that_are_also_training_texts_are_counted_and_warned_about(wiki_small, tmp_path, caplog):
+def test_heldout_texts_that_are_also_training_texts_are_counted_and_warned_about(wiki_small, tmp_path, caplog, capsys):
     # The split draws rows, not texts: a corpus' duplicates (boilerplate, reposts) fell on both
     # sides, and the held-out figures of a much-duplicated corpus were measured partly on
     # texts the SAE was trained on, without a word.
@@ -1013,6 +1013,7 @@ def test_heldout_texts_that_are_also_training_texts_are_counted_and_warned_about
     assert f"{seen} of the {split['n_heldout']} held-out texts ({100 * seen / split['n_heldout']:.1f}%) are also training texts" in caplog.text
     assert "deduplicate the corpus" in caplog.text
     assert f"| `heldout_seen_in_training` | {seen / split['n_heldout']:#.4g} | {split['n_heldout']} held-out texts |" in _metrics_table(metrics)
+    assert f"held-out texts, {seen} of them also training texts, " in capsys.readouterr().out  # the summary line
 
 
 def test_a_domain_counts_its_heldout_texts_seen_among_its_own_training_texts_only(wiki_small, tmp_path, caplog):
