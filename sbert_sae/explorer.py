@@ -982,12 +982,14 @@ class Steering:
         if not hits:
             return _card(title, _empty("no results"))
         items = []
+        similarity = self._index().similarity  # the base model's: "dot" for a dot-product model
+        score_name = "cos" if similarity == "cosine" else similarity
         for rank, h in enumerate(hits, 1):
             tag = ' <span class="new">new</span>' if before and h.row not in before else ""
             acts = " ".join(f'<span title="activation of #{f} in this text">#{f}: {h.steered.get(f, 0.0):.3f}</span>' for f in features)
             body = highlight(h.text or "", keywords or [])
             items.append(
-                f'<div class="sae-hit" data-row="{h.row}"><div class="meta">{rank}. cos {h.score:.3f} · row {h.row}{tag}{" · " + acts if acts else ""}</div>'
+                f'<div class="sae-hit" data-row="{h.row}"><div class="meta">{rank}. {score_name} {h.score:.3f} · row {h.row}{tag}{" · " + acts if acts else ""}</div>'
                 f'<div class="body">{body}</div></div>'
             )
         return _card(title, "".join(items))

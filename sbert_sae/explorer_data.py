@@ -665,7 +665,8 @@ class Explorer:
 
     def search_data(self, query: str, k: int = 10, steer: dict | None = None, method: str = "add") -> dict:
         """The Search tab's search as plain data (JSON-ready): the query's active features, and
-        its `k` nearest corpus texts, each with its row id, cosine, text and every feature
+        its `k` nearest corpus texts, each with its row id, score (by `similarity`, the base
+        model's: cosine unless it declares another), text and every feature
         firing on it; steered by `steer` (feature id -> strength as the tab's sliders take it:
         above 0 raises the feature, below 0 lowers it) with `method` "add" or "clamp"."""
         if not isinstance(query, str) or not query.strip():
@@ -698,6 +699,7 @@ class Explorer:
                 "steer": {f: strengths[f] for f in strengths},
                 "method": method,
                 "cosine": result.cosine,
+                "similarity": index.similarity,
                 "hits": hits,
             }
         )

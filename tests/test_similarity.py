@@ -158,3 +158,20 @@ def test_search_command_says_which_similarity_ranked(dot_model, wiki_small, labe
     assert "ranked by dot, the base model's similarity" in capsys.readouterr().out
     assert main(["search", str(labelled_run), "a painting", "--top", "3", "--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["similarity"] == "cosine"
+
+
+def test_the_explorers_search_names_the_similarity(dot_model, wiki_small, tmp_path):
+    from sbert_sae.explorer import Steering
+    from sbert_sae.explorer_data import Explorer
+    from sbert_sae.pipeline import DataArguments
+
+    folder = tmp_path / "dot-sae"
+    _sae(dot_model).save_pretrained(folder)
+    sae = SparseAutoencoder.from_pretrained(folder)
+    explorer = Explorer(sae, str(folder), data=DataArguments(dataset=str(wiki_small)), data_given=True)
+    data = explorer.search_data("a painting", 3)
+    assert data["similarity"] == "dot"
+    result = explorer.search_index().search("a painting", k=3)
+    assert [h["row"] for h in data["hits"]] == [h.row for h in result.hits]
+    html = Steering(explorer).hits("Steered", result.hits, set(), [])
+    assert f"1. dot {result.hits[0].score:.3f}" in html and " cos " not in html
