@@ -125,7 +125,11 @@ def _labelling_texts(labels: dict) -> str:
 def _measured_on(name: str, metrics: dict, labels: dict) -> str:
     texts = CARD_METRIC_TEXTS[name]
     if texts == "heldout":
-        return _count(metrics.get("n_heldout"), "held-out texts") + (" (their neighbours: among all corpus texts)" if name.startswith("neighbour_") else "")
+        if not name.startswith("neighbour_"):
+            return _count(metrics.get("n_heldout"), "held-out texts")
+        similarity = metrics.get("neighbour_similarity")
+        ranked = f", ranked by {similarity} as the base model ranks" if isinstance(similarity, str) and similarity != "cosine" else ""
+        return _count(metrics.get("n_heldout"), "held-out texts") + f" (their neighbours: among all corpus texts{ranked})"
     if texts == "train":
         return _count(metrics.get("n_train"), "training texts")
     return _labelling_texts(labels)

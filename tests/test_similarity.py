@@ -142,10 +142,14 @@ def test_neighbour_overlap_ranks_by_the_base_models_similarity_and_says_which(do
     assert neighbour_overlap(sae, emb, positions, similarity="cosine") == pytest.approx(by_cosine, abs=1e-9)
     metrics, _ = evaluate(sae, emb, positions[:40], positions)
     assert metrics["neighbour_similarity"] == "dot" and metrics["neighbour_overlap_at_10"] == pytest.approx(by_dot, abs=1e-9)
+    from sbert_sae.hub import _metrics_table
+
+    assert "(their neighbours: among all corpus texts, ranked by dot as the base model ranks)" in _metrics_table(metrics)  # the card
     # An SAE of a cosine model (no base model here) is measured as before, by cosine.
     plain = _sae(None)
     metrics, _ = evaluate(plain, emb, positions[:40], positions)
     assert metrics["neighbour_similarity"] == "cosine" and metrics["neighbour_overlap_at_10"] == pytest.approx(_overlap_by_hand(plain, emb, "cosine"), abs=1e-9)
+    assert "(their neighbours: among all corpus texts)" in _metrics_table(metrics)
 
 
 def test_search_command_says_which_similarity_ranked(dot_model, wiki_small, labelled_run, tmp_path, capsys):
