@@ -492,6 +492,9 @@ class SteerableIndex:
         # rows of a cache keep theirs apart from the whole dataset's, see pipeline.codes_fingerprint).
         self._fingerprint: str | None = codes_fingerprint
         self._codes_meta = codes_meta  # written beside them (`activations.codes_meta_path`)
+        # Chosen here, FAISS gives way to exact search where it cannot rank by the base model's
+        # similarity (euclidean, manhattan: known once the model is); given by name, it says so.
+        self._backend_chosen = backend == "auto"
         if backend == "auto":
             backend = "exact" if shape[0] <= EXACT_SEARCH_MAX_ROWS or not _faiss_available() else "faiss"
         if backend == "faiss" and not _faiss_available():
@@ -833,7 +836,7 @@ class SteerableIndex:
         want = min(len(self), k + len(exclude))
         similarity = self.similarity
         v = F.normalize(vector.float(), dim=0) if similarity == "cosine" else vector.float()
-        if self.backend == "faiss":
+        if self.backend == "faiss" and (similarity in ("cosine", "dot") or not self._backend_chosen):
             index = self._faiss()
             scores, pos = index.search(v.cpu().numpy()[None].astype(np.float32), want)
             pos, scores = pos[0], scores[0]

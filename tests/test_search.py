@@ -311,6 +311,25 @@ def test_faiss_backend_finds_the_exact_neighbours(index, corpus_texts):
     assert np.mean(recall) >= 0.95
 
 
+def test_a_large_corpus_ranked_by_distance_is_searched_exactly_not_refused(index, corpus_texts, monkeypatch):
+    """Above EXACT_SEARCH_MAX_ROWS the index picks FAISS by itself, which ranks by inner product
+    only: a base model declaring euclidean (or manhattan) distance was refused there with
+    "use backend='exact'", an option its caller never gave. Such an index searches exactly."""
+    pytest.importorskip("faiss")
+    from sbert_sae import search
+
+    monkeypatch.setattr(search, "EXACT_SEARCH_MAX_ROWS", 100)  # this corpus (240 texts) counts as large
+    far = SteerableIndex(index.sae, index._embeddings, texts=corpus_texts, row_ids=index.row_ids, similarity="euclidean")
+    assert far.backend == "faiss"
+    emb = np.array(index._embeddings, dtype=np.float32)
+    result = far.search(corpus_texts[17], k=5)
+    distance = np.linalg.norm(emb - emb[17], axis=1)
+    assert result.rows() == index.row_ids[np.argsort(distance, kind="stable")[:5]].tolist()
+    assert result.hits[0].score == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(InputError, match="use backend='exact'"):  # given by name, FAISS still says why it cannot
+        SteerableIndex(index.sae, index._embeddings, texts=corpus_texts, row_ids=index.row_ids, similarity="euclidean", backend="faiss").search("q")
+
+
 def test_codes_are_kept_beside_the_cache_and_reused(labelled_run, index):
     codes = index.codes
     files = {p.name for p in index.codes_dir.glob("codes-*.npy")}  # other SAEs labelled on this corpus keep theirs too
