@@ -189,15 +189,16 @@ def embedding_dimension(model) -> int | None:
     return getter()
 
 
-def saved_encode_defaults(model_id: str, revision: str | None = None) -> dict | None:
-    """The settings a model saves that change what `encode` makes by default, read from its
-    `config_sentence_transformers.json` without loading it: `default_prompt` (the text of its
-    default prompt, when it has a non-empty one) and `truncate_dim` (when set). None when the
-    model's files are not on this machine (a Hub model not downloaded yet)."""
+SAVED_CONFIG = "config_sentence_transformers.json"
+
+
+def _saved_config(model_id: str, revision: str | None = None) -> dict | None:
+    """A model's `config_sentence_transformers.json`, read without loading the model: {} when it
+    has none, None when the model's files are not on this machine (a Hub model not downloaded yet)."""
     path = Path(resolve_model_path(model_id, revision))
     if not path.is_dir():
         return None
-    config_file = path / "config_sentence_transformers.json"
+    config_file = path / SAVED_CONFIG
     if not config_file.is_file():
         return {}
     try:
@@ -206,6 +207,17 @@ def saved_encode_defaults(model_id: str, revision: str | None = None) -> dict | 
         raise ModelLoadError(f"cannot read {config_file} of model {model_id!r}: {err}") from err
     if not isinstance(config, dict):
         raise ModelLoadError(f"{config_file} of model {model_id!r} is not a JSON object")
+    return config
+
+
+def saved_encode_defaults(model_id: str, revision: str | None = None) -> dict | None:
+    """The settings a model saves that change what `encode` makes by default, read from its
+    `config_sentence_transformers.json` without loading it: `default_prompt` (the text of its
+    default prompt, when it has a non-empty one) and `truncate_dim` (when set). None when the
+    model's files are not on this machine (a Hub model not downloaded yet)."""
+    config = _saved_config(model_id, revision)
+    if not config:
+        return config
     defaults = {}
     prompts = config.get("prompts") or {}
     name = config.get("default_prompt_name")
@@ -251,19 +263,11 @@ def model_similarity(model) -> str:
 def saved_similarity(model_id: str, revision: str | None = None) -> str | None:
     """`model_similarity` of a model read from its `config_sentence_transformers.json`, without
     loading it; None when its files are not on this machine (a Hub model not downloaded yet)."""
-    path = Path(resolve_model_path(model_id, revision))
-    if not path.is_dir():
+    config = _saved_config(model_id, revision)
+    if config is None:
         return None
-    config_file = path / "config_sentence_transformers.json"
-    if not config_file.is_file():
-        return "cosine"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot read {config_file} of model {model_id!r}: {err}") from err
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{config_file} of model {model_id!r} is not a JSON object")
-    return _similarity_name(config.get("similarity_fn_name"), str(config_file))
+    where = Path(resolve_model_path(model_id, revision)) / SAVED_CONFIG
+    return _similarity_name(config.get("similarity_fn_name"), str(where))
 
 
 def similarity_scores(queries, corpus, similarity: str):
