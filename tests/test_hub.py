@@ -428,18 +428,22 @@ def test_to_sparse_encoder_encodes_like_the_sae(labelled_run, wiki_rows):
     assert torch.allclose(theirs.float(), ours.float(), atol=1e-5)
 
 
-@needs_sparse_encoder
-def test_push_as_sentence_transformers_loads_with_sparse_encoder_alone(hub, labelled_run, wiki_rows, capsys):
+def _assert_sparse_encoder_encodes_as_the_sae(repo_id: str, run, wiki_rows) -> None:
     from sentence_transformers import SparseEncoder
 
-    assert main(["push", str(labelled_run), "org/wiki-sparse-encoder", "--format", "sentence-transformers", "-q"]) == 0
-    assert 'SparseEncoder("org/wiki-sparse-encoder")' in capsys.readouterr().out
-    remote = SparseEncoder("org/wiki-sparse-encoder", device="cpu")
+    remote = SparseEncoder(repo_id, device="cpu")
     texts = [r["text"] for r in wiki_rows[:4]]
-    ours = SparseAutoencoder.from_pretrained(labelled_run).encode_texts(texts)
+    ours = SparseAutoencoder.from_pretrained(run).encode_texts(texts)
     theirs = remote.encode(texts, convert_to_tensor=True)
     theirs = theirs.to_dense() if theirs.is_sparse else theirs
     assert torch.allclose(theirs.float(), ours.float(), atol=1e-5)
+
+
+@needs_sparse_encoder
+def test_push_as_sentence_transformers_loads_with_sparse_encoder_alone(hub, labelled_run, wiki_rows, capsys):
+    assert main(["push", str(labelled_run), "org/wiki-sparse-encoder", "--format", "sentence-transformers", "-q"]) == 0
+    assert 'SparseEncoder("org/wiki-sparse-encoder")' in capsys.readouterr().out
+    _assert_sparse_encoder_encodes_as_the_sae("org/wiki-sparse-encoder", labelled_run, wiki_rows)
     # sentence-transformers' card told its readers to load SparseEncoder("sparse_encoder_model_id")
     # and said the base model was unknown: it names the repo and the base model now.
     readme = hub.files("org/wiki-sparse-encoder")["README.md"].decode()
@@ -454,7 +458,6 @@ def test_a_sparse_encoder_pushed_over_another_layout_takes_away_the_old_module_f
     # 4_Normalize, 5_SparseAutoEncoder) replaced by one on whole embeddings (3_SparseAutoEncoder)
     # left the old folders, weights and all, that the new modules.json no longer names.
     from huggingface_hub import CommitOperationAdd, HfApi
-    from sentence_transformers import SparseEncoder
 
     from sbert_sae.hub import push_sparse_encoder
 
@@ -482,12 +485,7 @@ def test_a_sparse_encoder_pushed_over_another_layout_takes_away_the_old_module_f
     # the first push is whole at its own revision
     assert {"3_Dense/model.safetensors", "4_Normalize/config.json", "5_SparseAutoEncoder/model.safetensors"} <= set(hub.files("org/relaid", revision=first_sha))
 
-    remote = SparseEncoder("org/relaid", device="cpu")
-    texts = [r["text"] for r in wiki_rows[:4]]
-    ours = SparseAutoencoder.from_pretrained(labelled_run).encode_texts(texts)
-    theirs = remote.encode(texts, convert_to_tensor=True)
-    theirs = theirs.to_dense() if theirs.is_sparse else theirs
-    assert torch.allclose(theirs.float(), ours.float(), atol=1e-5)
+    _assert_sparse_encoder_encodes_as_the_sae("org/relaid", labelled_run, wiki_rows)
 
     # The same layout pushed again takes nothing away.
     sha = push_sparse_encoder(labelled_run, "org/relaid")
