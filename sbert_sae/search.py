@@ -30,7 +30,8 @@ length changes no ranking; a score is the dot product at the query's length); "e
 
 Search is exact (one matrix product over the corpus, chunked) up to
 `EXACT_SEARCH_MAX_ROWS` rows and, above that, approximate with a FAISS HNSW index when
-`faiss` is installed (`pip install sbert-sae[faiss]`).
+`faiss` is installed (`pip install sbert-sae[faiss]`); exact still for a base model ranking
+by euclidean or manhattan distance, which FAISS's inner-product index cannot.
 """
 
 from __future__ import annotations
