@@ -351,6 +351,9 @@ def run_training(
     accelerator = make_accelerator(train_args, out_dir, data.device)
     main = accelerator.is_main_process
     show = train_args.show_progress and main
+    # The checks below run on every process of a launched run (each must refuse what it refuses);
+    # their warnings are the main process' to say, once.
+    warn = logger.warning if main else _said_by_the_main_process
 
     # Every check that can refuse the run comes before its texts are embedded.
     texts, cache = (None, loaded[1]) if loaded is not None else (load_texts(data), None)
@@ -395,9 +398,9 @@ def run_training(
         raise DatasetError(f"nothing to train; {need}. {what}")
     if len(too_small) > MANY_DOMAINS_NAMED:
         # One line for them all: a column of many one-text values would print a line each.
-        logger.warning("%d domains have under %d texts and are skipped: %s", len(too_small), MIN_TEXTS, _some_domains(too_small))
+        warn("%d domains have under %d texts and are skipped: %s", len(too_small), MIN_TEXTS, _some_domains(too_small))
     for name, n in too_small if len(too_small) <= MANY_DOMAINS_NAMED else ():
-        logger.warning("domain %r has only %d texts: skipped", name, n)
+        warn("domain %r has only %d texts: skipped", name, n)
     groups = [group for group in groups if len(group[1]) >= MIN_TEXTS]
     skipped = [(name, n, f"skipped: {n} text(s), an SAE needs at least {MIN_TEXTS}") for name, n in too_small]
     if data.by_domain:
@@ -410,7 +413,7 @@ def run_training(
                 what = f"all {len(rows)} texts of domain {name!r} (column {data.domain_column!r}) are the same text ({clip(one_text[name], 60)!r})"
                 if len(one_text) == len(groups):
                     raise DatasetError(f"nothing to train; {what}" + (f", and those of the {len(groups) - 1} other domains too" if len(groups) > 1 else "") + ": an SAE learns nothing from one text")
-                logger.warning("%s: skipped, an SAE learns nothing from one text", what)
+                warn("%s: skipped, an SAE learns nothing from one text", what)
                 skipped.append((name, len(rows), f"skipped: its {len(rows)} texts are all the same text"))
         groups = [group for group in groups if group[0] not in one_text]
     # (train rows, held-out rows) of each SAE, drawn with the seed as given, also for a domain of
@@ -422,12 +425,12 @@ def run_training(
         few = [(name, len(rows), len(splits[folder][1])) for name, rows, folder in groups if 0 < len(splits[folder][1]) < FEW_HELDOUT]
         if len(few) > MANY_DOMAINS_NAMED:
             # 200 small domains gave 200 lines of this warning before the first was trained.
-            logger.warning(
+            warn(
                 "%d domains have under %d held-out texts, too few to compare them with other domains (domains.md marks them; a larger "
                 "--heldout-fraction holds out more of every domain): %s", len(few), FEW_HELDOUT, _some_domains([(name, f"{k} of {n}") for name, n, k in few]),
             )
         for name, n, n_heldout in few if len(few) <= MANY_DOMAINS_NAMED else ():
-            logger.warning(
+            warn(
                 "domain %r has %d texts: its held-out figures will rest on %d of them (under %d), too few to compare it with other domains "
                 "(a larger --heldout-fraction holds out more of every domain)", name, n, n_heldout, FEW_HELDOUT,
             )
@@ -494,6 +497,11 @@ def run_training(
         if main and data.per_domain:
             write_domain_table(out_dir, results, skipped=skipped)
     return results
+
+
+def _said_by_the_main_process(*args, **kwargs) -> None:
+    """A warning of a process other than the main one of a launched run: not said (the main
+    process says it)."""
 
 
 def _text_digests(ds, text_column: str, rows: np.ndarray) -> np.ndarray:

@@ -391,6 +391,25 @@ def test_two_process_training_closes_its_process_group_before_python_exits(wiki_
     assert reports == ["rank 0: group open False, gloo worker threads 0", "rank 1: group open False, gloo worker threads 0"]
 
 
+def test_a_two_process_per_domain_run_warns_of_its_domains_once(wiki_small, tmp_path, accelerate_launch_two):
+    """The checks before training run on every process of a launched run, and each process said
+    their warnings: a domain too small to train, one whose texts are all one text, one with too
+    few held-out texts, each printed once per process. The main process alone says them now."""
+    from datasets import Dataset, load_from_disk
+
+    texts = load_from_disk(str(wiki_small)).select(range(60))["text"]
+    rows = [{"text": t, "field": "real"} for t in texts] + [{"text": "No description available.", "field": "boiler"}] * 6 + [{"text": texts[0], "field": "tiny"}]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "data"))
+    args = ["train", "--dataset", str(tmp_path / "data"), "--domain-column", "field", "--per-domain", "--out", str(tmp_path / "two")]
+    args += ["--n-latents", "64", "-k", "8", "--epochs", "1", "--batch-size", "32", "-q", "--report-to", "none"]
+    result = subprocess.run([*accelerate_launch_two("--cpu"), "-m", "sbert_sae", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "it/s]" not in line)[-8000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING sbert_sae.pipeline")]
+    assert sum("'tiny' has only 1 texts: skipped" in w for w in warnings) == 1, warnings
+    assert sum("domain 'boiler' (column 'field') are the same text" in w for w in warnings) == 1, warnings
+    assert sum("domain 'real' has 60 texts: its held-out figures will rest on" in w for w in warnings) == 1, warnings
+
+
 def test_cpu_launcher_arguments_are_read_from_the_parent_command_line(tmp_path):
     from sbert_sae.launch import launcher_arguments, requested_processes, started_alone_by_cpu_launcher
 
