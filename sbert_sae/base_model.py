@@ -346,14 +346,16 @@ def load_sentence_transformer(
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as err:
         # A folder that is not a loadable sentence-transformers model (a missing or broken
         # modules.json entry, an unknown module class) is the model's fault, not a bug here.
-        if path == model_id and not Path(model_id).expanduser().exists():
-            folder = Path(model_id).expanduser().absolute()
+        folder = Path(model_id).expanduser().absolute()
+        if path == model_id and not folder.exists():
             if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", model_id):
                 raise ModelLoadError(f"cannot load sentence-transformers model {model_id!r}: there is no folder {folder}") from err
-            # "models/mine" is a folder or a Hub id alike: a mistyped folder was read as a Hub id,
-            # and the Hub's answer (offline: "couldn't connect to huggingface.co") hid the typo.
-            raise ModelLoadError(
-                f"cannot load sentence-transformers model {model_id!r}: there is no folder {folder}, and as a Hub id: {type(err).__name__}: {err}"
-            ) from err
+            if folder.parent.is_dir() and folder.parent != Path.cwd().absolute():
+                # "models/mine" is a folder or a Hub id alike: a mistyped folder (its parent folder
+                # is here) was read as a Hub id, and the Hub's answer (offline: "couldn't connect
+                # to huggingface.co") hid the typo. A Hub id ("org/name", no folder "org") is not.
+                raise ModelLoadError(
+                    f"cannot load sentence-transformers model {model_id!r}: there is no folder {folder}, and as a Hub id: {type(err).__name__}: {err}"
+                ) from err
         raise ModelLoadError(f"cannot load sentence-transformers model {model_id!r}: {type(err).__name__}: {err}") from err
     return apply_encode_settings(model, encode_kwargs)

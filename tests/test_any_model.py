@@ -311,6 +311,9 @@ def test_a_mistyped_model_folder_is_named_as_a_folder_that_is_not_there(tmp_path
     (tmp_path / "models").mkdir()
     with pytest.raises(ModelLoadError, match=re.escape(f"cannot load sentence-transformers model 'models/mnie': there is no folder {tmp_path / 'models' / 'mnie'}, and as a Hub id: ")):
         load_sentence_transformer("models/mnie", device="cpu")
+    # A Hub id (no folder "org" here) gets the Hub's answer alone, as before.
+    with pytest.raises(ModelLoadError, match=re.escape("cannot load sentence-transformers model 'org/not-downloaded': OSError")):
+        load_sentence_transformer("org/not-downloaded", device="cpu")
     # A path that cannot be a Hub id is a folder only.
     with pytest.raises(ModelLoadError, match=re.escape(f"cannot load sentence-transformers model './models/mnie': there is no folder {tmp_path / 'models' / 'mnie'}") + "$"):
         load_sentence_transformer("./models/mnie", device="cpu")
