@@ -774,7 +774,8 @@ def cmd_search(args) -> int:
         index = SteerableIndex.build(sae, data, device=args.device, show_progress=show)
     result = index.search(args.query, up=up or None, down=down or None, clamp=clamp or None, k=args.top, method=args.method)
     st = result.steering
-    labels = index.sae.feature_labels
+    # Labels are printed as texts are: a published feature_labels.json may hold any characters.
+    labels = [None if label is None else _terminal_text(label) for label in index.sae.feature_labels]
     if args.json:
         print(json.dumps({
             "query": args.query, "method": st.method, "cosine_to_query": st.cosine, "similarity": index.similarity,
@@ -783,7 +784,7 @@ def cmd_search(args) -> int:
         }, indent=1, ensure_ascii=False))
         return 0
     active = index.query_features(args.query, top=6)
-    print("query features: " + "; ".join(f"#{f} {label or '(no label)'} {v:.2f}" for f, v, label in active))
+    print("query features: " + "; ".join(f"#{f} {labels[f] or '(no label)'} {v:.2f}" for f, v, _ in active))
     # A family steers as one direction, its members' mean, at the strength given: it is shown as
     # one target, not as each member at its share (42 lines of "strength 0.0142857" for 0.6).
     families = {name: ids for name, ids in st.resolved.items() if name.startswith("family:")}

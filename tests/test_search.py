@@ -424,3 +424,18 @@ def test_search_prints_a_texts_control_characters_as_escapes(labelled_run, tmp_p
     assert not any(c in out for c in "\x1b\x07\x00")
     assert main(["search", str(labelled_run), "renaissance paintings", "--dataset", str(tmp_path / "corpus.jsonl"), "--top", "1", "--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["hits"][0]["text"] == texts[0]
+
+
+def test_search_prints_a_labels_control_characters_as_escapes(labelled_run, tmp_path, capsys):
+    # Labels were printed as they were: one of a published feature_labels.json may hold any characters.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    labels = json.loads((run / "feature_labels.json").read_text())
+    for entry in labels["features"].values():
+        entry["label"] = "\x1b[31mred\x1b[0m"
+    (run / "feature_labels.json").write_text(json.dumps(labels))
+    assert main(["search", str(run), "renaissance paintings", "--top", "1", "--up", "0", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "\\x1b[31mred\\x1b[0m" in out and "\x1b" not in out
