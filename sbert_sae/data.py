@@ -36,14 +36,34 @@ FILE_BUILDERS = {
 }
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+"""Compressed data files, which datasets reads as the file inside (x.csv.gz as CSV)."""
+
+
+def _uncompressed_name(path: str) -> str:
+    """`path` lowercased, less one compression suffix: the name its format is told by (x.tsv for X.TSV.gz)."""
+    name = path.lower()
+    return next((name[: -len(suffix)] for suffix in COMPRESSED_SUFFIXES if name.endswith(suffix)), name)
+
+
+def _text_opener(path: str):
+    """What opens data file `path` as it is stored: gzip.open for x.json.gz, bz2.open, lzma.open;
+    `open` for any other (.zst too: the standard library has no reader of it)."""
+    import bz2
+    import gzip
+    import lzma
+
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix.lower(), open)
+
+
 def _is_tsv(path: str) -> bool:
     """Whether a data file is tab-separated: .tsv, compressed or not (x.tsv.gz)."""
-    return re.search(r"\.tsv(\.(gz|bz2|xz|zst))?$", path.lower()) is not None
+    return _uncompressed_name(path).endswith(".tsv")
 
 
 def _builder_for(path: str) -> str:
     name = path.lower()
-    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+    for suffix in COMPRESSED_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     for ext, builder in FILE_BUILDERS.items():
@@ -234,7 +254,7 @@ def _csv_separator_problem(paths: list[str]) -> str | None:
     comma but one of `CSV_SEPARATORS` (a file of one column then loads as one column named
     "text;topic", or fails where a text holds a comma)."""
     for path in paths:
-        if not re.search(r"\.csv(\.(gz|bz2|xz|zst))?$", Path(path).name.lower()):
+        if not _uncompressed_name(Path(path).name).endswith(".csv"):
             continue  # a .tsv file is read as tab-separated
         columns = _data_file_columns(path)
         header = columns[0] if columns is not None and len(columns) == 1 else None
@@ -262,11 +282,8 @@ def _data_files_of(files: list[str]) -> list[str]:
 def _data_file_columns(path: str) -> list[str] | None:
     """The column names of a local data file (parquet's schema, a CSV file's header line, the
     keys of a JSON-lines file's first record), or None where they cannot be read cheaply."""
-    import bz2
     import csv
-    import gzip
     import json
-    import lzma
 
     try:
         builder = _builder_for(path)
@@ -279,8 +296,7 @@ def _data_file_columns(path: str) -> list[str] | None:
             import pyarrow.parquet as pq
 
             return [name for name in pq.read_schema(path).names if name != "__index_level_0__"]
-        opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix.lower(), open)
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+        with _text_opener(path)(path, "rt", encoding="utf-8-sig", newline="") as f:
             if builder == "csv":
                 delimiter = "\t" if _is_tsv(path) else ","
                 return next(csv.reader(f, delimiter=delimiter), None)
@@ -661,13 +677,9 @@ def _json_path_records(name: str, steps: list[str], json_field: str, source) -> 
 
 def _read_json_document(name: str, json_field: str, source):
     """The parsed JSON file `name` (.gz, .bz2, .xz read as such)."""
-    import bz2
-    import gzip
     import json
-    import lzma
 
-    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-    opener = openers.get(Path(name).suffix.lower(), open)
+    opener = _text_opener(name)
     if Path(name).suffix.lower() == ".zst":
         raise DatasetError(f"--json-field {json_field!r} reads .json, .json.gz, .json.bz2 or .json.xz files: decompress {name}")
     try:
