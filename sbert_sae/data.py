@@ -249,6 +249,12 @@ CSV_SEPARATORS = (";", "|", "\t")
 languages that write 0,5), which datasets' reader, comma-separated, does not guess."""
 
 
+def _separator_in(header: str) -> str | None:
+    """The first of `CSV_SEPARATORS` in `header`, a CSV file's first line read as one column (no
+    comma in it): the file is separated by it, not by commas. None where it holds none."""
+    return next((sep for sep in CSV_SEPARATORS if sep in header), None)
+
+
 def _csv_separator_problem(paths: list[str]) -> str | None:
     """Why a .csv file among `paths` does not read as comma-separated: its header line holds no
     comma but one of `CSV_SEPARATORS` (a file of one column then loads as one column named
@@ -258,9 +264,9 @@ def _csv_separator_problem(paths: list[str]) -> str | None:
             continue  # a .tsv file is read as tab-separated
         columns = _data_file_columns(path)
         header = columns[0] if columns is not None and len(columns) == 1 else None
-        found = [sep for sep in CSV_SEPARATORS if header and sep in header]
-        if found:
-            return f"{Path(path).name} is separated by {found[0]!r}, not by commas (its first line: {clip(header, 80)!r}): .csv files are read as comma-separated (.tsv as tab-separated); save it with commas, or as parquet"
+        separator = _separator_in(header) if header else None
+        if separator:
+            return f"{Path(path).name} is separated by {separator!r}, not by commas (its first line: {clip(header, 80)!r}): .csv files are read as comma-separated (.tsv as tab-separated); save it with commas, or as parquet"
     return None
 
 
@@ -816,9 +822,9 @@ def require_column(ds, column: str, purpose: str) -> None:
                 path = ".".join(deeper)
                 hint += f"; field {path!r} of its records holds records with field {column!r}: add '.{path}' to the end of the --json-field path"
             if (ds.info.builder_name or "") == "csv" and len(ds.column_names) == 1:
-                found = [sep for sep in CSV_SEPARATORS if sep in ds.column_names[0]]
-                if found:
-                    hint += f"; the CSV file's one column is named with {found[0]!r}: the file is separated by {found[0]!r}, not by commas, as .csv files are read (.tsv: tabs); save it with commas, or as parquet"
+                separator = _separator_in(ds.column_names[0])
+                if separator:
+                    hint += f"; the CSV file's one column is named with {separator!r}: the file is separated by {separator!r}, not by commas, as .csv files are read (.tsv: tabs); save it with commas, or as parquet"
         raise DatasetError(f"{purpose} column {column!r} not in dataset; its columns are {ds.column_names}{hint}")
 
 
