@@ -23,14 +23,13 @@ import html
 import inspect
 import logging
 import math
-import re
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
 from .errors import SbertSaeError
-from .explorer_data import Explorer, keyword_spans
+from .explorer_data import Explorer, keyword_spans, read_feature_id
 from .families import family_tree, pick_family
 from .utils import clip
 
@@ -287,8 +286,9 @@ class Pages:
         except SbertSaeError as err:
             return _empty(str(err))
         if not rows:
-            if re.fullmatch(r"#?[-+]?\d+", q):
-                return _empty(f"There is no feature {clip(q.lstrip('#'), 24)}: features are numbered 0 to {self.x.n - 1}.")
+            typed = read_feature_id(q, self.x.n)
+            if typed is not None:
+                return _empty(f"There is no feature {clip(typed.typed, 24)}: features are numbered 0 to {self.x.n - 1}.")
             if not self.x.labelled:
                 return _empty("This SAE is not labelled: search by feature id (e.g. 12), or run `sbert-sae label`.")
             return _empty("No feature has a held-out label score to rank by: type words of a label, or a feature id.")
@@ -909,12 +909,12 @@ class Steering:
     def find_features(self, about: str):
         if not (about or "").strip():
             raise gr.Error("Type a word of the feature's label, or its id.")
-        if re.fullmatch(r"\s*#?[-+]?\d+\s*", about):
+        typed = read_feature_id(about, self.x.n)
+        if typed is not None:
             # An id: the one way to steer by a feature of an SAE without labels.
-            try:
-                f = self.x.check_feature(about)
-            except SbertSaeError as err:
-                raise gr.Error(str(err)) from None
+            if typed.problem:
+                raise gr.Error(typed.problem)
+            f = typed.feature
             choices = [(f"#{f} {self.x.display_label(f)}", f)]
             return gr.Dropdown(choices=choices, value=f, label="The feature with this id")
         try:

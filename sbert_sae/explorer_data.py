@@ -422,11 +422,10 @@ class Explorer:
 
     # ---------------------------------------------------------------- features
     def check_feature(self, feature) -> int:
-        if isinstance(feature, str) and re.fullmatch(r"\s*#?[-+]?\d+\s*", feature):
-            digits = feature.strip().lstrip("#")
-            if _too_long_for_an_id(digits):
-                raise InputError(f"unknown feature {clip(digits, 24)}: features are numbered 0..{self.n - 1}")
-            feature = int(digits)
+        if isinstance(feature, str) and (typed := read_feature_id(feature, self.n)) is not None:
+            if typed.problem:
+                raise InputError(typed.problem)
+            return typed.feature
         if isinstance(feature, float) and feature.is_integer():
             feature = int(feature)
         if isinstance(feature, np.integer):
@@ -477,11 +476,9 @@ class Explorer:
         first; or, for an empty query, the best-scored features."""
         q = " ".join((query or "").lower().split())
         # A signed number is an id too: "-1" was taken for words, and its nearest labels offered.
-        if re.fullmatch(r"#?[-+]?\d+", q):
-            if _too_long_for_an_id(q.lstrip("#")):
-                return []
-            f = int(q.lstrip("#"))
-            return [self._row(f, "id")] if 0 <= f < self.n else []
+        typed = read_feature_id(q, self.n)
+        if typed is not None:
+            return [] if typed.feature is None else [self._row(typed.feature, "id")]
         if not q:
             # An AUROC over a handful of firing texts is luck: those come after the rest.
             scored = [f for f in range(self.n) if self.auroc(f) is not None and self.labels[f]]
@@ -787,10 +784,34 @@ def json_ready(value):
     return value
 
 
-def _too_long_for_an_id(digits: str) -> bool:
-    """Whether a typed number has more digits than any feature id: int() of one of more than
-    4300 digits raises ValueError (Python's limit), which the app showed as an unexplained error."""
-    return len(digits.lstrip("+-").lstrip("0")) > 18
+_FEATURE_ID = re.compile(r"\s*#?[-+]?\d+\s*")
+"""A feature id as typed: 812, #812, a sign (-1 is an id out of range, not words), spaces around."""
+
+
+@dataclass(frozen=True)
+class TypedFeatureId:
+    """A number typed for a feature id: `typed` as typed, less "#" and spaces ("-1", "0812");
+    `feature`, the feature it names, or None and `problem` saying why there is none."""
+
+    typed: str
+    feature: int | None
+    problem: str | None = None
+
+
+def read_feature_id(text: str, n: int) -> TypedFeatureId | None:
+    """`text` (a Find's query, ?feature=, /feature's id) read as the id of one of `n` features;
+    None where it is no number (words, to find a feature by its label)."""
+    if not _FEATURE_ID.fullmatch(text):
+        return None
+    typed = text.strip().lstrip("#")
+    # More digits than any feature id has: int() of more than 4300 digits raises ValueError
+    # (Python's limit), which the app showed as an unexplained error.
+    if len(typed.lstrip("+-").lstrip("0")) > 18:
+        return TypedFeatureId(typed, None, f"unknown feature {clip(typed, 24)}: features are numbered 0..{n - 1}")
+    feature = int(typed)
+    if not 0 <= feature < n:
+        return TypedFeatureId(typed, None, f"unknown feature {feature}: features are numbered 0..{n - 1}")
+    return TypedFeatureId(typed, feature)
 
 
 def keyword_spans(text: str, keywords: list[str]) -> list[tuple[int, int, str]]:
