@@ -165,6 +165,7 @@ def test_search_command_says_which_similarity_ranked(dot_model, wiki_small, labe
 
 
 def test_the_explorers_search_names_the_similarity(dot_model, wiki_small, tmp_path):
+    pytest.importorskip("gradio")  # the explorer's page
     from sbert_sae.explorer import Steering
     from sbert_sae.explorer_data import Explorer
     from sbert_sae.pipeline import DataArguments
