@@ -77,6 +77,20 @@ NO_VARIANCE = 1e-6
 taken to be one text repeated (distinct texts' embeddings keep about half of it)."""
 
 
+def fvu_denominator(variance, sq_norm):
+    """What a pooled FVU divides the squared error by: the rows' `variance` about their mean, or
+    their squared norm `sq_norm` where that variance is under `NO_VARIANCE` of it (floats or
+    0-d tensors alike).
+
+    One row has no variance around its own mean, and rows that are all one text (a held-out share
+    of a duplicated text) only rounding's (~1e-13, which gave an FVU of 8e12): their error is
+    normalised by their squared norm, as `fraction_of_variance_unexplained` does for one row.
+    Used by both `reconstruction_metrics` (metrics.json) and `trainer.heldout_fvu` (the training
+    log), so the two agree.
+    """
+    return sq_norm if variance <= NO_VARIANCE * sq_norm else variance
+
+
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, embeddings: np.ndarray, positions: np.ndarray, batch_size: int | None = None) -> dict:
     """FVU, normalised MSE, cosine and L0 over `embeddings[positions]`, in batches of at most
@@ -104,13 +118,7 @@ def reconstruction_metrics(sae: SparseAutoencoder, embeddings: np.ndarray, posit
     if n == 0:
         return {}
     residual, sq_norm, cos, l0 = (float(t) for t in totals)
-    # One row has no variance around its own mean: its error is normalised by its squared
-    # norm instead, as `fraction_of_variance_unexplained` (and the training log) does. So are
-    # rows that are all one text (a held-out share of a duplicated text): rounding left them
-    # ~1e-13 of variance, and an FVU of 8e12.
-    total_variance = sq_norm - float((sum_x**2).sum()) / n if n > 1 else sq_norm
-    if total_variance <= NO_VARIANCE * sq_norm:
-        total_variance = sq_norm
+    total_variance = fvu_denominator(sq_norm - float((sum_x**2).sum()) / n if n > 1 else sq_norm, sq_norm)
     return {
         "fvu": residual / max(total_variance, 1e-30),
         "normalized_mse": residual / max(sq_norm, 1e-30),

@@ -893,8 +893,7 @@ def tracker_config(args: TrainingArguments, config) -> dict:
 @torch.no_grad()
 def heldout_fvu(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096) -> float:
     """Pooled FVU of `sae` over all rows of `x` (sum of squared errors over total variance)."""
-    from .evaluation import NO_VARIANCE
-    from .modeling_sbert_sae import fraction_of_variance_unexplained
+    from .evaluation import fvu_denominator
 
     was_training = sae.training
     sae.eval()
@@ -905,11 +904,9 @@ def heldout_fvu(sae: SparseAutoencoder, x: torch.Tensor, batch_size: int = 4096)
         inputs.append(prepared)
     sae.train(was_training)
     x, x_hat = torch.cat(inputs).float(), torch.cat(reconstructions).float()
-    if (x - x.mean(dim=0, keepdim=True)).pow(2).sum() <= NO_VARIANCE * x.pow(2).sum():
-        # Rows that are all one text, as `evaluation.reconstruction_metrics` takes them: their
-        # error over their squared norm, as for one row (not over rounding's variance: 6e12).
-        return float((x - x_hat).pow(2).sum() / x.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny))
-    return float(fraction_of_variance_unexplained(x_hat, x))
+    # Rows that are all one text are normalised by their squared norm, as in metrics.json.
+    total = fvu_denominator((x - x.mean(dim=0, keepdim=True)).pow(2).sum(), x.pow(2).sum())
+    return float((x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
