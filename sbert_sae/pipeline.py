@@ -278,9 +278,9 @@ def recorded_cache_dir(cache_dir: str | None) -> str | None:
 
 def _source(data: DataArguments) -> dict:
     """What `data`'s texts were loaded from, as `sbert-sae cache list` shows it."""
-    # A local path as an absolute one: `cache list` may be run from anywhere.
-    given = [data.dataset] if isinstance(data.dataset, str) else list(data.dataset)
-    given = [str(Path(d).resolve()) if os.path.exists(d) else d for d in given]
+    # A local path as an absolute one (`cache list` may be run from anywhere), as the run's
+    # training_args.json records it: links kept, so both name the dataset as the user does.
+    given = _recorded_dataset([data.dataset] if isinstance(data.dataset, str) else list(data.dataset))
     source = {"dataset": given[0] if len(given) == 1 else given, "split": data.split}
     for name in ("config_name", "revision", "json_field", "max_rows"):
         if getattr(data, name) is not None:

@@ -931,6 +931,24 @@ def test_a_run_on_a_relative_dataset_path_is_searched_from_another_folder(wiki_s
     assert "  1. " in capsys.readouterr().out
 
 
+def test_a_symlinked_dataset_folder_is_recorded_by_the_run_and_its_cache_alike(wiki_small, tmp_path, capsys):
+    # training_args.json recorded a local dataset by its absolute path, the embedding cache's
+    # meta.json (what `cache list` shows) by the path with its links resolved: one run's dataset
+    # was named two ways. Both now record the path as given, made absolute (links kept).
+    from datasets import load_from_disk
+
+    load_from_disk(str(wiki_small)).select(range(30)).save_to_disk(str(tmp_path / "real" / "corpus"))
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    given = tmp_path / "link" / "corpus"
+    cache_dir = tmp_path / "cache"  # a cache of its own: its meta.json is this run's
+    assert run_cli("train", "--dataset", given, "--out", tmp_path / "run", "--cache-dir", cache_dir, *SMALL, "--epochs", "1") == 0
+    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["data"]["dataset"] == str(given)
+    capsys.readouterr()
+    assert run_cli("cache", "list", "--json", "--cache-dir", cache_dir) == 0
+    [entry] = [e for e in json.loads(capsys.readouterr().out)["entries"] if e["kind"] == "embeddings"]
+    assert entry["details"]["source"]["dataset"] == str(given)
+
+
 def test_a_domain_whose_texts_are_all_one_text_is_skipped_or_refused(wiki_small, tmp_path, capsys):
     # A domain of one boilerplate text was trained: every feature dead, yet a perfect held-out
     # FVU of 0.0 and cosine 1.0, the best row of domains.md (a corpus of one text is refused).
