@@ -119,6 +119,13 @@ class DataArguments:
             # As `domain_names` names the column's values: 'Café' typed composed or decomposed is one domain.
             self.domain = unicodedata.normalize("NFC", self.domain)
 
+    def with_recorded_paths(self) -> DataArguments:
+        """These arguments with the base model and the embedding cache folder as a run records
+        them (`recorded_model`, `recorded_cache_dir`: a local one by its absolute path), as a
+        run and every point of a sweep use them. The dataset keeps the name it was given, which
+        messages show; it is recorded by its absolute path when the run is written."""
+        return dataclasses.replace(self, model=recorded_model(self.model), cache_dir=recorded_cache_dir(self.cache_dir))
+
     @property
     def by_domain(self) -> bool:
         """Whether a run trains on domains (one, or one SAE each) rather than on the whole corpus."""
@@ -347,7 +354,7 @@ def run_training(
     if data.domain is not None and not data.domain_column:
         raise DatasetError("--domain needs --domain-column")
 
-    data = dataclasses.replace(data, model=recorded_model(data.model), cache_dir=recorded_cache_dir(data.cache_dir))
+    data = data.with_recorded_paths()
     accelerator = make_accelerator(train_args, out_dir, data.device)
     main = accelerator.is_main_process
     show = train_args.show_progress and main

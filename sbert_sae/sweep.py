@@ -199,11 +199,10 @@ def run_sweep(
 ) -> SweepResult:
     """Train every (n, k) of the grid on `data` (embedded once) into `out_dir/n<n>-k<k>/`,
     then fit and plot the scaling laws and write `sweep.json`, `sweep.md` and `scaling.png`."""
-    from .pipeline import SaeArguments, load_and_embed, recorded_cache_dir, recorded_model, run_training
+    from .pipeline import SaeArguments, load_and_embed, run_training
 
     out_dir = Path(out_dir)
-    # as each point's run records them
-    data = dataclasses.replace(data, model=recorded_model(data.model), cache_dir=recorded_cache_dir(data.cache_dir))
+    data = data.with_recorded_paths()  # as each point's run records them
     grid = check_grid(list(ns), list(ks))
     sae_args = sae_args or SaeArguments()
     train_args.validate()
