@@ -173,7 +173,7 @@ def resolve_mixed_precision(choice: str, device: torch.device) -> str:
 
 
 def check_finite_rows(embeddings: np.ndarray, positions: np.ndarray, row_ids: np.ndarray | None = None, chunk: int = 65536) -> None:
-    """Refuse NaN/inf in the rows that will be trained on, naming the dataset rows."""
+    """Refuse NaN/inf in the rows that will be trained on or scored, naming the dataset rows."""
     for start in range(0, len(positions), chunk):
         block = np.asarray(embeddings[positions[start : start + chunk]])
         bad = ~np.isfinite(block).all(axis=1)
@@ -692,6 +692,9 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
 
     check_finite_rows(embeddings, train_positions, row_ids)
+    # The held-out rows too: unchecked, a NaN among them let the whole run train, then failed
+    # its evaluation with "values contain NaN or inf", naming no row.
+    check_finite_rows(embeddings, heldout_positions, row_ids)
     feed = EmbeddingFeed(embeddings, train_positions, dev, resident=resident)
     heldout_feed = EmbeddingFeed(embeddings, heldout_positions[: args.eval_max_rows], dev, resident=True) if len(heldout_positions) else None
 

@@ -443,6 +443,19 @@ def test_trainer_refuses_nan_embeddings_naming_the_rows(tmp_path):
         train(SparseAutoencoderConfig(d_in=16, n_latents=16, k=2), TrainingArguments(epochs=1, report_to="none", show_progress=False), x, np.arange(50), np.arange(0), tmp_path)
 
 
+def test_trainer_refuses_nan_in_a_heldout_row_before_training(tmp_path):
+    # Only the training rows were checked: a NaN in a held-out row trained the whole run, then
+    # its evaluation failed with "values contain NaN or inf", naming no row.
+    from sbert_sae import InputError, SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    x[55, 2] = np.nan
+    with pytest.raises(InputError, match=r"rows \[155\] contain NaN or inf"):
+        train(SparseAutoencoderConfig(d_in=8, n_latents=16, k=2), TrainingArguments(epochs=1, report_to="none", show_progress=False), x, np.arange(50), np.arange(50, 60), tmp_path, row_ids=np.arange(100, 160))
+    assert not (tmp_path / "train_log.jsonl").exists()
+
+
 def test_a_folder_in_use_is_refused(tmp_path):
     from sbert_sae import OutputDirError
     from sbert_sae.utils import run_lock
