@@ -478,9 +478,10 @@ def run_training(
         _warn_seen_in_training({name: (seen[folder], len(splits[folder][1])) for name, _, folder in groups if folder in seen}, data.by_domain)
         if cache is None and any(folder not in finished for _, _, folder in groups):
             cache = embed_texts(texts, data, accelerator, show_progress=show)
-        if main and cache is not None and 2 * sae_args.k > cache.dim:
+        if main and cache is not None and 2 * sae_args.k > cache.dim and any(folder not in finished for _, _, folder in groups):
             # The defaults (k=32) suit MiniLM's 384 dimensions; with k above half a small
             # model's 48 the codes say hardly less than the embeddings (86% of the features dead).
+            # Said only when an SAE is trained: finished ones kept on a resume are as they are.
             logger.warning(
                 "-k %d features active per text is more than half the %d dimensions of %s's embeddings: "
                 "the codes are hardly sparser than the embeddings themselves; give a k well below %d",

@@ -543,3 +543,24 @@ def test_a_cache_folder_given_by_a_relative_path_is_read_from_any_folder(tiny_mo
     monkeypatch.chdir(elsewhere)
     assert main(["search", str(work / "run"), "the derivative of a function", "--top", "2"]) == 0
     assert not (elsewhere / "cache").exists()  # the run's own cache was read: nothing embedded again
+
+
+def test_the_k_warning_is_not_given_when_a_resume_trains_nothing(tiny_model, wiki_small, tmp_path, caplog):
+    """The warning of a k above half the embeddings' dimension was given again when run_training
+    resumed a --per-domain run whose SAEs were all finished, given the embedded corpus (as a
+    sweep gives it): nothing was trained. It is now given only when an SAE is trained."""
+    from sbert_sae.pipeline import DataArguments, SaeArguments, load_and_embed, run_training
+    from sbert_sae.trainer import TrainingArguments
+
+    data = DataArguments(dataset=str(wiki_small), model=tiny_model("plain"), cache_dir=str(tmp_path / "cache"), domain_column="topic", per_domain=True)
+    sae_args = SaeArguments(n_latents=128, k=40)  # of 64 dimensions
+    train_args = TrainingArguments(epochs=1, batch_size=64, show_progress=False, report_to="none")
+    loaded = load_and_embed(data, show_progress=False)
+    with caplog.at_level("WARNING", logger="sbert_sae.pipeline"):
+        run_training(data, sae_args, train_args, tmp_path / "run", loaded=loaded)
+    assert "-k 40 features active per text is more than half the 64 dimensions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sbert_sae.pipeline"):
+        results = run_training(data, sae_args, train_args, tmp_path / "run", loaded=loaded, resume=True)
+    assert len(results) == 3 and caplog.text.count("finished already, with these settings: kept") == 3
+    assert "more than half" not in caplog.text
