@@ -95,6 +95,10 @@ def load_text_dataset(
     import datasets
 
     files = [source] if isinstance(source, str) else list(source)
+    if not files or any(not str(f).strip() for f in files):
+        # DataArguments' default: datasets took "" for the current folder, read every file under
+        # it (minutes in a checkout) and failed with "IndexError: list index out of range".
+        raise DatasetError(f"no dataset given (dataset={source!r}): name a Hub dataset id, a save_to_disk folder, a data folder or data files")
     # datasets' json builder reads its `field` option; other builders refuse it as unknown.
     field_kwargs = {"field": json_field} if json_field is not None else {}
     # A dotted path is walked here (datasets' `field` is one top-level key); a plain key is

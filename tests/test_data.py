@@ -45,6 +45,14 @@ def test_every_source_kind_loads_the_same_rows(files, kind):
     assert ds["topic"] == [r["topic"] for r in ROWS]
 
 
+@pytest.mark.parametrize("source", ["", " ", []])
+def test_no_dataset_given_is_named_as_such(source):
+    # DataArguments() leaves its dataset "": loading it failed as "cannot load dataset ''
+    # (config=None, split='train'): IndexError: list index out of range".
+    with pytest.raises(DatasetError, match="no dataset given"):
+        load_text_dataset(source)
+
+
 def test_dataset_dict_split_is_chosen_and_a_wrong_one_is_named(tmp_path):
     from datasets import Dataset, DatasetDict
 
