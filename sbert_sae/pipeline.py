@@ -851,12 +851,15 @@ def cache_codes(sae, cache: EmbeddingCache, show_progress: bool = False):
     return corpus_codes(sae, cache.embeddings, cache.path, show_progress=show_progress, fingerprint=codes_fingerprint(sae, cache), meta=codes_meta(cache))
 
 
-def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_progress: bool = True) -> dict:
-    """Label every feature of the SAE at `sae_path` on a dataset; write `feature_labels.json` and
-    add the label scores to `metrics.json`. Returns the labelling summary."""
+def run_labelling(sae_path: str | Path, data: DataArguments | None = None, label_args=None, show_progress: bool = True) -> dict:
+    """Label every feature of the SAE at `sae_path` on a dataset (`data`; default: the one the run
+    was trained on, as `sbert-sae label RUN` does) with `label_args` (default `LabelArguments()`);
+    write `feature_labels.json` and add the label scores to `metrics.json`. Returns the labelling
+    summary."""
     import torch
 
     from .base_model import load_sentence_transformer
+    from .families import corpus_arguments
     from .labels import LABELS_FILE, LabelArguments, feature_labels_document, label_features, label_metrics
     from .modeling_sbert_sae import SparseAutoencoder
     from .utils import read_json
@@ -864,6 +867,7 @@ def run_labelling(sae_path: str | Path, data: DataArguments, label_args, show_pr
     sae_path = Path(sae_path)
     label_args = label_args or LabelArguments()
     label_args.validate()  # before any work
+    data = corpus_arguments(sae_path, data)
     stamp = weights_stamp(sae_path)
     sae = SparseAutoencoder.from_pretrained(sae_path)
     data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)

@@ -405,6 +405,21 @@ def test_malformed_labels_file_is_refused(labelled_run, tmp_path):
         SparseAutoencoder.from_pretrained(broken)
 
 
+def test_labelling_from_python_reads_the_runs_own_corpus_when_no_dataset_is_given(labelled_run, wiki_small, tmp_path):
+    # `sbert-sae label RUN` labels on the run's own corpus; run_labelling(RUN) wanted a
+    # DataArguments, and DataArguments() (dataset "") failed as "cannot load dataset ''".
+    import shutil
+
+    from sbert_sae.pipeline import run_labelling
+
+    run = tmp_path / "sae"
+    shutil.copytree(labelled_run, run)
+    summary = run_labelling(run, show_progress=False)
+    assert summary["n_features"] == 64
+    assert json.loads((run / "feature_labels.json").read_text())["dataset"] == str(wiki_small)
+    assert SparseAutoencoder.from_pretrained(run).metrics["label_auroc_mean"] == summary["label_auroc_mean"]
+
+
 def test_a_killed_labelling_resumes_without_redoing_finished_features(labelled_run, wiki_small, monkeypatch, keybert_documents):
     from sbert_sae import labels as labels_module
     from sbert_sae.pipeline import DataArguments, run_labelling
