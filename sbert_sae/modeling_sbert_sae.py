@@ -480,7 +480,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """(len(texts), d_in) embeddings of `texts` by the base model, made as the training data was."""
         if isinstance(texts, str):
             texts = [texts]
-        texts = list(texts)
+        try:
+            texts = list(texts)
+        except TypeError:  # None, a number: list() said only "'NoneType' object is not iterable"
+            raise InputError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}") from None
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"texts[{i}] is {type(t).__name__}, not a string")

@@ -393,6 +393,15 @@ def test_encode_texts_uses_the_base_model(minilm):
         sae.encode_texts(["ok", 3])
 
 
+def test_texts_that_are_not_strings_are_named_before_the_model_loads():
+    # encode_texts(None) said only "TypeError: 'NoneType' object is not iterable".
+    sae = make_sae(d=384, n=256, k=8, base_model="sentence-transformers/all-MiniLM-L6-v2")
+    for bad in (None, 3):
+        with pytest.raises(InputError, match=f"texts must be a string or a sequence of strings, got {type(bad).__name__}"):
+            sae.encode_texts(bad)
+    assert sae._base_model is None
+
+
 def test_saving_after_encoding_texts_writes_the_sae_alone(minilm, tmp_path):
     # The base model the SAE loads to embed texts is not one of its weights: a save after
     # encode_texts wrote its 90 MB into model.safetensors, which from_pretrained then refused.
