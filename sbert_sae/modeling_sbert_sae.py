@@ -621,6 +621,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 from .registry import registry_path
 
                 hint = f" ({name!r} is no released SAE's short name either: `sbert-sae list` shows those of {registry_path()})"
+            elif not os.path.exists(name):
+                # A run folder typed wrong ("runs/wkii") reads as a Hub repo id: the error was the Hub's alone.
+                hint = f" (there is no folder {name!r} in {os.getcwd()} either)"
             raise ModelLoadError(f"cannot read config.json of {name!r}: {type(err).__name__}: {err}{hint}") from err
         where = f"{name!r}" + (f" (subfolder {hub_kwargs['subfolder']!r})" if hub_kwargs.get("subfolder") else "")
         if config_dict == {}:

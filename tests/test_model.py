@@ -402,6 +402,14 @@ def test_texts_that_are_not_strings_are_named_before_the_model_loads():
     assert sae._base_model is None
 
 
+def test_a_run_folder_that_is_not_there_is_named(tmp_path, monkeypatch):
+    # "runs/wiki" typed wrong looks like a Hub repo id (org/name): the error spoke only of
+    # huggingface.co ("couldn't connect", offline), never of the folder.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"there is no folder 'runs/wkii' in .* either"):
+        SparseAutoencoder.from_pretrained("runs/wkii")
+
+
 def test_saving_after_encoding_texts_writes_the_sae_alone(minilm, tmp_path):
     # The base model the SAE loads to embed texts is not one of its weights: a save after
     # encode_texts wrote its 90 MB into model.safetensors, which from_pretrained then refused.
