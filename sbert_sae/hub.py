@@ -355,7 +355,9 @@ def render_model_card(
     activations_data=None,
 ):
     """The `huggingface_hub.ModelCard` of the SAE in `folder`, rendered from `MODEL_CARD.md`
-    (`tags`: more tags for its metadata, after sbert-sae's own; `base_model_id`: the base
+    (`datasets`: the Hub ids of the data it was trained on, its metadata's `datasets:`; default:
+    the run's corpus when that is a Hub id, never the activations dataset, which the card's text
+    links; `tags`: more tags for its metadata, after sbert-sae's own; `base_model_id`: the base
     model's Hub id, see `published_base_model`; `activations_data`: the texts pushed to
     `activations_repo`, see `_activations_texts`)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -371,22 +373,22 @@ def render_model_card(
     if datasets is None:
         # Only Hub ids belong in the card's metadata, not local paths.
         datasets = [dataset] if isinstance(dataset, str) and not _is_local(dataset) else []
-    if activations_repo:
-        datasets = [*datasets, activations_repo]
     base_model, _ = published_base_model(config, base_model_id, where=f"no card for {folder}")
     # The Hub reads a model-index result's dataset `type` as a dataset id and links to it: one of
     # a local corpus' folder name ("wiki") would link to another's dataset, or to none. Without a
-    # Hub dataset of its texts the metrics are in the card's table only.
+    # Hub dataset of its texts (the corpus, else the activations, which hold its texts) the
+    # metrics are in the card's table only.
+    texts_on_hub = [*datasets, activations_repo] if activations_repo else datasets
     eval_results = [
-        EvalResult(task_type="feature-extraction", dataset_type=datasets[0], dataset_name=datasets[0], metric_type=metric, metric_name=title, metric_value=float(metrics[metric]))
+        EvalResult(task_type="feature-extraction", dataset_type=texts_on_hub[0], dataset_name=texts_on_hub[0], metric_type=metric, metric_name=title, metric_value=float(metrics[metric]))
         for metric, title in (("heldout_fvu", "held-out FVU"), ("heldout_cosine", "held-out reconstruction cosine"), ("label_auroc_mean", "label AUROC (held-out, no LLM)"))
-        if datasets and isinstance(metrics.get(metric), (int, float))
+        if texts_on_hub and isinstance(metrics.get(metric), (int, float))
     ]
     card_data = ModelCardData(
         eval_results=eval_results or None,
         library_name="sbert-sae",
         base_model=base_model,
-        datasets=datasets or None,
+        datasets=datasets or None,  # what it was trained on, as the Hub reads it: not the activations (linked in the text)
         license=license_name,
         tags=list(dict.fromkeys(["sparse-autoencoder", "sbert-sae", "sentence-transformers", "interpretability", *(tags or [])])),
         pipeline_tag="feature-extraction",

@@ -296,6 +296,10 @@ def test_push_with_activations_gives_a_dataset_that_load_activations_reads(hub, 
     assert "The sparse activations of every corpus text are in the dataset" in card, card  # a whole-corpus SAE's: all of them
     meta = _card_metadata(card)  # the activations hold the corpus' texts: the metrics' dataset
     assert "model-index" in meta and "held-out FVU" in meta and "type: org/with-acts-activations" in meta, meta
+    # but no training data: `datasets:` names what the SAE was trained on (here a local corpus)
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load("org/with-acts").data.datasets is None
 
 
 def test_release_trains_labels_publishes_and_registers_a_recipe(hub, wiki_small, tmp_path, monkeypatch, capsys):
@@ -651,6 +655,23 @@ def test_a_push_logs_no_http_requests_and_no_one_shard_notice(hub, labelled_run,
     assert main(["push", str(labelled_run), "org/quiet-push", "--activations"]) == 0
     noise = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.name.startswith("httpx") or "Setting num_proc" in r.getMessage()]
     assert not noise, noise[:3]
+
+
+def test_the_cards_datasets_are_the_hub_corpus_trained_on_not_the_activations(hub, wiki_small, tmp_path):
+    """The card's `datasets:` metadata, which the Hub reads as the data the model was trained on,
+    listed the activations dataset a push made (org/...-activations) beside the corpus. It now
+    lists the training corpus alone; the card's text links the activations."""
+    from datasets import Dataset, load_from_disk
+    from huggingface_hub import ModelCard
+
+    Dataset.from_dict({"text": load_from_disk(str(wiki_small))["text"][:40]}).push_to_hub("org/card-corpus")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "org/card-corpus", "--split", "train", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--n-latents", "32", "-k", "4", "--epochs", "1", "-q", "--report-to", "none"]) == 0
+    assert main(["push", str(out), "org/card-sae", "--activations", "-q"]) == 0
+    card = ModelCard.load("org/card-sae")
+    assert card.data.datasets == ["org/card-corpus"]
+    assert {result.dataset_type for result in card.data.eval_results} == {"org/card-corpus"}
+    assert "[`org/card-sae-activations`](https://huggingface.co/datasets/org/card-sae-activations)" in card.text
 
 
 def test_a_hub_dataset_is_embedded_by_its_id_and_a_new_revision_is_embedded_again(hub, minilm, wiki_small, tmp_path, capsys):
