@@ -104,8 +104,9 @@ class SteeredQuery:
             space (1 for an SAE with `normalize="none"`).
     """
 
-    original: torch.Tensor
-    vector: torch.Tensor
+    # Left out of the repr: a notebook showing a search result printed both in full (2 x d_in numbers).
+    original: torch.Tensor = field(repr=False)
+    vector: torch.Tensor = field(repr=False)
     cosine: float
     up: dict[int, float]
     down: dict[int, float]
@@ -127,15 +128,25 @@ class SteeredQuery:
 
 @dataclass
 class SearchResult:
+    """What `SteerableIndex.search` returns.
+
+    Attributes:
+        query: the query's text (None for a query given as a vector).
+        hits: the nearest texts, best first (`Hit`: row, text, score, steered).
+        steering: the query before and after steering (`SteeredQuery`).
+    """
+
     query: str | None
     hits: list[Hit]
     steering: SteeredQuery
 
     @property
     def cosine(self) -> float:
+        """cosine(query, steered query): how far steering moved it (1.0 unsteered)."""
         return self.steering.cosine
 
     def rows(self) -> list[int]:
+        """The hits' dataset row ids, best first."""
         return [h.row for h in self.hits]
 
 

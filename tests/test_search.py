@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sbert_sae import Family, InputError, SparseAutoencoder, SteerableIndex
+from sbert_sae import Family, InputError, SparseAutoencoder, SparseAutoencoderConfig, SteerableIndex
 from sbert_sae.cli import main
 
 
@@ -39,6 +39,20 @@ def test_unsteered_search_is_exact_cosine_search(index, corpus_texts):
     # Excluding the query's own row gives the next five.
     rest = index.search(query, k=5, exclude_rows=[result.hits[0].row])
     assert [h.row for h in rest.hits][:4] == [h.row for h in result.hits][1:]
+
+
+def test_a_search_result_shows_its_hits_not_its_query_vectors():
+    # A notebook cell ending in `index.search(...)` shows the result's repr: it held the
+    # original and steered query vectors in full, 2 x d_in numbers (768 for MiniLM) among the hits.
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=32, k=4))
+    embeddings = torch.randn(40, 16)
+    index = SteerableIndex(sae, embeddings, texts=[f"text {i}" for i in range(40)], device="cpu")
+    result = index.search(embeddings[3], k=3)
+    shown = repr(result)
+    assert "tensor(" not in shown
+    assert "text='text 3'" in shown and "cosine=1.0" in shown
+    assert result.steering.vector.shape == (16,)  # still there, only not shown
 
 
 def _share(result, feature: int) -> float:
