@@ -879,6 +879,9 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """The active features of one text (or one embedding), strongest first, with their labels."""
         text = _from_numpy(text)
         if isinstance(text, str):
+            if not text.strip():
+                # embed_texts would name it "texts[0]", a list the caller never passed.
+                raise InputError(f"text is empty ({text!r}): it has nothing to embed")
             x = self.embed_texts([text])
         elif isinstance(text, torch.Tensor):
             if text.dim() not in (1, 2):

@@ -410,6 +410,14 @@ def test_a_run_folder_that_is_not_there_is_named(tmp_path, monkeypatch):
         SparseAutoencoder.from_pretrained("runs/wkii")
 
 
+def test_explain_names_an_empty_text_as_its_one_text():
+    # explain("") answered "texts[0] is empty ('')": a list the caller never passed.
+    sae = make_sae(d=384, n=256, k=8, base_model="sentence-transformers/all-MiniLM-L6-v2")
+    for empty in ("", "  \n"):
+        with pytest.raises(InputError, match=r"^text is empty \("):
+            sae.explain(empty)
+
+
 def test_saving_after_encoding_texts_writes_the_sae_alone(minilm, tmp_path):
     # The base model the SAE loads to embed texts is not one of its weights: a save after
     # encode_texts wrote its 90 MB into model.safetensors, which from_pretrained then refused.
