@@ -315,9 +315,10 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """Reconstruction (batch, d_in) from a sparse code (values, indices) of shape (batch, k)."""
         values, indices = _from_numpy(values), _from_numpy(indices)
         if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
-            raise InputError(f"values and indices must be torch.Tensors, got {type(values).__name__} and {type(indices).__name__}")
+            raise InputError(f"values and indices must be torch.Tensors or numpy arrays, got {type(values).__name__} and {type(indices).__name__}")
         if values.shape != indices.shape or values.dim() != 2:
-            raise InputError(f"values and indices must both be (batch, k), got {tuple(values.shape)} and {tuple(indices.shape)}")
+            one = " (one code is a batch of one: values[None], indices[None])" if values.shape == indices.shape and values.dim() == 1 else ""
+            raise InputError(f"values and indices must both be (batch, k), got {tuple(values.shape)} and {tuple(indices.shape)}{one}")
         if values.dtype not in FLOAT_DTYPES:
             raise InputError(f"values must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {values.dtype}")
         if indices.dtype not in (torch.int32, torch.int64):

@@ -418,6 +418,16 @@ def test_explain_names_an_empty_text_as_its_one_text():
             sae.explain(empty)
 
 
+def test_sparse_codes_of_another_kind_are_named_with_what_is_taken():
+    # decode_topk takes numpy arrays too, but a list was refused as "must be torch.Tensors".
+    sae = make_sae()
+    values, indices = sae.encode_topk(data(2))
+    with pytest.raises(InputError, match="values and indices must be torch.Tensors or numpy arrays, got list and list"):
+        sae.decode_topk(values.tolist(), indices.tolist())
+    with pytest.raises(InputError, match=r"got \(4,\) and \(4,\) \(one code is a batch of one: values\[None\], indices\[None\]\)"):
+        sae.decode_topk(values[0], indices[0])
+
+
 def test_saving_after_encoding_texts_writes_the_sae_alone(minilm, tmp_path):
     # The base model the SAE loads to embed texts is not one of its weights: a save after
     # encode_texts wrote its 90 MB into model.safetensors, which from_pretrained then refused.
