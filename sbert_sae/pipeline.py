@@ -190,6 +190,15 @@ class SaeArguments:
 
 @dataclass
 class RunResult:
+    """One SAE `run_training` trained (or kept, finished): load it with
+    `SparseAutoencoder.from_pretrained(out_dir)`.
+
+    Attributes:
+        name: "all" for the whole corpus, else the domain's name.
+        out_dir: the run folder its model, metrics and plots were written to.
+        metrics: its `metrics.json`, without the descriptions.
+    """
+
     name: str
     out_dir: Path
     metrics: dict = field(default_factory=dict)

@@ -627,6 +627,11 @@ def _use_graphed_steps(args: TrainingArguments, device: torch.device, world: int
 # ---------------------------------------------------------------------- train
 @dataclass
 class TrainResult:
+    """What `train` returns: the trained `sae` (not saved: `sae.save_pretrained(folder)`), the
+    optimiser `steps` taken, the training's wall-clock `seconds` and `samples_per_second`, the
+    share of features that did not fire over the last epoch (`epoch_dead_fraction`) and the
+    learning curve (`history`: the records this call added to `train_log.jsonl`)."""
+
     sae: SparseAutoencoder
     steps: int
     seconds: float
