@@ -7,6 +7,7 @@ PyPI package (seeded into the cache under its Hub id, so no network is needed); 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -330,6 +331,112 @@ def apply_encode_settings(model, encode_kwargs: dict | None):
     if kwargs.get("truncate_dim") is not None:
         model.truncate_dim = kwargs["truncate_dim"]
     return model
+
+
+QUERY_PROMPT_NAME = "query"
+"""The prompt a model embeds search queries with, when it has one (`encode_query`'s)."""
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
+"""The prompts a model embeds the texts searched with, first found first (`encode_document`'s)."""
+
+
+def _own_prompts(prompts) -> dict:
+    """A model's own prompts: without the literal prompt `apply_encode_settings` stored."""
+    return {name: text for name, text in (prompts or {}).items() if name != CUSTOM_PROMPT_NAME}
+
+
+def _prompt_of(prompts, default_prompt_name, encode_kwargs: dict | None) -> str:
+    """The text `encode(texts, **encode_kwargs)` prepends ("" for none)."""
+    kwargs = encode_kwargs or {}
+    if kwargs.get("prompt") is not None:
+        return kwargs["prompt"]
+    name = kwargs.get("prompt_name")
+    if name is None:
+        name = default_prompt_name
+    return ((prompts or {}).get(name) or "") if name is not None else ""
+
+
+AS_CORPUS = "as the corpus was embedded"
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryEncoding:
+    """How a search query is embedded: `encode(query, **kwargs)`."""
+
+    kwargs: dict
+    """Settings of `encode` for a query: the corpus' (truncate_dim, normalize_embeddings), its prompt aside."""
+    prompt: str | None
+    """The text prepended to the query (None: none)."""
+    reason: str
+    """Why that prompt, in words: the model's query prompt, the corpus' own, or the one asked for."""
+    like_corpus: bool
+    """Whether the query is embedded exactly as the corpus was."""
+
+
+def query_encoding(
+    prompts, default_prompt_name, corpus_kwargs: dict | None, *, prompt_name: str | None = None, prompt: str | None = None, like_corpus: bool = False
+) -> QueryEncoding:
+    """How to embed a search query against a corpus embedded with `corpus_kwargs` by a model
+    with `prompts` and `default_prompt_name`. Asked for: the model's prompt `prompt_name`, the
+    literal `prompt` ("" for none), or the corpus' own settings (`like_corpus`). Else, as
+    sentence-transformers' `encode_query` and `encode_document` embed the two sides: the
+    model's "query" prompt when it has one and the corpus was embedded as documents (with
+    the first non-empty of its "document", "passage" and "corpus" prompts, or, where it has
+    none, with no prompt); otherwise, a symmetric model or a corpus embedded some other way
+    (an e5 model's corpus embedded without its "passage: "), as the corpus was. truncate_dim and normalize_embeddings are the corpus' always: the query is searched
+    for in its space. InputError for a prompt name the model does not have."""
+    from .errors import InputError
+
+    asked = [name for name, value in (("prompt_name", prompt_name), ("prompt", prompt), ("like_corpus", like_corpus or None)) if value is not None]
+    if len(asked) > 1:
+        raise InputError(f"give one of the query's prompt_name, prompt or like_corpus, not {' and '.join(asked)}")
+    corpus_kwargs = dict(corpus_kwargs or {})
+    own = _own_prompts(prompts)
+    corpus = _prompt_of(prompts, default_prompt_name, corpus_kwargs)
+    same = {k: v for k, v in corpus_kwargs.items() if k not in ("prompt", "prompt_name")}
+    as_corpus = QueryEncoding(corpus_kwargs, corpus or None, AS_CORPUS, True)
+    if like_corpus:
+        return as_corpus
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise InputError(f"the query's prompt must be a text, got {type(prompt).__name__}")
+        return QueryEncoding({**same, "prompt": prompt}, prompt or None, "the prompt given", prompt == corpus)
+    if prompt_name is not None:
+        if prompt_name not in own:
+            has = f"the model's prompts are {sorted(own)}" if own else "the model has no prompts"
+            raise InputError(f"the query's prompt_name {prompt_name!r} is not one of the model's prompts: {has}")
+        return QueryEncoding({**same, "prompt_name": prompt_name}, own[prompt_name] or None, f"the model's {prompt_name!r} prompt", own[prompt_name] == corpus)
+    query = own.get(QUERY_PROMPT_NAME)
+    if query is None or query == corpus:
+        return as_corpus
+    # sentence-transformers >= 5.0 gives every model a "document" prompt, "" unless it saves
+    # one: an e5 model's "passage" is its document prompt all the same.
+    document_name = next((name for name in DOCUMENT_PROMPT_NAMES if own.get(name)), None)
+    document = own[document_name] if document_name is not None else ""
+    if corpus != document:
+        shown = repr(corpus) if corpus else "no prompt"
+        expected = f"its {document_name!r} prompt {document!r}" if document_name is not None else "no prompt"
+        return dataclasses.replace(
+            as_corpus,
+            reason=f"{AS_CORPUS}: with {shown}, not as the model embeds documents ({expected}), so not with its {QUERY_PROMPT_NAME!r} prompt {query!r} unless asked for",
+        )
+    return QueryEncoding(
+        {**same, "prompt_name": QUERY_PROMPT_NAME}, query or None, f"the model's {QUERY_PROMPT_NAME!r} prompt, the corpus being embedded as documents", False
+    )
+
+
+def model_query_encoding(model, corpus_kwargs: dict | None, **asked) -> QueryEncoding:
+    """`query_encoding` for a loaded SentenceTransformer (set up with `corpus_kwargs`)."""
+    return query_encoding(getattr(model, "prompts", None), getattr(model, "default_prompt_name", None), corpus_kwargs, **asked)
+
+
+def saved_query_encoding(model_id: str, revision: str | None, corpus_kwargs: dict | None, **asked) -> QueryEncoding | None:
+    """`query_encoding` for a model read from its `config_sentence_transformers.json`, without
+    loading it; None when its files are not on this machine."""
+    config = _saved_config(model_id, revision)
+    if config is None:
+        return None
+    prompts = config.get("prompts") if isinstance(config.get("prompts"), dict) else {}
+    return query_encoding(prompts, config.get("default_prompt_name"), corpus_kwargs, **asked)
 
 
 def load_sentence_transformer(

@@ -369,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=("add", "clamp"), default="add", help="add: add/subtract the decoder directions (the paper's); clamp: set the query's activations and decode the change (default: add)")
     g.add_argument("--top", type=_positive_int, default=10, help="hits to show (default: 10)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g = p.add_argument_group(
+        "query embedding",
+        "default: with the base model's 'query' prompt where it has one and the corpus was embedded as documents "
+        "(with its document/passage/corpus prompt), as sentence-transformers' encode_query does; else as the corpus was",
+    )
+    g = g.add_mutually_exclusive_group()
+    g.add_argument("--query-prompt-name", default=None, metavar="NAME", help="embed the query with the model's prompt of this name (e.g. query)")
+    g.add_argument("--query-prompt", default=None, metavar="TEXT", help="prepend this text to the query ('' for none)")
+    g.add_argument("--query-like-corpus", action="store_true", help="embed the query exactly as the corpus was (its prompt, the SAE's recorded settings)")
 
     sub.add_parser("list", parents=[common], help="print the registry of released SAEs (short name, repo, metrics)")
 
@@ -756,6 +765,7 @@ def _steering_targets(values: list[str], default: float | None, flag: str) -> di
 
 
 def cmd_search(args) -> int:
+    from .base_model import AS_CORPUS
     from .modeling_sbert_sae import SparseAutoencoder
     from .search import SteerableIndex
 
@@ -765,24 +775,30 @@ def cmd_search(args) -> int:
     clamp = _steering_targets(args.clamp, None, "--clamp")
     data = _data_arguments(args) if args.dataset else None
     show = not args.quiet and not args.json
+    query = {"query_prompt_name": args.query_prompt_name, "query_prompt": args.query_prompt, "query_like_corpus": args.query_like_corpus}
     if Path(args.sae).is_dir() and (Path(args.sae) / "training_args.json").exists():
-        index = SteerableIndex.from_run(args.sae, data, device=args.device, show_progress=show)
+        index = SteerableIndex.from_run(args.sae, data, device=args.device, show_progress=show, **query)
     else:
         if data is None:
             raise InputError(f"{args.sae} is not a training run folder: pass --dataset, the corpus to search")
         sae = SparseAutoencoder.from_pretrained(args.sae)
-        index = SteerableIndex.build(sae, data, device=args.device, show_progress=show)
+        index = SteerableIndex.build(sae, data, device=args.device, show_progress=show, **query)
+    encoding = index.query_encoding  # a prompt name the model does not have is refused before any search
     result = index.search(args.query, up=up or None, down=down or None, clamp=clamp or None, k=args.top, method=args.method)
     st = result.steering
     # Labels are printed as texts are: a published feature_labels.json may hold any characters.
     labels = [None if label is None else _terminal_text(label) for label in index.sae.feature_labels]
     if args.json:
         print(json.dumps({
-            "query": args.query, "method": st.method, "cosine_to_query": st.cosine, "similarity": index.similarity,
+            "query": args.query, "query_prompt": encoding.prompt, "method": st.method, "cosine_to_query": st.cosine, "similarity": index.similarity,
             "up": st.up, "down": st.down, "clamp": st.clamp, "resolved": st.resolved,
             "hits": [{"row": h.row, "score": h.score, "steered": h.steered, "text": h.text} for h in result.hits],
         }, indent=1, ensure_ascii=False))
         return 0
+    if encoding.prompt is not None or encoding.reason != AS_CORPUS:
+        # A model with prompts: which one the query was embedded with changes every hit.
+        shown = f"prompt {_terminal_text(repr(encoding.prompt))}" if encoding.prompt is not None else "no prompt"
+        print(f"query embedded with {shown}: {_terminal_text(encoding.reason)}")
     active = index.query_features(args.query, top=6)
     print("query features: " + "; ".join(f"#{f} {labels[f] or '(no label)'} {v:.2f}" for f, v, _ in active))
     # A family steers as one direction, its members' mean, at the strength given: it is shown as

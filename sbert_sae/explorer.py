@@ -901,7 +901,8 @@ class Steering:
             "The query's features",
             '<div class="sae-chips">'
             + "".join(f'<span class="sae-chip">{feature_link(f, self.x.display_label(f))} <b>{v:.3f}</b></span>' for f, v, _ in feats)
-            + "</div>",
+            + "</div>"
+            + _query_prompt_note(index.query_encoding),
         )
         before = self.hits("Results", result.hits, set(), [])
         return [slots, *sliders, summary, before, _empty("Move a slider and press “Search with steering”.")]
@@ -993,6 +994,17 @@ class Steering:
                 f'<div class="body">{body}</div></div>'
             )
         return _card(title, "".join(items))
+
+
+def _query_prompt_note(encoding) -> str:
+    """The Search tab's line naming the prompt a query was embedded with, for a base model
+    with prompts (an asymmetric one embeds queries and documents apart); "" for one without."""
+    from .base_model import AS_CORPUS
+
+    if encoding.prompt is None and encoding.reason == AS_CORPUS:
+        return ""
+    shown = f"the prompt <code>{html.escape(encoding.prompt)}</code>" if encoding.prompt is not None else "no prompt"
+    return f'<div class="sae-note" id="query-prompt">Query embedded with {shown}: {html.escape(encoding.reason)}</div>'
 
 
 # ------------------------------------------------------------------ serving

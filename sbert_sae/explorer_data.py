@@ -664,7 +664,9 @@ class Explorer:
         """The Search tab's search as plain data (JSON-ready): the query's active features, and
         its `k` nearest corpus texts, each with its row id, score (by `similarity`, the base
         model's: cosine unless it declares another), text and every feature
-        firing on it; steered by `steer` (feature id -> strength as the tab's sliders take it:
+        firing on it; `query_prompt`, the prompt the query was embedded with (the base
+        model's "query" prompt for a corpus embedded as documents, see
+        `SparseAutoencoder.query_encoding`; None for none); steered by `steer` (feature id -> strength as the tab's sliders take it:
         above 0 raises the feature, below 0 lowers it) with `method` "add" or "clamp"."""
         if not isinstance(query, str) or not query.strip():
             raise InputError("the query is empty: type what to search for")
@@ -692,6 +694,7 @@ class Explorer:
         return json_ready(
             {
                 "query": query,
+                "query_prompt": index.query_encoding.prompt,
                 "query_features": [{"feature": f, "activation": v, "label": self.display_label(f)} for f, v, _ in index.query_features(query)],
                 "steer": {f: strengths[f] for f in strengths},
                 "method": method,

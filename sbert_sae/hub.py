@@ -315,11 +315,32 @@ def _embedding_summary(config: dict, base_model: str | None) -> str:
     `encode(texts)` without them makes other vectors (without the prompt, other codes and
     no error), and the card is what someone embedding with sentence-transformers reads."""
     kwargs = config.get("base_model_kwargs")
-    if not isinstance(kwargs, dict) or not kwargs:
-        return ""
-    settings = ", ".join(f"{name}={value!r}" for name, value in kwargs.items())
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
     model = f'SentenceTransformer("{base_model}")' if base_model else "the base model"
-    return f"- embeddings: `{model}.encode(texts, {settings})`, as `sae.encode_texts` makes them"
+    lines = []
+    if kwargs:
+        settings = ", ".join(f"{name}={value!r}" for name, value in kwargs.items())
+        lines.append(f"- embeddings: `{model}.encode(texts, {settings})`, as `sae.encode_texts` makes them")
+    query = _query_encoding_of(config)
+    if query is not None and not query.like_corpus:
+        # An asymmetric model (e5, bge, nomic, Qwen3-Embedding) embeds a search query with
+        # another prompt than the texts searched: encode(query) as a text ranks worse.
+        settings = ", ".join(f"{name}={value!r}" for name, value in query.kwargs.items())
+        lines.append(f"- search queries: `{model}.encode(queries, {settings})`, as `sae.embed_queries` and `sbert-sae search` make them")
+    return "\n".join(lines)
+
+
+def _query_encoding_of(config: dict):
+    """How a search query is embedded for an SAE of `config`; None where its base model's
+    files are not on this machine (or cannot be read)."""
+    from .base_model import saved_query_encoding
+
+    if not config.get("base_model"):
+        return None
+    try:
+        return saved_query_encoding(config["base_model"], config.get("base_model_revision"), config.get("base_model_kwargs"))
+    except SbertSaeError:
+        return None
 
 
 def _training_summary(args: dict, config: dict, base_model: str | None = None) -> str:

@@ -479,6 +479,41 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """(len(texts), d_in) embeddings of `texts` by the base model, made as the training data was."""
+        return self._embed(texts, self.config.base_model_kwargs, batch_size)
+
+    def query_encoding(self, prompt_name: str | None = None, prompt: str | None = None, like_corpus: bool = False):
+        """How `embed_queries` embeds a search query (`base_model.QueryEncoding`): with the base
+        model's "query" prompt where it has one and the SAE's texts were embedded as documents
+        (sentence-transformers' `encode_query` / `encode_document`), else as the SAE's texts
+        were; or with the model's prompt `prompt_name`, the literal `prompt`, or exactly as
+        the SAE's texts were (`like_corpus`), when asked. InputError for a prompt name the
+        model does not have."""
+        from .base_model import model_query_encoding
+
+        return model_query_encoding(
+            self.base_sentence_transformer(), self.config.base_model_kwargs, prompt_name=prompt_name, prompt=prompt, like_corpus=like_corpus
+        )
+
+    def embed_queries(
+        self, queries: Sequence[str], batch_size: int = 64, *, prompt_name: str | None = None, prompt: str | None = None, like_corpus: bool = False
+    ) -> torch.Tensor:
+        """(len(queries), d_in) embeddings of search queries, to be compared with the SAE's
+        texts: as `query_encoding` says (a symmetric model's are `embed_texts`')."""
+        queries = self._texts_to_embed(queries)  # checked before the base model loads
+        encoding = self.query_encoding(prompt_name=prompt_name, prompt=prompt, like_corpus=like_corpus)
+        return self._embed(queries, encoding.kwargs, batch_size)
+
+    def _embed(self, texts: Sequence[str], encode_kwargs: dict | None, batch_size: int) -> torch.Tensor:
+        texts = self._texts_to_embed(texts)
+        model = self.base_sentence_transformer()
+        vectors = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False, **(encode_kwargs or {}))
+        if vectors.shape[1] != self.config.d_in:
+            raise ConfigError(f"base model made {vectors.shape[1]}-d embeddings but this SAE reads d_in={self.config.d_in}")
+        return vectors.float()
+
+    @staticmethod
+    def _texts_to_embed(texts) -> list[str]:
+        """`texts` as a list of non-empty strings (a string: a list of one); InputError naming the first that is not."""
         if isinstance(texts, str):
             texts = [texts]
         try:
@@ -496,13 +531,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 raise InputError(f"texts[{i}] is not valid Unicode ({err.reason} at position {err.start}: {t[err.start:err.end]!r})") from None
         if not texts:
             raise InputError("texts is empty")
-        model = self.base_sentence_transformer()
-        vectors = model.encode(
-            texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False, **(self.config.base_model_kwargs or {})
-        )
-        if vectors.shape[1] != self.config.d_in:
-            raise ConfigError(f"base model made {vectors.shape[1]}-d embeddings but this SAE reads d_in={self.config.d_in}")
-        return vectors.float()
+        return texts
 
     def to_sparse_encoder(self, device: str | None = None):
         """This SAE as a sentence-transformers `SparseEncoder`: the base model's modules, a

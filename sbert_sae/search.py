@@ -456,6 +456,11 @@ class SteerableIndex:
     embedded with the SAE's base model through the embedding cache), `from_run(folder)`
     (the corpus the run was trained on), or directly from `embeddings` (n_texts, d_in)
     and their `texts`.
+
+    A query given as text is embedded as `SparseAutoencoder.query_encoding` says: with the
+    base model's "query" prompt where the model has one and the corpus was embedded as
+    documents, else as the corpus was; `query_prompt_name`, `query_prompt` ("" for none) or
+    `query_like_corpus` choose otherwise. `query_encoding` tells which prompt it is.
     """
 
     def __init__(
@@ -472,6 +477,9 @@ class SteerableIndex:
         backend: str = "auto",
         show_progress: bool = False,
         similarity: str | None = None,
+        query_prompt_name: str | None = None,
+        query_prompt: str | None = None,
+        query_like_corpus: bool = False,
     ):
         if not isinstance(sae, SparseAutoencoder):
             raise InputError(f"sae must be a SparseAutoencoder, got {type(sae).__name__}")
@@ -487,6 +495,11 @@ class SteerableIndex:
         if similarity is not None and similarity not in SIMILARITIES:
             raise InputError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self._similarity = similarity
+        self._query_asked = {"prompt_name": query_prompt_name, "prompt": query_prompt, "like_corpus": bool(query_like_corpus)}
+        asked = [f"query_{name}" for name, value in self._query_asked.items() if value not in (None, False)]
+        if len(asked) > 1:
+            raise InputError(f"give one of query_prompt_name, query_prompt or query_like_corpus, not {' and '.join(asked)}")
+        self._query_encoding = None
         self.device = torch.device(device or sae.W_dec.device)
         self.sae = sae.to(self.device).eval()
         self.texts = texts
@@ -532,18 +545,23 @@ class SteerableIndex:
         device: str | None = None,
         backend: str = "auto",
         show_progress: bool = False,
+        query_prompt_name: str | None = None,
+        query_prompt: str | None = None,
+        query_like_corpus: bool = False,
     ) -> "SteerableIndex":
         """An index over `dataset` (Hub id, folder or files; or a `DataArguments`), over
         `texts` (embedded with the SAE's base model), or over ready `embeddings` (with
-        their `texts`, optional). Codes are computed once and kept beside the cache."""
+        their `texts`, optional). Codes are computed once and kept beside the cache.
+        `query_*`: how a query is embedded (see the class)."""
+        query = {"query_prompt_name": query_prompt_name, "query_prompt": query_prompt, "query_like_corpus": query_like_corpus}
         if embeddings is not None:
-            return cls(sae, embeddings, texts=texts, device=device, backend=backend, show_progress=show_progress)
+            return cls(sae, embeddings, texts=texts, device=device, backend=backend, show_progress=show_progress, **query)
         if texts is not None:
             texts = list(texts)
             if not texts:
                 raise InputError("texts is empty")
             vectors = sae.embed_texts(texts)
-            return cls(sae, vectors, texts=texts, device=device, backend=backend, show_progress=show_progress)
+            return cls(sae, vectors, texts=texts, device=device, backend=backend, show_progress=show_progress, **query)
         if dataset is None:
             raise InputError("give a dataset, texts or embeddings to search")
         from .pipeline import DataArguments
@@ -552,21 +570,32 @@ class SteerableIndex:
             data = dataset
         else:
             data = DataArguments(dataset=dataset, text_column=text_column, split=split, config_name=config_name, json_field=json_field, max_rows=max_rows, cache_dir=cache_dir, device=device)
-        return cls._from_data(sae, "the SAE", data, device=device, backend=backend, show_progress=show_progress)
+        return cls._from_data(sae, "the SAE", data, device=device, backend=backend, show_progress=show_progress, query=query)
 
     @classmethod
     def from_run(
-        cls, sae_path: str | Path, data=None, *, device: str | None = None, backend: str = "auto", show_progress: bool = False
+        cls,
+        sae_path: str | Path,
+        data=None,
+        *,
+        device: str | None = None,
+        backend: str = "auto",
+        show_progress: bool = False,
+        query_prompt_name: str | None = None,
+        query_prompt: str | None = None,
+        query_like_corpus: bool = False,
     ) -> "SteerableIndex":
-        """The index of the corpus the SAE in run folder `sae_path` was trained on (or `data`)."""
+        """The index of the corpus the SAE in run folder `sae_path` was trained on (or `data`);
+        `query_*`: how a query is embedded (see the class)."""
+        query = {"query_prompt_name": query_prompt_name, "query_prompt": query_prompt, "query_like_corpus": query_like_corpus}
         from .families import corpus_arguments
 
         data = corpus_arguments(sae_path, data, device=device)
         sae = SparseAutoencoder.from_pretrained(sae_path)
-        return cls._from_data(sae, sae_path, data, device=device, backend=backend, show_progress=show_progress)
+        return cls._from_data(sae, sae_path, data, device=device, backend=backend, show_progress=show_progress, query=query)
 
     @classmethod
-    def _from_data(cls, sae, sae_path, data, *, device, backend, show_progress) -> "SteerableIndex":
+    def _from_data(cls, sae, sae_path, data, *, device, backend, show_progress, query=None) -> "SteerableIndex":
         from .pipeline import codes_fingerprint, codes_meta, load_sae_corpus
 
         data, ds, cache = load_sae_corpus(sae, sae_path, data, show_progress=show_progress)
@@ -574,7 +603,7 @@ class SteerableIndex:
         return cls(
             sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path,
             codes_fingerprint=codes_fingerprint(sae, cache), codes_meta=codes_meta(cache),
-            device=device, backend=backend, show_progress=show_progress,
+            device=device, backend=backend, show_progress=show_progress, **(query or {}),
         )
 
     def __len__(self) -> int:
@@ -758,6 +787,14 @@ class SteerableIndex:
         return out, resolved
 
     # ------------------------------------------------------------ steering
+    @property
+    def query_encoding(self):
+        """How a query given as text is embedded (`base_model.QueryEncoding`: its prompt, and
+        why); loads the base model. InputError for a prompt name the model does not have."""
+        if self._query_encoding is None:
+            self._query_encoding = self.sae.query_encoding(**self._query_asked)
+        return self._query_encoding
+
     @torch.no_grad()
     def query_vector(self, query: str | torch.Tensor | np.ndarray) -> torch.Tensor:
         """(d_in,) the query in the SAE's input space: a text is embedded with the base model."""
@@ -769,7 +806,7 @@ class SteerableIndex:
         if isinstance(query, str):
             if not query.strip():
                 raise InputError("the query is empty")
-            x = self.sae.embed_texts([query])
+            x = self.sae.embed_queries([query], **self._query_asked)
         elif isinstance(query, (torch.Tensor, np.ndarray)):
             x = torch.as_tensor(query, dtype=torch.float32).reshape(1, -1) if query.ndim == 1 else torch.as_tensor(query)
             if x.shape[0] != 1:
