@@ -687,6 +687,7 @@ def train(
     accelerator=None,
     device: str | None = None,
     resident: bool | None = None,
+    log_file: str | Path | None = None,
 ) -> TrainResult:
     """Train an SAE on `embeddings[train_positions]`; checkpoints and logs go to `out_dir`.
 
@@ -698,6 +699,7 @@ def train(
         resume: continue from the newest complete checkpoint in `out_dir/checkpoints`.
         accelerator: an `accelerate.Accelerator`; one is made when None.
         resident: keep the training rows on the device (None: when they fit).
+        log_file: where the learning curve is written (None: `out_dir/train_log.jsonl`).
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -745,7 +747,9 @@ def train(
     # fp16 on an accelerator scales the loss (GradScaler); the scale and its growth count are
     # part of the run's state, so checkpoints carry them (None: bf16, fp32, or fp16 on a CPU).
     scaler = accelerator.scaler if accelerator.scaler is not None and accelerator.scaler.is_enabled() else None
-    log_path = out_dir / "train_log.jsonl"
+    log_path = Path(log_file) if log_file is not None else out_dir / "train_log.jsonl"
+    if main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoints = list_checkpoints(out_dir) if resume else []
     restored = None
     for path in reversed(checkpoints):

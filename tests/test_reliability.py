@@ -155,7 +155,10 @@ def test_an_overwrite_that_is_stopped_keeps_the_run_it_replaces(labelled_run, wi
     20. It used to delete the old run's model, config and metrics before training, so the
     stop lost them (and it never removed the old feature_labels.json, which then loaded with
     the new SAE). The old run now stays, byte for byte, until the new one is complete; the
-    new one finishes with --resume, to the uninterrupted run's model, without the old labels."""
+    new one finishes with --resume, to the uninterrupted run's model, without the old labels.
+    The old run's learning curve (train_log.jsonl) also stays: the new run's used to replace it
+    from the start, so the stop lost it and left the new run's partial curve beside the old
+    model (which `push` published as its own)."""
     out = tmp_path / "replaced"
     shutil.copytree(labelled_run, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -165,12 +168,12 @@ def test_an_overwrite_that_is_stopped_keeps_the_run_it_replaces(labelled_run, wi
         assert run_cli(*train, "--overwrite") == 130
     assert list_checkpoints(out)[-1].name == "step-000000020"
     for name, data in before.items():
-        if name != "train_log.jsonl":  # the learning curve is the new run's from its start
-            assert (out / name).read_bytes() == data, name
+        assert (out / name).read_bytes() == data, name
     assert SparseAutoencoder.from_pretrained(out).label_data is not None
 
     assert run_cli(*train, "--resume") == 0
     assert_same_model(out, uninterrupted)
+    assert log_records(out) == log_records(uninterrupted)
     assert not (out / "feature_labels.json").exists() and not (out / ".finishing").exists()
     assert SparseAutoencoder.from_pretrained(out).label_data is None
     assert json.loads((out / "metrics.json").read_text())["steps"] == 35
