@@ -72,6 +72,22 @@ def _builder_for(path: str) -> str:
     raise DatasetError(f"cannot tell the format of data file {path!r}: use one of {sorted(FILE_BUILDERS)}")
 
 
+def dataset_source(source) -> str | list[str]:
+    """`source` as `load_text_dataset` takes it: a path or name (a `pathlib.Path` too) as a
+    string, a list or tuple of them as a list of strings. Anything else is refused by name: a
+    `datasets.Dataset` or a DataFrame in memory is read from disk here (save it first)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (list, tuple)) and all(isinstance(f, (str, os.PathLike)) for f in source):
+        return [os.fspath(f) for f in source]
+    hint = ""
+    if hasattr(source, "save_to_disk"):
+        hint = ": a dataset in memory is read from disk here: save it with save_to_disk(folder) and give the folder"
+    elif hasattr(source, "to_parquet"):
+        hint = ": a DataFrame in memory is read from disk here: save it with to_parquet('corpus.parquet') and give the file"
+    raise DatasetError(f"dataset must be a Hub dataset id, a folder, a data file or a list of them, got {type(source).__name__}{hint}")
+
+
 def load_text_dataset(
     source: str | list[str],
     config_name: str | None = None,
@@ -94,8 +110,11 @@ def load_text_dataset(
     """
     import datasets
 
+    # A pathlib.Path was iterated ("'PosixPath' object is not iterable"), a DataFrame as its
+    # column names (a column "text" loaded datasets' text builder over the current folder).
+    source = dataset_source(source)
     files = [source] if isinstance(source, str) else list(source)
-    if not files or any(not str(f).strip() for f in files):
+    if not files or any(not f.strip() for f in files):
         # DataArguments' default: datasets took "" for the current folder, read every file under
         # it (minutes in a checkout) and failed with "IndexError: list index out of range".
         raise DatasetError(f"no dataset given (dataset={source!r}): name a Hub dataset id, a save_to_disk folder, a data folder or data files")

@@ -25,7 +25,7 @@ import numpy as np
 from . import __version__
 from .base_model import DEFAULT_MODEL
 from .configuration_sbert_sae import SparseAutoencoderConfig
-from .data import TextRows, column_values, domain_row_ids, find_text_rows, flatten_for, load_text_dataset, require_column, split_heldout
+from .data import TextRows, column_values, dataset_source, domain_row_ids, find_text_rows, flatten_for, load_text_dataset, require_column, split_heldout
 from .embeddings import EmbeddingCache, cache_path, embed_dataset
 from .errors import ConfigError, DatasetError, OutputDirError, ResumeError, SettingsChangedError
 from .evaluation import METRIC_DESCRIPTIONS, evaluate, plot_density
@@ -115,6 +115,9 @@ class DataArguments:
     device: str | None = None
 
     def __post_init__(self):
+        # A pathlib.Path (or a list of them) as the strings every stage reads and records;
+        # a Dataset or DataFrame in memory is refused by name (see dataset_source).
+        self.dataset = dataset_source(self.dataset)
         if isinstance(self.domain, str):
             # As `domain_names` names the column's values: 'Café' typed composed or decomposed is one domain.
             self.domain = unicodedata.normalize("NFC", self.domain)
@@ -331,8 +334,6 @@ def check_output_dir(out_dir: Path, overwrite: bool, resume: bool, clear: bool =
     if not clear:
         return
     for name in TRAINING_STATE:
-        if name == "train_log.jsonl" and (out_dir / "model.safetensors").exists():
-            continue  # a finished run's learning curve: it stays with that run's results until the new run's replace them
         target = out_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -634,18 +635,6 @@ def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerat
     config = _sae_config(sae_args, data, cache.dim)
     if main:
         logger.info("training %s: %d texts, %d of them held out -> %s", name, len(train_rows) + len(heldout_rows), len(heldout_rows), folder)
-    # A run replacing a finished one (--overwrite) keeps its learning curve with its checkpoints:
-    # the folder's train_log.jsonl stays the finished run's, beside that run's model, until the new
-    # run's results replace them all (a stopped overwrite would otherwise lose it, and leave the
-    # new run's partial curve beside the old model, for `push` to publish as its own).
-    # The file is made before training, so that a --resume tells such a run's curve by it being
-    # there (a run stopped as its results moved in has its model in place and its curve in the folder).
-    pending_log = folder / "checkpoints" / "train_log.jsonl"
-    if not resume and main and (folder / "model.safetensors").exists():
-        pending_log.parent.mkdir(parents=True, exist_ok=True)
-        pending_log.touch()
-    accelerator.wait_for_everyone()
-    log_file = pending_log if pending_log.exists() else None
     t0 = time.perf_counter()
     result = train(
         config,
@@ -658,7 +647,6 @@ def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerat
         row_ids=cache.row_ids,
         resume=resume,
         accelerator=accelerator,
-        log_file=log_file,
     )
     accelerator.wait_for_everyone()
     if not main:
@@ -687,8 +675,6 @@ def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerat
     finishing = folder / FINISHING
     shutil.rmtree(finishing, ignore_errors=True)
     sae.save_pretrained(finishing)
-    if log_file is not None and log_file.exists():
-        shutil.copyfile(log_file, finishing / "train_log.jsonl")  # copied: kept for a --resume until the checkpoints go
     write_json(
         finishing / "training_args.json",
         {

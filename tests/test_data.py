@@ -53,6 +53,31 @@ def test_no_dataset_given_is_named_as_such(source):
         load_text_dataset(source)
 
 
+def test_a_dataset_given_as_path_objects_loads_and_one_in_memory_is_named(files):
+    # pathlib paths failed as "TypeError: 'PosixPath' object is not iterable" (load_text_dataset,
+    # SteerableIndex.build); a DataFrame was iterated as its column names and "text" loaded as
+    # datasets' text builder over the current folder's files; a Dataset, None, a number: TypeErrors.
+    import pandas as pd
+    from datasets import Dataset
+
+    from sbert_sae.pipeline import DataArguments
+
+    assert load_text_dataset(files["disk"])["text"] == [r["text"] for r in ROWS]
+    assert load_text_dataset((files["jsonl"], files["jsonl"]))["text"] == [r["text"] for r in ROWS] * 2
+    assert DataArguments(dataset=files["parquet"]).dataset == str(files["parquet"])
+    assert DataArguments(dataset=[files["parquet"]]).dataset == [str(files["parquet"])]
+    refused = {
+        "Dataset": (Dataset.from_list(ROWS), r"save_to_disk\(folder\)"),
+        "DataFrame": (pd.DataFrame(ROWS), r"to_parquet\("),
+        "NoneType": (None, ""),
+        "int": (3, ""),
+    }
+    for kind, (source, hint) in refused.items():
+        for load in (load_text_dataset, lambda s: DataArguments(dataset=s)):
+            with pytest.raises(DatasetError, match=f"dataset must be a Hub dataset id, a folder, a data file or a list of them, got {kind}.*{hint}"):
+                load(source)
+
+
 def test_dataset_dict_split_is_chosen_and_a_wrong_one_is_named(tmp_path):
     from datasets import Dataset, DatasetDict
 
