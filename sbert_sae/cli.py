@@ -216,6 +216,24 @@ def _add_data_arguments(p: argparse.ArgumentParser, with_model: bool = True, dat
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
 
 
+def _add_query_arguments(p: argparse.ArgumentParser, whose: str = "the") -> None:
+    g = p.add_argument_group(
+        "query embedding",
+        f"how {whose} search query is embedded; default: with the base model's 'query' prompt where it has one and the "
+        "corpus was embedded as documents (with its document/passage/corpus prompt), as sentence-transformers' "
+        "encode_query does; else as the corpus was",
+    )
+    g = g.add_mutually_exclusive_group()
+    g.add_argument("--query-prompt-name", default=None, metavar="NAME", help="embed the query with the model's prompt of this name (e.g. query)")
+    g.add_argument("--query-prompt", default=None, metavar="TEXT", help="prepend this text to the query ('' for none)")
+    g.add_argument("--query-like-corpus", action="store_true", help="embed the query exactly as the corpus was (its prompt, the SAE's recorded settings)")
+
+
+def _query_arguments(args) -> dict:
+    """The query embedding options as `SteerableIndex` takes them."""
+    return {"query_prompt_name": args.query_prompt_name, "query_prompt": args.query_prompt, "query_like_corpus": args.query_like_corpus}
+
+
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     """The SAE's loss and the training settings `train` and `sweep` share."""
     from .pipeline import SaeArguments
@@ -369,15 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=("add", "clamp"), default="add", help="add: add/subtract the decoder directions (the paper's); clamp: set the query's activations and decode the change (default: add)")
     g.add_argument("--top", type=_positive_int, default=10, help="hits to show (default: 10)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
-    g = p.add_argument_group(
-        "query embedding",
-        "default: with the base model's 'query' prompt where it has one and the corpus was embedded as documents "
-        "(with its document/passage/corpus prompt), as sentence-transformers' encode_query does; else as the corpus was",
-    )
-    g = g.add_mutually_exclusive_group()
-    g.add_argument("--query-prompt-name", default=None, metavar="NAME", help="embed the query with the model's prompt of this name (e.g. query)")
-    g.add_argument("--query-prompt", default=None, metavar="TEXT", help="prepend this text to the query ('' for none)")
-    g.add_argument("--query-like-corpus", action="store_true", help="embed the query exactly as the corpus was (its prompt, the SAE's recorded settings)")
+    _add_query_arguments(p)
 
     sub.add_parser("list", parents=[common], help="print the registry of released SAEs (short name, repo, metrics)")
 
@@ -395,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: $SBERT_SAE_CACHE, else $XDG_CACHE_HOME/sbert-sae, else ~/.cache/sbert-sae)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    _add_query_arguments(p, "the Search tab's")
     p = sub.add_parser(
         "cache",
         parents=[common],
@@ -775,7 +786,7 @@ def cmd_search(args) -> int:
     clamp = _steering_targets(args.clamp, None, "--clamp")
     data = _data_arguments(args) if args.dataset else None
     show = not args.quiet and not args.json
-    query = {"query_prompt_name": args.query_prompt_name, "query_prompt": args.query_prompt, "query_like_corpus": args.query_like_corpus}
+    query = _query_arguments(args)
     if Path(args.sae).is_dir() and (Path(args.sae) / "training_args.json").exists():
         index = SteerableIndex.from_run(args.sae, data, device=args.device, show_progress=show, **query)
     else:
@@ -892,6 +903,7 @@ def cmd_explore(args) -> int:
         open_browser=not args.no_browser,
         device=args.device,
         cache_dir=args.cache_dir,
+        **_query_arguments(args),
     )
     return 0
 

@@ -1037,10 +1037,16 @@ def serve(
     open_browser: bool = True,
     device: str | None = None,
     cache_dir: str | None = None,
+    query_prompt_name: str | None = None,
+    query_prompt: str | None = None,
+    query_like_corpus: bool = False,
 ):
     """Open the explorer of an SAE folder, Hub repo or registry short name and serve it
-    until interrupted."""
-    explorer = Explorer.open(source, dataset=dataset, text_column=text_column, device=device, cache_dir=cache_dir, revision=revision)
+    until interrupted; `query_*`: how the Search tab embeds a query (`Explorer.open`)."""
+    explorer = Explorer.open(
+        source, dataset=dataset, text_column=text_column, device=device, cache_dir=cache_dir, revision=revision,
+        query_prompt_name=query_prompt_name, query_prompt=query_prompt, query_like_corpus=query_like_corpus,
+    )
     explorer.start_corpus()
     demo = build_app(explorer)
     return launch(demo, host=host, port=port, share=share, open_browser=open_browser)

@@ -174,8 +174,13 @@ class Explorer:
     """How to give a corpus where the SAE names none that opens here, said with that: the
     `explore` command's option; the Space names its variable instead (it has no command line)."""
 
-    def __init__(self, sae: SparseAutoencoder, source: str, *, families: list[Family] | None = None, files: dict | None = None, data=None, data_given: bool = False):
+    def __init__(
+        self, sae: SparseAutoencoder, source: str, *, families: list[Family] | None = None, files: dict | None = None, data=None, data_given: bool = False, query: dict | None = None
+    ):
         self.sae = sae.eval()
+        # How the Search tab embeds a query: SteerableIndex's query_prompt_name, query_prompt or
+        # query_like_corpus (none: the base model's query prompt where the corpus is documents).
+        self._query = dict(query or {})
         self.source = source
         self.families = families or []
         self.files = files or {}
@@ -205,13 +210,26 @@ class Explorer:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, source: str | Path, *, dataset: str | None = None, text_column: str | None = None, device: str | None = None, cache_dir: str | None = None, revision: str | None = None) -> Explorer:
+    def open(
+        cls,
+        source: str | Path,
+        *,
+        dataset: str | None = None,
+        text_column: str | None = None,
+        device: str | None = None,
+        cache_dir: str | None = None,
+        revision: str | None = None,
+        query_prompt_name: str | None = None,
+        query_prompt: str | None = None,
+        query_like_corpus: bool = False,
+    ) -> Explorer:
         """The explorer of an SAE folder or Hub repo (or registry short name).
 
         The corpus is, in order: `dataset` (with `text_column`, default the run's); for a Hub
         repo, the activations dataset it was published with; the dataset the SAE was trained
         on (its `training_args.json`) when it can be opened here; else there is none and the
-        app shows what the labels hold.
+        app shows what the labels hold. `query_*`: how the Search tab embeds a query
+        (`SteerableIndex`'s, default the base model's query prompt where the corpus is documents).
         """
         from .base_model import pick_device
         from .registry import resolve
@@ -239,7 +257,8 @@ class Explorer:
                 files[fname] = None
         families = parse_families(files[FAMILIES_FILE], source=f"{source}/{FAMILIES_FILE}") if files.get(FAMILIES_FILE) else []
         data = _corpus_arguments(files.get("training_args.json"), dataset, text_column, cache_dir, device)
-        explorer = cls(sae, source, families=families, files=files, data=data, data_given=dataset is not None)
+        query = {"query_prompt_name": query_prompt_name, "query_prompt": query_prompt, "query_like_corpus": query_like_corpus}
+        explorer = cls(sae, source, families=families, files=files, data=data, data_given=dataset is not None, query=query)
         explorer.name_or_path = name
         explorer.revision = revision
         return explorer
@@ -297,7 +316,7 @@ class Explorer:
 
         data, ds, cache = load_sae_corpus(self.sae, self.source, data, show_progress=False)
         texts = DatasetTexts(ds, data.text_column, cache.row_ids)
-        index = SteerableIndex(self.sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, codes_fingerprint=codes_fingerprint(self.sae, cache), codes_meta=codes_meta(cache))
+        index = SteerableIndex(self.sae, cache.embeddings, texts=texts, row_ids=cache.row_ids, codes_dir=cache.path, codes_fingerprint=codes_fingerprint(self.sae, cache), codes_meta=codes_meta(cache), **self._query)
         index.label_finder = self.label_finder  # one set of label vectors for both tabs, made ready once
         name = data.dataset if isinstance(data.dataset, str) else ",".join(data.dataset)
         domain = cache.meta.get("domain")
@@ -340,7 +359,7 @@ class Explorer:
                 from .pipeline import DataArguments
 
                 data = DataArguments(dataset=corpus.name, text_column="text", cache_dir=self._cache_dir)
-                index = SteerableIndex.build(self.sae, data)
+                index = SteerableIndex.build(self.sae, data, **self._query)
                 index.label_finder = self.label_finder  # its label vectors and cut-offs, once
                 # Its rows are positions in the activations dataset; a hit names the text's row
                 # in the original dataset (its `id`), as the feature pages do.

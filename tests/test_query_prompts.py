@@ -13,7 +13,7 @@ import torch
 
 from sbert_sae import InputError, SparseAutoencoder, SteerableIndex
 from sbert_sae.base_model import DEFAULT_MODEL, resolve_model_path
-from sbert_sae.cli import main
+from sbert_sae.cli import _query_arguments, build_parser, main
 from sbert_sae.configuration_sbert_sae import SparseAutoencoderConfig
 from sbert_sae.hub import _embedding_summary
 
@@ -158,6 +158,13 @@ def test_the_explorers_search_embeds_the_query_with_the_query_prompt(saved, best
     assert [h["row"] for h in out["hits"]] == best("query") and out["query_prompt"] == "query: "
     steered = explorer.search_data(QUERY, 3, {str(out["query_features"][0]["feature"]): 0.0})
     assert [h["row"] for h in steered["hits"]] == best("query")
+    # `sbert-sae explore --query-like-corpus` (or --query-prompt-name, --query-prompt) chooses.
+    args = build_parser().parse_args(["explore", str(sae_folder), "--dataset", str(data), "--query-like-corpus"])
+    like = Explorer.open(sae_folder, dataset=str(data), cache_dir=str(tmp_path / "cache"), **_query_arguments(args))
+    out = like.search_data(QUERY, 3)
+    assert [h["row"] for h in out["hits"]] == best("passage") and out["query_prompt"] == "passage: "
+    with pytest.raises(InputError, match="'qurey' is not one of the model's prompts"):
+        Explorer.open(sae_folder, dataset=str(data), cache_dir=str(tmp_path / "cache"), query_prompt_name="qurey").search_data(QUERY, 3)
     pytest.importorskip("gradio")
     from sbert_sae.explorer import _query_prompt_note
 
