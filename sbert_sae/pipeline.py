@@ -334,6 +334,8 @@ def check_output_dir(out_dir: Path, overwrite: bool, resume: bool, clear: bool =
     if not clear:
         return
     for name in TRAINING_STATE:
+        if name == "train_log.jsonl" and (out_dir / "model.safetensors").exists():
+            continue  # a finished run's learning curve: it stays with that run's results until the new run's replace them
         target = out_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -635,6 +637,18 @@ def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerat
     config = _sae_config(sae_args, data, cache.dim)
     if main:
         logger.info("training %s: %d texts, %d of them held out -> %s", name, len(train_rows) + len(heldout_rows), len(heldout_rows), folder)
+    # A run replacing a finished one (--overwrite) keeps its learning curve with its checkpoints:
+    # the folder's train_log.jsonl stays the finished run's, beside that run's model, until the new
+    # run's results replace them all (a stopped overwrite would otherwise lose it, and leave the
+    # new run's partial curve beside the old model, for `push` to publish as its own).
+    # The file is made before training, so that a --resume tells such a run's curve by it being
+    # there (a run stopped as its results moved in has its model in place and its curve in the folder).
+    pending_log = folder / "checkpoints" / "train_log.jsonl"
+    if not resume and main and (folder / "model.safetensors").exists():
+        pending_log.parent.mkdir(parents=True, exist_ok=True)
+        pending_log.touch()
+    accelerator.wait_for_everyone()
+    log_file = pending_log if pending_log.exists() else None
     t0 = time.perf_counter()
     result = train(
         config,
@@ -647,6 +661,7 @@ def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerat
         row_ids=cache.row_ids,
         resume=resume,
         accelerator=accelerator,
+        log_file=log_file,
     )
     accelerator.wait_for_everyone()
     if not main:
@@ -675,6 +690,8 @@ def _train_one(name, split, folder, cache, data, sae_args, train_args, accelerat
     finishing = folder / FINISHING
     shutil.rmtree(finishing, ignore_errors=True)
     sae.save_pretrained(finishing)
+    if log_file is not None and log_file.exists():
+        shutil.copyfile(log_file, finishing / "train_log.jsonl")  # copied: kept for a --resume until the checkpoints go
     write_json(
         finishing / "training_args.json",
         {
