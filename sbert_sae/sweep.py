@@ -176,6 +176,16 @@ def check_reusable(folder: Path, data, sae_args, train_args, cache_name: str) ->
         )
 
 
+def _interrupted(folder: Path) -> bool:
+    """Whether `folder` holds a run that --resume continues: one with checkpoints, or one
+    stopped before its first whose folder holds no finished run (it starts again)."""
+    from .trainer import list_checkpoints
+
+    if not (folder / "checkpoints").is_dir():
+        return False
+    return bool(list_checkpoints(folder)) or not (folder / "metrics.json").exists()
+
+
 def _normal(value):
     """A setting as JSON records it (tuples are lists, ints and floats compare as numbers)."""
     if isinstance(value, (list, tuple)):
@@ -215,21 +225,27 @@ def run_sweep(
     loaded = load_and_embed(data, show_progress=show_progress)  # once for every point of the grid
     cache = loaded[1]
     check_memory(grid, cache.dim, train_args.batch_size, len(cache.row_ids), data.device)
+    # A point stopped while it retrained (a `sweep --overwrite` killed part-way) holds the run it
+    # replaces beside the new run's checkpoints: with --resume it continues from those (which
+    # refuse other settings themselves), rather than being judged, and skipped or refused, by the
+    # results it was replacing.
+    continued = {(n, k) for n, k in grid if resume and _interrupted(out_dir / f"n{n}-k{k}")}
     if not overwrite:
         for n, k in grid:
-            check_reusable(out_dir / f"n{n}-k{k}", data, sae_args, train_args, cache.path.name)
+            if (n, k) not in continued:
+                check_reusable(out_dir / f"n{n}-k{k}", data, sae_args, train_args, cache.path.name)
 
     result = SweepResult(rows=[])
     for n, k in grid:
         folder = out_dir / f"n{n}-k{k}"
         metrics_path = folder / "metrics.json"
-        if metrics_path.exists() and not overwrite:
+        if metrics_path.exists() and not overwrite and (n, k) not in continued:
             logger.info("n=%d k=%d: already trained in %s", n, k, folder)
             result.skipped.append(folder.name)
         else:
             logger.info("n=%d k=%d -> %s", n, k, folder)
             point = dataclasses.replace(sae_args, n_latents=n, k=k, k_aux=None if sae_args.k_aux is None else min(sae_args.k_aux, n))
-            run_training(data, point, train_args, folder, overwrite=overwrite, resume=resume and (folder / "checkpoints").exists(), loaded=loaded)
+            run_training(data, point, train_args, folder, overwrite=overwrite, resume=(n, k) in continued, loaded=loaded)
         metrics = read_json(metrics_path)
         samples = int(metrics.get("n_train", 0)) * train_args.epochs
         result.rows.append(

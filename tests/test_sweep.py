@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from sbert_sae import ConfigError, InputError
+from sbert_sae import ConfigError, InputError, SparseAutoencoder
 from sbert_sae.cli import main
 from sbert_sae.sweep import check_grid, check_memory, estimate_training_bytes, fit_power_law, training_flops
 
@@ -129,3 +130,38 @@ def test_a_sweep_without_held_out_texts_is_refused_before_training(wiki_small, t
     err = capsys.readouterr().err
     assert "--heldout-fraction 0 leaves no held-out texts" in err and err.count("\n") == 1
     assert not (out / "n32-k4").exists()
+
+
+def test_an_overwrite_stopped_part_way_resumes_keeping_the_points_it_finished(wiki_small, tmp_path, capsys, training_crashes_at_step):
+    """`sweep --overwrite` with new settings, stopped in its second point: the first point holds
+    its new SAE, the second its old one beside the new run's checkpoints. `sweep --resume` with
+    the new settings was refused, the second point's old results named as trained with other
+    settings ('pass --overwrite', which trains every point again and drops the checkpoints). It now
+    continues the second point from its checkpoints, keeps the first, and ends as an
+    uninterrupted sweep with those settings."""
+    from sbert_sae.trainer import list_checkpoints
+
+    base = ["sweep", "--dataset", str(wiki_small), "--n", "32,64", "--k", "4", "--batch-size", "32", "--seed", "3", "-q", "--report-to", "none",
+            "--checkpoint-every", "2", "--checkpoint-min-seconds", "0"]
+    out = tmp_path / "sweep"
+    assert main([*base, "--out", str(out), "--epochs", "1"]) == 0
+    steps = json.loads((out / "n32-k4" / "metrics.json").read_text())["steps"]
+    with training_crashes_at_step(2 * steps + 5):  # the 5th step of the second point, at 2 epochs
+        assert main([*base, "--out", str(out), "--epochs", "2", "--overwrite"]) == 1
+    assert json.loads((out / "n32-k4" / "metrics.json").read_text())["steps"] == 2 * steps
+    assert json.loads((out / "n64-k4" / "metrics.json").read_text())["steps"] == steps  # the old run, kept
+    assert list_checkpoints(out / "n64-k4")
+    finished = (out / "n32-k4" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert main([*base, "--out", str(out), "--epochs", "2", "--resume"]) == 0
+    assert "already trained, reused: n32-k4" in capsys.readouterr().out
+    assert (out / "n32-k4" / "model.safetensors").stat().st_mtime_ns == finished
+    assert not (out / "n64-k4" / "checkpoints").exists()
+    whole = tmp_path / "whole"
+    assert main([*base, "--out", str(whole), "--epochs", "2"]) == 0
+    for point in ("n32-k4", "n64-k4"):
+        resumed, uninterrupted = (SparseAutoencoder.from_pretrained(folder / point).state_dict() for folder in (out, whole))
+        assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted), point
+    rows = [{k: v for k, v in row.items() if k != "train_seconds"} for row in json.loads((out / "sweep.json").read_text())["rows"]]
+    assert rows == [{k: v for k, v in row.items() if k != "train_seconds"} for row in json.loads((whole / "sweep.json").read_text())["rows"]]
