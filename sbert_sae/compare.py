@@ -74,6 +74,17 @@ class ComparisonResult:
         partnered = {p[1] for p in self.shared}
         return [int(j) for j in np.flatnonzero(self.live_b) if int(j) not in partnered]
 
+    def __repr__(self) -> str:
+        # The dataclass' own listed every pair, every random cosine and both SAEs' labels: a
+        # notebook cell ending in compare_saes(...) printed hundreds of kB for two 6144-feature SAEs.
+        s = self.summary()
+        median = s["matched_cosine"].get("median")
+        return (
+            f"ComparisonResult(n_a={self.n_a}, n_b={self.n_b}, min_cosine={self.min_cosine}, method={self.method!r}, "
+            f"matched={s['n_matched']}, shared={s['n_shared']}, only_a={s['n_only_a']}, only_b={s['n_only_b']}, "
+            f"median_cosine={None if median is None else round(median, 4)}; .pairs, .summary(), .to_dict() hold the rest)"
+        )
+
     def summary(self) -> dict:
         cos, rand = self.matched_cosines, self.random_cosines
 

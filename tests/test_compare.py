@@ -55,6 +55,20 @@ def test_two_domains_share_features_above_chance(domains):
     assert [p[2] for p in result.pairs] == sorted((p[2] for p in result.pairs), reverse=True)
 
 
+def test_a_comparison_shows_its_summary_not_every_pair():
+    # A notebook cell ending in compare_saes(...) showed the dataclass' repr: every matched pair,
+    # every random cosine and both SAEs' labels (two 6144-feature SAEs: hundreds of kB of text).
+    from sbert_sae import SparseAutoencoderConfig
+
+    torch.manual_seed(0)
+    a, b = (SparseAutoencoder(SparseAutoencoderConfig(d_in=16, n_latents=32, k=4)) for _ in range(2))
+    result = compare_saes(a, a, min_cosine=0.7)
+    shown = repr(result)
+    assert "pairs=" not in shown and "random_cosines" not in shown and "labels_a" not in shown
+    assert shown.startswith("ComparisonResult(n_a=32, n_b=32, min_cosine=0.7, method='exact', matched=32, shared=32, only_a=0, only_b=0, median_cosine=1")
+    assert len(compare_saes(a, b).pairs) == 32  # the pairs are all still there
+
+
 def test_different_base_model_is_refused(domains, tmp_path, capsys):
     sae = SparseAutoencoder.from_pretrained(domains["Arts"])
     other = SparseAutoencoder.from_pretrained(domains["Arts"])
