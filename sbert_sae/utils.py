@@ -363,6 +363,9 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
             if pid.isdigit() and host in ("", socket.gethostname()) and not _pid_alive(int(pid)):
                 pause_point("stale-lock", 1)
                 if _take_over(lock, owner):  # left by a run that was killed
+                    # Said, as a lock without a pid is: the run that was killed left its folder
+                    # part-written (a checkpoint to resume from, or a half-made one removed).
+                    logger.warning("%s: taking over the lock file %s of pid %s, a run of this machine that is no longer running (killed)", folder, lock, pid)
                     break
                 continue  # another run replaced it first: whose it is now is read again
             if host and host != socket.gethostname():

@@ -520,6 +520,37 @@ def test_a_run_killed_as_it_takes_a_folder_leaves_it_free(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == []
 
 
+def test_the_lock_of_a_run_killed_with_sigkill_is_refused_while_it_lives_then_taken_with_a_warning(tmp_path, caplog):
+    """A run holding a folder, killed with SIGKILL, leaves its lock file (pid@host). While it
+    lives a second run is refused, naming its pid; once it is dead the lock is taken over
+    without asking anyone to delete it, now with a warning naming the dead run's pid (it was
+    taken silently: nothing said the folder's last run had been killed)."""
+    import socket
+
+    from sbert_sae.errors import OutputDirError
+    from sbert_sae.utils import run_lock
+
+    folder = tmp_path / "run"
+    with open(tmp_path / "killed.log", "w") as err:
+        killed = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(folder), str(tmp_path / "held"), str(tmp_path / "release")], stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "held").exists():
+            assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.05)
+        with pytest.raises(OutputDirError, match=re.escape(f"{folder} is in use by another run (pid {killed.pid}; lock file {folder / '.lock'})")):
+            with run_lock(folder):
+                pass
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+    assert (folder / ".lock").read_text() == f"{killed.pid}@{socket.gethostname()}"
+    with caplog.at_level(logging.WARNING, logger="sbert_sae.utils"), run_lock(folder):
+        assert (folder / ".lock").read_text() == f"{os.getpid()}@{socket.gethostname()}"
+    assert f"taking over the lock file {folder / '.lock'} of pid {killed.pid}, a run of this machine that is no longer running" in caplog.text
+    assert not (folder / ".lock").exists()
+
+
 @pytest.mark.parametrize(
     ("content", "what"),
     [("", "is empty"), ("\0" * 12, "holds no run's pid ('" + "\\x00" * 12 + "')"), ("locked by alice", "holds no run's pid ('locked by alice')")],
