@@ -193,6 +193,14 @@ class FamilyResult:
     holds each feature's firing count."""
     n_texts: int
 
+    def __repr__(self) -> str:
+        # The dataclass' own listed every family with its members' labels, and the matrix: a
+        # notebook cell ending in run_families(...) printed about a MB for runs/wiki's 879 families.
+        return (
+            f"FamilyResult({len(self.families)} families over {self.n_texts} texts, block_ratio={self.summary.get('block_ratio')}; "
+            ".families, .summary hold the rest)"
+        )
+
     @property
     def counts(self) -> np.ndarray:
         return np.asarray(self.cooccurrence.diagonal()).astype(np.int64)

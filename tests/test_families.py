@@ -70,6 +70,21 @@ def test_hand_made_cooccurrence_gives_the_expected_families():
     assert fams[0].weights[:3] == pytest.approx([30 / 41, 8 / 11, 8 / 11])
 
 
+def test_a_family_result_shows_its_summary_not_every_family():
+    # A notebook cell ending in run_families(...) or compute_families(...) showed the dataclass'
+    # repr: every family with its members' labels, and the co-occurrence matrix (runs/wiki's 879
+    # families: about a MB of text).
+    from sbert_sae.families import FamilyResult
+
+    cooc = _hand_made()
+    fams = find_families(cooc, n_texts=1000)
+    result = FamilyResult(families=fams, summary={"n_families": 2, "block_ratio": 3.5}, settings={}, cooccurrence=cooc, n_texts=1000)
+    shown = repr(result)
+    assert "Family(" not in shown and "cooccurrence=" not in shown
+    assert shown == "FamilyResult(2 families over 1000 texts, block_ratio=3.5; .families, .summary hold the rest)"
+    assert result.families == fams
+
+
 def test_each_constant_of_the_recipe_changes_the_families():
     c = _hand_made()
     parents = lambda **kw: [f.parent for f in find_families(c, 1000, FamilyArguments(**kw))]  # noqa: E731
