@@ -490,6 +490,15 @@ class LabelResult:
     summary: dict
     settings: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # The dataclass' own listed every feature's entry (keywords, examples): a notebook cell
+        # ending in label_features(...) printed megabytes for runs/wiki's 6144 features.
+        s = self.summary
+        return (
+            f"LabelResult({s.get('n_labelled')} of {s.get('n_features', len(self.features))} features labelled, "
+            f"label_auroc_mean={s.get('label_auroc_mean')}; .features, .summary hold the rest)"
+        )
+
 
 @dataclass
 class LabellingContext:

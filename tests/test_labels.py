@@ -420,6 +420,18 @@ def test_labelling_from_python_reads_the_runs_own_corpus_when_no_dataset_is_give
     assert SparseAutoencoder.from_pretrained(run).metrics["label_auroc_mean"] == summary["label_auroc_mean"]
 
 
+def test_a_label_result_shows_its_summary_not_every_feature():
+    # A notebook cell ending in label_features(...) showed the dataclass' repr: every feature's
+    # entry with its keywords and examples (6144 of them for runs/wiki, megabytes of text).
+    from sbert_sae.labels import LabelResult
+
+    features = {f: {"label": f"label {f}", "keywords": [{"keyword": "k", "similarity": 0.5}]} for f in range(64)}
+    result = LabelResult(features=features, summary={"n_features": 64, "n_labelled": 60, "label_auroc_mean": 0.75})
+    shown = repr(result)
+    assert "keywords" not in shown and "label 3" not in shown
+    assert shown == "LabelResult(60 of 64 features labelled, label_auroc_mean=0.75; .features, .summary hold the rest)"
+
+
 def test_a_killed_labelling_resumes_without_redoing_finished_features(labelled_run, wiki_small, monkeypatch, keybert_documents):
     from sbert_sae import labels as labels_module
     from sbert_sae.pipeline import DataArguments, run_labelling
