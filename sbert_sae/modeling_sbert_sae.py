@@ -208,6 +208,13 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     Parameters: `W_enc` (n_latents, d_in), `b_enc` (n_latents), `W_dec` (n_latents, d_in)
     whose rows are the features' unit-norm directions, `b_pre` (d_in).
+
+    Load one with `from_pretrained(folder, Hub repo id or registry short name)`; its labels
+    (`sbert-sae label`) and metrics come with it: `feature_labels`, `describe(feature)`,
+    `explain(text)` (a text's active features with their labels), `metrics`,
+    `feature_families()`. `embed_texts` embeds texts with the base model; `save_pretrained`,
+    `push_to_hub` and `to_sparse_encoder` write it out. Tensors and numpy arrays are taken as
+    inputs; `encode`, `decode` and `forward` keep autograd's graph (`torch.no_grad()` for plain use).
     """
 
     decoder_impl: str = "auto"
