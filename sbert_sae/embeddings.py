@@ -386,6 +386,9 @@ def _cache_lock(folder: Path):
             lock.acquire()
     except OSError as err:
         raise DatasetError(failure.format(err.strerror or err)) from err
+    from .utils import remove_dead_temp_files
+
+    remove_dead_temp_files(folder)  # the temp files of a run killed as it wrote the cache's records
     try:
         yield
     finally:

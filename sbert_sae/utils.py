@@ -29,7 +29,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     # Not tempfile.mkstemp: its files are 0600 whatever the umask, so a run's model, metrics and
     # labels could be read by their owner alone (a shared /shared/runs, a Space's files).
     while True:
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = str(path.parent / temp_name(path.name))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
         except FileExistsError:
@@ -45,6 +45,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def temp_name(name: str) -> str:
+    """The hidden name `atomic_write` writes `name` under before renaming it into place. It
+    holds the writer's pid@host, so that a file left by a writer that was killed mid-write
+    (SIGKILL, a power cut) is told from one being written: `remove_dead_temp_files`."""
+    return f".{name}.{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}.tmp"
+
+
+_TEMP_FILE = re.compile(r"\..+\.(\d+)@(.+)\.[0-9a-f]{8}\.tmp")
+
+
+def remove_dead_temp_files(folder: str | os.PathLike) -> None:
+    """Delete the temp files in `folder` (`temp_name`) whose writers were killed before they
+    renamed them into place; those of live writers, and of other machines, whose writers cannot
+    be told alive from here, are left. Files left by versions that did not name the writer are
+    left too: their writers cannot be told dead."""
+    host = socket.gethostname()
+    try:
+        names = [entry.name for entry in os.scandir(folder) if entry.name.endswith(".tmp")]
+    except OSError:  # not there yet, or not readable: nothing to tidy
+        return
+    for name in names:
+        match = _TEMP_FILE.fullmatch(name)
+        if match and match.group(2) == host and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
 
 
 def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
@@ -385,6 +412,8 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
     with contextlib.suppress(OSError):
         prune_locks(folder, f"{lock.name}.takeover")
         _remove_dead_lock_files(lock)
+    # And what runs killed as they wrote a file there left: its temp file, as large as the file.
+    remove_dead_temp_files(folder)
     try:
         yield lock
     finally:

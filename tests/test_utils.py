@@ -150,3 +150,57 @@ def test_written_files_follow_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
     assert read_json(tmp_path / "metrics.json") == {"fvu": 0.3}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_temp_file_left_by_a_killed_write_is_removed_by_the_next_run_in_its_folder(tmp_path):
+    """A write killed (SIGKILL, a power cut) before its temp file was renamed into place left that
+    hidden file (`.feature_labels.json.<hex>.tmp`, as large as the file) in the run folder for
+    good: no run ever removed it. The next run to take the folder's lock (train, label, families,
+    compare), or the embedding cache's, now deletes those of killed writers; a live writer's, and
+    one written on another machine, stay."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from sbert_sae.embeddings import _cache_lock
+    from sbert_sae.utils import run_lock, temp_name
+
+    run = tmp_path / "run"
+    run.mkdir()
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom sbert_sae.utils import atomic_write\n"
+        "def write(tmp):\n    Path(tmp).write_text('half of it')\n    time.sleep(300)\n"
+        "atomic_write(sys.argv[1], write)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script, str(run / "feature_labels.json")])
+    deadline = time.monotonic() + 300
+    while not list(run.glob(".*.tmp")):
+        assert writer.poll() is None and time.monotonic() < deadline, "the write never started"
+        time.sleep(0.05)
+    writer.kill()  # SIGKILL: nothing of the writer runs after this
+    writer.wait()
+    [left] = run.glob(".*.tmp")
+    assert left.name.startswith(".feature_labels.json.")
+    cache = tmp_path / "cache" / "embeddings" / "0123456789abcdef01234567"
+    cache.mkdir(parents=True)
+    shutil.copy(left, cache / left.name.replace(".feature_labels.json.", ".meta.json."))  # the same writer's, killed writing a cache's records
+
+    live_writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        live = run / temp_name("metrics.json").replace(f".{os.getpid()}@", f".{live_writer.pid}@")
+        elsewhere = run / f".metrics.json.{writer.pid}@not-{socket.gethostname()}.0123abcd.tmp"
+        live.write_text("being written")
+        elsewhere.write_text("being written on another machine")
+        with run_lock(run):
+            pass
+        assert not left.exists() and live.exists() and elsewhere.exists()
+        assert sorted(p.name for p in run.iterdir()) == sorted([live.name, elsewhere.name])  # never renamed into place
+    finally:
+        live_writer.kill()
+        live_writer.wait()
+    with _cache_lock(cache):
+        pass
+    assert list(cache.iterdir()) == []
