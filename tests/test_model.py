@@ -438,3 +438,31 @@ def test_saving_after_encoding_texts_writes_the_sae_alone(minilm, tmp_path):
     loaded = SparseAutoencoder.from_pretrained(tmp_path)
     assert torch.equal(loaded.W_enc, sae.W_enc)
     assert (tmp_path / "model.safetensors").stat().st_size < 1_000_000
+
+
+def test_the_workflow_is_importable_from_the_package_and_loaded_on_first_use():
+    # A notebook user writes `from sbert_sae import run_training, DataArguments`, as the README
+    # shows; loading an SAE alone must not import what training and labelling bring in.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sbert_sae\n"
+        "heavy = [m for m in ('sbert_sae.pipeline', 'sbert_sae.labels', 'sbert_sae.sweep', 'sbert_sae.hub', 'keybert') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from sbert_sae import DataArguments, LabelArguments, SaeArguments, TrainingArguments, run_training, run_labelling\n"
+        "import sbert_sae.pipeline, sbert_sae.trainer, sbert_sae.labels\n"
+        "assert run_training is sbert_sae.pipeline.run_training and TrainingArguments is sbert_sae.trainer.TrainingArguments\n"
+        "assert LabelArguments is sbert_sae.labels.LabelArguments\n"
+        "missing = [name for name in sbert_sae.__all__ if not hasattr(sbert_sae, name)]\n"
+        "assert not missing, missing\n"
+        "assert 'run_families' in dir(sbert_sae)\n"
+        "try:\n"
+        "    sbert_sae.run_trainig\n"
+        "except AttributeError as err:\n"
+        "    assert 'run_trainig' in str(err)\n"
+        "else:\n"
+        "    raise AssertionError('a misspelt name was found')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
