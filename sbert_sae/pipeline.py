@@ -470,6 +470,11 @@ def run_training(
                     check_output_dir(folder, overwrite, resume, clear=False)
         accelerator.wait_for_everyone()
         cache_name = None
+        # With --overwrite as well, a domain whose run (finished or stopped) has other settings is
+        # trained again rather than refused: after a --per-domain --overwrite was stopped part-way,
+        # the domains it had not reached yet still hold the run it was replacing, and those it
+        # finished are kept and the one it was training continues.
+        retrain = set()
         for name, _, folder in groups if resume else ():
             # The checkpoints a resumed run continues from (or the finished run it keeps) must be
             # of these settings and this data.
@@ -486,7 +491,11 @@ def run_training(
                     else:
                         check_resume(folder, config, domain_args, data_id, len(train_rows), d_in_of_checkpoint=cache is None)
                 except SettingsChangedError as err:
+                    if overwrite and data.per_domain:
+                        retrain.add(folder)
+                        continue
                     raise _seeds_as_given(err, data, name) from err
+        finished -= retrain
         # Counted before the texts are embedded, to warn before the long part of the run.
         seen = {folder: heldout_seen_in_training(ds, data.text_column, *splits[folder]) for _, _, folder in groups if main and folder not in finished}
         _warn_seen_in_training({name: (seen[folder], len(splits[folder][1])) for name, _, folder in groups if folder in seen}, data.by_domain)
@@ -504,7 +513,7 @@ def run_training(
         if main:
             for _, _, folder in groups:
                 if folder not in finished:
-                    check_output_dir(folder, overwrite, resume)  # with --overwrite, now removes the run it replaces
+                    check_output_dir(folder, overwrite, resume and folder not in retrain)  # with --overwrite, now removes the run it replaces
         accelerator.wait_for_everyone()
         for name, _, folder in groups:
             if folder in finished:
@@ -513,7 +522,7 @@ def run_training(
                 results.append(RunResult(name=name, out_dir=folder, metrics={k: v for k, v in metrics.items() if k != "descriptions"}))
                 continue
             domain_args = _domain_training_args(data, train_args, name)
-            result = _train_one(name, splits[folder], folder, cache, data, sae_args, domain_args, accelerator, resume, split_seed=train_args.seed, seen=seen.get(folder))
+            result = _train_one(name, splits[folder], folder, cache, data, sae_args, domain_args, accelerator, resume and folder not in retrain, split_seed=train_args.seed, seen=seen.get(folder))
             if result is not None:
                 results.append(result)
         if main and data.per_domain:
@@ -608,6 +617,8 @@ def _seeds_as_given(err: SettingsChangedError, data: DataArguments, name: str) -
     the whole run: a changed --seed 0 -> 3 read as the domain's 52716 -> 52719."""
     if not data.per_domain:
         return err
+    # --overwrite alone trains every domain again, those finished with these settings too.
+    err = SettingsChangedError(err.template + " (or --overwrite with --resume, to keep the domains finished with these settings and continue a stopped one)", err.changes, err.names)
 
     def given(key: str, value):
         if key != "training_args.seed" or isinstance(value, bool) or not isinstance(value, int):

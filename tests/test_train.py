@@ -15,6 +15,7 @@ import torch
 
 from sbert_sae import SparseAutoencoder
 from sbert_sae.cli import main
+from sbert_sae.trainer import list_checkpoints
 
 SMALL = ["--n-latents", "256", "-k", "8", "--epochs", "4", "--batch-size", "64", "-q", "--report-to", "none"]
 
@@ -297,6 +298,35 @@ def test_a_per_domain_run_stopped_part_way_resumes_keeping_the_domains_it_finish
     (arts / "training_args.json").write_text(json.dumps(doc))
     assert run_cli(*common, "--resume") == 2
     assert "settings are not recorded" in capsys.readouterr().err
+
+
+def test_a_per_domain_overwrite_stopped_part_way_finishes_with_resume_and_overwrite(wiki_small, tmp_path, capsys, training_crashes_at_step):
+    """A --per-domain --overwrite with another seed, stopped in its second domain: the first domain
+    holds its new SAE, the second its old one beside the new run's checkpoints, the third its old
+    one. --resume refuses the third (other settings), and --overwrite alone trains every domain
+    again; --resume --overwrite refused it too, so the stopped run's work could not be kept. It now
+    keeps the first, continues the second and trains the third again, to the SAEs of an
+    uninterrupted run."""
+    out, whole = tmp_path / "domains", tmp_path / "whole"
+    common = ["train", "--dataset", wiki_small, "--domain-column", "topic", "--per-domain", *SMALL, "--checkpoint-every", "2", "--checkpoint-min-seconds", "0"]
+    assert run_cli(*common, "--out", out) == 0
+    with training_crashes_at_step(13):  # 8 steps a domain
+        assert run_cli(*common, "--out", out, "--overwrite", "--seed", "3") == 1
+    arts, biology, maths = out / "arts", out / "biology-and-health-sciences", out / "mathematics"
+    assert list_checkpoints(biology) and not list_checkpoints(maths)
+    kept = (arts / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert run_cli(*common, "--out", out, "--resume", "--seed", "3") == 2
+    err = capsys.readouterr().err
+    assert f"cannot keep the finished run in {maths}" in err and "--seed 0 -> 3)" in err and "--overwrite with --resume" in err
+
+    assert run_cli(*common, "--out", out, "--resume", "--overwrite", "--seed", "3") == 0
+    assert (arts / "model.safetensors").read_bytes() == kept
+    assert not list_checkpoints(biology)
+    assert run_cli(*common, "--out", whole, "--seed", "3") == 0
+    for name in ("arts", "biology-and-health-sciences", "mathematics"):
+        resumed, uninterrupted = (SparseAutoencoder.from_pretrained(folder / name).state_dict() for folder in (out, whole))
+        assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted), name
 
 
 def test_console_script_and_module_entry_point(tmp_path):
