@@ -520,22 +520,25 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
 
     @staticmethod
     def _texts_to_embed(texts) -> list[str]:
-        """`texts` as a list of non-empty strings (a string: a list of one); InputError naming the first that is not."""
-        if isinstance(texts, str):
+        """`texts` as a list of non-empty strings (a string: a list of one); InputError naming the first
+        that is not (a string given alone as "text", not as a list the caller never passed)."""
+        one = isinstance(texts, str)
+        if one:
             texts = [texts]
         try:
             texts = list(texts)
         except TypeError:  # None, a number: list() said only "'NoneType' object is not iterable"
             raise InputError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}") from None
         for i, t in enumerate(texts):
+            where = "text" if one else f"texts[{i}]"
             if not isinstance(t, str):
-                raise InputError(f"texts[{i}] is {type(t).__name__}, not a string")
+                raise InputError(f"{where} is {type(t).__name__}, not a string")
             if not t.strip():
-                raise InputError(f"texts[{i}] is empty ({t!r}): it has nothing to embed")
+                raise InputError(f"{where} is empty ({t!r}): it has nothing to embed")
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError as err:
-                raise InputError(f"texts[{i}] is not valid Unicode ({err.reason} at position {err.start}: {t[err.start:err.end]!r})") from None
+                raise InputError(f"{where} is not valid Unicode ({err.reason} at position {err.start}: {t[err.start:err.end]!r})") from None
         if not texts:
             raise InputError("texts is empty")
         return texts
@@ -916,10 +919,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         """The active features of one text (or one embedding), strongest first, with their labels."""
         text = _from_numpy(text)
         if isinstance(text, str):
-            if not text.strip():
-                # embed_texts would name it "texts[0]", a list the caller never passed.
-                raise InputError(f"text is empty ({text!r}): it has nothing to embed")
-            x = self.embed_texts([text])
+            x = self.embed_texts(text)  # one string: a bad one is named "text", not "texts[0]"
         elif isinstance(text, torch.Tensor):
             if text.dim() not in (1, 2):
                 raise InputError(f"explain takes one embedding of shape ({self.config.d_in},) or (1, {self.config.d_in}), got {tuple(text.shape)}")

@@ -416,6 +416,12 @@ def test_explain_names_an_empty_text_as_its_one_text():
     for empty in ("", "  \n"):
         with pytest.raises(InputError, match=r"^text is empty \("):
             sae.explain(empty)
+        with pytest.raises(InputError, match=r"^text is empty \("):
+            sae.encode_texts(empty)  # one string, as explain takes it
+    with pytest.raises(InputError, match=r"^text is not valid Unicode"):
+        sae.explain("caf\ud800")
+    with pytest.raises(InputError, match=r"^texts\[1\] is empty"):
+        sae.encode_texts(["a text", ""])  # in a list: named by its index
 
 
 def test_sparse_codes_of_another_kind_are_named_with_what_is_taken():

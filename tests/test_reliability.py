@@ -981,13 +981,15 @@ def text_sae(minilm) -> SparseAutoencoder:
 @FUZZ_MODEL
 @given(texts=TEXTS, method=st.sampled_from(["encode_texts", "explain"]))
 def test_fuzzed_texts_are_encoded_or_refused_naming_the_text(text_sae, texts, method):
+    # explain takes one text, named "text" in its refusals; encode_texts a list, named by index.
     def problem(i, t):
+        where = "text" if method == "explain" else f"texts[{i}]"
         if not t.strip():
-            return f"texts[{i}] is empty"
+            return f"{where} is empty"
         try:
             t.encode("utf-8")
         except UnicodeEncodeError:
-            return f"texts[{i}] is not valid Unicode"
+            return f"{where} is not valid Unicode"
         return None
 
     if method == "explain":
