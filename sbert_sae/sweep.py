@@ -171,9 +171,20 @@ def check_reusable(folder: Path, data, sae_args, train_args, cache_name: str) ->
         differ.append(("data", {k: was_data.get(k) for k in source}, {k: getattr(data, k, None) for k in source}))
     if differ:
         raise ReusedRunSettingsError(
-            f"{folder} was trained with other settings than this sweep's ({{changes}}): pass --overwrite to train the grid again, or give another --out",
+            f"{folder} was trained with other settings than this sweep's ({{changes}}): pass --overwrite to train the grid again (with --resume as well, the points trained with these settings are kept), or give another --out",
             differ,
         )
+
+
+def _reusable(folder: Path, data, sae_args, train_args, cache_name: str) -> bool:
+    """Whether `folder` holds a finished grid point trained with these very settings and data."""
+    if not (folder / "metrics.json").exists() or not (folder / "training_args.json").exists():
+        return False
+    try:
+        check_reusable(folder, data, sae_args, train_args, cache_name)
+    except ReusedRunSettingsError:
+        return False
+    return True
 
 
 def _interrupted(folder: Path) -> bool:
@@ -234,12 +245,15 @@ def run_sweep(
         for n, k in grid:
             if (n, k) not in continued:
                 check_reusable(out_dir / f"n{n}-k{k}", data, sae_args, train_args, cache.path.name)
+    # --overwrite with --resume finishes a stopped `sweep --overwrite`: the points it retrained are
+    # kept, a stopped one continues, and those still holding the runs it was replacing train again.
+    kept = {(n, k) for n, k in grid if overwrite and resume and (n, k) not in continued and _reusable(out_dir / f"n{n}-k{k}", data, sae_args, train_args, cache.path.name)}
 
     result = SweepResult(rows=[])
     for n, k in grid:
         folder = out_dir / f"n{n}-k{k}"
         metrics_path = folder / "metrics.json"
-        if metrics_path.exists() and not overwrite and (n, k) not in continued:
+        if metrics_path.exists() and (not overwrite or (n, k) in kept) and (n, k) not in continued:
             logger.info("n=%d k=%d: already trained in %s", n, k, folder)
             result.skipped.append(folder.name)
         else:

@@ -133,15 +133,16 @@ def test_a_sweep_without_held_out_texts_is_refused_before_training(wiki_small, t
 
 
 def test_an_overwrite_stopped_part_way_resumes_keeping_the_points_it_finished(wiki_small, tmp_path, capsys, training_crashes_at_step):
-    """`sweep --overwrite` with new settings, stopped in its second point: the first point holds
-    its new SAE, the second its old one beside the new run's checkpoints. `sweep --resume` with
-    the new settings was refused, the second point's old results named as trained with other
-    settings ('pass --overwrite', which trains every point again and drops the checkpoints). It now
-    continues the second point from its checkpoints, keeps the first, and ends as an
-    uninterrupted sweep with those settings."""
+    """`sweep --overwrite` with new settings, stopped in its second point of three: the first point
+    holds its new SAE, the second its old one beside the new run's checkpoints, the third its old
+    one. `sweep --resume` with the new settings was refused, the second point's old results named
+    as trained with other settings ('pass --overwrite', which trains every point again and drops the
+    checkpoints); now it refuses only the third, untouched point, and `--resume --overwrite` (which
+    retrained every point) keeps the first, continues the second from its checkpoints and trains
+    the third again: the grid of an uninterrupted sweep with those settings."""
     from sbert_sae.trainer import list_checkpoints
 
-    base = ["sweep", "--dataset", str(wiki_small), "--n", "32,64", "--k", "4", "--batch-size", "32", "--seed", "3", "-q", "--report-to", "none",
+    base = ["sweep", "--dataset", str(wiki_small), "--n", "32,48,64", "--k", "4", "--batch-size", "32", "--seed", "3", "-q", "--report-to", "none",
             "--checkpoint-every", "2", "--checkpoint-min-seconds", "0"]
     out = tmp_path / "sweep"
     assert main([*base, "--out", str(out), "--epochs", "1"]) == 0
@@ -149,18 +150,21 @@ def test_an_overwrite_stopped_part_way_resumes_keeping_the_points_it_finished(wi
     with training_crashes_at_step(2 * steps + 5):  # the 5th step of the second point, at 2 epochs
         assert main([*base, "--out", str(out), "--epochs", "2", "--overwrite"]) == 1
     assert json.loads((out / "n32-k4" / "metrics.json").read_text())["steps"] == 2 * steps
-    assert json.loads((out / "n64-k4" / "metrics.json").read_text())["steps"] == steps  # the old run, kept
-    assert list_checkpoints(out / "n64-k4")
+    assert json.loads((out / "n48-k4" / "metrics.json").read_text())["steps"] == steps  # the old run, kept
+    assert list_checkpoints(out / "n48-k4") and not list_checkpoints(out / "n64-k4")
     finished = (out / "n32-k4" / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
 
-    assert main([*base, "--out", str(out), "--epochs", "2", "--resume"]) == 0
+    assert main([*base, "--out", str(out), "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "n64-k4 was trained with other settings than this sweep's (--epochs 1 -> 2)" in err and "with --resume as well" in err
+    assert main([*base, "--out", str(out), "--epochs", "2", "--resume", "--overwrite"]) == 0
     assert "already trained, reused: n32-k4" in capsys.readouterr().out
     assert (out / "n32-k4" / "model.safetensors").stat().st_mtime_ns == finished
-    assert not (out / "n64-k4" / "checkpoints").exists()
+    assert not (out / "n48-k4" / "checkpoints").exists()
     whole = tmp_path / "whole"
     assert main([*base, "--out", str(whole), "--epochs", "2"]) == 0
-    for point in ("n32-k4", "n64-k4"):
+    for point in ("n32-k4", "n48-k4", "n64-k4"):
         resumed, uninterrupted = (SparseAutoencoder.from_pretrained(folder / point).state_dict() for folder in (out, whole))
         assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted), point
     rows = [{k: v for k, v in row.items() if k != "train_seconds"} for row in json.loads((out / "sweep.json").read_text())["rows"]]
