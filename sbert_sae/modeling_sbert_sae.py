@@ -714,7 +714,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the labels and metrics the SAE carries."""
         from .labels import LABELS_FILE
-        from .utils import write_json
+        from .utils import follow_umask, write_json
 
         push = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
@@ -737,6 +737,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
                 )
         kwargs["max_shard_size"] = 2**62  # one file, however large
         result = super().save_pretrained(save_directory, *args, **kwargs)
+        follow_umask(os.path.join(save_directory, "model.safetensors"))
         if getattr(self, "label_data", None) is not None:
             data = self.label_data
             write_json(os.path.join(save_directory, LABELS_FILE), {**data, "features": {str(f): e for f, e in sorted(data["features"].items())}}, depth=2)

@@ -31,7 +31,7 @@ import torch
 from .configuration_sbert_sae import SparseAutoencoderConfig
 from .errors import ConfigError, InputError, OutputDirError, ResumeError, SbertSaeError, SettingsChangedError
 from .modeling_sbert_sae import SparseAutoencoder
-from .utils import append_jsonl, atomic_write, fsync_directory, fsync_folder, is_disk_full, pause_point, read_json, write_json
+from .utils import append_jsonl, atomic_write, follow_umask, fsync_directory, fsync_folder, is_disk_full, pause_point, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -327,6 +327,7 @@ def save_checkpoint(out_dir: Path, sae: SparseAutoencoder, optimizer, state: dic
         opt_tensors, groups = _optimizer_tensors(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={"groups": json.dumps(groups)})
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp / "trainer.safetensors")
+        follow_umask(*(tmp / f"{name}.safetensors" for name in ("model", "optimizer", "trainer")))
         write_json(tmp / "state.json", state)  # written last: its presence marks a complete checkpoint
         fsync_folder(tmp)
         if final.exists():

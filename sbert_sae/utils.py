@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -35,9 +36,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         except FileExistsError:
             continue
         break
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
     os.close(fd)
     try:
         write(tmp)
+        # A writer that makes the file anew gives it its own mode (safetensors' save_file: 0600).
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +50,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def follow_umask(*paths: str | os.PathLike) -> None:
+    """Give files the mode a file made here gets (0666 less the umask), as `atomic_write` gives
+    its own: safetensors' save_file (behind `save_pretrained` and the checkpoints) makes its
+    files 0600 whatever the umask, so a run's weights were readable by their owner alone on a
+    shared disk or a Space's files. The mode is read from a probe file rather than from
+    os.umask, whose read is a write that other threads could see."""
+    if not paths:
+        return
+    folder = Path(paths[0]).parent
+    probe = folder / temp_name("mode")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    for path in paths:
+        if stat.S_IMODE(os.stat(path).st_mode) != mode:
+            os.chmod(path, mode)
 
 
 def temp_name(name: str) -> str:

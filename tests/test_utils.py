@@ -152,6 +152,29 @@ def test_written_files_follow_the_umask(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_an_sae_saved_and_its_checkpoints_follow_the_umask(tmp_path):
+    # safetensors' save_file makes its file anew, 0600 whatever the umask: a run's
+    # model.safetensors and checkpoints were unreadable to anyone else on a shared disk.
+    import os
+    import stat
+
+    from sbert_sae import SparseAutoencoder, SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    x = np.random.default_rng(0).normal(size=(80, 8)).astype(np.float32)
+    old = os.umask(0o022)
+    try:
+        SparseAutoencoder(SparseAutoencoderConfig(d_in=8, n_latents=16, k=2)).save_pretrained(tmp_path / "sae")
+        args = TrainingArguments(epochs=2, batch_size=16, report_to="none", show_progress=False, checkpoint_every=2, checkpoint_min_seconds=0)
+        train(SparseAutoencoderConfig(d_in=8, n_latents=16, k=2), args, x, np.arange(70), np.arange(70, 80), tmp_path / "run")
+    finally:
+        os.umask(old)
+    written = [*(tmp_path / "sae").iterdir(), *(tmp_path / "run").rglob("*")]
+    assert any(p.suffix == ".safetensors" for p in written if "checkpoint" in str(p))
+    modes = {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in written if p.is_file()}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
 def test_a_temp_file_left_by_a_killed_write_is_removed_by_the_next_run_in_its_folder(tmp_path):
     """A write killed (SIGKILL, a power cut) before its temp file was renamed into place left that
     hidden file (`.feature_labels.json.<hex>.tmp`, as large as the file) in the run folder for
