@@ -792,6 +792,12 @@ def train(
         epoch_fires = trainer_tensors["epoch_fires"].to(dev)
         start_step = int(state["global_step"])
         dead_features = trainer_tensors.get("dead_features", dead_features).to(dev)
+        every_batch = math.ceil(n_train / args.batch_size)
+        if state.get("total_steps") != total_steps and state.get("total_steps") == every_batch * args.epochs:
+            # Checkpointed before an epoch's short last batch was left out (SHORT_LAST_BATCH):
+            # with today's steps per epoch its steps would fall in other epochs and the schedule
+            # end early, a run that is neither the old one nor a new one. It ends as it began.
+            steps_per_epoch, total_steps = every_batch, every_batch * args.epochs
         if main:
             logger.info("resuming from %s (step %d of %d)", path, start_step, total_steps)
     elif resume and main:

@@ -520,6 +520,35 @@ def test_an_epochs_last_batch_of_a_few_rows_is_left_out_and_the_quick_starts_is_
     assert [r["epoch"] for r in result.history] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
 
 
+def test_a_run_checkpointed_before_short_last_batches_were_left_out_resumes_as_it_began(tmp_path, monkeypatch, training_crashes_at_step):
+    # Checkpoints keep no count of steps per epoch: one written when an epoch's 1-row rest was
+    # still a step (65 rows at batch 32: 3 steps an epoch, 9 in all) was resumed with 2 an
+    # epoch, its step 4 read as epoch 2's, and the run ended at step 6 on another schedule.
+    import math
+
+    from sbert_sae import SparseAutoencoderConfig, trainer
+
+    x = np.random.default_rng(0).normal(size=(75, 8)).astype(np.float32)
+    args = trainer.TrainingArguments(epochs=3, batch_size=32, report_to="none", show_progress=False, checkpoint_every=2, checkpoint_min_seconds=0)
+
+    def run(out, resume=False):
+        return trainer.train(SparseAutoencoderConfig(d_in=8, n_latents=16, k=2), args, x, np.arange(65), np.arange(65, 75), out, resume=resume)
+
+    today = trainer.batches_per_epoch
+    monkeypatch.setattr(trainer, "batches_per_epoch", lambda n, b: math.ceil(n / b))  # the earlier versions' count
+    whole = run(tmp_path / "whole")
+    with training_crashes_at_step(5), pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "old")
+    monkeypatch.setattr(trainer, "batches_per_epoch", today)
+    resumed = run(tmp_path / "old", resume=True)
+    assert whole.steps == resumed.steps == 9
+    assert [r["epoch"] for r in resumed.history] == [2.0, 3.0]
+    for name, tensor in whole.sae.state_dict().items():
+        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    # A run started today takes today's steps.
+    assert run(tmp_path / "new").steps == 6
+
+
 def test_a_folder_in_use_is_refused(tmp_path):
     from sbert_sae import OutputDirError
     from sbert_sae.utils import run_lock
