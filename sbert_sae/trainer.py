@@ -207,7 +207,7 @@ def check_finite_rows(embeddings: np.ndarray, positions: np.ndarray, row_ids: np
 
 SHORTEST_NORM_IN_LRS = 30
 """Where the SAE reads embeddings as they are (`normalize="none"`), their median norm must be at
-least this many learning rates: Adam moves every weight, the biases too, by about the learning
+least this many learning rates (or unit length, where that is less): Adam moves every weight, the biases too, by about the learning
 rate a step whatever the embeddings' scale, and overshoots shorter vectors. Held-out FVU at lr
 3e-3 (600 wiki texts, n=256, k=8, 3 epochs) by median norm: 0.3 and up (to 1e6) 0.78, as unit
 vectors; 0.1 0.83; 0.03 0.95; 0.01 2.8; 1e-3 2,273; 1e-4 250,293. At lr 3e-4, 0.01 trained and
@@ -220,10 +220,13 @@ def check_input_scale(sample: torch.Tensor, config: SparseAutoencoderConfig, arg
     if config.normalize != "none":
         return
     norm = float(sample.float().norm(dim=1).median())
-    if norm < SHORTEST_NORM_IN_LRS * args.lr:
+    # At most unit length: normalize='l2' trains unit vectors at any lr unchecked, so vectors as
+    # long are not refused for being read as they are (nor told to use 'l2', which changes nothing).
+    needed = min(SHORTEST_NORM_IN_LRS * args.lr, 1.0)
+    if norm < needed:
         raise InputError(
             f"the embeddings' median norm is {norm:.3g}: too short to train on as they are (normalize='none') at lr={args.lr:g}, "
-            f"since Adam moves each weight by about lr a step; they need a median norm of at least {SHORTEST_NORM_IN_LRS} x lr = {SHORTEST_NORM_IN_LRS * args.lr:.3g}. "
+            f"since Adam moves each weight by about lr a step; they need a median norm of at least {needed:.3g} ({SHORTEST_NORM_IN_LRS} x lr, at most 1). "
             "Use normalize='l2' (--normalize l2), scale the embeddings up, or lower the learning rate"
         )
 

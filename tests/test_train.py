@@ -503,6 +503,22 @@ def test_embeddings_too_short_for_the_learning_rate_are_refused_where_read_as_th
     train(SparseAutoencoderConfig(d_in=8, n_latents=16, k=2, normalize="none"), small_lr, x, np.arange(50), np.arange(50, 60), tmp_path / "small-lr")
 
 
+def test_unit_length_embeddings_read_as_they_are_are_not_refused_at_a_high_learning_rate(tmp_path):
+    # The shortest norm was 30 x lr however large lr: at lr 0.05, unit vectors with
+    # normalize='none' were refused and told to use normalize='l2', which reads the very same
+    # unit vectors and is not checked. Unit length is always long enough; shorter is not.
+    from sbert_sae import InputError, SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    args = TrainingArguments(epochs=1, batch_size=16, lr=0.05, report_to="none", show_progress=False, checkpoint_every=0)
+    config = SparseAutoencoderConfig(d_in=8, n_latents=16, k=2, normalize="none")
+    train(config, args, x, np.arange(50), np.arange(50, 60), tmp_path / "unit")  # trained, not refused
+    with pytest.raises(InputError, match=r"median norm is 0\.5: .* at least 1 \(30 x lr, at most 1\)"):
+        train(config, args, x / 2, np.arange(50), np.arange(50, 60), tmp_path / "half")
+
+
 def test_an_epochs_last_batch_of_a_few_rows_is_left_out_and_the_quick_starts_is_kept(tmp_path):
     # Adam took a full step on an epoch's last few rows: 8,197 rows at batch 4,096 made a
     # 5-row step every epoch (held-out FVU 0.4268 against 0.4017 without it).
