@@ -207,8 +207,9 @@ def check_finite_rows(embeddings: np.ndarray, positions: np.ndarray, row_ids: np
 
 SHORTEST_NORM_IN_LRS = 30
 """Where the SAE reads embeddings as they are (`normalize="none"`), their median norm must be at
-least this many learning rates (or unit length, where that is less): Adam moves every weight, the biases too, by about the learning
-rate a step whatever the embeddings' scale, and overshoots shorter vectors. Held-out FVU at lr
+least this many learning rates (or about unit length, 0.99, where that is less): Adam moves
+every weight, the biases too, by about the learning rate a step whatever the embeddings' scale,
+and overshoots shorter vectors. Held-out FVU at lr
 3e-3 (600 wiki texts, n=256, k=8, 3 epochs) by median norm: 0.3 and up (to 1e6) 0.78, as unit
 vectors; 0.1 0.83; 0.03 0.95; 0.01 2.8; 1e-3 2,273; 1e-4 250,293. At lr 3e-4, 0.01 trained and
 1e-3 did not (7.6)."""
@@ -222,11 +223,12 @@ def check_input_scale(sample: torch.Tensor, config: SparseAutoencoderConfig, arg
     norm = float(sample.float().norm(dim=1).median())
     # At most unit length: normalize='l2' trains unit vectors at any lr unchecked, so vectors as
     # long are not refused for being read as they are (nor told to use 'l2', which changes nothing).
-    needed = min(SHORTEST_NORM_IN_LRS * args.lr, 1.0)
+    # (0.99: unit vectors' float32 norms fall either side of 1, and their median may too.)
+    needed = min(SHORTEST_NORM_IN_LRS * args.lr, 0.99)
     if norm < needed:
         raise InputError(
             f"the embeddings' median norm is {norm:.3g}: too short to train on as they are (normalize='none') at lr={args.lr:g}, "
-            f"since Adam moves each weight by about lr a step; they need a median norm of at least {needed:.3g} ({SHORTEST_NORM_IN_LRS} x lr, at most 1). "
+            f"since Adam moves each weight by about lr a step; they need a median norm of at least {needed:.3g} ({SHORTEST_NORM_IN_LRS} x lr, at most about unit length). "
             "Use normalize='l2' (--normalize l2), scale the embeddings up, or lower the learning rate"
         )
 

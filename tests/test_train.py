@@ -515,7 +515,8 @@ def test_unit_length_embeddings_read_as_they_are_are_not_refused_at_a_high_learn
     args = TrainingArguments(epochs=1, batch_size=16, lr=0.05, report_to="none", show_progress=False, checkpoint_every=0)
     config = SparseAutoencoderConfig(d_in=8, n_latents=16, k=2, normalize="none")
     train(config, args, x, np.arange(50), np.arange(50, 60), tmp_path / "unit")  # trained, not refused
-    with pytest.raises(InputError, match=r"median norm is 0\.5: .* at least 1 \(30 x lr, at most 1\)"):
+    train(config, args, x * np.float32(1 - 1e-6), np.arange(50), np.arange(50, 60), tmp_path / "rounded")  # unit but for rounding
+    with pytest.raises(InputError, match=r"median norm is 0\.5: .* at least 0\.99 \(30 x lr, at most about unit length\)"):
         train(config, args, x / 2, np.arange(50), np.arange(50, 60), tmp_path / "half")
 
 
