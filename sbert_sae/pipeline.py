@@ -327,10 +327,10 @@ def check_output_dir(out_dir: Path, overwrite: bool, resume: bool, clear: bool =
         return
     if resume:
         if (out_dir / "metrics.json").exists() and not list_checkpoints(out_dir):
-            raise ResumeError(f"{out_dir} holds a finished run: nothing to resume (use --overwrite to train again)")
+            raise ResumeError(f"{out_dir} holds a finished run: nothing to resume (use --overwrite, overwrite=True from Python, to train again)")
         return
     if not overwrite:
-        raise OutputDirError(f"{out_dir} already holds a run ({', '.join(existing)}): pass --overwrite to replace it or --resume to continue it")
+        raise OutputDirError(f"{out_dir} already holds a run ({', '.join(existing)}): pass --overwrite to replace it or --resume to continue it (overwrite=True or resume=True from Python)")
     if not clear:
         return
     for name in TRAINING_STATE:

@@ -1236,3 +1236,16 @@ def test_a_port_out_of_range_is_refused_by_its_option(port):
 def test_an_sae_too_large_to_allocate_is_a_config_error():
     with pytest.raises(ConfigError, match=r"n_latents=1099511627776 and d_in=1099511627776 needs .* GiB"):
         SparseAutoencoder(SparseAutoencoderConfig(d_in=2**40, n_latents=2**40, k=1))
+
+
+def test_a_folder_holding_a_run_is_refused_naming_the_python_arguments_too(tmp_path):
+    # run_training from a notebook was told to "pass --overwrite ... or --resume", options of
+    # a command line it never used.
+    from sbert_sae import OutputDirError, ResumeError
+    from sbert_sae.pipeline import check_output_dir
+
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(OutputDirError, match=r"--overwrite .*--resume .*\(overwrite=True or resume=True from Python\)"):
+        check_output_dir(tmp_path, overwrite=False, resume=False)
+    with pytest.raises(ResumeError, match=r"nothing to resume \(use --overwrite, overwrite=True from Python, to train again\)"):
+        check_output_dir(tmp_path, overwrite=False, resume=True)
