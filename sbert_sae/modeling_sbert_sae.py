@@ -42,6 +42,18 @@ logger = logging.getLogger(__name__)
 _BASE_MODEL_LOADING = threading.Lock()
 
 
+def _unfinished_run_hint(name, hub_kwargs: dict) -> str:
+    """What to add to "no config.json" where `name` is a local run folder whose training was
+    stopped before its results were written (its checkpoints, or the results being moved in)."""
+    folder = os.path.join(str(name), hub_kwargs.get("subfolder") or "")
+    if not os.path.isdir(folder):
+        return ""
+    left = [part for part in ("checkpoints", ".finishing") if os.path.isdir(os.path.join(folder, part))]
+    if not left:
+        return ""
+    return f"; it holds a training run that was stopped before it finished ({', '.join(left)}): `sbert-sae train ... --resume` with the same --out finishes it"
+
+
 def _names_a_folder(name: str) -> bool:
     """Whether `name` can only be a path: a Hub repo id is `name` or `org/name`, never absolute,
     never starting with '.' or '~', never with two slashes."""
@@ -669,7 +681,7 @@ class SparseAutoencoder(SparseAutoencoderPreTrainedModel):
         if config_dict == {}:
             # What transformers gives for a folder or repo (or subfolder) without config.json; it
             # was reported as "its config.json has model_type=None".
-            raise ModelLoadError(f"{where} has no config.json (or an empty one): not an sbert-sae SAE (config.json and model.safetensors)")
+            raise ModelLoadError(f"{where} has no config.json (or an empty one): not an sbert-sae SAE (config.json and model.safetensors){_unfinished_run_hint(name, hub_kwargs)}")
         if not isinstance(config_dict, dict) or config_dict.get("model_type") != SparseAutoencoderConfig.model_type:
             found = config_dict.get("model_type") if isinstance(config_dict, dict) else f"<a JSON {type(config_dict).__name__}>"
             raise ModelLoadError(

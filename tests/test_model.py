@@ -472,3 +472,19 @@ def test_the_workflow_is_importable_from_the_package_and_loaded_on_first_use():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_loading_a_run_stopped_before_it_finished_says_resume_finishes_it(tmp_path):
+    # A run killed before its results were written (its checkpoints, or .finishing/ being moved
+    # in) loaded as "has no config.json: not an sbert-sae SAE", with no word of the run.
+    from sbert_sae import ModelLoadError
+
+    (tmp_path / "run" / "checkpoints" / "step-000000010").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match=r"stopped before it finished \(checkpoints\): `sbert-sae train \.\.\. --resume`"):
+        SparseAutoencoder.from_pretrained(tmp_path / "run")
+    make_sae().save_pretrained(tmp_path / "stopped" / ".finishing")
+    with pytest.raises(ModelLoadError, match=r"stopped before it finished \(\.finishing\)"):
+        SparseAutoencoder.from_pretrained(tmp_path / "stopped")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"not an sbert-sae SAE \(config\.json and model\.safetensors\)$"):
+        SparseAutoencoder.from_pretrained(tmp_path / "empty")
