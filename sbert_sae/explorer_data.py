@@ -857,7 +857,13 @@ def _corpus_arguments(training_args: dict | None, dataset: str | None, text_colu
     if dataset is None:
         if not training_args or not training_args.get("data"):
             return None
-        data = DataArguments.of_training_args(training_args)  # a domain's SAE: its own domain's texts
+        try:
+            data = DataArguments.of_training_args(training_args)  # a domain's SAE: its own domain's texts
+        except DatasetError as err:
+            # A recorded dataset that is no path or id (null in a hand-made training_args.json) is
+            # refused by DataArguments; the app opens without a corpus, as for one not here.
+            logger.info("the training dataset recorded in training_args.json cannot be opened: %s", err)
+            return None
         if not _openable(data.dataset):
             logger.info("the training dataset %r cannot be opened here", data.dataset)
             return None

@@ -831,6 +831,23 @@ def test_an_unlabelled_sae_opens_and_says_so(run, tmp_path):
         Explorer.open(tmp_path / "missing")
 
 
+def test_an_sae_whose_recorded_dataset_is_no_path_or_id_opens_without_a_corpus(labelled_run, tmp_path):
+    # A training_args.json naming its dataset as null (hand-made, another tool's) opened with
+    # no corpus, saying so; since DataArguments refuses such a dataset, Explorer.open failed
+    # with "dataset must be a Hub dataset id, ... got NoneType".
+    import json
+
+    from sbert_sae.explorer_data import Explorer
+
+    folder = tmp_path / "sae"
+    shutil.copytree(labelled_run, folder)
+    args = json.loads((folder / "training_args.json").read_text())
+    args["data"]["dataset"] = None
+    (folder / "training_args.json").write_text(json.dumps(args))
+    status = Explorer.open(folder).corpus_status()
+    assert status.state == "none" and "names no dataset that can be opened here" in status.message
+
+
 def test_the_activation_histogram_spans_the_activations(run, wiki_small, tmp_path):
     """A feature firing on one text (or always with one value) had its histogram drawn from
     value - 0.5 to value + 0.5 (numpy's default for a single value): an axis starting at a
