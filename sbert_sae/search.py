@@ -806,7 +806,7 @@ class SteerableIndex:
         if isinstance(query, str):
             if not query.strip():
                 raise InputError("the query is empty")
-            x = self.sae.embed_queries([query], **self._query_asked)
+            x = self.sae.embed_queries(query, **self._query_asked)  # one string: a bad one is named "text", not "texts[0]"
         elif isinstance(query, (torch.Tensor, np.ndarray)):
             x = torch.as_tensor(query, dtype=torch.float32).reshape(1, -1) if query.ndim == 1 else torch.as_tensor(query)
             if x.shape[0] != 1:

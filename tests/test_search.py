@@ -453,3 +453,14 @@ def test_search_prints_a_labels_control_characters_as_escapes(labelled_run, tmp_
     assert main(["search", str(run), "renaissance paintings", "--top", "1", "--up", "0", "-q"]) == 0
     out = capsys.readouterr().out
     assert "\\x1b[31mred\\x1b[0m" in out and "\x1b" not in out
+
+
+def test_a_query_that_is_no_valid_text_is_named_as_the_one_text_it_is():
+    # A query is one string, but was embedded as a list of one: a lone surrogate in it was
+    # refused as "texts[0] is not valid Unicode", naming a list the caller never passed.
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=384, n_latents=64, k=4, base_model="sentence-transformers/all-MiniLM-L6-v2"))
+    index = SteerableIndex.build(sae, embeddings=np.random.default_rng(0).normal(size=(20, 384)).astype(np.float32), device="cpu")
+    with pytest.raises(InputError, match=r"^text is not valid Unicode \(surrogates not allowed at position 4: '\\ud800'\)"):
+        index.query_vector("lung\ud800")
+    assert sae._base_model is None  # refused before the base model loads
