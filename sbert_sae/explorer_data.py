@@ -258,6 +258,15 @@ class Explorer:
         families = parse_families(files[FAMILIES_FILE], source=f"{source}/{FAMILIES_FILE}") if files.get(FAMILIES_FILE) else []
         data = _corpus_arguments(files.get("training_args.json"), dataset, text_column, cache_dir, device)
         query = {"query_prompt_name": query_prompt_name, "query_prompt": query_prompt, "query_like_corpus": query_like_corpus}
+        if sae.config.base_model and (query_prompt_name is not None or query_prompt is not None or query_like_corpus):
+            from .base_model import saved_query_encoding
+
+            # Checked now, from the model's saved prompts, where its files are here: a prompt name
+            # it lacks was refused only by the first search, after the app was up.
+            saved_query_encoding(
+                sae.config.base_model, sae.config.base_model_revision, sae.config.base_model_kwargs,
+                prompt_name=query_prompt_name, prompt=query_prompt, like_corpus=query_like_corpus,
+            )
         explorer = cls(sae, source, families=families, files=files, data=data, data_given=dataset is not None, query=query)
         explorer.name_or_path = name
         explorer.revision = revision
