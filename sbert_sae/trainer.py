@@ -669,6 +669,16 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     signature: dict = field(default_factory=dict)  # run_signature: what a resumption must not change
 
+    def __repr__(self) -> str:
+        # The dataclass' own listed the whole learning curve and the SAE's module tree: a notebook
+        # cell ending in train(...) printed a record for every logged step.
+        scored = [r["heldout_fvu"] for r in self.history if isinstance(r.get("heldout_fvu"), (int, float))]
+        fvu = f", last heldout_fvu={scored[-1]:.4f}" if scored else ""
+        return (
+            f"TrainResult({self.sae!r}, {self.steps} steps in {self.seconds:.1f}s, {self.samples_per_second:,.0f} samples/s, "
+            f"epoch_dead_fraction={self.epoch_dead_fraction:.4f}{fvu}; .history holds {len(self.history)} records)"
+        )
+
 
 def _trackers(args: TrainingArguments) -> list[str]:
     if args.report_to == "none":

@@ -1205,3 +1205,19 @@ def test_a_domain_counts_its_heldout_texts_seen_among_its_own_training_texts_onl
             assert seen == 0  # every one of its texts is also another domain's
             assert f"domain {domain!r}:" not in caplog.text
             assert "duplicates" not in (table[domain]["note"] or "")
+
+
+def test_a_train_result_shows_in_a_line(tmp_path):
+    # A notebook cell ending in train(...) printed the dataclass' repr: every record of the
+    # learning curve and the SAE's module tree.
+    from sbert_sae import SparseAutoencoderConfig
+    from sbert_sae.trainer import TrainingArguments, train
+
+    x = np.random.default_rng(0).normal(size=(80, 8)).astype(np.float32)
+    args = TrainingArguments(epochs=3, batch_size=16, report_to="none", show_progress=False, checkpoint_every=0, log_every=1)
+    result = train(SparseAutoencoderConfig(d_in=8, n_latents=16, k=2), args, x, np.arange(70), np.arange(70, 80), tmp_path)
+    shown = repr(result)
+    assert "\n" not in shown and len(result.history) > 10 and len(shown) < 300, shown
+    assert shown.startswith("TrainResult(SparseAutoencoder(") and f"{result.steps} steps" in shown and f"holds {len(result.history)} records" in shown
+    last_fvu = [r["heldout_fvu"] for r in result.history if "heldout_fvu" in r][-1]
+    assert f"last heldout_fvu={last_fvu:.4f}" in shown
