@@ -372,6 +372,18 @@ class QueryEncoding:
     """Whether the query is embedded exactly as the corpus was."""
 
 
+def check_one_query_choice(prompt_name, prompt, like_corpus: bool, *, prefix: str = "", whose: str = "") -> None:
+    """InputError where more than one way of embedding a query is asked for (a prompt name, a
+    literal prompt, "" included, or the corpus' own settings), naming the choices as the caller
+    takes them (`prefix`: "query_" for `SteerableIndex`'s keywords)."""
+    from .errors import InputError
+
+    names = [f"{prefix}{name}" for name in ("prompt_name", "prompt", "like_corpus")]
+    asked = [name for name, value in zip(names, (prompt_name, prompt, like_corpus or None)) if value is not None]
+    if len(asked) > 1:
+        raise InputError(f"give one of {whose}{names[0]}, {names[1]} or {names[2]}, not {' and '.join(asked)}")
+
+
 def query_encoding(
     prompts, default_prompt_name, corpus_kwargs: dict | None, *, prompt_name: str | None = None, prompt: str | None = None, like_corpus: bool = False
 ) -> QueryEncoding:
@@ -386,9 +398,7 @@ def query_encoding(
     for in its space. InputError for a prompt name the model does not have."""
     from .errors import InputError
 
-    asked = [name for name, value in (("prompt_name", prompt_name), ("prompt", prompt), ("like_corpus", like_corpus or None)) if value is not None]
-    if len(asked) > 1:
-        raise InputError(f"give one of the query's prompt_name, prompt or like_corpus, not {' and '.join(asked)}")
+    check_one_query_choice(prompt_name, prompt, like_corpus, whose="the query's ")
     corpus_kwargs = dict(corpus_kwargs or {})
     own = _own_prompts(prompts)
     corpus = _prompt_of(prompts, default_prompt_name, corpus_kwargs)

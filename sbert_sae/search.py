@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import SparseActivations, codes_paths, corpus_codes, encoder_fingerprint, save_npy
-from .base_model import SIMILARITIES, sae_similarity, similarity_scores
+from .base_model import SIMILARITIES, check_one_query_choice, sae_similarity, similarity_scores
 from .data import column_values
 from .errors import InputError
 from .modeling_sbert_sae import SparseAutoencoder
@@ -495,10 +495,8 @@ class SteerableIndex:
         if similarity is not None and similarity not in SIMILARITIES:
             raise InputError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self._similarity = similarity
+        check_one_query_choice(query_prompt_name, query_prompt, query_like_corpus, prefix="query_")
         self._query_asked = {"prompt_name": query_prompt_name, "prompt": query_prompt, "like_corpus": bool(query_like_corpus)}
-        asked = [f"query_{name}" for name, value in self._query_asked.items() if value not in (None, False)]
-        if len(asked) > 1:
-            raise InputError(f"give one of query_prompt_name, query_prompt or query_like_corpus, not {' and '.join(asked)}")
         self._query_encoding = None
         self.device = torch.device(device or sae.W_dec.device)
         self.sae = sae.to(self.device).eval()
